@@ -1,0 +1,516 @@
+"""The local control plane: `python -m e2e.cluster up | env | down | status`.
+
+Real etcd, kube-apiserver, kube-controller-manager and kube-scheduler (built from the Go module
+proxy by e2e/build-binaries.sh), kwok simulating the GPU fleet of a pools file, and one node agent
+per `agent: process` node running pods as local processes. Everything listens on loopback; pod
+IPs come from 127.x CIDRs.
+
+State (PKI, kubeconfigs, etcd data, logs, pid files) lives in one directory, by default
+`<repo>/.e2e-cluster` (override with --state-dir or SLMFLEET_CLUSTER_DIR). Every process started
+here carries SLMFLEET_CLUSTER=<state dir> in its environment, so `down` can find and stop all of
+them, pod processes included, even if a pid file was lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from e2e import pools as pools_mod
+from e2e.pki import LocalPKI
+
+REPO = Path(__file__).resolve().parent.parent
+E2E = REPO / "e2e"
+DEFAULT_POOLS = E2E / "pools" / "default.yaml"
+MARKER_ENV = "SLMFLEET_CLUSTER"
+SERVICE_CIDR = "127.32.0.0/16"
+FIRST_SERVICE_IP = "127.32.0.1"
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for line in (E2E / "versions.env").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            out[key] = value
+    return out
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SLMFLEET_CACHE", Path.home() / ".cache" / "slmfleet"))
+
+
+def binaries() -> dict[str, Path]:
+    v = versions()
+    kube = cache_dir() / f"kubernetes-{v['KUBE_VERSION']}"
+    return {
+        "etcd": cache_dir() / f"etcd-{v['ETCD_VERSION']}" / "etcd",
+        "kube-apiserver": kube / "kube-apiserver",
+        "kube-controller-manager": kube / "kube-controller-manager",
+        "kube-scheduler": kube / "kube-scheduler",
+        "kwok": cache_dir() / f"kwok-{v['KWOK_VERSION']}" / "kwok",
+    }
+
+
+@dataclass(frozen=True)
+class Ports:
+    """All ports derive from one base so a second cluster can run beside the first."""
+
+    base: int
+
+    @property
+    def apiserver(self) -> int:
+        return self.base
+
+    @property
+    def etcd_client(self) -> int:
+        return self.base + 1
+
+    @property
+    def etcd_peer(self) -> int:
+        return self.base + 2
+
+    @property
+    def controller_manager(self) -> int:
+        return self.base + 3
+
+    @property
+    def scheduler(self) -> int:
+        return self.base + 4
+
+    @property
+    def kwok(self) -> int:
+        return self.base + 5
+
+
+def log(msg: str) -> None:
+    print(f"==> [cluster] {msg}", file=sys.stderr, flush=True)
+
+
+class Cluster:
+    def __init__(self, state_dir: Path, port_base: int = 16443):
+        self.dir = state_dir.resolve()
+        self.ports = Ports(port_base)
+        self.pki = LocalPKI(self.dir / "pki")
+        self.kubeconfig = self.dir / "kubeconfig"
+        self.logs = self.dir / "logs"
+        self.pids = self.dir / "pids"
+        self.server = f"https://127.0.0.1:{self.ports.apiserver}"
+
+    # ---------------------------------------------------------------- processes
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env[MARKER_ENV] = str(self.dir)
+        env.pop("KUBECONFIG", None)
+        return env
+
+    def _pid_alive(self, name: str) -> int | None:
+        pid_file = self.pids / f"{name}.pid"
+        if not pid_file.exists():
+            return None
+        try:
+            pid = int(pid_file.read_text())
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except (ValueError, OSError):
+            return None
+        # Guard against pid reuse: the process must carry this cluster's marker.
+        if f"{MARKER_ENV}={self.dir}".encode() not in environ.split(b"\0"):
+            return None
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return None
+        return pid
+
+    def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        if self._pid_alive(name):
+            log(f"{name} already running")
+            return
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.pids.mkdir(parents=True, exist_ok=True)
+        logf = open(self.logs / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            argv,
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env or self._env(),
+            cwd=REPO,
+            start_new_session=True,
+        )
+        (self.pids / f"{name}.pid").write_text(str(proc.pid))
+        log(f"started {name} (pid {proc.pid}, log {self.logs / (name + '.log')})")
+
+    # ---------------------------------------------------------------- config files
+
+    def _kubeconfig(self, path: Path, user: str, cert: Path, key: Path) -> Path:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {"name": "slmfleet-local", "cluster": {"server": self.server, "certificate-authority": str(self.pki.ca.cert)}}
+            ],
+            "users": [{"name": user, "user": {"client-certificate": str(cert), "client-key": str(key)}}],
+            "contexts": [{"name": "slmfleet-local", "context": {"cluster": "slmfleet-local", "user": user}}],
+            "current-context": "slmfleet-local",
+        }
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+        return path
+
+    def _prepare(self) -> dict[str, Path]:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        pki = self.pki
+        pki.ensure_ca()
+        serving = pki.issue(
+            "apiserver",
+            "kube-apiserver",
+            server_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
+                          "kubernetes.default.svc.cluster.local"),
+            server_ips=("127.0.0.1", FIRST_SERVICE_IP),
+        )
+        sa = pki.service_account_keys()
+        admin = pki.issue("admin", "slmfleet-admin", "system:masters")
+        kcm = pki.issue("controller-manager", "system:kube-controller-manager")
+        sched = pki.issue("scheduler", "system:kube-scheduler")
+        # kwok acts for every simulated node at once (status, leases, pod status): it gets admin.
+        kwok = pki.issue("kwok", "kwok", "system:masters")
+        configs = self.dir / "config"
+        configs.mkdir(exist_ok=True)
+        audit_policy = configs / "audit-policy.yaml"
+        # Writes only (reads are noise): later tests count the operator's writes from this log.
+        audit_policy.write_text(yaml.safe_dump({
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
+            "omitStages": ["RequestReceived"],
+            "rules": [
+                {"level": "None", "verbs": ["get", "list", "watch"]},
+                {"level": "None", "resources": [{"group": "coordination.k8s.io", "resources": ["leases"]}]},
+                {"level": "Metadata"},
+            ],
+        }))
+        return {
+            "serving_cert": serving.cert,
+            "serving_key": serving.key,
+            "sa_pub": sa.cert,
+            "sa_key": sa.key,
+            "admin": self._kubeconfig(self.kubeconfig, "admin", admin.cert, admin.key),
+            "kcm": self._kubeconfig(configs / "controller-manager.kubeconfig", "kcm", kcm.cert, kcm.key),
+            "sched": self._kubeconfig(configs / "scheduler.kubeconfig", "scheduler", sched.cert, sched.key),
+            "kwok": self._kubeconfig(configs / "kwok.kubeconfig", "kwok", kwok.cert, kwok.key),
+            "audit_policy": audit_policy,
+        }
+
+    def node_kubeconfig(self, node: str) -> Path:
+        """A kubelet identity (system:node:<name> in group system:nodes): the Node authorizer
+        and NodeRestriction limit the node agent to its own node and its own pods."""
+        pair = self.pki.issue(f"node-{node}", f"system:node:{node}", "system:nodes")
+        return self._kubeconfig(self.dir / "config" / f"node-{node}.kubeconfig", f"node-{node}", pair.cert, pair.key)
+
+    # ---------------------------------------------------------------- health
+
+    def _ssl(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.pki.ca.cert))
+        ctx.load_cert_chain(str(self.pki.dir / "admin.crt"), str(self.pki.dir / "admin.key"))
+        return ctx
+
+    def _get(self, path: str, timeout: float = 3.0) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.server + path, context=self._ssl(), timeout=timeout) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+        except (urllib.error.URLError, OSError):
+            return 0, b""
+
+    def _wait(self, what: str, check, timeout: float, log_name: str | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if check():
+                return
+            if log_name and not self._pid_alive(log_name):
+                tail = (self.logs / f"{log_name}.log").read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"{log_name} exited while waiting for {what}:\n{tail}")
+            time.sleep(0.25)
+        raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+    def healthy(self) -> bool:
+        return self._get("/readyz")[0] == 200
+
+    # ---------------------------------------------------------------- up
+
+    def up(self, pools_file: Path) -> None:
+        t0 = time.monotonic()
+        pools, octet = pools_mod.load_pools_doc(pools_file)
+        nodes = pools_mod.expand(pools, octet)
+        self._ensure_binaries()
+        bins = binaries()
+        files = self._prepare()
+        p = self.ports
+
+        etcd_url = f"http://127.0.0.1:{p.etcd_client}"
+        self._start("etcd", [
+            str(bins["etcd"]),
+            "--name=slmfleet",
+            f"--data-dir={self.dir / 'etcd'}",
+            f"--listen-client-urls={etcd_url}",
+            f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls=http://127.0.0.1:{p.etcd_peer}",
+            f"--initial-advertise-peer-urls=http://127.0.0.1:{p.etcd_peer}",
+            f"--initial-cluster=slmfleet=http://127.0.0.1:{p.etcd_peer}",
+            "--listen-metrics-urls=",
+            # A throwaway test cluster: durability is not worth an fsync per write on a shared disk.
+            "--unsafe-no-fsync",
+            "--log-level=warn",
+        ])
+        self._wait("etcd", lambda: _http_ok(f"{etcd_url}/health"), 60, "etcd")
+
+        self._start("kube-apiserver", [
+            str(bins["kube-apiserver"]),
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={p.apiserver}",
+            f"--tls-cert-file={files['serving_cert']}",
+            f"--tls-private-key-file={files['serving_key']}",
+            f"--client-ca-file={self.pki.ca.cert}",
+            "--authorization-mode=Node,RBAC",
+            # PodSecurity is on by default; NodeRestriction confines each node agent to its node.
+            "--enable-admission-plugins=NodeRestriction",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--service-node-port-range=30000-32767",
+            f"--service-account-key-file={files['sa_pub']}",
+            f"--service-account-signing-key-file={files['sa_key']}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            "--allow-privileged=true",
+            "--profiling=false",
+            f"--audit-policy-file={files['audit_policy']}",
+            f"--audit-log-path={self.dir / 'audit.log'}",
+            "--audit-log-maxsize=200",
+            "--audit-log-maxbackup=1",
+            f"--cert-dir={self.dir / 'apiserver-certs'}",
+            "--v=0",
+        ])
+        self._wait("kube-apiserver /readyz", self.healthy, 120, "kube-apiserver")
+
+        self._start("kube-controller-manager", [
+            str(bins["kube-controller-manager"]),
+            f"--kubeconfig={files['kcm']}",
+            f"--authentication-kubeconfig={files['kcm']}",
+            f"--authorization-kubeconfig={files['kcm']}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={p.controller_manager}",
+            "--leader-elect=false",
+            "--use-service-account-credentials=true",
+            f"--service-account-private-key-file={files['sa_key']}",
+            f"--root-ca-file={self.pki.ca.cert}",
+            f"--cluster-signing-cert-file={self.pki.ca.cert}",
+            f"--cluster-signing-key-file={self.pki.ca.key}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # Pod CIDRs are set on the Node objects by this tool (127.x); no IPAM needed.
+            "--allocate-node-cidrs=false",
+            "--controllers=*,-node-ipam-controller",
+            "--v=0",
+        ])
+        self._start("kube-scheduler", [
+            str(bins["kube-scheduler"]),
+            f"--kubeconfig={files['sched']}",
+            f"--authentication-kubeconfig={files['sched']}",
+            f"--authorization-kubeconfig={files['sched']}",
+            "--bind-address=127.0.0.1",
+            f"--secure-port={p.scheduler}",
+            "--leader-elect=false",
+            "--v=0",
+        ])
+        self._start("kwok", [
+            str(bins["kwok"]),
+            f"--kubeconfig={files['kwok']}",
+            f"--manage-nodes-with-label-selector={pools_mod.AGENT_LABEL}=kwok",
+            # Fallback pool for a node without a podCIDR; every node here has one.
+            f"--cidr=127.{octet - 1}.0.1/24",
+            "--node-ip=127.0.0.1",
+            f"--server-address=127.0.0.1:{p.kwok}",
+            "--node-lease-duration-seconds=40",
+        ])
+
+        self._register_nodes(nodes)
+        for node in nodes:
+            if node.agent == "process":
+                self._start(f"node-agent-{node.name}", [
+                    sys.executable, "-m", "e2e.node_agent",
+                    f"--node={node.name}",
+                    f"--kubeconfig={self.node_kubeconfig(node.name)}",
+                    f"--state-dir={self.dir / 'nodes' / node.name}",
+                    f"--pod-cidr={node.pod_cidr}",
+                ])
+
+        self._wait("all nodes Ready", lambda: self._nodes_ready({n.name for n in nodes}), 120)
+        self._wait("the default ServiceAccount", lambda: self._get(
+            "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200, 60, "kube-controller-manager")
+        (self.dir / "cluster.json").write_text(json.dumps({
+            "server": self.server, "ports": self.ports.base, "pools": str(Path(pools_file).resolve()),
+            "nodes": [n.name for n in nodes],
+        }))
+        log(f"cluster up with {len(nodes)} nodes in {time.monotonic() - t0:.1f}s")
+
+    def _ensure_binaries(self) -> None:
+        script = E2E / "build-binaries.sh"
+        if subprocess.run([str(script), "--check"]).returncode == 0:
+            return
+        log("control-plane binaries missing: building them (cold build, logs below)")
+        subprocess.run([str(script)], check=True)
+
+    def _kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            input=input, text=True, capture_output=True, check=check,
+        )
+
+    def _register_nodes(self, nodes: list[pools_mod.NodeSpec]) -> None:
+        status, body = self._get("/api/v1/nodes")
+        existing = {item["metadata"]["name"] for item in json.loads(body)["items"]} if status == 200 else set()
+        missing = [n for n in nodes if n.name not in existing]
+        if missing:
+            manifest = {"apiVersion": "v1", "kind": "List",
+                        "items": [pools_mod.node_manifest(n) for n in missing]}
+            self._kubectl("create", "-f", "-", input=json.dumps(manifest))
+            log(f"registered {len(missing)} nodes ({len(existing)} already present)")
+
+    def _nodes_ready(self, names: set[str]) -> bool:
+        status, body = self._get("/api/v1/nodes")
+        if status != 200:
+            return False
+        ready = set()
+        for item in json.loads(body)["items"]:
+            for cond in item.get("status", {}).get("conditions") or []:
+                if cond["type"] == "Ready" and cond["status"] == "True":
+                    ready.add(item["metadata"]["name"])
+        return names <= ready
+
+    # ---------------------------------------------------------------- down
+
+    def our_processes(self) -> list[int]:
+        """Every live process that carries this cluster's marker (components, agents, pods)."""
+        marker = f"{MARKER_ENV}={self.dir}".encode()
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    stat = (entry / "stat").read_text()
+                    if stat.rsplit(")", 1)[1].split()[0] != "Z":
+                        found.append(int(entry.name))
+            except OSError:
+                continue
+        return found
+
+    def down(self) -> None:
+        # Node agents first, so they stop their pods' processes themselves; then the rest.
+        order = sorted(self.pids.glob("*.pid"), key=lambda f: (not f.stem.startswith("node-agent"), f.stem)) \
+            if self.pids.exists() else []
+        for pid_file in order:
+            pid = self._pid_alive(pid_file.stem)
+            if pid:
+                _terminate([pid], grace=10)
+                log(f"stopped {pid_file.stem} (pid {pid})")
+        leftovers = self.our_processes()
+        if leftovers:
+            log(f"stopping {len(leftovers)} leftover processes")
+            _terminate(leftovers, grace=5)
+        remaining = self.our_processes()
+        if remaining:
+            raise RuntimeError(f"processes still running after down: {remaining}")
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        log("cluster down; state removed")
+
+
+def _terminate(pids: list[int], grace: float) -> None:
+    for pid in pids:
+        for target in (lambda: os.killpg(pid, signal.SIGTERM), lambda: os.kill(pid, signal.SIGTERM)):
+            try:
+                target()
+                break
+            except (ProcessLookupError, PermissionError):
+                continue
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    for pid in pids:
+        if _alive(pid):
+            for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+                try:
+                    target()
+                except (ProcessLookupError, PermissionError):
+                    pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("SLMFLEET_CLUSTER_DIR", REPO / ".e2e-cluster"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m e2e.cluster", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["up", "env", "down", "status"])
+    parser.add_argument("--pools", type=Path, default=DEFAULT_POOLS, help="pools file (default: %(default)s)")
+    parser.add_argument("--state-dir", type=Path, default=default_state_dir())
+    parser.add_argument("--port-base", type=int, default=int(os.environ.get("SLMFLEET_CLUSTER_PORT_BASE", 16443)),
+                        help="kube-apiserver port; etcd and the others take the next five")
+    args = parser.parse_args(argv)
+    cluster = Cluster(args.state_dir, args.port_base)
+    if args.command == "up":
+        cluster.up(args.pools)
+        print(f"export KUBECONFIG={cluster.kubeconfig}")
+    elif args.command == "env":
+        if not cluster.kubeconfig.exists():
+            print("no cluster: run `python -m e2e.cluster up` first", file=sys.stderr)
+            return 1
+        print(f"export KUBECONFIG={cluster.kubeconfig}")
+    elif args.command == "status":
+        ok = cluster.healthy()
+        print("up" if ok else "down")
+        return 0 if ok else 1
+    else:
+        cluster.down()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
