@@ -1,0 +1,23 @@
+"""`python -m e2e.node_agent --node NAME --kubeconfig FILE --state-dir DIR --pod-cidr CIDR`"""
+
+import argparse
+import asyncio
+import logging
+from pathlib import Path
+
+from e2e.node_agent.agent import NodeAgent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m e2e.node_agent", description="kubelet stand-in running pods as local processes")
+    parser.add_argument("--node", required=True)
+    parser.add_argument("--kubeconfig", type=Path, required=True)
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--pod-cidr", required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    asyncio.run(NodeAgent(args.node, args.kubeconfig, args.state_dir, args.pod_cidr).run())
+
+
+if __name__ == "__main__":
+    main()

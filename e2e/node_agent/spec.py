@@ -1,0 +1,127 @@
+"""Pure pieces of turning a pod spec into local processes: variable expansion, path mapping,
+restart back-off, container status dictionaries. No I/O here, so they are unit-tested directly.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+MAX_TERMINATION_MESSAGE = 4096
+# kubelet's crash-loop back-off: 10s doubling up to 5 minutes.
+BACKOFF_INITIAL_S = 10.0
+BACKOFF_MAX_S = 300.0
+
+_VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.\-]*)\)")
+
+
+def expand(value: str, env: Mapping[str, str]) -> str:
+    """Kubernetes `$(VAR)` expansion: unknown references stay as written, `$$` escapes."""
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1)
+        return env[name] if name in env else m.group(0)
+
+    return _VAR.sub(sub, value)
+
+
+def field_ref(pod: dict[str, Any], path: str) -> str:
+    meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {})
+    simple = {
+        "metadata.name": meta.get("name", ""),
+        "metadata.namespace": meta.get("namespace", ""),
+        "metadata.uid": meta.get("uid", ""),
+        "spec.nodeName": spec.get("nodeName", ""),
+        "spec.serviceAccountName": spec.get("serviceAccountName", ""),
+        "status.podIP": status.get("podIP", ""),
+        "status.podIPs": ",".join(ip["ip"] for ip in status.get("podIPs") or []),
+        "status.hostIP": status.get("hostIP", ""),
+        "status.hostIPs": ",".join(ip["ip"] for ip in status.get("hostIPs") or []),
+    }
+    if path in simple:
+        return simple[path]
+    m = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
+    if m:
+        return (meta.get(m.group(1)) or {}).get(m.group(2), "")
+    raise ValueError(f"unsupported fieldRef {path!r}")
+
+
+class PathMap:
+    """Container paths (volume mounts, the termination-message file) mapped to host paths.
+
+    Without a mount namespace the process sees the host file system, so every container path the
+    pod spec names in a command, argument or env value is rewritten to its host location. A path
+    is replaced only as a whole path component (`/models` matches `/models` and `/models/x`, never
+    `/models2`), longest mount first.
+    """
+
+    def __init__(self, mounts: Mapping[str, str]):
+        self.mounts = {k.rstrip("/") or "/": v for k, v in mounts.items()}
+        ordered = sorted(self.mounts, key=len, reverse=True)
+        if ordered:
+            alternatives = "|".join(re.escape(p) for p in ordered)
+            self._re = re.compile(r"(?<![\w.\-/])(" + alternatives + r")(?=/|$|[^\w.\-])")
+        else:
+            self._re = None
+
+    def rewrite(self, value: str) -> str:
+        if self._re is None:
+            return value
+        return self._re.sub(lambda m: self.mounts[m.group(1)], value)
+
+    def host_path(self, container_path: str) -> str | None:
+        rewritten = self.rewrite(container_path)
+        return rewritten if rewritten != container_path else None
+
+
+def backoff_seconds(restarts: int) -> float:
+    return min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * (2 ** max(0, restarts - 1))) if restarts else 0.0
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def exit_code(returncode: int) -> int:
+    """A process killed by signal N reports 128+N, as container runtimes do."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def terminated_state(code: int, started: str, finished: str, message: str, container_id: str,
+                     reason: str | None = None) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "exitCode": code,
+        "reason": reason or ("Completed" if code == 0 else "Error"),
+        "startedAt": started,
+        "finishedAt": finished,
+        "containerID": container_id,
+    }
+    if message:
+        state["message"] = message[-MAX_TERMINATION_MESSAGE:]
+    return state
+
+
+def pod_phase(restart_policy: str, init_failed: bool, main_states: list[dict[str, Any]]) -> str:
+    """The pod phase from its containers' states (kubelet's getPhase, simplified)."""
+    if init_failed:
+        return "Failed"
+    if not main_states:
+        return "Pending"
+    running = sum(1 for s in main_states if "running" in s)
+    waiting = sum(1 for s in main_states if "waiting" in s)
+    terminated = [s["terminated"] for s in main_states if "terminated" in s]
+    if waiting and not running and not terminated:
+        return "Pending"
+    if running or (waiting and restart_policy != "Never"):
+        return "Running"
+    if len(terminated) == len(main_states):
+        if restart_policy == "Always":
+            return "Running"
+        if all(t["exitCode"] == 0 for t in terminated):
+            return "Succeeded"
+        return "Failed" if restart_policy == "Never" else "Running"
+    return "Running"
