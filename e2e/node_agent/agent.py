@@ -139,17 +139,19 @@ class NodeAgent:
 
     async def event(self, pod: dict[str, Any], reason: str, message: str, kind: str = "Normal") -> None:
         meta = pod["metadata"]
-        now = _micro_now()
+        # Core v1 Events, as the kubelet writes them (the Node authorizer allows exactly these).
         body = {
-            "apiVersion": "events.k8s.io/v1", "kind": "Event",
+            "apiVersion": "v1", "kind": "Event",
             "metadata": {"name": f"{meta['name']}.{uuid.uuid4().hex[:16]}", "namespace": meta["namespace"]},
-            "eventTime": now, "reportingController": "kubelet", "reportingInstance": self.node,
-            "action": reason, "reason": reason, "note": message[:1024], "type": kind,
-            "regarding": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "namespace": meta["namespace"],
-                          "uid": meta["uid"]},
+            "involvedObject": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
+                               "namespace": meta["namespace"], "uid": meta["uid"]},
+            "reason": reason, "message": message[:1024], "type": kind, "count": 1,
+            "firstTimestamp": _now(), "lastTimestamp": _now(),
+            "source": {"component": "kubelet", "host": self.node},
+            "reportingComponent": "kubelet", "reportingInstance": self.node,
         }
         try:
-            await self.kube.request("POST", f"/apis/events.k8s.io/v1/namespaces/{meta['namespace']}/events", body)
+            await self.kube.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body)
         except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
             log.warning("event not recorded: %s", exc)
 
