@@ -423,14 +423,17 @@ class Cluster:
         return found
 
     def down(self) -> None:
-        # Node agents first, so they stop their pods' processes themselves; then the rest.
-        order = sorted(self.pids.glob("*.pid"), key=lambda f: (not f.stem.startswith("node-agent"), f.stem)) \
+        # Reverse start order: node agents first (they stop their pods' processes themselves),
+        # then kwok and the controllers, the API server, and etcd last.
+        rank = {"kwok": 1, "kube-scheduler": 2, "kube-controller-manager": 2, "kube-apiserver": 3, "etcd": 4}
+        order = sorted(self.pids.glob("*.pid"), key=lambda f: (rank.get(f.stem, 0), f.stem)) \
             if self.pids.exists() else []
         for pid_file in order:
             pid = self._pid_alive(pid_file.stem)
             if pid:
+                t0 = time.monotonic()
                 _terminate([pid], grace=10)
-                log(f"stopped {pid_file.stem} (pid {pid})")
+                log(f"stopped {pid_file.stem} (pid {pid}) in {time.monotonic() - t0:.1f}s")
         leftovers = self.our_processes()
         if leftovers:
             log(f"stopping {len(leftovers)} leftover processes")

@@ -1,0 +1,1 @@
+"""The `slmfleet` command line."""

@@ -1,0 +1,47 @@
+# slmfleet — see README.md. `make demo` and `make test` work from a fresh clone.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP_VERSION := 25.3
+INSTALLED := $(VENV)/.installed
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(INSTALLED): pyproject.toml constraints.txt
+	@echo "==> [make] Python environment in $(VENV) (pinned by constraints.txt)"
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip==$(PIP_VERSION)
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $@
+
+venv: $(INSTALLED) ## create .venv and install slmfleet with its pinned dependencies
+
+binaries: ## build etcd, kube-apiserver, -controller-manager, -scheduler and kwok (cached in ~/.cache/slmfleet)
+	@e2e/build-binaries.sh
+
+cluster-up: venv binaries ## start the local cluster (GPU fleet from e2e/pools/default.yaml)
+	@$(PY) -m e2e.cluster up
+
+cluster-down: venv ## stop every process of the local cluster and remove its state
+	@$(PY) -m e2e.cluster down
+
+lint: venv ## layering contracts (import-linter)
+	@$(VENV)/bin/lint-imports
+
+unit: venv ## unit tests only (no cluster)
+	@$(PY) -m pytest tests
+
+test: venv binaries lint ## all tests: unit, then e2e on the local control plane
+	@$(PY) -m pytest
+
+demo: venv binaries ## start the cluster and show what runs on it
+	@$(PY) -m e2e.demo
+
+bench: venv binaries ## benchmarks; results go to bench/results/
+	@$(PY) -m bench.cluster_up
+
+.PHONY: help venv binaries cluster-up cluster-down lint unit test demo bench

@@ -1,0 +1,85 @@
+"""`make demo`: bring the local cluster up and show what runs on it.
+
+Starts the control plane and the simulated GPU fleet, applies examples/demo/ (a vLLM Deployment
+on a process node, in a namespace enforcing Pod Security "restricted"), waits until it is Ready,
+and sends it a chat completion at its pod IP. The cluster keeps running afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+from e2e.cluster import DEFAULT_POOLS, REPO, Cluster, default_state_dir
+
+NAMESPACE = "slmfleet-demo"
+
+
+def step(msg: str) -> None:
+    print(f"\n==> {msg}", flush=True)
+
+
+def main() -> int:
+    cluster = Cluster(default_state_dir())
+    step("Starting the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok, node agents)")
+    t0 = time.monotonic()
+    cluster.up(DEFAULT_POOLS)
+    print(f"    up in {time.monotonic() - t0:.1f}s")
+
+    def kubectl(*args: str, check: bool = True) -> str:
+        out = subprocess.run(["kubectl", f"--kubeconfig={cluster.kubeconfig}", *args],
+                             capture_output=True, text=True)
+        if check and out.returncode:
+            raise SystemExit(out.stderr)
+        return out.stdout
+
+    step("The simulated GPU fleet (labels as NVIDIA GPU Feature Discovery sets them)")
+    print(kubectl("get", "nodes", "-L", "nvidia.com/gpu.product,nvidia.com/gpu.count,nvidia.com/mig.strategy,slmfleet.io/node-agent"))
+
+    step("Applying examples/demo/: a vLLM Deployment on a process node's NVIDIA L4")
+    print(kubectl("apply", "-f", str(REPO / "examples" / "demo")))
+    deadline = time.monotonic() + 120
+    pod = None
+    while time.monotonic() < deadline:
+        pods = json.loads(kubectl("get", "pods", "-n", NAMESPACE, "-l", "app=qwen2-5-0-5b", "-o", "json"))["items"]
+        ready = [p for p in pods if any(c["type"] == "Ready" and c["status"] == "True"
+                                        for c in p.get("status", {}).get("conditions") or [])
+                 and not p["metadata"].get("deletionTimestamp")]
+        if ready:
+            pod = ready[0]
+            break
+        time.sleep(0.5)
+    if pod is None:
+        print(kubectl("describe", "pods", "-n", NAMESPACE, check=False))
+        print("the demo pod did not become Ready", file=sys.stderr)
+        return 1
+    print(kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide"))
+
+    ip = pod["status"]["podIP"]
+    question = "What is the capital of France?"
+    step(f"POST http://{ip}:8000/v1/chat/completions  ({question!r})")
+    req = urllib.request.Request(
+        f"http://{ip}:8000/v1/chat/completions",
+        data=json.dumps({"model": "qwen2.5-0.5b-instruct",
+                         "messages": [{"role": "user", "content": question}]}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        answer = json.loads(resp.read())
+    print(f"    {answer['model']} answered: {answer['choices'][0]['message']['content']!r}")
+    with urllib.request.urlopen(f"http://{ip}:8000/metrics", timeout=10) as resp:
+        lines = [line for line in resp.read().decode().splitlines()
+                 if line.startswith(("vllm:request_success_total", "vllm:e2e_request_latency_seconds_count"))]
+    print("    " + "\n    ".join(lines))
+
+    step("The cluster keeps running. Next:")
+    print(f"    export KUBECONFIG={cluster.kubeconfig}")
+    print("    kubectl get nodes -L nvidia.com/gpu.product")
+    print("    make cluster-down      # stops every process and removes the state")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pure: the desired Deployment, Service, HTTPRoute and labels for a model revision."""

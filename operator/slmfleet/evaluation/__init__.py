@@ -1,0 +1,1 @@
+"""Datasets, scorers and the async runner that queries OpenAI-compatible endpoints."""

@@ -1,0 +1,1 @@
+"""Thin kopf handlers: parse, call the pure layers, apply, write status."""

@@ -1,0 +1,1 @@
+"""Pure: the rollout step state machine and the promote/rollback decision statistics."""

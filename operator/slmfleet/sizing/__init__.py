@@ -1,0 +1,1 @@
+"""Pure: the model memory profile, the GPU inventory and placement. No I/O."""

@@ -1,0 +1,1 @@
+"""Weight manifests and digests, the safetensors header reader, S3 access and the verified loader."""
