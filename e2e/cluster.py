@@ -139,10 +139,15 @@ class Cluster:
             return None
         return pid
 
-    def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None, port: int | None = None) -> None:
         if self._pid_alive(name):
             log(f"{name} already running")
             return
+        if port is not None and _port_in_use(port):
+            raise RuntimeError(
+                f"cannot start {name}: 127.0.0.1:{port} is already in use by a process that is not part of the "
+                f"cluster in {self.dir} (another cluster? pick other ports with --port-base or "
+                f"SLMFLEET_CLUSTER_PORT_BASE)")
         self.logs.mkdir(parents=True, exist_ok=True)
         self.pids.mkdir(parents=True, exist_ok=True)
         logf = open(self.logs / f"{name}.log", "ab")
@@ -279,7 +284,7 @@ class Cluster:
             # A throwaway test cluster: durability is not worth an fsync per write on a shared disk.
             "--unsafe-no-fsync",
             "--log-level=warn",
-        ])
+        ], port=p.etcd_client)
         self._wait("etcd", lambda: _http_ok(f"{etcd_url}/health"), 60, "etcd")
 
         self._start("kube-apiserver", [
@@ -307,7 +312,7 @@ class Cluster:
             "--audit-log-maxbackup=1",
             f"--cert-dir={self.dir / 'apiserver-certs'}",
             "--v=0",
-        ])
+        ], port=p.apiserver)
         self._wait("kube-apiserver /readyz", self.healthy, 120, "kube-apiserver")
 
         self._start("kube-controller-manager", [
@@ -477,6 +482,14 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _port_in_use(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
@@ -499,7 +512,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cluster = Cluster(args.state_dir, args.port_base)
     if args.command == "up":
-        cluster.up(args.pools)
+        try:
+            cluster.up(args.pools)
+        except (RuntimeError, TimeoutError, pools_mod.PoolsError, subprocess.CalledProcessError) as exc:
+            print(f"cluster up failed: {exc}", file=sys.stderr)
+            return 1
         print(f"export KUBECONFIG={cluster.kubeconfig}")
     elif args.command == "env":
         if not cluster.kubeconfig.exists():
