@@ -20,7 +20,10 @@ kube_dir="$cache/kubernetes-$KUBE_VERSION"
 etcd_dir="$cache/etcd-$ETCD_VERSION"
 kwok_dir="$cache/kwok-$KWOK_VERSION"
 
-kube_ok() { [[ -x "$kube_dir/kube-apiserver" && -x "$kube_dir/kube-controller-manager" && -x "$kube_dir/kube-scheduler" ]]; }
+kube_ok() {
+  local b
+  for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do [[ -x "$kube_dir/$b" ]] || return 1; done
+}
 etcd_ok() { [[ -x "$etcd_dir/etcd" ]]; }
 kwok_ok() { [[ -x "$kwok_dir/kwok" ]]; }
 
@@ -30,6 +33,32 @@ if [[ "${1:-}" == "--check" ]]; then
 fi
 
 step() { printf '==> [build-binaries] %s\n' "$*"; }
+
+# Runs a build with its output in a log file and one progress line (rewritten in place on a
+# terminal, every 30 s otherwise); on failure shows the end of the log.
+run_logged() {
+  local what="$1"; shift
+  local log="$cache/build-$what.log"
+  mkdir -p "$cache"
+  "$@" >"$log" 2>&1 &
+  local pid=$! start=$SECONDS
+  while kill -0 "$pid" 2>/dev/null; do
+    local elapsed=$((SECONDS - start))
+    if [[ -t 1 ]]; then
+      printf '\r    building %s: %dm%02ds elapsed (log: %s) ' "$what" $((elapsed / 60)) $((elapsed % 60)) "$log"
+      sleep 1
+    else
+      sleep 30
+      kill -0 "$pid" 2>/dev/null && printf '    building %s: %dm%02ds elapsed (log: %s)\n' "$what" $(((SECONDS - start) / 60)) $(((SECONDS - start) % 60)) "$log"
+    fi
+  done
+  [[ -t 1 ]] && printf '\n'
+  if ! wait "$pid"; then
+    echo "==> [build-binaries] building $what FAILED; last lines of $log:" >&2
+    tail -n 40 "$log" >&2
+    return 1
+  fi
+}
 
 export CGO_ENABLED=0
 export GOFLAGS="-mod=mod -buildvcs=false"
@@ -68,11 +97,12 @@ build_kube() {
     ld+=" -X $p.gitTreeState=clean -X $p.buildDate=$date"
   done
   mkdir -p "$kube_dir.tmp"
-  step "kubernetes $KUBE_VERSION: go build kube-apiserver kube-controller-manager kube-scheduler (cold: 15-30 min on 2 cores)"
-  (cd "$work" && go build -trimpath -ldflags "$ld" -o "$kube_dir.tmp/" \
+  step "kubernetes $KUBE_VERSION: go build kube-apiserver kube-controller-manager kube-scheduler kubectl (cold: ~10 min on 2 cores)"
+  (cd "$work" && run_logged "kubernetes-$KUBE_VERSION" go build -trimpath -ldflags "$ld" -o "$kube_dir.tmp/" \
       k8s.io/kubernetes/cmd/kube-apiserver \
       k8s.io/kubernetes/cmd/kube-controller-manager \
-      k8s.io/kubernetes/cmd/kube-scheduler)
+      k8s.io/kubernetes/cmd/kube-scheduler \
+      k8s.io/kubernetes/cmd/kubectl)
   rm -rf "$kube_dir"; mv "$kube_dir.tmp" "$kube_dir"; rm -rf "$work"
   step "kubernetes $KUBE_VERSION: done -> $kube_dir"
 }
@@ -85,7 +115,7 @@ build_etcd() {
   echo 'package etcdshim' > "$work/shim.go"
   mkdir -p "$etcd_dir.tmp"
   step "etcd $ETCD_VERSION: go build"
-  (cd "$work" && go build -trimpath -ldflags "-s -w" -o "$etcd_dir.tmp/etcd" go.etcd.io/etcd/server/v3)
+  (cd "$work" && run_logged "etcd-$ETCD_VERSION" go build -trimpath -ldflags "-s -w" -o "$etcd_dir.tmp/etcd" go.etcd.io/etcd/server/v3)
   rm -rf "$etcd_dir"; mv "$etcd_dir.tmp" "$etcd_dir"; rm -rf "$work"
   step "etcd $ETCD_VERSION: done -> $etcd_dir"
 }
@@ -94,7 +124,7 @@ build_kwok() {
   kwok_ok && { step "kwok $KWOK_VERSION cached in $kwok_dir"; return; }
   mkdir -p "$kwok_dir.tmp"
   step "kwok $KWOK_VERSION: go install"
-  GOFLAGS=-buildvcs=false GOBIN="$kwok_dir.tmp" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
+  GOFLAGS=-buildvcs=false GOBIN="$kwok_dir.tmp" run_logged "kwok-$KWOK_VERSION" go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
   rm -rf "$kwok_dir"; mv "$kwok_dir.tmp" "$kwok_dir"
   step "kwok $KWOK_VERSION: done -> $kwok_dir"
 }

@@ -63,7 +63,14 @@ def binaries() -> dict[str, Path]:
         "kube-controller-manager": kube / "kube-controller-manager",
         "kube-scheduler": kube / "kube-scheduler",
         "kwok": cache_dir() / f"kwok-{v['KWOK_VERSION']}" / "kwok",
+        "kubectl": kube / "kubectl",
     }
+
+
+def kubectl_binary() -> str:
+    """The kubectl built with the control plane (no version skew), else the one on PATH."""
+    built = binaries()["kubectl"]
+    return str(built) if built.exists() else "kubectl"
 
 
 @dataclass(frozen=True)
@@ -384,7 +391,7 @@ class Cluster:
 
     def _kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(
-            ["kubectl", f"--kubeconfig={self.kubeconfig}", *args],
+            [kubectl_binary(), f"--kubeconfig={self.kubeconfig}", *args],
             input=input, text=True, capture_output=True, check=check,
         )
 

@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.request
 
-from e2e.cluster import DEFAULT_POOLS, REPO, Cluster, default_state_dir
+from e2e.cluster import DEFAULT_POOLS, REPO, Cluster, binaries, default_state_dir, kubectl_binary, versions
 
 NAMESPACE = "slmfleet-demo"
 
@@ -30,7 +30,7 @@ def main() -> int:
     print(f"    up in {time.monotonic() - t0:.1f}s")
 
     def kubectl(*args: str, check: bool = True) -> str:
-        out = subprocess.run(["kubectl", f"--kubeconfig={cluster.kubeconfig}", *args],
+        out = subprocess.run([kubectl_binary(), f"--kubeconfig={cluster.kubeconfig}", *args],
                              capture_output=True, text=True)
         if check and out.returncode:
             raise SystemExit(out.stderr)
@@ -76,6 +76,7 @@ def main() -> int:
 
     step("The cluster keeps running. Next:")
     print(f"    export KUBECONFIG={cluster.kubeconfig}")
+    print(f"    export PATH={binaries()['kubectl'].parent}:$PATH   # kubectl {versions()['KUBE_VERSION']}, no version skew")
     print("    kubectl get nodes -L nvidia.com/gpu.product")
     print("    make cluster-down      # stops every process and removes the state")
     return 0

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from kubernetes import client
+from kubernetes import client, watch
 
 from e2e.cluster import MARKER_ENV
 from e2e.tests.conftest import pod_events, wait_for
@@ -192,3 +192,32 @@ def test_every_cluster_process_carries_the_marker(cluster):
     names = {Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode().rsplit("/", 1)[-1] for p in pids}
     assert {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"} <= names
     assert MARKER_ENV == "SLMFLEET_CLUSTER"
+
+
+def test_deletion_waits_the_grace_period_then_kills(core, namespace):
+    """SIGTERM first; a container that survives it gets SIGKILL once the grace period is over. The
+    status the agent writes before the final delete shows both: the message the container's TERM
+    handler wrote, and exit code 137 (128 + SIGKILL)."""
+    core.create_namespaced_pod(namespace, client.V1Pod(
+        metadata=client.V1ObjectMeta(name="stubborn"),
+        spec=client.V1PodSpec(
+            node_selector=PROCESS_NODE, termination_grace_period_seconds=2,
+            containers=[client.V1Container(name="main", image="busybox",
+                                           command=["sh", "-c", "trap 'echo TERM received > /dev/termination-log' TERM; "
+                                                    "while true; do sleep 0.2; done"])])))
+    wait_for(lambda: (p := core.read_namespaced_pod("stubborn", namespace)).status.container_statuses
+             and p.status.container_statuses[0].state.running, what="running")
+    rv = core.read_namespaced_pod("stubborn", namespace).metadata.resource_version
+    core.delete_namespaced_pod("stubborn", namespace)
+    terminated = []
+    stream = watch.Watch().stream(core.list_namespaced_pod, namespace, field_selector="metadata.name=stubborn",
+                                  resource_version=rv, timeout_seconds=60)
+    for event in stream:
+        statuses = event["object"].status.container_statuses or []
+        if statuses and statuses[0].state.terminated:
+            terminated.append(statuses[0].state.terminated)
+        if event["type"] == "DELETED":
+            break
+    assert terminated, "the agent reports the container's termination before deleting the pod"
+    assert terminated[-1].exit_code == 128 + signal.SIGKILL
+    assert terminated[-1].message == "TERM received"
