@@ -212,7 +212,9 @@ class NodeAgent:
                         self.pods[uid].kill_now()
                         self._forget(uid)
                 rv = listing["metadata"]["resourceVersion"]
-                async for event in self.kube.watch(path, dict(selector, resourceVersion=rv, timeoutSeconds="300")):
+                # Short watches, then a full relist: like the kubelet's periodic pod sync, this bounds
+                # how long a missed watch event can go unnoticed.
+                async for event in self.kube.watch(path, dict(selector, resourceVersion=rv, timeoutSeconds="30")):
                     if event["type"] == "ERROR":
                         break  # e.g. 410 Gone: relist
                     if event["type"] == "BOOKMARK":

@@ -63,7 +63,7 @@ class Kube:
     async def watch(self, path: str, params: dict) -> AsyncIterator[dict]:
         params = dict(params, watch="1", allowWatchBookmarks="true")
         async with self.session.get(self.server + path, params=params,
-                                    timeout=aiohttp.ClientTimeout(total=None, sock_read=330)) as resp:
+                                    timeout=aiohttp.ClientTimeout(total=None, sock_read=60)) as resp:
             if resp.status >= 400:
                 raise ApiError(resp.status, await resp.text())
             async for line in resp.content:

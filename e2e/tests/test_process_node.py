@@ -211,7 +211,7 @@ def test_deletion_waits_the_grace_period_then_kills(core, namespace):
     core.delete_namespaced_pod("stubborn", namespace)
     terminated = []
     stream = watch.Watch().stream(core.list_namespaced_pod, namespace, field_selector="metadata.name=stubborn",
-                                  resource_version=rv, timeout_seconds=60)
+                                  resource_version=rv, timeout_seconds=120)
     for event in stream:
         statuses = event["object"].status.container_statuses or []
         if statuses and statuses[0].state.terminated:
