@@ -30,11 +30,13 @@ def main() -> int:
         state = Path(tempfile.mkdtemp(prefix="slmfleet-bench-")) / "cluster"
         cluster = Cluster(state, port_base=36443)
         t0 = time.monotonic()
-        cluster.up(pools_doc)
-        ups.append(time.monotonic() - t0)
-        t0 = time.monotonic()
-        cluster.down()
-        downs.append(time.monotonic() - t0)
+        try:
+            cluster.up(pools_doc)
+            ups.append(time.monotonic() - t0)
+        finally:
+            t0 = time.monotonic()
+            cluster.down()
+            downs.append(time.monotonic() - t0)
         print(f"run {i + 1}/{RUNS}: up {ups[-1]:.1f}s, down {downs[-1]:.1f}s", file=sys.stderr)
     result = {
         "benchmark": "cluster_up",
