@@ -14,10 +14,12 @@ them, pod processes included, even if a pid file was lost.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -40,6 +42,7 @@ SERVICE_CIDR = "127.32.0.0/16"
 FIRST_SERVICE_IP = "127.32.0.1"
 
 
+@functools.cache
 def versions() -> dict[str, str]:
     out = {}
     for line in (E2E / "versions.env").read_text().splitlines():
@@ -117,6 +120,7 @@ class Cluster:
         self.logs = self.dir / "logs"
         self.pids = self.dir / "pids"
         self.server = f"https://127.0.0.1:{self.ports.apiserver}"
+        self._ssl_context: ssl.SSLContext | None = None
 
     # ---------------------------------------------------------------- processes
 
@@ -132,25 +136,16 @@ class Cluster:
             return None
         try:
             pid = int(pid_file.read_text())
-            environ = Path(f"/proc/{pid}/environ").read_bytes()
         except (ValueError, OSError):
             return None
         # Guard against pid reuse: the process must carry this cluster's marker.
-        if f"{MARKER_ENV}={self.dir}".encode() not in environ.split(b"\0"):
-            return None
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return None
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return None
-        return pid
+        return pid if _alive(pid) and _has_env(pid, MARKER_ENV, str(self.dir)) else None
 
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None, port: int | None = None) -> None:
         if self._pid_alive(name):
             log(f"{name} already running")
             return
-        if port is not None and _port_in_use(port):
+        if port is not None and port_in_use(port):
             raise RuntimeError(
                 f"cannot start {name}: 127.0.0.1:{port} is already in use by a process that is not part of the "
                 f"cluster in {self.dir} (another cluster? pick other ports with --port-base or "
@@ -238,14 +233,20 @@ class Cluster:
 
     # ---------------------------------------------------------------- health
 
-    def _ssl(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.pki.ca.cert))
-        ctx.load_cert_chain(str(self.pki.dir / "admin.crt"), str(self.pki.dir / "admin.key"))
-        return ctx
+    def _ssl(self) -> ssl.SSLContext | None:
+        """The admin TLS context, built once the PKI exists (the wait loops poll with it)."""
+        if self._ssl_context is None and (self.pki.dir / "admin.key").exists():
+            ctx = ssl.create_default_context(cafile=str(self.pki.ca.cert))
+            ctx.load_cert_chain(str(self.pki.dir / "admin.crt"), str(self.pki.dir / "admin.key"))
+            self._ssl_context = ctx
+        return self._ssl_context
 
     def _get(self, path: str, timeout: float = 3.0) -> tuple[int, bytes]:
+        context = self._ssl()
+        if context is None:  # no PKI yet: no cluster here
+            return 0, b""
         try:
-            with urllib.request.urlopen(self.server + path, context=self._ssl(), timeout=timeout) as resp:
+            with urllib.request.urlopen(self.server + path, context=context, timeout=timeout) as resp:
                 return resp.status, resp.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
@@ -420,19 +421,7 @@ class Cluster:
 
     def our_processes(self) -> list[int]:
         """Every live process that carries this cluster's marker (components, agents, pods)."""
-        marker = f"{MARKER_ENV}={self.dir}".encode()
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                if marker in (entry / "environ").read_bytes().split(b"\0"):
-                    stat = (entry / "stat").read_text()
-                    if stat.rsplit(")", 1)[1].split()[0] != "Z":
-                        found.append(int(entry.name))
-            except OSError:
-                continue
-        return found
+        return [pid for pid in processes_with_env(MARKER_ENV, str(self.dir)) if pid != os.getpid()]
 
     def down(self) -> None:
         # Reverse start order: node agents first (they stop their pods' processes themselves),
@@ -489,9 +478,20 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _port_in_use(port: int) -> bool:
-    import socket
+def _has_env(pid: int, key: str, value: str) -> bool:
+    try:
+        return f"{key}={value}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
 
+
+def processes_with_env(key: str, value: str) -> list[int]:
+    """Live (not zombie) processes whose environment has key=value."""
+    return [int(e.name) for e in Path("/proc").iterdir()
+            if e.name.isdigit() and _has_env(int(e.name), key, value) and _alive(int(e.name))]
+
+
+def port_in_use(port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
         return sock.connect_ex(("127.0.0.1", port)) == 0

@@ -41,21 +41,14 @@ def main() -> int:
 
     step("Applying examples/demo/: a vLLM Deployment on a process node's NVIDIA L4")
     print(kubectl("apply", "-f", str(REPO / "examples" / "demo")))
-    deadline = time.monotonic() + 120
-    pod = None
-    while time.monotonic() < deadline:
-        pods = json.loads(kubectl("get", "pods", "-n", NAMESPACE, "-l", "app=qwen2-5-0-5b", "-o", "json"))["items"]
-        ready = [p for p in pods if any(c["type"] == "Ready" and c["status"] == "True"
-                                        for c in p.get("status", {}).get("conditions") or [])
-                 and not p["metadata"].get("deletionTimestamp")]
-        if ready:
-            pod = ready[0]
-            break
-        time.sleep(0.5)
-    if pod is None:
+    rollout = subprocess.run([kubectl_binary(), f"--kubeconfig={cluster.kubeconfig}", "rollout", "status",
+                              "-n", NAMESPACE, "deployment/qwen2-5-0-5b", "--timeout=120s"])
+    if rollout.returncode:
         print(kubectl("describe", "pods", "-n", NAMESPACE, check=False))
-        print("the demo pod did not become Ready", file=sys.stderr)
+        print("the demo Deployment did not become available", file=sys.stderr)
         return 1
+    pods = json.loads(kubectl("get", "pods", "-n", NAMESPACE, "-l", "app=qwen2-5-0-5b", "-o", "json"))["items"]
+    pod = next(p for p in pods if not p["metadata"].get("deletionTimestamp"))
     print(kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide"))
 
     ip = pod["status"]["podIP"]

@@ -101,10 +101,6 @@ def _gpu(raw: dict[str, Any], pool: str) -> Gpu:
     return gpu
 
 
-def load_pools(path: Path) -> list[Pool]:
-    return load_pools_doc(Path(path))[0]
-
-
 def load_pools_doc(path: Path) -> tuple[list[Pool], int]:
     """The pools and the first octet of the pod network (127.<octet + k>.0.0/24 for node k);
     a second cluster on the same machine picks a different `podCIDRFirstOctet`."""

@@ -68,6 +68,7 @@ class NodeAgent:
         self.ips = PodIPs(pod_cidr)
         self.pods: dict[str, PodRunner] = {}
         self._stop = asyncio.Event()
+        self.probes: aiohttp.ClientSession | None = None  # one session for every pod's HTTP probes
 
     # ------------------------------------------------------------------ node
 
@@ -228,6 +229,9 @@ class NodeAgent:
 
     async def run(self) -> None:
         self.boot_id = uuid.uuid4().hex
+        # Probes go to pod IPs without client certificates and must not reuse pooled connections
+        # across container restarts, so: no keep-alive.
+        self.probes = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -241,3 +245,4 @@ class NodeAgent:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.kube.close()
+        await self.probes.close()

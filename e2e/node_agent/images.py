@@ -53,7 +53,7 @@ IMAGES: dict[str, ImageSpec] = {
     "busybox": ImageSpec(
         entrypoint=(),
         cmd=("sh",),
-        executables={tool: _host(tool) for tool in _SHELL_TOOLS if _host(tool)},
+        executables={tool: local for tool in _SHELL_TOOLS if (local := _host(tool))},
     ),
     "python": ImageSpec(entrypoint=(), cmd=("python3",), executables={"python3": (PYTHON,), "python": (PYTHON,)}),
 }

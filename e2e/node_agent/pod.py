@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
+from e2e.cluster import MARKER_ENV
 from e2e.node_agent import images, spec
 from e2e.node_agent.kube import ApiError
 
@@ -76,6 +77,8 @@ class PodRunner:
         self._tasks: list[asyncio.Task] = []
         self._status_lock = asyncio.Lock()
         self._volume_paths: dict[str, str] = {}
+        # Condition type -> (status, lastTransitionTime): the time moves only when the status does.
+        self._transitions: dict[str, tuple[str, str]] = {}
 
     # ------------------------------------------------------------------ status
 
@@ -86,7 +89,11 @@ class PodRunner:
         now = spec.now()
 
         def cond(kind: str, ok: bool, reason: str | None = None) -> dict[str, Any]:
-            c = {"type": kind, "status": "True" if ok else "False", "lastTransitionTime": now, "lastProbeTime": None}
+            status = "True" if ok else "False"
+            previous = self._transitions.get(kind)
+            since = previous[1] if previous and previous[0] == status else now
+            self._transitions[kind] = (status, since)
+            c = {"type": kind, "status": status, "lastTransitionTime": since, "lastProbeTime": None}
             if reason and not ok:
                 c["reason"] = reason
             return c
@@ -278,7 +285,7 @@ class PodRunner:
     async def _probe(self, c_spec: dict, c: ContainerState, proc: asyncio.subprocess.Process) -> None:
         startup = c_spec.get("startupProbe")
         if startup:
-            if not await self._probe_until(startup, c_spec, want=True):
+            if not await self._probe_until(startup, c_spec):
                 await self.event("Unhealthy", f"Startup probe failed for container {c.name}", "Warning")
                 self._kill(proc)
                 return
@@ -296,7 +303,7 @@ class PodRunner:
             for t in tasks:
                 t.cancel()
 
-    async def _probe_until(self, probe: dict, c_spec: dict, want: bool) -> bool:
+    async def _probe_until(self, probe: dict, c_spec: dict) -> bool:
         await asyncio.sleep(probe.get("initialDelaySeconds", 0))
         failures = 0
         while True:
@@ -349,10 +356,9 @@ class PodRunner:
                 scheme = h.get("scheme", "HTTP").lower()
                 url = f"{scheme}://{h.get('host') or self.ip}:{self._port(h['port'], c_spec)}{h.get('path', '/')}"
                 headers = {x["name"]: x["value"] for x in h.get("httpHeaders") or []}
-                async with aiohttp.ClientSession() as session:
-                    async with session.get(url, headers=headers, ssl=False, allow_redirects=False,
-                                           timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                        return 200 <= resp.status < 400
+                async with self.agent.probes.get(url, headers=headers, ssl=False, allow_redirects=False,
+                                                 timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                    return 200 <= resp.status < 400
             if "tcpSocket" in probe:
                 t = probe["tcpSocket"]
                 _, writer = await asyncio.wait_for(
@@ -381,8 +387,8 @@ class PodRunner:
             "SLMFLEET_POD_IP": self.ip,
         }
         # The marker lets `cluster down` find pod processes even if this agent is gone.
-        if "SLMFLEET_CLUSTER" in os.environ:
-            env["SLMFLEET_CLUSTER"] = os.environ["SLMFLEET_CLUSTER"]
+        if MARKER_ENV in os.environ:
+            env[MARKER_ENV] = os.environ[MARKER_ENV]
         (self.dir / "home").mkdir(parents=True, exist_ok=True)
         user: dict[str, str] = {}
         for src in c_spec.get("envFrom") or []:

@@ -6,7 +6,6 @@ taking it down does not disturb the other tests.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ from pathlib import Path
 
 from kubernetes import client, config
 
-from e2e.cluster import REPO, Cluster, _alive
+from e2e.cluster import REPO, Cluster, _alive, port_in_use
 from e2e.tests.conftest import wait_for
 
 SMALL_POOLS = textwrap.dedent("""
@@ -35,12 +34,6 @@ PORT_BASE = 26443
 def cli(state: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "e2e.cluster", *args, f"--state-dir={state}",
                            f"--port-base={PORT_BASE}"], cwd=REPO, capture_output=True, text=True, timeout=300)
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def test_up_env_down_lifecycle(tmp_path, cluster):
@@ -76,6 +69,6 @@ def test_up_env_down_lifecycle(tmp_path, cluster):
     time.sleep(0.2)
     assert small.our_processes() == []
     assert not any(_alive(pid) for pid in ours)  # zombies awaiting reaping by init do not run
-    assert not any(port_open(PORT_BASE + i) for i in range(6))
+    assert not any(port_in_use(PORT_BASE + i) for i in range(6))
     assert not state.exists()
     assert cli(state, "env").returncode == 1

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from kubernetes import client, watch
 
-from e2e.cluster import MARKER_ENV
+from e2e.cluster import processes_with_env
 from e2e.tests.conftest import pod_events, wait_for
 
 VLLM_IMAGE = "vllm/vllm-openai@sha256:" + "ab" * 32
@@ -56,16 +56,7 @@ def http(url: str, body: dict | None = None, timeout: float = 2.0) -> tuple[int,
 
 
 def processes_with_pod_ip(ip: str) -> list[int]:
-    needle = f"SLMFLEET_POD_IP={ip}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
+    return processes_with_env("SLMFLEET_POD_IP", ip)
 
 
 def test_vllm_pod_is_ready_only_after_health_answers_and_serves_its_standin(core, namespace, model_dir):
@@ -151,7 +142,7 @@ def test_init_container_failure_with_restart_always_backs_off_without_starting_m
     assert p.status.container_statuses[0].state.running is None
 
 
-def test_unknown_vllm_flag_fails_like_vllm(core, namespace, model_dir):
+def test_unknown_vllm_flag_fails_like_vllm(cluster, core, namespace, model_dir):
     core.create_namespaced_pod(namespace, vllm_pod("vllm", model_dir(), ["--not-a-vllm-flag"]))
     p = wait_for(lambda: (p := core.read_namespaced_pod("vllm", namespace)).status.container_statuses
                  and (p.status.container_statuses[0].state.terminated or p.status.container_statuses[0].last_state.terminated)
@@ -159,8 +150,7 @@ def test_unknown_vllm_flag_fails_like_vllm(core, namespace, model_dir):
     s = p.status.container_statuses[0]
     term = s.state.terminated or s.last_state.terminated
     assert term.exit_code == 2
-    log = Path(os.environ.get("SLMFLEET_CLUSTER_DIR", Path(__file__).resolve().parents[2] / ".e2e-cluster"))
-    out = (log / "nodes" / p.spec.node_name / "pods" / p.metadata.uid / "containers" / "vllm" / "output.log").read_text()
+    out = (cluster.dir / "nodes" / p.spec.node_name / "pods" / p.metadata.uid / "containers" / "vllm" / "output.log").read_text()
     assert "vllm serve: error: unrecognized arguments: --not-a-vllm-flag" in out
 
 
@@ -191,7 +181,6 @@ def test_every_cluster_process_carries_the_marker(cluster):
     pids = cluster.our_processes()
     names = {Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")[0].decode().rsplit("/", 1)[-1] for p in pids}
     assert {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"} <= names
-    assert MARKER_ENV == "SLMFLEET_CLUSTER"
 
 
 def test_deletion_waits_the_grace_period_then_kills(core, namespace):
