@@ -1,1 +1,1 @@
-"""Pydantic models of the SmallModel and ModelRollout resources; the CRD YAML in crds/ is generated from them."""
+"""The custom resources as frozen pydantic models; the CRDs in crds/ are generated from them."""

@@ -1,0 +1,146 @@
+"""The one door to the API server for writes: server-side apply, deletes, status and Events.
+
+Reads come from kopf's watch-fed indices (handlers/), so a reconcile that finds nothing to change
+makes no request at all. To keep that promise for server-side apply, which is always a request
+even when it changes nothing, every applied object carries the hash of what was applied; an object
+whose live hash equals the desired one is not sent again.
+
+The kubernetes client is synchronous, so calls run in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+FIELD_MANAGER = "slmfleet"
+APPLIED_HASH = "slmfleet.io/applied-hash"
+
+log = logging.getLogger(__name__)
+
+
+def applied_hash(obj: dict[str, Any]) -> str:
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def with_applied_hash(obj: dict[str, Any]) -> dict[str, Any]:
+    """`obj` with its own hash recorded in an annotation (computed before the annotation is added)."""
+    digest = applied_hash(obj)
+    metadata = dict(obj.get("metadata") or {})
+    metadata["annotations"] = {**(metadata.get("annotations") or {}), APPLIED_HASH: digest}
+    return {**obj, "metadata": metadata}
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+    uid: str = ""
+
+
+_PLURALS = {"Deployment": "deployments", "Service": "services", "SmallModel": "smallmodels"}
+
+
+def _path(api_version: str, kind: str, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    path = f"{base}/namespaces/{namespace}/{_PLURALS[kind]}"
+    if name:
+        path += f"/{name}"
+    if subresource:
+        path += f"/{subresource}"
+    return path
+
+
+class KubeClient:
+    """Writes as field manager `slmfleet`; counts requests so tests and metrics can see them."""
+
+    def __init__(self, kubeconfig: str | None = None) -> None:
+        configuration = kubernetes.client.Configuration()
+        try:
+            kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+        self._api = kubernetes.client.ApiClient(configuration)
+        self.writes = 0
+
+    def close(self) -> None:
+        self._api.close()
+
+    def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
+              query: list[tuple[str, str]] | None = None) -> Any:
+        self.writes += method != "GET"
+        response = self._api.call_api(
+            path,
+            method,
+            query_params=query or [],
+            header_params={"Content-Type": content_type, "Accept": "application/json"},
+            body=body,
+            auth_settings=["BearerToken"],
+            _preload_content=False,
+            _return_http_data_only=True,
+        )
+        data = response.data
+        return json.loads(data) if data else None
+
+    async def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply of `obj` (which should carry its applied hash)."""
+        meta = obj["metadata"]
+        path = _path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+        query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
+        return await asyncio.to_thread(self._call, "PATCH", path, obj, "application/apply-patch+yaml", query)
+
+    async def delete(self, ref: ObjectRef) -> None:
+        path = _path(ref.api_version, ref.kind, ref.namespace, ref.name)
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        if ref.uid:
+            body["preconditions"] = {"uid": ref.uid}
+        try:
+            await asyncio.to_thread(self._call, "DELETE", path, body)
+        except ApiException as exc:
+            if exc.status not in (404, 409):  # already gone, or replaced by a new object of that name
+                raise
+
+    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+        """Replace the status wholesale (a JSON merge patch would leave removed keys behind)."""
+        path = _path(ref.api_version, ref.kind, ref.namespace, ref.name, "status")
+        # "add" replaces an existing member (RFC 6902), and also works when there is no status yet.
+        patch = [{"op": "add", "path": "/status", "value": status}]
+        await asyncio.to_thread(self._call, "PATCH", path, patch, "application/json-patch+json")
+
+    async def post_event(self, ref: ObjectRef, type_: str, reason: str, message: str) -> None:
+        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        event = {
+            "apiVersion": "events.k8s.io/v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{ref.name}.", "namespace": ref.namespace},
+            "eventTime": now,
+            "reportingController": "slmfleet.io/operator",
+            "reportingInstance": "slmfleet-operator",
+            "action": reason,
+            "reason": reason,
+            "type": type_,
+            "note": message[:1024],
+            "regarding": {
+                "apiVersion": ref.api_version,
+                "kind": ref.kind,
+                "namespace": ref.namespace,
+                "name": ref.name,
+                "uid": ref.uid,
+            },
+        }
+        path = f"/apis/events.k8s.io/v1/namespaces/{ref.namespace}/events"
+        try:
+            await asyncio.to_thread(self._call, "POST", path, event)
+        except ApiException as exc:  # an Event is best effort; the status already says it all
+            log.warning("could not post event %s for %s/%s: %s", reason, ref.namespace, ref.name, exc.reason)
