@@ -225,6 +225,12 @@ class Cluster:
             "audit_policy": audit_policy,
         }
 
+    def user_kubeconfig(self, user: str) -> Path:
+        """A kubeconfig for a plain user (no groups): what it may do is only what RBAC grants, as
+        for the operator, whose permissions come from deploy/rbac.yaml."""
+        pair = self.pki.issue(f"user-{user}", user)
+        return self._kubeconfig(self.dir / "config" / f"user-{user}.kubeconfig", user, pair.cert, pair.key)
+
     def node_kubeconfig(self, node: str) -> Path:
         """A kubelet identity (system:node:<name> in group system:nodes): the Node authorizer
         and NodeRestriction limit the node agent to its own node and its own pods."""

@@ -76,6 +76,9 @@ def _structural(node: Any, defs: dict[str, Any], *, in_status: bool) -> Any:
             }
         elif key in ("items", "additionalProperties"):
             out[key] = _structural(value, defs, in_status=in_status)
+        elif key == "description":
+            # Docstrings wrap at 100 columns; kubectl explain re-wraps text itself.
+            out[key] = " ".join(value.split())
         else:
             out[key] = value
     if "properties" in out:

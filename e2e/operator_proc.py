@@ -1,0 +1,117 @@
+"""Run the real operator (`slmfleet operator run`) against the local cluster, as its own user.
+
+The operator authenticates as the plain user `slmfleet-operator`, so it can do only what
+deploy/rbac.yaml grants, exactly as the ServiceAccount in a real installation. It carries the
+cluster's env marker, so `python -m e2e.cluster down` stops it with everything else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from e2e.cluster import MARKER_ENV, REPO, Cluster
+
+OPERATOR_USER = "slmfleet-operator"
+CONFIG = REPO / "deploy" / "operator-config.yaml"
+
+
+def install(cluster: Cluster) -> None:
+    """CRDs and RBAC; idempotent. Waits until the CRDs are established."""
+    cluster._kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"), "-f", str(REPO / "deploy" / "rbac.yaml"))
+    cluster._kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/smallmodels.slmfleet.io")
+
+
+class OperatorProcess:
+    def __init__(self, cluster: Cluster, *, metrics_port: int, pending_timeout: int | None = None,
+                 namespaces: tuple[str, ...] = ()) -> None:
+        self.cluster = cluster
+        self.metrics_port = metrics_port
+        self.pending_timeout = pending_timeout
+        self.namespaces = namespaces
+        self.log_path = cluster.dir / "logs" / f"operator-{metrics_port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}"
+
+    def start(self, timeout: float = 60) -> "OperatorProcess":
+        install(self.cluster)
+        kubeconfig = self.cluster.user_kubeconfig(OPERATOR_USER)
+        args = [
+            str(Path(sys.executable).parent / "slmfleet"), "operator", "run",
+            "--config", str(CONFIG), "--kubeconfig", str(kubeconfig),
+            "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
+        ]
+        if self.pending_timeout is not None:
+            args += ["--pending-timeout", str(self.pending_timeout)]
+        for ns in self.namespaces:
+            args += ["--namespace", ns]
+        env = {**os.environ, MARKER_ENV: str(self.cluster.dir), "PYTHONUNBUFFERED": "1"}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"operator exited with {self.proc.returncode}; see {self.log_path}")
+            if self.healthy():
+                return self
+            time.sleep(0.2)
+        raise RuntimeError(f"operator not healthy after {timeout}s; see {self.log_path}")
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> dict[str, float]:
+        """Samples of /metrics as {'name{labels}': value}."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                samples[key] = float(value)
+        return samples
+
+    def reconciles(self) -> float:
+        return sum(v for k, v in self.metrics().items() if k.startswith("slmfleet_reconciles_total"))
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def audit_writes(cluster: Cluster, user: str = OPERATOR_USER, since_line: int = 0) -> tuple[int, list[dict]]:
+    """(lines in the audit log, write entries made by `user` after line `since_line`)."""
+    path = cluster.dir / "audit.log"
+    lines = path.read_text().splitlines() if path.exists() else []
+    entries = []
+    for line in lines[since_line:]:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("user", {}).get("username") == user and entry.get("stage") == "ResponseComplete":
+            entries.append(entry)
+    return len(lines), entries

@@ -1,0 +1,261 @@
+"""SmallModel end to end: the real operator, as its own RBAC user, against the local control plane."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from e2e.cluster import kubectl_binary
+from e2e.operator_proc import OperatorProcess, audit_writes
+from e2e.tests.conftest import wait_for
+
+GROUP, VERSION, PLURAL = "slmfleet.io", "v1alpha1", "smallmodels"
+DIGEST = "sha256:" + "5e" * 32
+QWEN_05B = {
+    "modelType": "qwen2", "numHiddenLayers": 24, "hiddenSize": 896, "numAttentionHeads": 14,
+    "numKeyValueHeads": 2, "vocabSize": 151936, "intermediateSize": 4864, "tieWordEmbeddings": True,
+    "maxPositionEmbeddings": 32768,
+}
+QWEN_14B = {
+    "modelType": "qwen2", "numHiddenLayers": 48, "hiddenSize": 5120, "numAttentionHeads": 40,
+    "numKeyValueHeads": 8, "vocabSize": 152064, "intermediateSize": 13824, "tieWordEmbeddings": False,
+    "maxPositionEmbeddings": 32768,
+}
+PENDING_TIMEOUT = 10
+METRICS_PORT = 18391
+
+
+@pytest.fixture(scope="session")
+def operator(cluster):
+    op = OperatorProcess(cluster, metrics_port=METRICS_PORT, pending_timeout=PENDING_TIMEOUT).start()
+    yield op
+    op.stop()
+
+
+@pytest.fixture(scope="session")
+def crs(api) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api)
+
+
+@pytest.fixture(scope="session")
+def apps(api) -> client.AppsV1Api:
+    return client.AppsV1Api(api)
+
+
+def model_body(name: str, architecture: dict | None = None, **spec) -> dict:
+    body = {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "SmallModel",
+        "metadata": {"name": name},
+        "spec": {"source": {"uri": "pvc://weights/model", "digest": DIGEST}, **spec},
+    }
+    if architecture is not None:
+        body["spec"]["architecture"] = architecture
+    return body
+
+
+def create(crs, namespace: str, body: dict) -> dict:
+    return crs.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+
+def get(crs, namespace: str, name: str) -> dict:
+    return crs.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+
+def condition(obj: dict, type_: str) -> dict:
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == type_), {})
+
+
+def wait_condition(crs, namespace, name, type_, status, reason=None, timeout=60) -> dict:
+    def check():
+        obj = get(crs, namespace, name)
+        cond = condition(obj, type_)
+        gen_ok = cond.get("observedGeneration") == obj["metadata"]["generation"]
+        return obj if gen_ok and cond.get("status") == status and (reason is None or cond.get("reason") == reason) else None
+
+    return wait_for(check, timeout, 0.3, f"{name}: {type_}={status} {reason or ''}")
+
+
+def model_pods(core, namespace, name) -> list[client.V1Pod]:
+    return core.list_namespaced_pod(namespace, label_selector=f"slmfleet.io/model={name}").items
+
+
+def events_for(core, namespace, name) -> list[str]:
+    items = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
+    return [f"{e.reason}: {e.message}" for e in items]
+
+
+def test_small_model_is_placed_on_a_small_device_and_becomes_ready(operator, crs, core, apps, namespace):
+    create(crs, namespace, model_body("qwen-small", QWEN_05B, serving={"maxModelLen": 8192, "concurrency": 4}))
+    obj = wait_condition(crs, namespace, "qwen-small", "Ready", "True", "Serving")
+    placement = obj["status"]["placement"]
+    # A 0.5B model gets a MIG slice or an L4, never a whole H100 or A100.
+    assert "MIG" in placement["gpuProduct"] or placement["gpuProduct"] == "NVIDIA-L4", placement
+    assert placement["gpuCount"] == 1 and placement["tensorParallelSize"] == 1
+    assert placement["reasons"], "the placement explains itself"
+    revision = obj["status"]["revision"]
+    dep = apps.read_namespaced_deployment(f"qwen-small-{revision}", namespace)
+    assert dep.metadata.owner_references[0].kind == "SmallModel"
+    container = dep.spec.template.spec.containers[0]
+    assert container.resources.limits[placement["gpuResource"]] == "1"
+    assert f"--max-model-len" in container.args and "8192" in container.args
+    # The real scheduler put the pod on a node that has that product.
+    pods = model_pods(core, namespace, "qwen-small")
+    node = core.read_node(pods[0].spec.node_name)
+    assert placement["gpuProduct"] in node.metadata.labels.values()
+    assert obj["status"]["readyReplicas"] == 1
+    out = subprocess.run([kubectl_binary(), f"--kubeconfig={operator.cluster.kubeconfig}", "get", "sm", "-n", namespace],
+                         capture_output=True, text=True, check=True).stdout
+    assert "qwen-small" in out and placement["summary"] in out and revision in out
+    assert any(e.startswith("Placed:") for e in events_for(core, namespace, "qwen-small"))
+
+
+def test_spec_change_rolls_to_a_new_revision_and_retires_the_old(operator, crs, core, apps, namespace):
+    create(crs, namespace, model_body("qwen-rev", QWEN_05B, serving={"maxModelLen": 4096}))
+    first = wait_condition(crs, namespace, "qwen-rev", "Ready", "True")["status"]["revision"]
+    crs.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "qwen-rev",
+                                       {"spec": {"serving": {"maxModelLen": 4096, "extraArgs": ["--enable-prefix-caching"]}}})
+    obj = wait_condition(crs, namespace, "qwen-rev", "Ready", "True", "Serving")
+    second = obj["status"]["revision"]
+    assert second != first
+    wait_for(lambda: [d.metadata.name for d in apps.list_namespaced_deployment(namespace).items] == [f"qwen-rev-{second}"],
+             60, what="only the new revision's Deployment")
+    svc = core.read_namespaced_service("qwen-rev", namespace)
+    assert svc.spec.selector["slmfleet.io/revision"] == second
+    reasons = [e.split(":")[0] for e in events_for(core, namespace, "qwen-rev")]
+    assert "NewRevision" in reasons and "RevisionRetired" in reasons
+
+
+INVALID = [
+    ("bad digest", {"spec": {"source": {"uri": "pvc://w/m", "digest": "sha256:abc"}}}, "spec.source.digest"),
+    ("missing digest", {"spec": {"source": {"uri": "pvc://w/m"}}}, "spec.source.digest: Required value"),
+    ("bad uri scheme", {"spec": {"source": {"uri": "https://hub/x", "digest": DIGEST}}}, "spec.source.uri"),
+    ("unknown dtype", {"spec": {"serving": {"dtype": "int3"}}}, "spec.serving.dtype"),
+    ("zero concurrency", {"spec": {"serving": {"concurrency": 0}}}, "spec.serving.concurrency"),
+    ("too many GPUs", {"spec": {"resources": {"gpuCount": 16}}}, "spec.resources.gpuCount"),
+    ("utilization above cap", {"spec": {"resources": {"maxGpuMemoryUtilization": 0.99}}}, "maxGpuMemoryUtilization"),
+    ("managed vLLM flag", {"spec": {"serving": {"extraArgs": ["--tensor-parallel-size=2"]}}}, "flags the operator manages"),
+    ("TP does not divide heads", {"spec": {"resources": {"gpuCount": 4}}}, "must divide the attention heads"),
+    ("context beyond model", {"spec": {"serving": {"maxModelLen": 65536}}}, "exceeds architecture.maxPositionEmbeddings"),
+    ("heads not multiple of KV heads", {"spec": {"architecture": {**QWEN_05B, "numKeyValueHeads": 3}}}, "multiple of numKeyValueHeads"),
+    ("name not a DNS-1035 label", {"metadata": {"name": "9lives"}}, "DNS-1035"),
+    ("bad base model", {"spec": {"baseModel": "not a repo"}}, "spec.baseModel"),
+]
+
+
+@pytest.mark.parametrize("what,patch,message", INVALID, ids=[i[0] for i in INVALID])
+def test_invalid_model_is_rejected_by_the_api_server(crs, namespace, what, patch, message):
+    body = model_body("bad", QWEN_05B)
+    body["metadata"].update(patch.get("metadata", {}))
+    for key, value in patch.get("spec", {}).items():
+        body["spec"][key] = value
+    with pytest.raises(ApiException) as err:
+        create(crs, namespace, body)
+    assert err.value.status == 422
+    assert message in json.loads(err.value.body)["message"], err.value.body
+
+
+def test_model_that_fits_nowhere_is_degraded_with_actionable_reasons(operator, crs, core, namespace):
+    create(crs, namespace, model_body("qwen-14b-l4", QWEN_14B, serving={"maxModelLen": 32768},
+                                      resources={"gpuProducts": ["NVIDIA-L4"], "gpuCount": 1}))
+    obj = wait_condition(crs, namespace, "qwen-14b-l4", "Degraded", "True", "NoFit")
+    message = condition(obj, "Degraded")["message"]
+    assert "needs" in message and "GiB" in message and "NVIDIA-L4" in message, message
+    assert condition(obj, "Ready")["status"] == "False"
+    assert "placement" not in obj["status"]
+    assert not model_pods(core, namespace, "qwen-14b-l4")
+    assert any(e.startswith("NoFit:") for e in events_for(core, namespace, "qwen-14b-l4"))
+
+
+def _gpu_node(name: str, product: str, memory_mib: int, pool: str, taint: bool = False) -> dict:
+    node = {
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {
+            "kubernetes.io/hostname": name, "kubernetes.io/os": "linux", "slmfleet.io/node-agent": "kwok",
+            "slmfleet.io/pool": pool, "nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": product,
+            "nvidia.com/gpu.memory": str(memory_mib), "nvidia.com/gpu.count": "1", "nvidia.com/mig.strategy": "none"},
+            "annotations": {"node.alpha.kubernetes.io/ttl": "0"}},
+        "spec": {},
+        "status": {"capacity": {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "1"},
+                   "allocatable": {"cpu": "16", "memory": "64Gi", "pods": "110", "nvidia.com/gpu": "1"}},
+    }
+    if taint:
+        node["spec"]["taints"] = [{"key": "slmfleet.io/test-reserved", "value": "yes", "effect": "NoSchedule"}]
+    return node
+
+
+@pytest.fixture
+def extra_nodes(core):
+    created = []
+
+    def add(node: dict) -> None:
+        core.create_node(node)
+        created.append(node["metadata"]["name"])
+
+    yield add
+    for name in created:
+        core.delete_node(name)
+
+
+def test_new_gpu_node_places_a_model_that_did_not_fit(operator, crs, core, namespace, extra_nodes):
+    pool = f"new-{uuid.uuid4().hex[:6]}"
+    create(crs, namespace, model_body("waits-for-gpu", QWEN_05B, serving={"maxModelLen": 4096},
+                                      resources={"nodeSelector": {"slmfleet.io/pool": pool}}))
+    wait_condition(crs, namespace, "waits-for-gpu", "Degraded", "True", "NoFit")
+    extra_nodes(_gpu_node(f"{pool}-0", "NVIDIA-L40S", 46068, pool))
+    obj = wait_condition(crs, namespace, "waits-for-gpu", "Ready", "True", timeout=90)
+    assert obj["status"]["placement"]["gpuProduct"] == "NVIDIA-L40S"
+
+
+def test_pods_pending_too_long_move_to_the_next_fallback(operator, crs, core, namespace, extra_nodes):
+    pool = f"pend-{uuid.uuid4().hex[:6]}"
+    # Sizing prefers the smaller L4, but that node is tainted: its pods stay Pending.
+    extra_nodes(_gpu_node(f"{pool}-l4", "NVIDIA-L4", 23034, pool, taint=True))
+    extra_nodes(_gpu_node(f"{pool}-l40s", "NVIDIA-L40S", 46068, pool))
+    create(crs, namespace, model_body("falls-back", QWEN_05B, serving={"maxModelLen": 4096},
+                                      resources={"nodeSelector": {"slmfleet.io/pool": pool}}))
+    first = wait_for(lambda: get(crs, namespace, "falls-back").get("status", {}).get("placement"), 60, what="placement")
+    assert first["gpuProduct"] == "NVIDIA-L4"
+    obj = wait_condition(crs, namespace, "falls-back", "Ready", "True", timeout=PENDING_TIMEOUT + 60)
+    assert obj["status"]["placement"]["gpuProduct"] == "NVIDIA-L40S"
+    excluded = obj["status"]["excludedPlacements"]
+    assert excluded and "Pending" in excluded[0]["reason"] and "NVIDIA-L4" in excluded[0]["key"]
+    assert any(e.startswith("PlacementFallback:") for e in events_for(core, namespace, "falls-back"))
+
+
+def test_operator_restart_makes_no_writes_and_keeps_status(operator, crs, namespace, cluster):
+    create(crs, namespace, model_body("steady", QWEN_05B, serving={"maxModelLen": 4096}))
+    create(crs, namespace, model_body("steady-nofit", QWEN_14B, resources={"gpuProducts": ["NVIDIA-L4"], "gpuCount": 1},
+                                      serving={"maxModelLen": 32768}))
+    wait_condition(crs, namespace, "steady", "Ready", "True")
+    wait_condition(crs, namespace, "steady-nofit", "Degraded", "True")
+    time.sleep(2)  # let the last watch events of our own writes come back
+    before = {n: get(crs, namespace, n)["status"] for n in ("steady", "steady-nofit")}
+    operator.stop()
+    mark, _ = audit_writes(cluster)
+    operator.start()
+    # Every model in the cluster is reconciled after a restart; wait until ours have been.
+    wait_for(lambda: operator.reconciles() >= 2, 60, what="reconciles after restart")
+    time.sleep(3)
+    _, writes = audit_writes(cluster, since_line=mark)
+    assert writes == [], [f"{w['verb']} {w['requestURI']}" for w in writes]
+    after = {n: get(crs, namespace, n)["status"] for n in ("steady", "steady-nofit")}
+    assert after == before
+    samples = operator.metrics()
+    assert samples.get('slmfleet_api_writes_total{verb="apply"}', 0) == 0
+
+
+def test_deleting_the_model_garbage_collects_what_it_owned(operator, crs, core, apps, namespace):
+    create(crs, namespace, model_body("short-lived", QWEN_05B, serving={"maxModelLen": 4096}))
+    wait_condition(crs, namespace, "short-lived", "Ready", "True")
+    assert apps.list_namespaced_deployment(namespace).items
+    crs.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "short-lived")
+    wait_for(lambda: not apps.list_namespaced_deployment(namespace).items
+             and not core.list_namespaced_service(namespace).items
+             and not model_pods(core, namespace, "short-lived"), 90, what="owned objects garbage-collected")

@@ -1,0 +1,47 @@
+"""The operator's own settings (not a CR): read once at start-up from a YAML file.
+
+The keys are camelCase like every other Kubernetes-facing document (the Helm chart renders this
+file into a ConfigMap). Example: deploy/operator-config.yaml.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import Field
+
+from slmfleet.api.base import CRModel
+
+# A reference that ends in a digest: `[registry/]repository[:tag]@sha256:<64 hex>`. Tags move;
+# digests do not, and air-gapped installs mirror images by digest.
+PINNED_IMAGE_PATTERN = r"^[a-z0-9][a-z0-9._:/-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?@sha256:[0-9a-f]{64}$"
+NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class OperatorConfig(CRModel):
+    """Settings of one operator installation."""
+
+    # Unlike CRs (where the API server prunes unknown fields), this file is written by hand or by a
+    # chart: a misspelt key must fail loudly instead of silently falling back to a default.
+    model_config = CRModel.model_config | {"extra": "forbid"}
+
+    vllm_image: str = Field(pattern=PINNED_IMAGE_PATTERN, max_length=512)
+    """The vLLM OpenAI server image, pinned by digest (`...@sha256:<64 hex>`). There is no default:
+    the digest of a tag is only known to its registry, so each release or chart sets it."""
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    """Pull policy of the vLLM container. A digest never changes, so IfNotPresent is safe."""
+    pending_timeout_seconds: int = Field(default=300, ge=1, le=86400)
+    """Pods Pending longer than this make the model move to its next fallback placement."""
+    startup_timeout_seconds: int = Field(default=1800, ge=10, le=86400)
+    """How long the startup probe waits for vLLM to load weights and open its port."""
+    namespaces: list[Annotated[str, Field(max_length=63, pattern=NAMESPACE_PATTERN)]] = Field(default_factory=list)
+    """Namespaces to watch; empty watches all of them."""
+    vllm_port: int = Field(default=8000, ge=1024, le=65535)
+    """Port vLLM listens on inside the pod and the Services expose (above 1024: pods run as non-root)."""
+
+
+def parse_operator_config(text: str) -> OperatorConfig:
+    """The config from a YAML document (the file's contents; reading it is the caller's I/O)."""
+    loaded = yaml.safe_load(text)
+    return OperatorConfig.model_validate({} if loaded is None else loaded)

@@ -1,0 +1,212 @@
+"""The pod template of a revision: one vLLM container on the placement's GPUs.
+
+Pods pass Pod Security `restricted` (non-root, no privilege escalation, no capabilities, the
+runtime's default seccomp profile, only non-host volumes), so models can run in locked-down
+namespaces.
+"""
+
+from __future__ import annotations
+
+import math
+
+from slmfleet.api.config import OperatorConfig
+from slmfleet.api.smallmodel import Placement, SmallModelSpec
+from slmfleet.builders.labels import revision_labels
+from slmfleet.builders.owner import ModelOwner
+from slmfleet.builders.vllm_args import vllm_serve_args
+from slmfleet.builders.weights import PvcWeights, weights_location
+
+CONTAINER_NAME = "vllm"
+PORT_NAME = "http"
+HEALTH_PATH = "/health"
+
+# The vllm/vllm-openai image runs as root by default; any non-root uid works once HOME and the
+# caches point at a writable volume.
+RUN_AS_UID = 1000
+CACHE_VOLUME = "cache"
+CACHE_DIR = "/var/cache/vllm"
+# Compile artefacts and kernels only; weights never land here.
+CACHE_SIZE_LIMIT = "10Gi"
+SHM_VOLUME = "dshm"
+
+STARTUP_PROBE_PERIOD_SECONDS = 10
+# Per GPU (whole or MIG slice). The smallest GPU nodes seen in practice, and in the simulated
+# fleet (e2e/pools/default.yaml), are 1 GPU, 8 CPUs and 32Gi: a replica must fit beside the
+# node's system pods. vLLM's CPU work is tokenisation and scheduling; its host memory is the
+# swap space (4 GiB per GPU by default) plus the mmap'ed safetensors pages during loading.
+CPU_PER_GPU = 2
+MEMORY_GIB_PER_GPU = 16
+# NCCL exchanges tensor-parallel activations through /dev/shm; the runtime's default 64Mi is far
+# too small. Memory-backed, so it counts against the pod's memory: bounded per GPU.
+SHM_GIB_PER_GPU = 2
+
+GPU_TOLERATIONS = [
+    # GPU nodes are commonly tainted so that only pods asking for GPUs land on them.
+    {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+]
+
+
+def served_model_name(owner: ModelOwner, spec: SmallModelSpec) -> str:
+    """The name clients put in the OpenAI `model` field."""
+    return spec.serving.served_model_name or owner.name
+
+
+def build_pod_template(
+    owner: ModelOwner,
+    spec: SmallModelSpec,
+    placement: Placement,
+    revision: str,
+    config: OperatorConfig,
+) -> dict:
+    """The Deployment's `spec.template`. Raises UnsupportedSource for weights it cannot mount."""
+    weights = weights_location(spec.source.uri)
+    pod_spec: dict = {
+        # vLLM never calls the Kubernetes API: no token in the pod.
+        "automountServiceAccountToken": False,
+        # Service links would add a dozen env vars per Service in the namespace, one set per model.
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+        "securityContext": _pod_security_context(),
+    }
+    affinity = _node_affinity(placement.node_selector, spec.resources.node_selector)
+    if affinity:
+        pod_spec["affinity"] = affinity
+    pod_spec["tolerations"] = [dict(t) for t in GPU_TOLERATIONS]
+    pod_spec["containers"] = [_vllm_container(owner, spec, placement, weights, config)]
+    pod_spec["volumes"] = _volumes(weights, placement)
+    return {"metadata": {"labels": revision_labels(owner.name, revision)}, "spec": pod_spec}
+
+
+def _vllm_container(
+    owner: ModelOwner, spec: SmallModelSpec, placement: Placement, weights: PvcWeights, config: OperatorConfig
+) -> dict:
+    return {
+        "name": CONTAINER_NAME,
+        "image": config.vllm_image,
+        "imagePullPolicy": config.image_pull_policy,
+        # args only: the image's ENTRYPOINT is `vllm serve`.
+        "args": vllm_serve_args(
+            weights.model_path, served_model_name(owner, spec), placement, spec.serving, config.vllm_port
+        ),
+        "env": _env(),
+        "ports": [{"name": PORT_NAME, "containerPort": config.vllm_port, "protocol": "TCP"}],
+        "resources": _resources(placement),
+        **_probes(config),
+        "securityContext": _container_security_context(),
+        "volumeMounts": _volume_mounts(weights, placement),
+        # A vLLM that exits during start-up prints the reason last; show it in `kubectl describe`.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def _env() -> list[dict]:
+    return [
+        # Air-gapped by design: weights are local and verified, nothing may be fetched or reported.
+        {"name": "HF_HUB_OFFLINE", "value": "1"},
+        {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+        {"name": "VLLM_NO_USAGE_STATS", "value": "1"},
+        {"name": "DO_NOT_TRACK", "value": "1"},
+        # The pod runs as a uid without a home directory in the image: every cache vLLM, torch,
+        # Triton and Hugging Face write goes to the writable cache volume.
+        {"name": "HOME", "value": CACHE_DIR},
+        {"name": "XDG_CACHE_HOME", "value": f"{CACHE_DIR}/.cache"},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        {"name": "VLLM_CACHE_ROOT", "value": f"{CACHE_DIR}/vllm"},
+    ]
+
+
+def _probes(config: OperatorConfig) -> dict:
+    health = {"path": HEALTH_PATH, "port": PORT_NAME}
+    return {
+        # vLLM opens its port only after the weights are loaded and the KV cache is allocated,
+        # which takes minutes; the startup probe holds the other probes off until then.
+        "startupProbe": {
+            "httpGet": dict(health),
+            "periodSeconds": STARTUP_PROBE_PERIOD_SECONDS,
+            "timeoutSeconds": 5,
+            "failureThreshold": math.ceil(config.startup_timeout_seconds / STARTUP_PROBE_PERIOD_SECONDS),
+        },
+        "readinessProbe": {
+            "httpGet": dict(health),
+            "periodSeconds": 5,
+            "timeoutSeconds": 5,
+            "failureThreshold": 3,
+        },
+        # /health fails when the engine is dead (e.g. a CUDA error); a restart is the cure.
+        "livenessProbe": {
+            "httpGet": dict(health),
+            "periodSeconds": 15,
+            "timeoutSeconds": 10,
+            "failureThreshold": 3,
+        },
+    }
+
+
+def _resources(placement: Placement) -> dict:
+    count = placement.gpu_count
+    # Extended resources must have requests equal to limits. CPU and memory are requests only: a
+    # memory limit would OOM-kill vLLM on a transient peak while loading weights, after minutes
+    # of work, and a CPU limit throttles the scheduler loop that keeps the GPU busy.
+    return {
+        "requests": {
+            placement.gpu_resource: str(count),
+            "cpu": str(CPU_PER_GPU * count),
+            "memory": f"{MEMORY_GIB_PER_GPU * count}Gi",
+        },
+        "limits": {placement.gpu_resource: str(count)},
+    }
+
+
+def _node_affinity(*selectors: dict[str, str]) -> dict | None:
+    """Required node affinity: every label of every selector (the placement's and the user's)."""
+    pairs = sorted({(key, value) for selector in selectors for key, value in selector.items()})
+    if not pairs:
+        return None
+    # One term, all expressions ANDed. Should the two selectors disagree on a key, both
+    # expressions stay and the pod is unschedulable, which is what the two constraints mean.
+    expressions = [{"key": key, "operator": "In", "values": [value]} for key, value in pairs]
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": expressions}]}
+        }
+    }
+
+
+def _pod_security_context() -> dict:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_UID,
+        "runAsGroup": RUN_AS_UID,
+        "fsGroup": RUN_AS_UID,
+        # Without this the kubelet chowns every file of the weights volume on each mount.
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _container_security_context() -> dict:
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _uses_shared_memory(placement: Placement) -> bool:
+    return placement.tensor_parallel_size > 1
+
+
+def _volumes(weights: PvcWeights, placement: Placement) -> list[dict]:
+    volumes = [weights.volume(), {"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": CACHE_SIZE_LIMIT}}]
+    if _uses_shared_memory(placement):
+        size = f"{SHM_GIB_PER_GPU * placement.gpu_count}Gi"
+        volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": size}})
+    return volumes
+
+
+def _volume_mounts(weights: PvcWeights, placement: Placement) -> list[dict]:
+    mounts = [weights.volume_mount(), {"name": CACHE_VOLUME, "mountPath": CACHE_DIR}]
+    if _uses_shared_memory(placement):
+        mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
+    return mounts

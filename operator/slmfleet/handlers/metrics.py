@@ -1,0 +1,59 @@
+"""The operator's Prometheus metrics and its /healthz + /metrics endpoint."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import prometheus_client as prom
+from aiohttp import web
+
+REGISTRY = prom.CollectorRegistry()
+
+RECONCILES = prom.Counter(
+    "slmfleet_reconciles", "Reconciles by kind and result (noop, changed, error)", ["kind", "result"], registry=REGISTRY
+)
+RECONCILE_SECONDS = prom.Histogram(
+    "slmfleet_reconcile_duration_seconds",
+    "Time to reconcile one object",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+API_WRITES = prom.Counter("slmfleet_api_writes", "Write requests sent to the API server", ["verb"], registry=REGISTRY)
+MODELS = prom.Gauge("slmfleet_models", "SmallModels by condition type and status", ["condition", "status"], registry=REGISTRY)
+GPUS_REQUESTED = prom.Gauge("slmfleet_gpus_requested", "GPUs requested by served models, by product", ["product"], registry=REGISTRY)
+
+
+def publish_model_gauges(conditions: dict[tuple[str, str], dict[str, str]], gpus: dict[tuple[str, str], dict[str, int]]) -> None:
+    """Recompute the fleet-wide gauges from the latest per-model results."""
+    counts: dict[tuple[str, str], int] = {}
+    for per_model in conditions.values():
+        for type_, status in per_model.items():
+            counts[(type_, status)] = counts.get((type_, status), 0) + 1
+    MODELS.clear()
+    for (type_, status), n in counts.items():
+        MODELS.labels(type_, status).set(n)
+    totals: dict[str, int] = {}
+    for per_model in gpus.values():
+        for product, n in per_model.items():
+            totals[product] = totals.get(product, 0) + n
+    GPUS_REQUESTED.clear()
+    for product, n in totals.items():
+        GPUS_REQUESTED.labels(product).set(n)
+
+
+async def serve(host: str, port: int, healthy: Callable[[], bool]) -> web.AppRunner:
+    async def healthz(_: web.Request) -> web.Response:
+        ok = healthy()
+        return web.Response(status=200 if ok else 503, text="ok\n" if ok else "not ready\n")
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=prom.generate_latest(REGISTRY), headers={"Content-Type": prom.CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner

@@ -1,0 +1,429 @@
+"""Decide what a SmallModel needs, as data: the plan half of plan-then-act.
+
+`plan_model` takes everything observed about one SmallModel (its body, what it owns, the nodes and
+GPU pods) plus the clock, and returns the objects to apply, the objects to delete, the status to
+write and the Events to post. It does no I/O, so every decision is unit-tested without a cluster;
+`reconcile.py` executes the plan. Level-based: the same observation always gives the same plan, and
+a world that already matches gives an empty one (no writes).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from pydantic import ValidationError
+
+from slmfleet import sizing
+from slmfleet.api.conditions import Condition, find, set_condition
+from slmfleet.api.config import OperatorConfig
+from slmfleet.api.smallmodel import (
+    GROUP,
+    KIND,
+    VERSION,
+    ExcludedPlacement,
+    FallbackPlacement,
+    MemoryBreakdown,
+    Placement,
+    SmallModel,
+    SmallModelStatus,
+)
+from slmfleet.builders import (
+    ModelOwner,
+    UnsupportedSource,
+    build_deployment,
+    build_model_service,
+    build_revision_service,
+    revision_of,
+)
+from slmfleet.builders.labels import MODEL_LABEL, REVISION_LABEL
+from slmfleet.k8s.client import APPLIED_HASH, with_applied_hash
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class Observed:
+    """One SmallModel and the slice of the world it depends on, as plain API dicts."""
+
+    body: dict[str, Any]
+    deployments: tuple[dict[str, Any], ...] = ()  # owned by this model
+    services: tuple[dict[str, Any], ...] = ()  # owned by this model
+    pods: tuple[dict[str, Any], ...] = ()  # this model's pods
+    nodes: tuple[dict[str, Any], ...] = ()
+    gpu_pods: tuple[dict[str, Any], ...] = ()  # every pod in the cluster that requests GPUs
+
+
+@dataclass(frozen=True)
+class EventNote:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Deletion:
+    api_version: str
+    kind: str
+    name: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    apply: tuple[dict[str, Any], ...] = ()
+    delete: tuple[Deletion, ...] = ()
+    status: dict[str, Any] | None = None  # None: the status already says this
+    events: tuple[EventNote, ...] = ()
+    requeue_after: float | None = None  # seconds; for changes that come without a watch event
+    gpus: dict[str, int] = field(default_factory=dict)  # product -> GPUs this model requests (metrics)
+    conditions: dict[str, str] = field(default_factory=dict)  # type -> status (metrics)
+
+    @property
+    def writes(self) -> int:
+        return len(self.apply) + len(self.delete) + (self.status is not None) + len(self.events)
+
+
+def _rfc3339(now: dt.datetime) -> str:
+    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+
+
+def _gib(n: int | float) -> str:
+    return f"{n / GIB:.1f}"
+
+
+def to_api_placement(chosen: sizing.Placement, profile: sizing.MemoryProfile, reasons: Iterable[str]) -> Placement:
+    return Placement(
+        gpu_resource=chosen.gpu_resource,
+        gpu_product=chosen.gpu_product,
+        gpu_count=chosen.gpu_count,
+        tensor_parallel_size=chosen.tensor_parallel_size,
+        gpu_memory_utilization=f"{chosen.gpu_memory_utilization:.2f}",
+        max_model_len=chosen.max_model_len,
+        max_num_seqs=chosen.max_num_seqs,
+        device_memory_bytes=chosen.device_memory_bytes,
+        node_selector=dict(chosen.node_selector),
+        memory=MemoryBreakdown(
+            weights_bytes=profile.weights_bytes,
+            kv_bytes_per_token=profile.kv_bytes_per_token,
+            kv_cache_bytes=profile.kv_cache_bytes,
+            overhead_bytes=profile.overhead_bytes,
+            total_bytes=profile.total_bytes,
+        ),
+        summary=f"{chosen.gpu_product} x{chosen.gpu_count}",
+        reasons=list(reasons),
+    )
+
+
+def _fallback(p: sizing.Placement) -> FallbackPlacement:
+    return FallbackPlacement(
+        gpu_resource=p.gpu_resource, gpu_product=p.gpu_product, gpu_count=p.gpu_count, max_model_len=p.max_model_len
+    )
+
+
+def sizing_request(model: SmallModel, excluded: Iterable[str]) -> sizing.SizingRequest:
+    spec = model.spec
+    assert spec.architecture is not None
+    return sizing.SizingRequest(
+        architecture=sizing.ModelArchitecture.from_hf_config(spec.architecture.to_hf_config()),
+        dtype=spec.serving.dtype,
+        quantization=spec.serving.quantization,
+        kv_cache_dtype=spec.serving.kv_cache_dtype,
+        max_model_len=spec.serving.max_model_len,
+        concurrency=spec.serving.concurrency,
+        allowed_products=tuple(spec.resources.gpu_products),
+        gpu_count=spec.resources.gpu_count,
+        allow_mig=spec.resources.allow_mig,
+        max_gpu_memory_utilization=spec.resources.max_gpu_memory_utilization,
+        node_selector=dict(spec.resources.node_selector),
+        excluded=frozenset(excluded),
+    )
+
+
+def _still_fits(placement: Placement, inventory: sizing.Inventory) -> bool:
+    """Whether some node still has the placement's devices free (this model's own pods not counted)."""
+    return any(
+        n.device.resource == placement.gpu_resource
+        and n.device.product == placement.gpu_product
+        and n.free >= placement.gpu_count
+        for n in inventory.nodes
+    )
+
+
+def _pending_since(pods: Iterable[dict[str, Any]], revision: str) -> dt.datetime | None:
+    """When the oldest unschedulable pod of the revision became unschedulable."""
+    oldest: dt.datetime | None = None
+    for pod in pods:
+        if (pod.get("metadata", {}).get("labels") or {}).get(REVISION_LABEL) != revision:
+            continue
+        if (pod.get("status") or {}).get("phase") != "Pending" or (pod.get("spec") or {}).get("nodeName"):
+            continue
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                since = _parse_time(cond.get("lastTransitionTime")) or _parse_time(pod["metadata"].get("creationTimestamp"))
+                if since and (oldest is None or since < oldest):
+                    oldest = since
+    return oldest
+
+
+def _deployment_ready(dep: dict[str, Any] | None, desired: dict[str, Any] | None) -> bool:
+    """The Deployment runs exactly the desired template and all its replicas are ready."""
+    if dep is None:
+        return False
+    meta, spec, status = dep.get("metadata", {}), dep.get("spec", {}), dep.get("status") or {}
+    if desired is not None and (meta.get("annotations") or {}).get(APPLIED_HASH) != (
+        desired["metadata"]["annotations"][APPLIED_HASH]
+    ):
+        return False
+    if status.get("observedGeneration", 0) < meta.get("generation", 0):
+        return False
+    replicas = spec.get("replicas", 1)
+    return (
+        status.get("updatedReplicas", 0) >= replicas
+        and status.get("readyReplicas", 0) >= replicas
+        and status.get("replicas", 0) == replicas
+    )
+
+
+def _revision_of_object(obj: dict[str, Any]) -> str | None:
+    return (obj.get("metadata", {}).get("labels") or {}).get(REVISION_LABEL)
+
+
+class _Status:
+    """Builds the next status from the previous one, moving transition times only on change."""
+
+    def __init__(self, old: SmallModelStatus, generation: int, now: dt.datetime) -> None:
+        self.old = old
+        self.generation = generation
+        self.now = _rfc3339(now)
+        self.conditions = list(old.conditions)
+
+    def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
+        new = Condition(
+            type=type_,
+            status="True" if status else "False",
+            reason=reason,
+            message=message,
+            observed_generation=self.generation,
+        )
+        self.conditions = set_condition(self.conditions, new, self.now)
+
+
+def _changed_condition_events(old: list[Condition], new: list[Condition]) -> list[EventNote]:
+    events = []
+    for cond in new:
+        before = find(old, cond.type)
+        if before is not None and (before.status, before.reason) == (cond.status, cond.reason):
+            continue
+        if cond.type == "Degraded" and cond.status == "True":
+            events.append(EventNote("Warning", cond.reason, cond.message))
+        elif cond.type == "Ready" and cond.status == "True":
+            events.append(EventNote("Normal", "Ready", cond.message))
+    return events
+
+
+def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
+    body = obs.body
+    meta = body["metadata"]
+    generation = int(meta.get("generation", 1))
+    name, namespace = meta["name"], meta["namespace"]
+    try:
+        model = SmallModel.model_validate(body)
+    except ValidationError as exc:
+        # The CRD schema rejects almost everything; this covers objects stored before a schema change.
+        old = SmallModelStatus.model_validate(body.get("status") or {}) if isinstance(body.get("status"), dict) else SmallModelStatus()
+        st = _Status(old, generation, now)
+        message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+        st.condition("Degraded", True, "InvalidSpec", message)
+        st.condition("Ready", False, "InvalidSpec", message)
+        st.condition("Progressing", False, "InvalidSpec", "fix the spec")
+        return _finish(old, old.model_copy(update={"conditions": st.conditions, "observed_generation": generation}), [], [], [], None)
+
+    old = model.status
+    owner = ModelOwner(name=name, namespace=namespace, uid=meta.get("uid", ""))
+    revision = revision_of(model.spec)
+    spec_changed = old.observed_generation != generation
+    excluded = [] if spec_changed else list(old.excluded_placements)
+    st = _Status(old, generation, now)
+    events: list[EventNote] = []
+    requeue: float | None = None
+
+    deployments = {(_revision_of_object(d) or ""): d for d in obs.deployments}
+    replicas = model.spec.serving.replicas
+
+    def degraded(reason: str, message: str, placement: Placement | None = None) -> Plan:
+        st.condition("Degraded", True, reason, message)
+        serving = old.serving_revision if old.serving_revision in deployments else None
+        st.condition(
+            "Ready",
+            serving is not None and _deployment_ready(deployments.get(serving), None),
+            "ServingPreviousRevision" if serving else reason,
+            f"revision {serving} keeps serving" if serving else message,
+        )
+        st.condition("Progressing", False, reason, message)
+        new = old.model_copy(
+            update={
+                "observed_generation": generation,
+                "conditions": st.conditions,
+                "revision": revision,
+                "placement": placement,
+                "fallbacks": [],
+                "excluded_placements": excluded,
+            }
+        )
+        return _finish(old, new, [], [], events, requeue)
+
+    if model.spec.architecture is None:
+        return degraded(
+            "ArchitectureUnknown",
+            "spec.architecture is not declared; declare the config.json facts (layers, hidden size, heads, "
+            "KV heads, vocabulary, intermediate size, max position embeddings) so the model can be sized",
+        )
+
+    own_pods = {p["metadata"]["uid"] for p in obs.pods}
+    inventory = sizing.inventory_from_nodes(
+        obs.nodes, obs.gpu_pods, exclude_pods=lambda p: p.get("metadata", {}).get("uid") in own_pods
+    )
+
+    # Keep a working placement: re-sizing on every inventory change would churn pods.
+    placement = old.placement if not spec_changed else None
+    fallbacks = list(old.fallbacks) if placement else []
+    moved_reason = ""
+    if placement is not None:
+        if placement.key in {e.key for e in excluded}:
+            placement = None
+        elif (since := _pending_since(obs.pods, revision)) is not None:
+            waited = (now - since).total_seconds()
+            if waited >= config.pending_timeout_seconds:
+                moved_reason = (
+                    f"pods stayed Pending for {int(waited)}s on {placement.summary} "
+                    f"(limit {config.pending_timeout_seconds}s)"
+                )
+                excluded.append(ExcludedPlacement(key=placement.key, reason=moved_reason))
+                placement = None
+            else:
+                requeue = config.pending_timeout_seconds - waited + 1
+        elif not _still_fits(placement, inventory) and not _deployment_ready(deployments.get(revision), None):
+            placement = None
+
+    if placement is None:
+        result = sizing.plan_placement(sizing_request(model, [e.key for e in excluded]), inventory)
+        if result.placement is None:
+            if moved_reason:
+                events.append(EventNote("Warning", "PlacementFallback", f"{moved_reason}; no other placement fits"))
+            return degraded("NoFit", result.message)
+        placement = to_api_placement(result.placement, result.profile, result.reasons)
+        fallbacks = [_fallback(f) for f in result.fallbacks]
+        if old.placement is None or old.placement.key != placement.key or spec_changed:
+            if moved_reason:
+                events.append(EventNote("Warning", "PlacementFallback", f"{moved_reason}; moved to {placement.summary}"))
+            elif old.placement is None or old.placement.key != placement.key:
+                events.append(EventNote("Normal", "Placed", f"{placement.summary}: " + "; ".join(placement.reasons[:2])))
+
+    try:
+        desired_dep = with_applied_hash(build_deployment(owner, model.spec, placement, revision, config))
+    except UnsupportedSource as exc:
+        return degraded("SourceNotSupported", str(exc), placement)
+
+    live = deployments.get(revision)
+    desired_ready = _deployment_ready(live, desired_dep)
+    previous = old.serving_revision if old.serving_revision in deployments and old.serving_revision != revision else None
+    serving = revision if desired_ready or previous is None else previous
+
+    desired = [desired_dep, with_applied_hash(build_revision_service(owner, revision, config))]
+    desired.append(with_applied_hash(build_model_service(owner, serving, config)))
+    live_by_key = {(o["kind"], o["metadata"]["name"]): o for o in (*obs.deployments, *obs.services)}
+    apply = [
+        obj
+        for obj in desired
+        if ((live_by_key.get((obj["kind"], obj["metadata"]["name"])) or {}).get("metadata", {}).get("annotations") or {}).get(APPLIED_HASH)
+        != obj["metadata"]["annotations"][APPLIED_HASH]
+    ]
+
+    # Old revisions go once the desired one serves: a plain replacement without a gap.
+    wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
+    delete: list[Deletion] = []
+    if serving == revision:
+        for obj in (*obs.deployments, *obs.services):
+            key = (obj["kind"], obj["metadata"]["name"])
+            if key not in wanted and obj["metadata"].get("deletionTimestamp") is None:
+                delete.append(Deletion(obj["apiVersion"], obj["kind"], obj["metadata"]["name"], obj["metadata"].get("uid", "")))
+        retired = sorted({d.name for d in delete if d.kind == "Deployment"})
+        if retired:
+            events.append(EventNote("Normal", "RevisionRetired", f"revision {revision} serves; removed {', '.join(retired)}"))
+    if old.revision != revision:
+        events.append(EventNote("Normal", "NewRevision", f"revision {revision} for digest {model.spec.source.digest[:19]}…"))
+
+    dep_status = (live or {}).get("status") or {}
+    ready_replicas = int(dep_status.get("readyReplicas", 0)) if live else 0
+    st.condition("Degraded", False, "AsExpected", f"placed on {placement.summary}")
+    if replicas == 0:
+        st.condition("Ready", False, "ScaledToZero", "serving.replicas is 0")
+        st.condition("Progressing", False, "Complete", f"revision {revision} is scaled to zero")
+    elif desired_ready:
+        st.condition("Ready", True, "Serving", f"revision {revision}: {ready_replicas}/{replicas} replicas ready on {placement.summary}")
+        st.condition("Progressing", False, "Complete", f"revision {revision} is fully rolled out")
+    else:
+        waiting = f"revision {revision}: {ready_replicas}/{replicas} replicas ready on {placement.summary}"
+        if serving != revision:
+            st.condition("Ready", True, "ServingPreviousRevision", f"revision {serving} serves while {waiting}")
+        else:
+            st.condition("Ready", False, "WaitingForReplicas", waiting)
+        st.condition("Progressing", True, "RollingOut", waiting)
+
+    new = old.model_copy(
+        update={
+            "observed_generation": generation,
+            "conditions": st.conditions,
+            "revision": revision,
+            "serving_revision": serving,
+            "placement": placement,
+            "fallbacks": fallbacks,
+            "excluded_placements": excluded,
+            "replicas": replicas,
+            "ready_replicas": ready_replicas,
+            "endpoint": f"http://{name}.{namespace}.svc:{config.vllm_port}/v1",
+        }
+    )
+    plan = _finish(old, new, apply, delete, events, requeue)
+    return Plan(
+        apply=plan.apply,
+        delete=plan.delete,
+        status=plan.status,
+        events=plan.events,
+        requeue_after=plan.requeue_after,
+        gpus={placement.gpu_product: placement.gpu_count * replicas},
+        conditions=plan.conditions,
+    )
+
+
+def _finish(
+    old: SmallModelStatus,
+    new: SmallModelStatus,
+    apply: list[dict[str, Any]],
+    delete: list[Deletion],
+    events: list[EventNote],
+    requeue: float | None,
+) -> Plan:
+    events = events + _changed_condition_events(old.conditions, new.conditions)
+    old_wire, new_wire = old.to_wire(), new.to_wire()
+    return Plan(
+        apply=tuple(apply),
+        delete=tuple(delete),
+        status=new_wire if new_wire != old_wire else None,
+        events=tuple(events),
+        requeue_after=requeue,
+        conditions={c.type: c.status for c in new.conditions},
+    )
+
+
+def model_ref(body: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    meta = body["metadata"]
+    return f"{GROUP}/{VERSION}", KIND, meta["namespace"], meta["name"], meta.get("uid", "")

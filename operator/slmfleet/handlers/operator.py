@@ -1,0 +1,300 @@
+"""The kopf wiring: watch-fed indices, thin event handlers, and the reconcile worker.
+
+kopf's regular change handlers keep progress in annotations and finalizers, which are writes on
+objects we want to leave alone. We only use what writes nothing: indices (in-memory caches fed by
+watches; kopf calls no handler before every index has its initial listing, so a restarted
+operator never decides from a half-empty view) and event handlers that turn watch events into
+queued model keys. A single worker takes keys from the queue, plans (model_plan.py) and acts
+through slmfleet.k8s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from slmfleet.api.config import OperatorConfig
+from slmfleet.api.smallmodel import GROUP, KIND, PLURAL, VERSION
+from slmfleet.builders.labels import MANAGED_BY_LABEL, MODEL_LABEL
+from slmfleet.handlers import metrics
+from slmfleet.handlers.model_plan import Observed, Plan, plan_model
+from slmfleet.handlers.workqueue import WorkQueue
+from slmfleet.k8s.client import KubeClient, ObjectRef
+
+log = logging.getLogger("slmfleet.operator")
+
+ModelKey = tuple[str, str]  # (namespace, name)
+MANAGED = {MANAGED_BY_LABEL: "slmfleet"}
+GPU_PREFIX = "nvidia.com/"
+RETRY_SECONDS = (1, 2, 5, 10, 30, 60)
+
+
+@dataclass
+class Runtime:
+    """What the handlers and the worker share (kopf passes it around as the operator's memo)."""
+
+    config: OperatorConfig
+    client: KubeClient
+    queue: WorkQueue = field(default_factory=WorkQueue)
+    indices: dict[str, Any] | None = None
+    indices_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    failures: dict[ModelKey, int] = field(default_factory=dict)
+    conditions: dict[ModelKey, dict[str, str]] = field(default_factory=dict)
+    gpus: dict[ModelKey, dict[str, int]] = field(default_factory=dict)
+    worker_alive: bool = False
+
+    def capture(self, kwargs: dict[str, Any]) -> None:
+        if self.indices is None:
+            self.indices = {name: kwargs[name] for name in INDEX_NAMES}
+            self.indices_ready.set()
+
+
+INDEX_NAMES = ("slm_models", "slm_deployments", "slm_services", "slm_model_pods", "slm_gpu_pods", "slm_nodes")
+
+
+def _requests_gpu(spec: dict[str, Any]) -> bool:
+    for container in (*(spec.get("containers") or []), *(spec.get("initContainers") or [])):
+        resources = container.get("resources") or {}
+        for kind in ("requests", "limits"):
+            if any(k.startswith(GPU_PREFIX) for k in (resources.get(kind) or {})):
+                return True
+    return False
+
+
+def _slim_pod(body: kopf.Body) -> dict[str, Any]:
+    meta, spec, status = body.get("metadata", {}), body.get("spec", {}), body.get("status", {})
+    containers = lambda items: [{"name": c.get("name"), "resources": c.get("resources") or {}} for c in items or []]
+    return {
+        "metadata": {
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
+            "labels": dict(meta.get("labels") or {}),
+            "creationTimestamp": meta.get("creationTimestamp"),
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+        },
+        "spec": {
+            "nodeName": spec.get("nodeName"),
+            "containers": containers(spec.get("containers")),
+            "initContainers": containers(spec.get("initContainers")),
+        },
+        "status": {"phase": status.get("phase"), "conditions": list(status.get("conditions") or [])},
+    }
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    return {k: v for k, v in dict(body).items()}
+
+
+def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    # Indices: the operator's view of the world.
+    @kopf.index(GROUP, VERSION, PLURAL, registry=registry)
+    def slm_models(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[ModelKey, dict[str, Any]]:
+        return {(namespace, name): _plain(body)}
+
+    def by_model(body: kopf.Body, namespace: str, labels: kopf.Labels) -> dict[ModelKey, dict[str, Any]] | None:
+        model = labels.get(MODEL_LABEL)
+        return {(namespace, model): _plain(body)} if model else None
+
+    @kopf.index("apps", "v1", "deployments", labels=MANAGED, registry=registry)
+    def slm_deployments(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[ModelKey, dict[str, Any]] | None:
+        return by_model(body, namespace, labels)
+
+    @kopf.index("v1", "services", labels=MANAGED, registry=registry)
+    def slm_services(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[ModelKey, dict[str, Any]] | None:
+        return by_model(body, namespace, labels)
+
+    @kopf.index("v1", "pods", labels={MODEL_LABEL: kopf.PRESENT}, registry=registry)
+    def slm_model_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[ModelKey, dict[str, Any]]:
+        return {(namespace, labels[MODEL_LABEL]): _slim_pod(body)}
+
+    @kopf.index("v1", "pods", registry=registry)
+    def slm_gpu_pods(body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, dict[str, Any]] | None:
+        phase = body.get("status", {}).get("phase")
+        if phase in ("Succeeded", "Failed") or not _requests_gpu(dict(spec)):
+            return None
+        return {"all": _slim_pod(body)}
+
+    @kopf.index("v1", "nodes", registry=registry)
+    def slm_nodes(body: kopf.Body, name: str, **_: Any) -> dict[str, dict[str, Any]]:
+        return {
+            "all": {
+                "metadata": {"name": name, "labels": dict(body.get("metadata", {}).get("labels") or {})},
+                "spec": {"unschedulable": body.get("spec", {}).get("unschedulable", False), "taints": list(body.get("spec", {}).get("taints") or [])},
+                "status": {
+                    "allocatable": dict(body.get("status", {}).get("allocatable") or {}),
+                    "conditions": [
+                        {"type": c.get("type"), "status": c.get("status")}
+                        for c in body.get("status", {}).get("conditions") or []
+                        if c.get("type") == "Ready"
+                    ],
+                },
+            }
+        }
+
+    # Events: which model to look at again.
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
+    def model_event(namespace: str, name: str, **kwargs: Any) -> None:
+        runtime.capture(kwargs)
+        runtime.queue.add((namespace, name))
+
+    @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
+    @kopf.on.event("v1", "services", labels=MANAGED, registry=registry)
+    @kopf.on.event("v1", "pods", labels={MODEL_LABEL: kopf.PRESENT}, registry=registry)
+    def owned_event(namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
+        runtime.capture(kwargs)
+        if model := labels.get(MODEL_LABEL):
+            runtime.queue.add((namespace, model))
+
+    @kopf.on.event("v1", "nodes", registry=registry)
+    def node_event(**kwargs: Any) -> None:
+        # New or changed capacity can place a model that did not fit, or free a Pending one.
+        runtime.capture(kwargs)
+        _enqueue_unsettled(runtime)
+
+    @kopf.on.event("v1", "pods", labels={MODEL_LABEL: kopf.ABSENT}, registry=registry)
+    def other_pod_event(type: str | None, spec: kopf.Spec, **kwargs: Any) -> None:
+        runtime.capture(kwargs)
+        if type == "DELETED" and _requests_gpu(dict(spec)):
+            _enqueue_unsettled(runtime)
+
+    return registry
+
+
+def _enqueue_unsettled(runtime: Runtime) -> None:
+    """Models whose placement could change with the inventory: unplaced or not Ready."""
+    if runtime.indices is None:
+        return
+    for key, per_model in list(runtime.conditions.items()):
+        if per_model.get("Degraded") == "True" or per_model.get("Ready") != "True":
+            runtime.queue.add(key)
+
+
+def observe(indices: dict[str, Any], key: ModelKey) -> Observed | None:
+    models = indices["slm_models"].get(key)
+    body = next(iter(models), None) if models else None
+    if body is None:
+        return None
+    return Observed(
+        body=body,
+        deployments=tuple(indices["slm_deployments"].get(key, ())),
+        services=tuple(indices["slm_services"].get(key, ())),
+        pods=tuple(indices["slm_model_pods"].get(key, ())),
+        nodes=tuple(indices["slm_nodes"].get("all", ())),
+        gpu_pods=tuple(indices["slm_gpu_pods"].get("all", ())),
+    )
+
+
+async def execute(runtime: Runtime, body: dict[str, Any], plan: Plan) -> None:
+    meta = body["metadata"]
+    ref = ObjectRef(f"{GROUP}/{VERSION}", KIND, meta["namespace"], meta["name"], meta.get("uid", ""))
+    for obj in plan.apply:
+        await runtime.client.apply(obj)
+        metrics.API_WRITES.labels("apply").inc()
+        log.info("applied %s %s/%s", obj["kind"], ref.namespace, obj["metadata"]["name"])
+    for gone in plan.delete:
+        await runtime.client.delete(ObjectRef(gone.api_version, gone.kind, ref.namespace, gone.name, gone.uid))
+        metrics.API_WRITES.labels("delete").inc()
+        log.info("deleted %s %s/%s", gone.kind, ref.namespace, gone.name)
+    if plan.status is not None:
+        await runtime.client.patch_status(ref, plan.status)
+        metrics.API_WRITES.labels("status").inc()
+    for event in plan.events:
+        await runtime.client.post_event(ref, event.type, event.reason, event.message)
+        metrics.API_WRITES.labels("event").inc()
+        log.info("%s/%s %s: %s", ref.namespace, ref.name, event.reason, event.message)
+
+
+async def reconcile(runtime: Runtime, key: ModelKey) -> None:
+    assert runtime.indices is not None
+    started = time.monotonic()
+    obs = observe(runtime.indices, key)
+    if obs is None:  # deleted: owner references let the garbage collector remove what it owned
+        runtime.conditions.pop(key, None)
+        runtime.gpus.pop(key, None)
+        metrics.publish_model_gauges(runtime.conditions, runtime.gpus)
+        return
+    try:
+        plan = plan_model(obs, runtime.config, dt.datetime.now(dt.timezone.utc))
+        await execute(runtime, obs.body, plan)
+    except Exception:
+        attempt = runtime.failures.get(key, 0)
+        runtime.failures[key] = attempt + 1
+        delay = RETRY_SECONDS[min(attempt, len(RETRY_SECONDS) - 1)]
+        log.exception("reconcile of %s/%s failed (attempt %d); retrying in %ss", *key, attempt + 1, delay)
+        metrics.RECONCILES.labels(KIND, "error").inc()
+        runtime.queue.add_after(key, delay)
+        return
+    finally:
+        metrics.RECONCILE_SECONDS.labels(KIND).observe(time.monotonic() - started)
+    runtime.failures.pop(key, None)
+    runtime.conditions[key] = plan.conditions
+    runtime.gpus[key] = plan.gpus
+    metrics.publish_model_gauges(runtime.conditions, runtime.gpus)
+    metrics.RECONCILES.labels(KIND, "changed" if plan.writes else "noop").inc()
+    if plan.requeue_after is not None:
+        runtime.queue.add_after(key, plan.requeue_after)
+
+
+async def worker(runtime: Runtime) -> None:
+    await runtime.indices_ready.wait()
+    runtime.worker_alive = True
+    try:
+        while True:
+            key = await runtime.queue.get()
+            await reconcile(runtime, key)
+    finally:
+        runtime.worker_alive = False
+
+
+async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str | None, metrics_host: str,
+              metrics_port: int, stop: asyncio.Event | None = None) -> None:
+    runtime = Runtime(config=config, client=KubeClient(kubeconfig))
+    registry = build_registry(runtime)
+    settings = kopf.OperatorSettings()
+    settings.posting.enabled = False  # Events are ours to post, through slmfleet.k8s, never kopf's log lines
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    ready = asyncio.Event()
+    kopf_stop = asyncio.Event()
+    runner = await metrics.serve(metrics_host, metrics_port, lambda: ready.is_set() and runtime.worker_alive)
+    tasks = [
+        asyncio.create_task(worker(runtime), name="slmfleet-worker"),
+        asyncio.create_task(runtime.queue.run_timers(), name="slmfleet-timers"),
+        asyncio.create_task(
+            kopf.operator(
+                registry=registry,
+                settings=settings,
+                standalone=True,
+                clusterwide=not namespaces,
+                namespaces=namespaces,
+                ready_flag=ready,
+                stop_flag=kopf_stop,
+            ),
+            name="kopf",
+        ),
+    ]
+    waiters = list(tasks)
+    if stop is not None:
+        waiters.append(asyncio.create_task(stop.wait(), name="stop"))
+    try:
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task.get_name() != "stop" and task.exception():
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        kopf_stop.set()
+        for task in waiters:
+            if task.get_name() != "kopf":
+                task.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        await runner.cleanup()
+        runtime.client.close()

@@ -1,0 +1,89 @@
+"""OperatorConfig: the operator's own settings file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from e2e.node_agent import images
+from slmfleet.api.config import OperatorConfig, parse_operator_config
+
+REPO = Path(__file__).resolve().parents[1]
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+def test_parses_camel_case_yaml():
+    config = parse_operator_config(f"""
+vllmImage: registry.internal:5000/mirror/vllm/vllm-openai:v0.11.0@{DIGEST}
+imagePullPolicy: Always
+pendingTimeoutSeconds: 120
+startupTimeoutSeconds: 900
+namespaces: [models, team-a]
+vllmPort: 8080
+""")
+    assert config == OperatorConfig(
+        vllm_image=f"registry.internal:5000/mirror/vllm/vllm-openai:v0.11.0@{DIGEST}",
+        image_pull_policy="Always",
+        pending_timeout_seconds=120,
+        startup_timeout_seconds=900,
+        namespaces=["models", "team-a"],
+        vllm_port=8080,
+    )
+
+
+def test_defaults():
+    config = parse_operator_config(f"vllmImage: vllm/vllm-openai@{DIGEST}\n")
+    assert config.image_pull_policy == "IfNotPresent"
+    assert config.pending_timeout_seconds == 300
+    assert config.startup_timeout_seconds == 1800
+    assert config.namespaces == []
+    assert config.vllm_port == 8000
+
+
+@pytest.mark.parametrize("image", [
+    "vllm/vllm-openai:v0.11.0",                      # a tag moves
+    "vllm/vllm-openai:latest",
+    "vllm/vllm-openai@sha256:1234",                  # truncated digest
+    f"vllm/vllm-openai@{DIGEST.upper()}",
+    f"vllm/vllm-openai:v0.11.0@{DIGEST} ",
+    f"vllm/vllm-openai:v0.11.0@sha512:{'a' * 128}",
+])
+def test_rejects_an_image_not_pinned_by_digest(image):
+    with pytest.raises(ValidationError, match="vllmImage"):
+        OperatorConfig.model_validate({"vllmImage": image})
+
+
+def test_the_image_is_required():
+    with pytest.raises(ValidationError, match="vllmImage"):
+        parse_operator_config("vllmPort: 8000\n")
+    with pytest.raises(ValidationError):
+        parse_operator_config("")
+
+
+def test_a_misspelt_key_fails_instead_of_falling_back_to_a_default():
+    with pytest.raises(ValidationError, match="startupTimeout"):
+        parse_operator_config(f"vllmImage: vllm/vllm-openai@{DIGEST}\nstartupTimeout: 60\n")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("vllmPort", 80), ("pendingTimeoutSeconds", 0), ("namespaces", ["Not_A_Namespace"]),
+    ("imagePullPolicy", "Sometimes"),
+])
+def test_rejects_bad_values(field, value):
+    with pytest.raises(ValidationError):
+        OperatorConfig.model_validate({"vllmImage": f"vllm/vllm-openai@{DIGEST}", field: value})
+
+
+def test_config_is_frozen():
+    config = OperatorConfig(vllm_image=f"vllm/vllm-openai@{DIGEST}")
+    with pytest.raises(ValidationError):
+        config.vllm_port = 9000
+
+
+def test_the_shipped_example_is_valid_and_runs_on_the_local_cluster():
+    config = parse_operator_config((REPO / "deploy" / "operator-config.yaml").read_text())
+    assert config.vllm_image.startswith("docker.io/vllm/vllm-openai:v0.11.0@sha256:")
+    # The node agent of process nodes knows the image's repository (it never pulls).
+    assert images.lookup(config.vllm_image).entrypoint == ("vllm", "serve")
