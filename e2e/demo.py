@@ -1,8 +1,9 @@
-"""`make demo`: bring the local cluster up and show what runs on it.
+"""`make demo`: the local cluster, the operator, and example SmallModels sized to the fleet.
 
-Starts the control plane and the simulated GPU fleet, applies examples/demo/ (a vLLM Deployment
-on a process node, in a namespace enforcing Pod Security "restricted"), waits until it is Ready,
-and sends it a chat completion at its pod IP. The cluster keeps running afterwards.
+Starts the control plane and the simulated GPU fleet, installs the CRD and the operator's RBAC,
+starts the operator (as its own RBAC user), applies examples/smallmodels/, waits for every model
+to settle, prints the placements, and sends the really-served model a chat completion at its pod
+IP. The cluster and the operator keep running afterwards.
 """
 
 from __future__ import annotations
@@ -14,12 +15,60 @@ import time
 import urllib.request
 
 from e2e.cluster import DEFAULT_POOLS, REPO, Cluster, binaries, default_state_dir, kubectl_binary, versions
+from e2e.operator_proc import OperatorProcess
 
 NAMESPACE = "slmfleet-demo"
+EXAMPLES = REPO / "examples" / "smallmodels"
+SERVED = "qwen2-5-0-5b"
+DEMO_METRICS_PORT = 18390
 
 
 def step(msg: str) -> None:
     print(f"\n==> {msg}", flush=True)
+
+
+def weights_volume() -> str:
+    """A PersistentVolume on examples/weights and its claim (hostPath volumes are not allowed under
+    Pod Security restricted, but a claim bound to one is)."""
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "slmfleet-demo-weights"},
+         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                  "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(REPO / "examples" / "weights")},
+                  "claimRef": {"namespace": NAMESPACE, "name": "demo-weights"}}},
+        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "demo-weights", "namespace": NAMESPACE},
+         "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": "slmfleet-demo-weights",
+                  "resources": {"requests": {"storage": "1Gi"}}}},
+    ]})
+
+
+def condition(obj: dict, type_: str) -> dict:
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == type_), {})
+
+
+def settled(obj: dict) -> bool:
+    ready, degraded = condition(obj, "Ready"), condition(obj, "Degraded")
+    current = ready.get("observedGeneration") == obj["metadata"]["generation"]
+    return current and (ready.get("status") == "True" or degraded.get("status") == "True")
+
+
+def table(models: list[dict]) -> str:
+    rows = [("MODEL", "PLACEMENT", "GPU x COUNT", "TP", "UTIL", "MAX CONTEXT", "READY")]
+    for m in models:
+        p = m.get("status", {}).get("placement") or {}
+        ready = condition(m, "Ready")
+        status = m.get("status", {})
+        rows.append((
+            m["metadata"]["name"],
+            p.get("gpuResource", "-"),
+            p.get("summary", "-"),
+            str(p.get("tensorParallelSize", "-")),
+            p.get("gpuMemoryUtilization", "-"),
+            str(p.get("maxModelLen", "-")),
+            f"{status.get('readyReplicas', 0)}/{status.get('replicas', 0)}" if ready.get("status") == "True"
+            else condition(m, "Degraded").get("reason") or ready.get("reason", "-"),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("    " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
 def main() -> int:
@@ -29,9 +78,9 @@ def main() -> int:
     cluster.up(DEFAULT_POOLS)
     print(f"    up in {time.monotonic() - t0:.1f}s")
 
-    def kubectl(*args: str, check: bool = True) -> str:
+    def kubectl(*args: str, check: bool = True, input: str | None = None) -> str:
         out = subprocess.run([kubectl_binary(), f"--kubeconfig={cluster.kubeconfig}", *args],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, input=input)
         if check and out.returncode:
             raise SystemExit(out.stderr)
         return out.stdout
@@ -39,39 +88,59 @@ def main() -> int:
     step("The simulated GPU fleet (labels as NVIDIA GPU Feature Discovery sets them)")
     print(kubectl("get", "nodes", "-L", "nvidia.com/gpu.product,nvidia.com/gpu.count,nvidia.com/mig.strategy,slmfleet.io/node-agent"))
 
-    step("Applying examples/demo/: a vLLM Deployment on a process node's NVIDIA L4")
-    print(kubectl("apply", "-f", str(REPO / "examples" / "demo")))
-    rollout = subprocess.run([kubectl_binary(), f"--kubeconfig={cluster.kubeconfig}", "rollout", "status",
-                              "-n", NAMESPACE, "deployment/qwen2-5-0-5b", "--timeout=120s"])
-    if rollout.returncode:
-        print(kubectl("describe", "pods", "-n", NAMESPACE, check=False))
-        print("the demo Deployment did not become available", file=sys.stderr)
-        return 1
-    pods = json.loads(kubectl("get", "pods", "-n", NAMESPACE, "-l", "app=qwen2-5-0-5b", "-o", "json"))["items"]
-    pod = next(p for p in pods if not p["metadata"].get("deletionTimestamp"))
-    print(kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide"))
+    step("Installing the SmallModel CRD and RBAC; starting the operator")
+    operator = OperatorProcess.running(cluster)
+    if operator is None:
+        operator = OperatorProcess(cluster, metrics_port=DEMO_METRICS_PORT).start()
+        print(f"    operator started (log {operator.log_path})")
+    else:
+        print(f"    reusing the running operator ({operator.url})")
 
+    step("Applying examples/smallmodels/")
+    print(kubectl("apply", "-f", str(EXAMPLES / "00-namespace.yaml")), end="")
+    print(kubectl("apply", "-f", "-", input=weights_volume()), end="")
+    print(kubectl("apply", "-f", str(EXAMPLES)))
+
+    deadline = time.monotonic() + 180
+    while True:
+        models = json.loads(kubectl("get", "sm", "-n", NAMESPACE, "-o", "json"))["items"]
+        if models and all(settled(m) for m in models):
+            break
+        if time.monotonic() > deadline:
+            print(table(models))
+            print("models did not settle within 180s; see `kubectl describe sm -n slmfleet-demo`", file=sys.stderr)
+            return 1
+        time.sleep(1)
+
+    step("Where the operator put each model")
+    print(table(sorted(models, key=lambda m: m["metadata"]["name"])))
+    print()
+    print(kubectl("get", "sm", "-n", NAMESPACE))
+    nofit = [m for m in models if condition(m, "Degraded").get("status") == "True"]
+    for m in nofit:
+        print(f"    {m['metadata']['name']} is Degraded: {condition(m, 'Degraded')['message']}")
+
+    pods = json.loads(kubectl("get", "pods", "-n", NAMESPACE, "-l", f"slmfleet.io/model={SERVED}", "-o", "json"))["items"]
+    pod = next(p for p in pods if not p["metadata"].get("deletionTimestamp") and p["status"].get("podIP"))
     ip = pod["status"]["podIP"]
     question = "What is the capital of France?"
-    step(f"POST http://{ip}:8000/v1/chat/completions  ({question!r})")
+    step(f"{SERVED} runs on {pod['spec']['nodeName']}: POST http://{ip}:8000/v1/chat/completions ({question!r})")
     req = urllib.request.Request(
         f"http://{ip}:8000/v1/chat/completions",
-        data=json.dumps({"model": "qwen2.5-0.5b-instruct",
-                         "messages": [{"role": "user", "content": question}]}).encode(),
+        data=json.dumps({"model": "qwen2.5-0.5b-instruct", "messages": [{"role": "user", "content": question}]}).encode(),
         headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         answer = json.loads(resp.read())
     print(f"    {answer['model']} answered: {answer['choices'][0]['message']['content']!r}")
-    with urllib.request.urlopen(f"http://{ip}:8000/metrics", timeout=10) as resp:
-        lines = [line for line in resp.read().decode().splitlines()
-                 if line.startswith(("vllm:request_success_total", "vllm:e2e_request_latency_seconds_count"))]
-    print("    " + "\n    ".join(lines))
 
-    step("The cluster keeps running. Next:")
+    step("Everything keeps running. Look around:")
     print(f"    export KUBECONFIG={cluster.kubeconfig}")
     print(f"    export PATH={binaries()['kubectl'].parent}:$PATH   # kubectl {versions()['KUBE_VERSION']}, no version skew")
-    print("    kubectl get nodes -L nvidia.com/gpu.product")
-    print("    make cluster-down      # stops every process and removes the state")
+    print(f"    kubectl get sm -n {NAMESPACE} -o wide")
+    print(f"    kubectl describe sm -n {NAMESPACE} qwen2-5-14b-on-one-l4")
+    print(f"    kubectl explain smallmodel.spec.serving")
+    print(f"    curl -s {operator.url}/metrics | grep slmfleet_")
+    print("    make cluster-down      # stops the operator and every cluster process, removes the state")
     return 0
 
 

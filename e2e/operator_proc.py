@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from e2e.cluster import MARKER_ENV, REPO, Cluster
+from e2e.cluster import MARKER_ENV, REPO, Cluster, processes_with_env
 
 OPERATOR_USER = "slmfleet-operator"
 CONFIG = REPO / "deploy" / "operator-config.yaml"
@@ -42,8 +42,35 @@ class OperatorProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}"
 
+    @staticmethod
+    def state_file(cluster: Cluster) -> Path:
+        return cluster.dir / "operator.json"
+
+    @classmethod
+    def running(cls, cluster: Cluster) -> "OperatorProcess | None":
+        """The operator started for this cluster by anyone (demo or tests), if it is healthy."""
+        try:
+            state = json.loads(cls.state_file(cluster).read_text())
+        except (OSError, ValueError):
+            return None
+        op = cls(cluster, metrics_port=state["port"])
+        return op if op.healthy() else None
+
+    def _stop_recorded(self) -> None:
+        """One operator per cluster: two would reconcile the same models against each other."""
+        try:
+            pid = json.loads(self.state_file(self.cluster).read_text())["pid"]
+        except (OSError, ValueError, KeyError):
+            return
+        if pid in processes_with_env(MARKER_ENV, str(self.cluster.dir)):
+            os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and pid in processes_with_env(MARKER_ENV, str(self.cluster.dir)):
+                time.sleep(0.1)
+
     def start(self, timeout: float = 60) -> "OperatorProcess":
         install(self.cluster)
+        self._stop_recorded()
         kubeconfig = self.cluster.user_kubeconfig(OPERATOR_USER)
         args = [
             str(Path(sys.executable).parent / "slmfleet"), "operator", "run",
@@ -58,6 +85,7 @@ class OperatorProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.state_file(self.cluster).write_text(json.dumps({"pid": self.proc.pid, "port": self.metrics_port}))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -89,7 +117,10 @@ class OperatorProcess:
         return sum(v for k, v in self.metrics().items() if k.startswith("slmfleet_reconciles_total"))
 
     def stop(self, timeout: float = 20) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
+            self._stop_recorded()
+            return
+        if self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
         try:

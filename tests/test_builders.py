@@ -208,7 +208,7 @@ def test_deployment_name_labels_selector_and_owner():
     template_labels = d["spec"]["template"]["metadata"]["labels"]
     assert selector.items() <= template_labels.items()
     assert template_labels == meta["labels"]
-    assert "annotations" not in d["spec"]["template"]["metadata"]
+    assert d["spec"]["template"]["metadata"]["annotations"] == {"slmfleet.io/placement": "nvidia.com/gpu|NVIDIA-L4|1"}
 
 
 def test_replicas_and_rollout_strategy():

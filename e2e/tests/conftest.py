@@ -17,8 +17,13 @@ import pytest
 from kubernetes import client, config
 
 from e2e.cluster import DEFAULT_POOLS, Cluster, default_state_dir
+from e2e.operator_proc import OperatorProcess
 
 pytestmark = pytest.mark.e2e
+
+# The e2e operator gives up on a placement after this many seconds of Pending pods (default 300).
+PENDING_TIMEOUT = 10
+OPERATOR_METRICS_PORT = 18391
 
 
 @pytest.fixture(scope="session")
@@ -83,3 +88,21 @@ def model_dir(tmp_path: Path) -> Callable[..., Path]:
         return d
 
     return make
+
+
+@pytest.fixture(scope="session")
+def operator(cluster):
+    """The real operator, one per cluster, as the `slmfleet-operator` RBAC user."""
+    op = OperatorProcess(cluster, metrics_port=OPERATOR_METRICS_PORT, pending_timeout=PENDING_TIMEOUT).start()
+    yield op
+    op.stop()
+
+
+@pytest.fixture(scope="session")
+def crs(api) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(api)
+
+
+@pytest.fixture(scope="session")
+def apps(api) -> client.AppsV1Api:
+    return client.AppsV1Api(api)

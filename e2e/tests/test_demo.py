@@ -1,4 +1,4 @@
-"""`make demo`'s script runs end to end on the local cluster (its manifests are examples/demo/)."""
+"""`make demo`'s script runs end to end on the local cluster (its manifests are examples/smallmodels/)."""
 
 import subprocess
 import sys
@@ -6,11 +6,18 @@ import sys
 from e2e.cluster import REPO
 
 
-def test_demo_serves_a_chat_completion(cluster, core):
-    out = subprocess.run([sys.executable, "-m", "e2e.demo"], cwd=REPO, capture_output=True, text=True, timeout=300)
+def test_demo_places_the_examples_and_serves_a_chat_completion(cluster, core, operator):
+    out = subprocess.run([sys.executable, "-m", "e2e.demo"], cwd=REPO, capture_output=True, text=True, timeout=400)
     try:
         assert out.returncode == 0, out.stdout + out.stderr
+        assert "reusing the running operator" in out.stdout
         assert "qwen2.5-0.5b-instruct answered: 'Paris'" in out.stdout
-        assert 'vllm:request_success_total{finished_reason="stop",model_name="qwen2.5-0.5b-instruct"}' in out.stdout
+        rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()
+                if line.startswith("    ") and len(line.split()) >= 7}
+        for model in ("qwen2-5-0-5b", "qwen3-4b", "llama-3-1-8b", "qwen2-5-14b-long"):
+            assert model in rows and "/" in rows[model][-1], rows.get(model)
+        assert rows["qwen2-5-14b-on-one-l4"][-1] == "NoFit"
+        assert "qwen2-5-14b-on-one-l4 is Degraded: needs" in out.stdout
     finally:
         core.delete_namespace("slmfleet-demo")
+        core.delete_persistent_volume("slmfleet-demo-weights")

@@ -12,8 +12,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from e2e.cluster import kubectl_binary
-from e2e.operator_proc import OperatorProcess, audit_writes
-from e2e.tests.conftest import wait_for
+from e2e.operator_proc import audit_writes
+from e2e.tests.conftest import PENDING_TIMEOUT, wait_for
 
 GROUP, VERSION, PLURAL = "slmfleet.io", "v1alpha1", "smallmodels"
 DIGEST = "sha256:" + "5e" * 32
@@ -27,25 +27,6 @@ QWEN_14B = {
     "numKeyValueHeads": 8, "vocabSize": 152064, "intermediateSize": 13824, "tieWordEmbeddings": False,
     "maxPositionEmbeddings": 32768,
 }
-PENDING_TIMEOUT = 10
-METRICS_PORT = 18391
-
-
-@pytest.fixture(scope="session")
-def operator(cluster):
-    op = OperatorProcess(cluster, metrics_port=METRICS_PORT, pending_timeout=PENDING_TIMEOUT).start()
-    yield op
-    op.stop()
-
-
-@pytest.fixture(scope="session")
-def crs(api) -> client.CustomObjectsApi:
-    return client.CustomObjectsApi(api)
-
-
-@pytest.fixture(scope="session")
-def apps(api) -> client.AppsV1Api:
-    return client.AppsV1Api(api)
 
 
 def model_body(name: str, architecture: dict | None = None, **spec) -> dict:

@@ -43,3 +43,6 @@ def selector_labels(model: str, revision: str) -> dict[str, str]:
 def model_selector(model: str) -> dict[str, str]:
     """The label that picks out every pod of the model, whatever its revision."""
     return {MODEL_LABEL: model}
+
+# Annotation on pods: the placement key (`<resource>|<product>|<count>`) the pod was built for.
+PLACEMENT_ANNOTATION = "slmfleet.io/placement"

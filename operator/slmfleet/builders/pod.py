@@ -11,7 +11,7 @@ import math
 
 from slmfleet.api.config import OperatorConfig
 from slmfleet.api.smallmodel import Placement, SmallModelSpec
-from slmfleet.builders.labels import revision_labels
+from slmfleet.builders.labels import PLACEMENT_ANNOTATION, revision_labels
 from slmfleet.builders.owner import ModelOwner
 from slmfleet.builders.vllm_args import vllm_serve_args
 from slmfleet.builders.weights import PvcWeights, weights_location
@@ -74,7 +74,10 @@ def build_pod_template(
     pod_spec["tolerations"] = [dict(t) for t in GPU_TOLERATIONS]
     pod_spec["containers"] = [_vllm_container(owner, spec, placement, weights, config)]
     pod_spec["volumes"] = _volumes(weights, placement)
-    return {"metadata": {"labels": revision_labels(owner.name, revision)}, "spec": pod_spec}
+    # The placement key tells the operator which placement a Pending pod was created for, so pods
+    # left over from an earlier placement do not count against the current one.
+    metadata = {"labels": revision_labels(owner.name, revision), "annotations": {PLACEMENT_ANNOTATION: placement.key}}
+    return {"metadata": metadata, "spec": pod_spec}
 
 
 def _vllm_container(

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from slmfleet import __version__
+from slmfleet.cli import crds, operator, size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,6 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"slmfleet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("version", help="print the version")
+    size.add_parser(sub)
+    operator.add_parser(sub)
+    crds.add_parser(sub)
     return parser
 
 
@@ -22,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "version":
         print(f"slmfleet {__version__}")
         return 0
+    if hasattr(args, "func"):
+        return args.func(args)
     parser.print_help(sys.stderr)
     return 2
 

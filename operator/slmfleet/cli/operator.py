@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -43,6 +44,9 @@ def run_operator(args: argparse.Namespace) -> int:
     except (OSError, yaml.YAMLError, ValidationError) as exc:
         print(f"slmfleet operator: bad config {args.config}: {exc}", file=sys.stderr)
         return 2
+    if args.kubeconfig:
+        # kopf authenticates from $KUBECONFIG; the write client reads the same file.
+        os.environ["KUBECONFIG"] = args.kubeconfig
     # Imported here so that `slmfleet size`/`pin` do not pay for kopf's import.
     from slmfleet.handlers.operator import run
 

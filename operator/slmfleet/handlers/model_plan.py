@@ -37,7 +37,7 @@ from slmfleet.builders import (
     build_revision_service,
     revision_of,
 )
-from slmfleet.builders.labels import MODEL_LABEL, REVISION_LABEL
+from slmfleet.builders.labels import PLACEMENT_ANNOTATION, REVISION_LABEL
 from slmfleet.k8s.client import APPLIED_HASH, with_applied_hash
 
 GIB = 1024**3
@@ -157,19 +157,22 @@ def _still_fits(placement: Placement, inventory: sizing.Inventory) -> bool:
     )
 
 
-def _pending_since(pods: Iterable[dict[str, Any]], revision: str) -> dt.datetime | None:
-    """When the oldest unschedulable pod of the revision became unschedulable."""
-    oldest: dt.datetime | None = None
+def _pending_since(pods: Iterable[dict[str, Any]], revision: str, placement: Placement) -> tuple[dt.datetime, str] | None:
+    """When the oldest unschedulable pod of the revision and placement became unschedulable, and why."""
+    oldest: tuple[dt.datetime, str] | None = None
     for pod in pods:
-        if (pod.get("metadata", {}).get("labels") or {}).get(REVISION_LABEL) != revision:
+        meta = pod.get("metadata", {})
+        if (meta.get("labels") or {}).get(REVISION_LABEL) != revision:
+            continue
+        if (meta.get("annotations") or {}).get(PLACEMENT_ANNOTATION) != placement.key:
             continue
         if (pod.get("status") or {}).get("phase") != "Pending" or (pod.get("spec") or {}).get("nodeName"):
             continue
         for cond in (pod.get("status") or {}).get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
-                since = _parse_time(cond.get("lastTransitionTime")) or _parse_time(pod["metadata"].get("creationTimestamp"))
-                if since and (oldest is None or since < oldest):
-                    oldest = since
+                since = _parse_time(cond.get("lastTransitionTime")) or _parse_time(meta.get("creationTimestamp"))
+                if since and (oldest is None or since < oldest[0]):
+                    oldest = (since, cond.get("message") or cond.get("reason") or "Unschedulable")
     return oldest
 
 
@@ -299,12 +302,12 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
     if placement is not None:
         if placement.key in {e.key for e in excluded}:
             placement = None
-        elif (since := _pending_since(obs.pods, revision)) is not None:
-            waited = (now - since).total_seconds()
+        elif (pending := _pending_since(obs.pods, revision, placement)) is not None:
+            waited = (now - pending[0]).total_seconds()
             if waited >= config.pending_timeout_seconds:
                 moved_reason = (
                     f"pods stayed Pending for {int(waited)}s on {placement.summary} "
-                    f"(limit {config.pending_timeout_seconds}s)"
+                    f"(limit {config.pending_timeout_seconds}s): {pending[1]}"
                 )
                 excluded.append(ExcludedPlacement(key=placement.key, reason=moved_reason))
                 placement = None

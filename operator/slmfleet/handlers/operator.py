@@ -48,6 +48,41 @@ class Runtime:
     conditions: dict[ModelKey, dict[str, str]] = field(default_factory=dict)
     gpus: dict[ModelKey, dict[str, int]] = field(default_factory=dict)
     worker_alive: bool = False
+    # Our own writes, until the watch brings them back: (kind, namespace, name) ->
+    # (resourceVersion the cache had before the write, the object the API server returned).
+    # Without it, a reconcile that runs before the watch catches up would decide from the past.
+    own_writes: dict[tuple[str, str, str], tuple[str | None, dict[str, Any]]] = field(default_factory=dict)
+
+    deleted: set[tuple[str, str, str, str]] = field(default_factory=set)  # (kind, namespace, name, uid)
+
+    def remember(self, before: dict[str, Any] | None, after: dict[str, Any]) -> None:
+        meta = after["metadata"]
+        rv = (before or {}).get("metadata", {}).get("resourceVersion")
+        self.own_writes[(after["kind"], meta["namespace"], meta["name"])] = (rv, after)
+
+    def fresh(self, kind: str, namespace: str, cached: list[dict[str, Any]], names: set[str] | None = None) -> list[dict[str, Any]]:
+        """`cached` objects of `kind`, with our newer writes in place of what the cache still lacks."""
+        out = []
+        seen = set()
+        still_cached = set()
+        for obj in cached:
+            name = obj["metadata"]["name"]
+            gone = (kind, namespace, name, obj["metadata"].get("uid", ""))
+            if gone in self.deleted:
+                still_cached.add(gone)
+                continue
+            seen.add(name)
+            write = self.own_writes.get((kind, namespace, name))
+            if write and write[0] == obj["metadata"].get("resourceVersion"):
+                out.append(write[1])
+            else:
+                self.own_writes.pop((kind, namespace, name), None)
+                out.append(obj)
+        self.deleted -= {d for d in self.deleted if d[0] == kind and d[1] == namespace} - still_cached
+        for (k, ns, name), (rv, obj) in list(self.own_writes.items()):
+            if k == kind and ns == namespace and name not in seen and rv is None and (names is None or name in names):
+                out.append(obj)
+        return out
 
     def capture(self, kwargs: dict[str, Any]) -> None:
         if self.indices is None:
@@ -76,6 +111,7 @@ def _slim_pod(body: kopf.Body) -> dict[str, Any]:
             "namespace": meta.get("namespace"),
             "uid": meta.get("uid"),
             "labels": dict(meta.get("labels") or {}),
+            "annotations": {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("slmfleet.io/")},
             "creationTimestamp": meta.get("creationTimestamp"),
             "deletionTimestamp": meta.get("deletionTimestamp"),
         },
@@ -95,8 +131,14 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
 def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # A plain registry has no fallback logins; use the kubeconfig / in-cluster config as the
+        # write client does.
+        return kopf.login_via_client(**kwargs)
+
     # Indices: the operator's view of the world.
-    @kopf.index(GROUP, VERSION, PLURAL, registry=registry)
+    @kopf.index(GROUP, VERSION, PLURAL, id="slm_models", registry=registry)
     def slm_models(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[ModelKey, dict[str, Any]]:
         return {(namespace, name): _plain(body)}
 
@@ -104,26 +146,26 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         model = labels.get(MODEL_LABEL)
         return {(namespace, model): _plain(body)} if model else None
 
-    @kopf.index("apps", "v1", "deployments", labels=MANAGED, registry=registry)
+    @kopf.index("apps", "v1", "deployments", labels=MANAGED, id="slm_deployments", registry=registry)
     def slm_deployments(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[ModelKey, dict[str, Any]] | None:
         return by_model(body, namespace, labels)
 
-    @kopf.index("v1", "services", labels=MANAGED, registry=registry)
+    @kopf.index("v1", "services", labels=MANAGED, id="slm_services", registry=registry)
     def slm_services(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[ModelKey, dict[str, Any]] | None:
         return by_model(body, namespace, labels)
 
-    @kopf.index("v1", "pods", labels={MODEL_LABEL: kopf.PRESENT}, registry=registry)
+    @kopf.index("v1", "pods", labels={MODEL_LABEL: kopf.PRESENT}, id="slm_model_pods", registry=registry)
     def slm_model_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[ModelKey, dict[str, Any]]:
         return {(namespace, labels[MODEL_LABEL]): _slim_pod(body)}
 
-    @kopf.index("v1", "pods", registry=registry)
+    @kopf.index("v1", "pods", id="slm_gpu_pods", registry=registry)
     def slm_gpu_pods(body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, dict[str, Any]] | None:
         phase = body.get("status", {}).get("phase")
         if phase in ("Succeeded", "Failed") or not _requests_gpu(dict(spec)):
             return None
         return {"all": _slim_pod(body)}
 
-    @kopf.index("v1", "nodes", registry=registry)
+    @kopf.index("v1", "nodes", id="slm_nodes", registry=registry)
     def slm_nodes(body: kopf.Body, name: str, **_: Any) -> dict[str, dict[str, Any]]:
         return {
             "all": {
@@ -178,34 +220,40 @@ def _enqueue_unsettled(runtime: Runtime) -> None:
             runtime.queue.add(key)
 
 
-def observe(indices: dict[str, Any], key: ModelKey) -> Observed | None:
-    models = indices["slm_models"].get(key)
-    body = next(iter(models), None) if models else None
-    if body is None:
+def observe(runtime: Runtime, key: ModelKey) -> Observed | None:
+    indices = runtime.indices
+    assert indices is not None
+    models = list(indices["slm_models"].get(key, ()))
+    if not models:
         return None
+    body = runtime.fresh(KIND, key[0], models)[0]
+    owned_by = lambda objs: [o for o in objs if (o["metadata"].get("labels") or {}).get(MODEL_LABEL) == key[1]]
     return Observed(
         body=body,
-        deployments=tuple(indices["slm_deployments"].get(key, ())),
-        services=tuple(indices["slm_services"].get(key, ())),
+        deployments=tuple(owned_by(runtime.fresh("Deployment", key[0], list(indices["slm_deployments"].get(key, ()))))),
+        services=tuple(owned_by(runtime.fresh("Service", key[0], list(indices["slm_services"].get(key, ()))))),
         pods=tuple(indices["slm_model_pods"].get(key, ())),
         nodes=tuple(indices["slm_nodes"].get("all", ())),
         gpu_pods=tuple(indices["slm_gpu_pods"].get("all", ())),
     )
 
 
-async def execute(runtime: Runtime, body: dict[str, Any], plan: Plan) -> None:
-    meta = body["metadata"]
+async def execute(runtime: Runtime, obs: Observed, plan: Plan) -> None:
+    meta = obs.body["metadata"]
     ref = ObjectRef(f"{GROUP}/{VERSION}", KIND, meta["namespace"], meta["name"], meta.get("uid", ""))
+    live = {(o["kind"], o["metadata"]["name"]): o for o in (*obs.deployments, *obs.services)}
     for obj in plan.apply:
-        await runtime.client.apply(obj)
+        runtime.remember(live.get((obj["kind"], obj["metadata"]["name"])), await runtime.client.apply(obj))
         metrics.API_WRITES.labels("apply").inc()
         log.info("applied %s %s/%s", obj["kind"], ref.namespace, obj["metadata"]["name"])
     for gone in plan.delete:
         await runtime.client.delete(ObjectRef(gone.api_version, gone.kind, ref.namespace, gone.name, gone.uid))
+        runtime.deleted.add((gone.kind, ref.namespace, gone.name, gone.uid))
+        runtime.own_writes.pop((gone.kind, ref.namespace, gone.name), None)
         metrics.API_WRITES.labels("delete").inc()
         log.info("deleted %s %s/%s", gone.kind, ref.namespace, gone.name)
     if plan.status is not None:
-        await runtime.client.patch_status(ref, plan.status)
+        runtime.remember(obs.body, await runtime.client.patch_status(ref, plan.status))
         metrics.API_WRITES.labels("status").inc()
     for event in plan.events:
         await runtime.client.post_event(ref, event.type, event.reason, event.message)
@@ -216,7 +264,7 @@ async def execute(runtime: Runtime, body: dict[str, Any], plan: Plan) -> None:
 async def reconcile(runtime: Runtime, key: ModelKey) -> None:
     assert runtime.indices is not None
     started = time.monotonic()
-    obs = observe(runtime.indices, key)
+    obs = observe(runtime, key)
     if obs is None:  # deleted: owner references let the garbage collector remove what it owned
         runtime.conditions.pop(key, None)
         runtime.gpus.pop(key, None)
@@ -224,7 +272,7 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
         return
     try:
         plan = plan_model(obs, runtime.config, dt.datetime.now(dt.timezone.utc))
-        await execute(runtime, obs.body, plan)
+        await execute(runtime, obs, plan)
     except Exception:
         attempt = runtime.failures.get(key, 0)
         runtime.failures[key] = attempt + 1
@@ -260,6 +308,7 @@ async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str 
     runtime = Runtime(config=config, client=KubeClient(kubeconfig))
     registry = build_registry(runtime)
     settings = kopf.OperatorSettings()
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event otherwise
     settings.posting.enabled = False  # Events are ours to post, through slmfleet.k8s, never kopf's log lines
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330

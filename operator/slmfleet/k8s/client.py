@@ -111,19 +111,19 @@ class KubeClient:
             if exc.status not in (404, 409):  # already gone, or replaced by a new object of that name
                 raise
 
-    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> None:
+    async def patch_status(self, ref: ObjectRef, status: dict[str, Any]) -> dict[str, Any]:
         """Replace the status wholesale (a JSON merge patch would leave removed keys behind)."""
         path = _path(ref.api_version, ref.kind, ref.namespace, ref.name, "status")
         # "add" replaces an existing member (RFC 6902), and also works when there is no status yet.
         patch = [{"op": "add", "path": "/status", "value": status}]
-        await asyncio.to_thread(self._call, "PATCH", path, patch, "application/json-patch+json")
+        return await asyncio.to_thread(self._call, "PATCH", path, patch, "application/json-patch+json")
 
     async def post_event(self, ref: ObjectRef, type_: str, reason: str, message: str) -> None:
         now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         event = {
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",
-            "metadata": {"generateName": f"{ref.name}.", "namespace": ref.namespace},
+            "metadata": {"generateName": f"{ref.name}-", "namespace": ref.namespace},
             "eventTime": now,
             "reportingController": "slmfleet.io/operator",
             "reportingInstance": "slmfleet-operator",
