@@ -34,6 +34,7 @@ MANAGED_VLLM_FLAGS = (
     "--gpu-memory-utilization",
     "--max-model-len",
     "--max-num-seqs",
+    "--max-num-batched-tokens",
     "--dtype",
     "--quantization",
     "--kv-cache-dtype",
@@ -237,6 +238,8 @@ class Placement(CRModel):
     """`--max-model-len`."""
     max_num_seqs: int
     """`--max-num-seqs`."""
+    max_num_batched_tokens: int | None = None
+    """`--max-num-batched-tokens`: the per-step token budget the activation memory was sized for."""
     device_memory_bytes: int
     """Memory of one device."""
     node_selector: dict[str, str] = Field(default_factory=dict)

@@ -42,6 +42,9 @@ def vllm_serve_args(
         "--max-num-seqs", str(placement.max_num_seqs),
         "--dtype", serving.dtype,
     ]
+    if placement.max_num_batched_tokens is not None:
+        # The activation memory sizing reserved assumes this batch budget; vLLM must not exceed it.
+        args += ["--max-num-batched-tokens", str(placement.max_num_batched_tokens)]
     if serving.quantization is not None:
         args += ["--quantization", VLLM_QUANTIZATION[serving.quantization]]
     if serving.kv_cache_dtype != "auto":

@@ -108,6 +108,7 @@ def to_api_placement(chosen: sizing.Placement, profile: sizing.MemoryProfile, re
         gpu_memory_utilization=f"{chosen.gpu_memory_utilization:.2f}",
         max_model_len=chosen.max_model_len,
         max_num_seqs=chosen.max_num_seqs,
+        max_num_batched_tokens=chosen.max_num_batched_tokens,
         device_memory_bytes=chosen.device_memory_bytes,
         node_selector=dict(chosen.node_selector),
         memory=MemoryBreakdown(
@@ -317,7 +318,11 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
             placement = None
 
     if placement is None:
-        result = sizing.plan_placement(sizing_request(model, [e.key for e in excluded]), inventory)
+        try:
+            request = sizing_request(model, [e.key for e in excluded])
+        except sizing.SizingInputError as exc:
+            return degraded("InvalidArchitecture", str(exc))
+        result = sizing.plan_placement(request, inventory)
         if result.placement is None:
             if moved_reason:
                 events.append(EventNote("Warning", "PlacementFallback", f"{moved_reason}; no other placement fits"))
