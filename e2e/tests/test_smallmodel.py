@@ -29,6 +29,25 @@ QWEN_14B = {
 }
 
 
+@pytest.fixture(autouse=True)
+def weights_claim(core, namespace, tmp_path):
+    """The claim `weights` every test model reads from: a hostPath PersistentVolume bound to it, so
+    pods schedule (kwok nodes ignore the volume; process nodes would mount it)."""
+    pv = f"{namespace}-weights"
+    core.create_persistent_volume({
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": pv},
+        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                 "hostPath": {"path": str(tmp_path)}, "claimRef": {"namespace": namespace, "name": "weights"}}})
+    core.create_namespaced_persistent_volume_claim(namespace, {
+        "apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "weights"},
+        "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": pv,
+                 "resources": {"requests": {"storage": "1Gi"}}}})
+    wait_for(lambda: core.read_namespaced_persistent_volume_claim("weights", namespace).status.phase == "Bound",
+             60, what="claim bound")
+    yield
+    core.delete_persistent_volume(pv)
+
+
 def model_body(name: str, architecture: dict | None = None, **spec) -> dict:
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",

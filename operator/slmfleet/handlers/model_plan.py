@@ -9,6 +9,7 @@ a world that already matches gives an empty one (no writes).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -271,6 +272,8 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
             "ServingPreviousRevision" if serving else reason,
             f"revision {serving} keeps serving" if serving else message,
         )
+        if serving is not None and serving == revision and placement is None:
+            placement = old.placement  # its Deployment still runs there
         st.condition("Progressing", False, reason, message)
         new = old.model_copy(
             update={
@@ -300,6 +303,7 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
     placement = old.placement if not spec_changed else None
     fallbacks = list(old.fallbacks) if placement else []
     moved_reason = ""
+    stuck = ""
     if placement is not None:
         if placement.key in {e.key for e in excluded}:
             placement = None
@@ -323,6 +327,16 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         except sizing.SizingInputError as exc:
             return degraded("InvalidArchitecture", str(exc))
         result = sizing.plan_placement(request, inventory)
+        if result.placement is None and excluded:
+            # Every placement that fits has had Pending pods. Giving up would strand the model on a
+            # transient cause (a claim binding late, a drained node), so stay on the best one and say so.
+            best = sizing.plan_placement(dataclasses.replace(request, excluded=frozenset()), inventory)
+            if best.placement is not None:
+                result = best
+                stuck = (
+                    f"pods stayed Pending on every placement that fits ({', '.join(e.key for e in excluded)}); "
+                    f"staying on {best.placement.gpu_product} x{best.placement.gpu_count}. Last: {excluded[-1].reason}"
+                )
         if result.placement is None:
             if moved_reason:
                 events.append(EventNote("Warning", "PlacementFallback", f"{moved_reason}; no other placement fits"))
@@ -331,7 +345,8 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         fallbacks = [_fallback(f) for f in result.fallbacks]
         if old.placement is None or old.placement.key != placement.key or spec_changed:
             if moved_reason:
-                events.append(EventNote("Warning", "PlacementFallback", f"{moved_reason}; moved to {placement.summary}"))
+                where = f"staying on {placement.summary}" if stuck else f"moved to {placement.summary}"
+                events.append(EventNote("Warning", "PlacementFallback", f"{moved_reason}; {where}"))
             elif old.placement is None or old.placement.key != placement.key:
                 events.append(EventNote("Normal", "Placed", f"{placement.summary}: " + "; ".join(placement.reasons[:2])))
 
@@ -371,7 +386,10 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
 
     dep_status = (live or {}).get("status") or {}
     ready_replicas = int(dep_status.get("readyReplicas", 0)) if live else 0
-    st.condition("Degraded", False, "AsExpected", f"placed on {placement.summary}")
+    if stuck and not desired_ready:
+        st.condition("Degraded", True, "PodsPending", stuck)
+    else:
+        st.condition("Degraded", False, "AsExpected", f"placed on {placement.summary}")
     if replicas == 0:
         st.condition("Ready", False, "ScaledToZero", "serving.replicas is 0")
         st.condition("Progressing", False, "Complete", f"revision {revision} is scaled to zero")
