@@ -38,10 +38,13 @@ unit: venv ## unit tests only (no cluster)
 test: venv binaries lint ## all tests: unit, then e2e on the local control plane
 	@$(PY) -m pytest
 
-demo: venv binaries ## start the cluster and show what runs on it
+demo: venv binaries ## start the cluster and the operator, apply examples/smallmodels/, show the placements
 	@$(PY) -m e2e.demo
+
+crds: venv ## regenerate crds/ from the pydantic models in operator/slmfleet/api
+	@$(VENV)/bin/slmfleet crds --out crds
 
 bench: venv binaries ## benchmarks; results go to bench/results/
 	@$(PY) -m bench.cluster_up
 
-.PHONY: help venv binaries cluster-up cluster-down lint unit test demo bench
+.PHONY: help venv binaries cluster-up cluster-down lint unit test demo crds bench

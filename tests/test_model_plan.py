@@ -687,8 +687,6 @@ def test_pending_on_the_only_placement_that_fits_stays_there_and_says_so():
     assert summary(plan.status)["Ready"] == ("True", "Serving")
 
 
-@pytest.mark.xfail(strict=True, reason="a placement in excludedPlacements is re-sized even when its revision is "
-                   "ready and serving there (see the report on plan_model's exclusion check)")
 def test_a_ready_model_on_a_placement_once_given_up_on_stays_when_other_gpus_join():
     world = placed(World(model_body(), [gpu_node("l4-a", L4, L4_MIB, 1)], FAST_PENDING), ready=False)
     world.pods = [revision_pod(world.deployment(), f"{NAME}-pod-1", unschedulable_since=at(100))]
@@ -814,8 +812,6 @@ def test_scaling_to_zero_is_not_ready_and_not_progressing():
     }
 
 
-@pytest.mark.xfail(strict=True, reason="model_plan reports Ready=True ServingPreviousRevision for a previous "
-                   "revision that never became ready (see the report on plan_model's `previous`)")
 def test_a_previous_revision_that_never_became_ready_does_not_make_the_model_ready():
     world = placed(World(model_body(), fleet("l4")), ready=False)  # revision 1 never gets ready
     world.edit_spec(new_digest)

@@ -12,8 +12,10 @@ def test_demo_places_the_examples_and_serves_a_chat_completion(cluster, core, op
         assert out.returncode == 0, out.stdout + out.stderr
         assert "reusing the running operator" in out.stdout
         assert "qwen2.5-0.5b-instruct answered: 'Paris'" in out.stdout
-        rows = {line.split()[0]: line.split() for line in out.stdout.splitlines()
-                if line.startswith("    ") and len(line.split()) >= 7}
+        rows: dict[str, list[str]] = {}
+        for line in out.stdout.splitlines():
+            if line.startswith("    ") and len(line.split()) >= 7:
+                rows.setdefault(line.split()[0], line.split())  # the table comes first
         for model in ("qwen2-5-0-5b", "qwen3-4b", "llama-3-1-8b", "qwen2-5-14b-long"):
             assert model in rows and "/" in rows[model][-1], rows.get(model)
         assert rows["qwen2-5-14b-on-one-l4"][-1] == "NoFit"

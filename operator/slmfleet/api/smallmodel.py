@@ -294,7 +294,9 @@ class SmallModelStatus(CRModel):
     fallbacks: list[FallbackPlacement] = Field(default_factory=list)
     """Ranked alternatives to the placement."""
     excluded_placements: list[ExcludedPlacement] = Field(default_factory=list)
-    """Placements given up for this spec generation (pods stayed Pending)."""
+    """Placements given up on (pods stayed Pending), until the sizing inputs change."""
+    sizing_inputs: str | None = None
+    """Hash of the spec fields sizing reads; the placement is kept while it is unchanged."""
     replicas: int | None = None
     """Replicas of the desired revision."""
     ready_replicas: int | None = None

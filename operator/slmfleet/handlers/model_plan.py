@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -149,6 +151,18 @@ def sizing_request(model: SmallModel, excluded: Iterable[str]) -> sizing.SizingR
     )
 
 
+def sizing_inputs(model: SmallModel) -> str:
+    """A hash of everything sizing reads from the spec (not replicas, names or extra flags)."""
+    spec = model.spec
+    serving = spec.serving.model_dump(exclude={"replicas", "served_model_name", "extra_args"})
+    facts = {
+        "architecture": spec.architecture.model_dump() if spec.architecture else None,
+        "serving": serving,
+        "resources": spec.resources.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def _still_fits(placement: Placement, inventory: sizing.Inventory) -> bool:
     """Whether some node still has the placement's devices free (this model's own pods not counted)."""
     return any(
@@ -254,8 +268,11 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
     old = model.status
     owner = ModelOwner(name=name, namespace=namespace, uid=meta.get("uid", ""))
     revision = revision_of(model.spec)
-    spec_changed = old.observed_generation != generation
-    excluded = [] if spec_changed else list(old.excluded_placements)
+    inputs = sizing_inputs(model)
+    # Only a new revision (new pods anyway) or a change of what sizing reads re-sizes the model;
+    # scaling replicas keeps its GPUs.
+    inputs_changed = old.sizing_inputs != inputs or old.revision != revision
+    excluded = [] if inputs_changed else list(old.excluded_placements)
     st = _Status(old, generation, now)
     events: list[EventNote] = []
     requeue: float | None = None
@@ -283,6 +300,7 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
                 "placement": placement,
                 "fallbacks": [],
                 "excluded_placements": excluded,
+                "sizing_inputs": inputs,
             }
         )
         return _finish(old, new, [], [], events, requeue)
@@ -294,19 +312,23 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
             "KV heads, vocabulary, intermediate size, max position embeddings) so the model can be sized",
         )
 
-    own_pods = {p["metadata"]["uid"] for p in obs.pods}
+    # The desired revision's own pods hold what it was placed on; an older revision's pods hold
+    # GPUs until it is retired, so they count as used.
+    own_pods = {p["metadata"]["uid"] for p in obs.pods if (p["metadata"].get("labels") or {}).get(REVISION_LABEL) == revision}
     inventory = sizing.inventory_from_nodes(
         obs.nodes, obs.gpu_pods, exclude_pods=lambda p: p.get("metadata", {}).get("uid") in own_pods
     )
 
     # Keep a working placement: re-sizing on every inventory change would churn pods.
-    placement = old.placement if not spec_changed else None
+    placement = old.placement if not inputs_changed else None
     fallbacks = list(old.fallbacks) if placement else []
     moved_reason = ""
     stuck = ""
     if placement is not None:
         if placement.key in {e.key for e in excluded}:
-            placement = None
+            # Given up on earlier, unless its pods got scheduled after all and are serving there.
+            if not _deployment_ready(deployments.get(revision), None):
+                placement = None
         elif (pending := _pending_since(obs.pods, revision, placement)) is not None:
             waited = (now - pending[0]).total_seconds()
             if waited >= config.pending_timeout_seconds:
@@ -343,7 +365,7 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
             return degraded("NoFit", result.message)
         placement = to_api_placement(result.placement, result.profile, result.reasons)
         fallbacks = [_fallback(f) for f in result.fallbacks]
-        if old.placement is None or old.placement.key != placement.key or spec_changed:
+        if old.placement is None or old.placement.key != placement.key or inputs_changed:
             if moved_reason:
                 where = f"staying on {placement.summary}" if stuck else f"moved to {placement.summary}"
                 events.append(EventNote("Warning", "PlacementFallback", f"{moved_reason}; {where}"))
@@ -358,6 +380,8 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
     live = deployments.get(revision)
     desired_ready = _deployment_ready(live, desired_dep)
     previous = old.serving_revision if old.serving_revision in deployments and old.serving_revision != revision else None
+    if previous is not None and not _deployment_ready(deployments[previous], None):
+        previous = None  # it never served: nothing to keep, and its GPUs are better freed now
     serving = revision if desired_ready or previous is None else previous
 
     desired = [desired_dep, with_applied_hash(build_revision_service(owner, revision, config))]
@@ -413,6 +437,7 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
             "placement": placement,
             "fallbacks": fallbacks,
             "excluded_placements": excluded,
+            "sizing_inputs": inputs,
             "replicas": replicas,
             "ready_replicas": ready_replicas,
             "endpoint": f"http://{name}.{namespace}.svc:{config.vllm_port}/v1",
