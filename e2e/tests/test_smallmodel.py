@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from kubernetes import client
@@ -259,3 +261,45 @@ def test_deleting_the_model_garbage_collects_what_it_owned(operator, crs, core, 
     wait_for(lambda: not apps.list_namespaced_deployment(namespace).items
              and not core.list_namespaced_service(namespace).items
              and not model_pods(core, namespace, "short-lived"), 90, what="owned objects garbage-collected")
+
+
+def test_restricted_namespace_admits_the_operators_pods(operator, crs, core, namespace):
+    core.patch_namespace(namespace, {"metadata": {"labels": {
+        "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}}})
+    create(crs, namespace, model_body("restricted", QWEN_05B, serving={"maxModelLen": 4096}))
+    wait_condition(crs, namespace, "restricted", "Ready", "True", "Serving")
+    assert model_pods(core, namespace, "restricted")  # admission would have refused them otherwise
+
+
+def test_operator_metrics_and_health(operator, crs, namespace):
+    create(crs, namespace, model_body("measured", QWEN_05B, serving={"maxModelLen": 4096}))
+    obj = wait_condition(crs, namespace, "measured", "Ready", "True")
+    assert operator.healthy()
+
+    def exported():
+        samples = operator.metrics()
+        product = obj["status"]["placement"]["gpuProduct"]
+        return samples if samples.get(f'slmfleet_gpus_requested{{product="{product}"}}', 0) >= 1 else None
+
+    samples = wait_for(exported, 30, what="gpus_requested gauge")
+    assert samples.get('slmfleet_reconciles_total{kind="SmallModel",result="changed"}', 0) >= 1
+    assert samples.get('slmfleet_reconciles_total{kind="SmallModel",result="noop"}', 0) >= 1
+    assert samples.get('slmfleet_reconcile_duration_seconds_count{kind="SmallModel"}', 0) >= 2
+    assert samples.get('slmfleet_models{condition="Ready",status="True"}', 0) >= 1
+
+
+def test_size_cli_reads_the_live_cluster(cluster, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({
+        "model_type": "qwen2", "num_hidden_layers": 48, "hidden_size": 5120, "num_attention_heads": 40,
+        "num_key_value_heads": 8, "vocab_size": 152064, "intermediate_size": 13824,
+        "max_position_embeddings": 32768, "torch_dtype": "bfloat16"}))
+    slmfleet = str(Path(sys.executable).parent / "slmfleet")
+    out = subprocess.run([slmfleet, "size", "--config", str(config), "--max-model-len", "32768", "--concurrency", "8",
+                          "--kubeconfig", str(cluster.kubeconfig), "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["kv_bytes_per_token"] == 2 * 48 * 8 * 128 * 2
+    assert result["tensor_parallel_size"] in (1, 2, 4, 8) and result["gpu_count"] == result["tensor_parallel_size"]
+    assert result["node_selector"] and result["gpu_resource"].startswith("nvidia.com/")
+    assert result["total_bytes"] > result["weights_bytes"] > 25 * 2**30
