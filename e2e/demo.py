@@ -46,9 +46,10 @@ def condition(obj: dict, type_: str) -> dict:
 
 
 def settled(obj: dict) -> bool:
+    """Serving, or told that it cannot be placed (the example meant to fit nowhere)."""
     ready, degraded = condition(obj, "Ready"), condition(obj, "Degraded")
     current = ready.get("observedGeneration") == obj["metadata"]["generation"]
-    return current and (ready.get("status") == "True" or degraded.get("status") == "True")
+    return current and (ready.get("status") == "True" or degraded.get("reason") == "NoFit")
 
 
 def table(models: list[dict]) -> str:
@@ -99,6 +100,7 @@ def main() -> int:
     step("Applying examples/smallmodels/")
     print(kubectl("apply", "-f", str(EXAMPLES / "00-namespace.yaml")), end="")
     print(kubectl("apply", "-f", "-", input=weights_volume()), end="")
+    kubectl("wait", "-n", NAMESPACE, "--for=jsonpath={.status.phase}=Bound", "pvc/demo-weights", "--timeout=60s")
     print(kubectl("apply", "-f", str(EXAMPLES)))
 
     deadline = time.monotonic() + 180
