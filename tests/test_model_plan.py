@@ -920,3 +920,15 @@ def test_the_same_observation_gives_the_same_plan(index):
     reordered = Observed(obs.body, obs.deployments[::-1], obs.services[::-1], obs.pods[::-1], tuple(shuffled),
                          obs.gpu_pods[::-1])
     assert plan_model(reordered, world.config, now) == first
+
+
+def test_pods_waiting_for_a_claim_do_not_move_the_placement():
+    world, _ = pending_world()
+    pod = revision_pod(world.deployment(), f"{NAME}-pod-1", unschedulable_since=at(100))
+    for cond in pod["status"]["conditions"]:
+        cond["message"] = "0/18 nodes are available: pod has unbound immediate PersistentVolumeClaims."
+    world.pods = [pod]
+    before = world.status["placement"]
+    plan = world.reconcile(at(500))
+    assert plan.status is None or plan.status["placement"] == before
+    assert "PlacementFallback" not in reasons(plan)

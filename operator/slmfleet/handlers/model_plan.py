@@ -186,6 +186,8 @@ def _pending_since(pods: Iterable[dict[str, Any]], revision: str, placement: Pla
             continue
         for cond in (pod.get("status") or {}).get("conditions") or []:
             if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                if "PersistentVolumeClaim" in (cond.get("message") or ""):
+                    continue  # a claim not bound yet: another GPU would not help
                 since = _parse_time(cond.get("lastTransitionTime")) or _parse_time(meta.get("creationTimestamp"))
                 if since and (oldest is None or since < oldest[0]):
                     oldest = (since, cond.get("message") or cond.get("reason") or "Unschedulable")
