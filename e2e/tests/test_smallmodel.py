@@ -14,7 +14,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from e2e.cluster import kubectl_binary
-from e2e.operator_proc import audit_writes
+from e2e.operator_proc import OperatorProcess, audit_writes
 from e2e.tests.conftest import PENDING_TIMEOUT, wait_for
 
 GROUP, VERSION, PLURAL = "slmfleet.io", "v1alpha1", "smallmodels"
@@ -303,3 +303,22 @@ def test_size_cli_reads_the_live_cluster(cluster, tmp_path):
     assert result["tensor_parallel_size"] in (1, 2, 4, 8) and result["gpu_count"] == result["tensor_parallel_size"]
     assert result["node_selector"] and result["gpu_resource"].startswith("nvidia.com/")
     assert result["total_bytes"] > result["weights_bytes"] > 25 * 2**30
+
+
+def test_operator_watching_listed_namespaces_leaves_others_alone(operator, cluster, crs, core, namespace):
+    other = f"{namespace[:50]}-other"
+    core.create_namespace({"metadata": {"name": other}})
+    operator.stop()
+    scoped = OperatorProcess(cluster, metrics_port=operator.metrics_port + 1, pending_timeout=PENDING_TIMEOUT,
+                             namespaces=(namespace,))
+    try:
+        scoped.start()
+        create(crs, other, model_body("elsewhere", QWEN_05B, serving={"maxModelLen": 4096}))
+        create(crs, namespace, model_body("watched", QWEN_05B, serving={"maxModelLen": 4096}))
+        wait_condition(crs, namespace, "watched", "Ready", "True")  # nodes are still seen cluster-wide
+        time.sleep(2)
+        assert "status" not in get(crs, other, "elsewhere")
+    finally:
+        scoped.stop()
+        core.delete_namespace(other)
+        operator.start()
