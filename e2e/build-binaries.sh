@@ -4,11 +4,14 @@
 #
 #   e2e/build-binaries.sh            build whatever is missing
 #   e2e/build-binaries.sh --check    exit 0 only if every binary is cached
+#   e2e/build-binaries.sh [--check] minio    only MinIO (components: etcd kwok kubernetes minio)
 #
 # k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces the staging modules
 # (k8s.io/api, k8s.io/client-go, ...) with local directories. A shim module requires it and
 # replaces each staging module with its published v0.Y.Z release instead. etcd is built the same
 # way from a shim requiring go.etcd.io/etcd/server/v3 (whose module root is the etcd main package).
+# MinIO (the S3 server of the e2e tests) has no replace directives but no semver tags either: it is
+# `go install`ed at the pseudo-version of its release tag's commit (see versions.env).
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -19,6 +22,7 @@ cache="${SLMFLEET_CACHE:-$HOME/.cache/slmfleet}"
 kube_dir="$cache/kubernetes-$KUBE_VERSION"
 etcd_dir="$cache/etcd-$ETCD_VERSION"
 kwok_dir="$cache/kwok-$KWOK_VERSION"
+minio_dir="$cache/minio-$MINIO_VERSION"
 
 kube_ok() {
   local b
@@ -26,10 +30,25 @@ kube_ok() {
 }
 etcd_ok() { [[ -x "$etcd_dir/etcd" ]]; }
 kwok_ok() { [[ -x "$kwok_dir/kwok" ]]; }
+minio_ok() { [[ -x "$minio_dir/minio" ]]; }
 
-if [[ "${1:-}" == "--check" ]]; then
-  kube_ok && etcd_ok && kwok_ok
-  exit $?
+check=false
+if [[ "${1:-}" == "--check" ]]; then check=true; shift; fi
+components=("$@")
+[[ ${#components[@]} -gt 0 ]] || components=(etcd kwok kubernetes minio)
+for c in "${components[@]}"; do
+  case "$c" in
+    etcd|kwok|kubernetes|minio) ;;
+    *) echo "build-binaries: unknown component '$c' (etcd, kwok, kubernetes, minio)" >&2; exit 2 ;;
+  esac
+done
+if $check; then
+  for c in "${components[@]}"; do
+    case "$c" in
+      etcd) etcd_ok ;; kwok) kwok_ok ;; kubernetes) kube_ok ;; minio) minio_ok ;;
+    esac || exit 1
+  done
+  exit 0
 fi
 
 step() { printf '==> [build-binaries] %s\n' "$*"; }
@@ -129,7 +148,33 @@ build_kwok() {
   step "kwok $KWOK_VERSION: done -> $kwok_dir"
 }
 
-build_etcd
-build_kwok
-build_kube
+build_minio() {
+  minio_ok && { step "minio $MINIO_VERSION cached in $minio_dir"; return; }
+  # RELEASE.2025-09-07T16-13-09Z -> 20250907161309: MinIO's tag is its commit's UTC time.
+  local stamp="${MINIO_VERSION#RELEASE.}"; stamp="${stamp//[-TZ]/}"
+  local module_version="v0.0.0-$stamp-$MINIO_COMMIT"
+  step "minio $MINIO_VERSION: module github.com/minio/minio@$module_version"
+  local commit
+  commit="$(GOFLAGS=-buildvcs=false go mod download -json "github.com/minio/minio@$module_version" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin).get("Origin", {}).get("Hash", ""))')"
+  [[ "$commit" == "$MINIO_COMMIT"* ]] || commit="$MINIO_COMMIT"
+  # What MinIO's own Makefile stamps (buildscripts/gen-ldflags.go): Version is RFC 3339.
+  local released="${MINIO_VERSION#RELEASE.}"
+  released="${released%%T*}T$(echo "${released#*T}" | tr '-' ':')"
+  local pkg=github.com/minio/minio/cmd
+  local ld="-s -w -X $pkg.Version=$released -X $pkg.ReleaseTag=$MINIO_VERSION"
+  ld+=" -X $pkg.CommitID=$commit -X $pkg.ShortCommitID=${commit:0:12} -X $pkg.CopyrightYear=${stamp:0:4}"
+  mkdir -p "$minio_dir.tmp"
+  step "minio $MINIO_VERSION: go install (cold: several minutes on 2 cores)"
+  GOFLAGS=-buildvcs=false GOBIN="$minio_dir.tmp" run_logged "minio-$MINIO_VERSION" \
+    go install -trimpath -ldflags "$ld" "github.com/minio/minio@$module_version"
+  rm -rf "$minio_dir"; mv "$minio_dir.tmp" "$minio_dir"
+  step "minio $MINIO_VERSION: done -> $minio_dir"
+}
+
+for c in "${components[@]}"; do
+  case "$c" in
+    etcd) build_etcd ;; kwok) build_kwok ;; kubernetes) build_kube ;; minio) build_minio ;;
+  esac
+done
 step "all binaries ready"

@@ -22,14 +22,15 @@ from slmfleet.builders import (
     revision_of,
     selector_labels,
     vllm_serve_args,
-    weights_location,
+    parse_source,
 )
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER_DIGEST = "sha256:" + "cd" * 32
 IMAGE = "registry.internal:5000/vllm/vllm-openai:v0.11.0@sha256:" + "12" * 32
+LOADER_IMAGE = "slmfleet/slmfleet:0.1.0@sha256:" + "c" * 64
 OWNER = ModelOwner(name="ticket-router", namespace="models", uid="6f1c2c5e-3b7a-4a55-9a8e-0d6a2f1b9c11")
-CONFIG = OperatorConfig.model_validate({"vllmImage": IMAGE})
+CONFIG = OperatorConfig.model_validate({"vllmImage": IMAGE, "loaderImage": LOADER_IMAGE})
 REVISION = "0123456789"
 
 
@@ -230,7 +231,7 @@ def test_container_image_args_only_and_env():
     assert c["image"] == IMAGE
     assert c["imagePullPolicy"] == "IfNotPresent"
     assert "command" not in c  # the image's ENTRYPOINT is `vllm serve`
-    assert c["args"][0] == "/models/qwen3-4b"
+    assert c["args"][0] == "/models/model"
     env = env_of(d)
     assert env["HF_HUB_OFFLINE"] == "1"
     assert env["VLLM_NO_USAGE_STATS"] == "1"
@@ -309,35 +310,68 @@ def test_pod_settings():
     assert pod["securityContext"]["fsGroup"] != 0
 
 
-def test_weights_from_a_pvc_are_mounted_read_only():
+def init_container(d: dict) -> dict:
+    [loader] = pod_spec(d)["initContainers"]
+    return loader
+
+
+def test_pvc_weights_reach_vllm_only_through_the_verifying_loader():
     d = deployment(spec_of(source={"uri": "pvc://model-store/team-a/qwen3-4b", "digest": DIGEST}))
-    [weights] = [v for v in pod_spec(d)["volumes"] if "persistentVolumeClaim" in v]
-    assert weights["persistentVolumeClaim"] == {"claimName": "model-store", "readOnly": True}
-    [mount] = [m for m in container(d)["volumeMounts"] if m["name"] == weights["name"]]
-    assert mount == {"name": weights["name"], "mountPath": "/models", "readOnly": True}
-    assert container(d)["args"][0] == "/models/team-a/qwen3-4b"
+    volumes = {v["name"]: v for v in pod_spec(d)["volumes"]}
+    assert volumes["weights-source"]["persistentVolumeClaim"] == {"claimName": "model-store", "readOnly": True}
+    assert "emptyDir" in volumes["weights"]
+    loader = init_container(d)
+    assert loader["image"] == LOADER_IMAGE
+    assert loader["args"][:7] == ["load", "--source", "/source/team-a/qwen3-4b", "--digest", DIGEST, "--dest", "/models/model"]
+    assert {"name": "weights-source", "mountPath": "/source", "readOnly": True} in loader["volumeMounts"]
+    assert "--allow-pickle" not in loader["args"]
+    # vLLM never sees the claim: only the verified copy, read-only.
+    vllm_mounts = {m["name"]: m for m in container(d)["volumeMounts"]}
+    assert "weights-source" not in vllm_mounts
+    assert vllm_mounts["weights"] == {"name": "weights", "mountPath": "/models", "readOnly": True}
+    assert container(d)["args"][0] == "/models/model"
 
 
-@pytest.mark.parametrize("uri, claim, model_path", [
-    ("pvc://store", "store", "/models"),
-    ("pvc://store/", "store", "/models"),
-    ("pvc://store/a//b/", "store", "/models/a/b"),
+def test_s3_weights_use_settings_and_secret_references_never_secret_values():
+    source = {"uri": "s3://models/qwen3-4b/", "digest": DIGEST, "allowPickle": True,
+              "s3": {"endpoint": "https://minio.storage.svc:9000", "region": "eu-west-1",
+                     "credentialsSecret": {"name": "minio-creds"}, "caConfigMap": {"name": "minio-ca"}}}
+    d = deployment(spec_of(source=source))
+    loader = init_container(d)
+    assert loader["args"][:3] == ["load", "--source", "s3://models/qwen3-4b/"]
+    assert "--allow-pickle" in loader["args"]
+    env = {e["name"]: e for e in loader["env"]}
+    assert env["AWS_ENDPOINT_URL"]["value"] == "https://minio.storage.svc:9000"
+    assert env["AWS_DEFAULT_REGION"]["value"] == "eu-west-1"
+    assert env["AWS_S3_ADDRESSING_STYLE"]["value"] == "path"
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"] == {"name": "minio-creds", "key": "AWS_ACCESS_KEY_ID"}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "minio-creds"
+    assert env["AWS_CA_BUNDLE"]["value"].startswith("/etc/slmfleet/s3-ca/")
+    volumes = {v["name"]: v for v in pod_spec(d)["volumes"]}
+    assert volumes["s3-ca"]["configMap"]["name"] == "minio-ca"
+    assert "weights-source" not in volumes
+    assert loader["terminationMessagePath"] == "/dev/termination-log"
+
+
+def test_weights_volume_is_sized_from_the_weights():
+    d = deployment()
+    size = {v["name"]: v for v in pod_spec(d)["volumes"]}["weights"]["emptyDir"]["sizeLimit"]
+    assert size.endswith("Gi") and int(size[:-2]) >= 1
+
+
+@pytest.mark.parametrize("uri, claim, source", [
+    ("pvc://store", "store", "/source"),
+    ("pvc://store/", "store", "/source"),
+    ("pvc://store/a//b/", "store", "/source/a/b"),
 ])
-def test_weights_location(uri, claim, model_path):
-    location = weights_location(uri)
-    assert (location.claim, location.model_path) == (claim, model_path)
+def test_parse_pvc_source(uri, claim, source):
+    parsed = parse_source(uri)
+    assert (parsed.claim, parsed.loader_source) == (claim, source)
 
 
 def test_a_path_cannot_leave_the_volume():
     with pytest.raises(UnsupportedSource, match=r"'\.\.'"):
-        weights_location("pvc://store/../etc")
-
-
-def test_s3_sources_are_refused_until_the_loader_exists():
-    spec = spec_of(source={"uri": "s3://models/qwen3-4b/", "digest": DIGEST})
-    with pytest.raises(UnsupportedSource, match="weight loader") as err:
-        deployment(spec)
-    assert isinstance(err.value, ValueError)
+        parse_source("pvc://store/../etc")
 
 
 def test_shared_memory_only_with_tensor_parallelism():

@@ -24,6 +24,7 @@ from slmfleet.api.config import OperatorConfig
 from slmfleet.api.smallmodel import SmallModelSpec
 from slmfleet.builders import revision_of
 from slmfleet.builders.labels import MODEL_LABEL, PLACEMENT_ANNOTATION, REVISION_LABEL
+from slmfleet.handlers.weights_facts import WeightsFacts
 from slmfleet.handlers.model_plan import Deletion, EventNote, Observed, Plan, plan_model
 from slmfleet.k8s.client import APPLIED_HASH
 from slmfleet.sizing.pools import ready_nodes_from_pools_doc
@@ -32,8 +33,9 @@ from tests.sizing_nodes import default_fleet, gpu_node, gpu_pod
 
 # As in deploy/operator-config.yaml: a well-formed pinned reference.
 IMAGE = "docker.io/vllm/vllm-openai:v0.11.0@sha256:ef2217d00eb6bae0b8b6fe8608bb8d8fc51a736ec59f80d56bdf31ef43a9b669"
-CONFIG = OperatorConfig.model_validate({"vllmImage": IMAGE})
-FAST_PENDING = OperatorConfig.model_validate({"vllmImage": IMAGE, "pendingTimeoutSeconds": 10})
+LOADER_IMAGE = "slmfleet/slmfleet:0.1.0@sha256:" + "c" * 64
+CONFIG = OperatorConfig.model_validate({"vllmImage": IMAGE, "loaderImage": LOADER_IMAGE})
+FAST_PENDING = OperatorConfig.model_validate({"vllmImage": IMAGE, "loaderImage": LOADER_IMAGE, "pendingTimeoutSeconds": 10})
 
 NAME = "qwen-chat"
 NAMESPACE = "models"
@@ -165,6 +167,7 @@ class World:
         self.pods: list[dict[str, Any]] = []  # this model's pods
         self.other_pods: list[dict[str, Any]] = []  # other tenants' GPU pods
         self.events: list[EventNote] = []
+        self.weights: WeightsFacts | None = None  # what the operator read from the source
         self._uids = itertools.count(1)
 
     # observing and planning
@@ -178,6 +181,7 @@ class World:
             pods=tuple(copy.deepcopy(p) for p in self.pods),
             nodes=tuple(copy.deepcopy(n) for n in self.nodes),
             gpu_pods=tuple(copy.deepcopy(p) for p in (*self.other_pods, *self.pods)),
+            weights=self.weights,
         )
 
     def plan(self, now: dt.datetime = T0) -> Plan:
@@ -254,7 +258,14 @@ def condition(status: dict[str, Any] | None, type_: str) -> dict[str, Any]:
 
 
 def summary(status: dict[str, Any] | None) -> dict[str, tuple[str, str]]:
-    return {c["type"]: (c["status"], c["reason"]) for c in (status or {}).get("conditions", [])}
+    """Ready, Progressing and Degraded; WeightsVerified has its own tests."""
+    return {c["type"]: (c["status"], c["reason"]) for c in (status or {}).get("conditions", [])
+            if c["type"] != "WeightsVerified"}
+
+
+def weights_condition(status: dict[str, Any] | None) -> tuple[str, str, str]:
+    cond = next(c for c in (status or {}).get("conditions", []) if c["type"] == "WeightsVerified")
+    return cond["status"], cond["reason"], cond["message"]
 
 
 def reasons(plan: Plan) -> list[str]:
@@ -327,7 +338,7 @@ def test_first_reconcile_applies_the_revision_and_says_it_waits_for_replicas():
     for c in status["conditions"]:
         assert c["observedGeneration"] == GENERATION
         assert c["lastTransitionTime"] == rfc3339(T0)
-    assert plan.conditions == {"Ready": "False", "Progressing": "True", "Degraded": "False"}
+    assert {k: v for k, v in plan.conditions.items() if k != "WeightsVerified"} == {"Ready": "False", "Progressing": "True", "Degraded": "False"}
     assert plan.gpus == {placement["gpuProduct"]: 1}
 
     assert set(reasons(plan)) == {"Placed", "NewRevision"}
@@ -390,7 +401,7 @@ def test_a_ready_deployment_makes_the_model_ready_and_then_nothing_is_written():
     }
     assert plan.status["readyReplicas"] == 1 and plan.status["servingRevision"] == revision
     assert [(e.type, e.reason) for e in plan.events] == [("Normal", "Ready")]
-    assert plan.conditions == {"Ready": "True", "Progressing": "False", "Degraded": "False"}
+    assert {k: v for k, v in plan.conditions.items() if k != "WeightsVerified"} == {"Ready": "True", "Progressing": "False", "Degraded": "False"}
     # Only the conditions that changed moved their transition time.
     assert world.condition("Ready")["lastTransitionTime"] == rfc3339(at(30))
     assert world.condition("Progressing")["lastTransitionTime"] == rfc3339(at(30))
@@ -402,7 +413,7 @@ def test_a_ready_deployment_makes_the_model_ready_and_then_nothing_is_written():
         assert (plan.apply, plan.delete, plan.status, plan.events) == ((), (), None, ())
         assert plan.writes == 0
         assert plan.requeue_after is None
-        assert plan.conditions == {"Ready": "True", "Progressing": "False", "Degraded": "False"}
+        assert {k: v for k, v in plan.conditions.items() if k != "WeightsVerified"} == {"Ready": "True", "Progressing": "False", "Degraded": "False"}
     assert world.status == status_before
 
 
@@ -474,7 +485,7 @@ def test_a_model_that_fits_nowhere_is_degraded_nofit_and_nothing_is_applied():
     assert [(e.type, e.reason) for e in plan.events] == [("Warning", "NoFit")]
     assert plan.events[0].message == message
     assert plan.gpus == {}
-    assert plan.conditions == {"Degraded": "True", "Ready": "False", "Progressing": "False"}
+    assert {k: v for k, v in plan.conditions.items() if k != "WeightsVerified"} == {"Degraded": "True", "Ready": "False", "Progressing": "False"}
 
     for now in (T0, at(60), at(86400)):
         again = world.plan(now)
@@ -838,7 +849,6 @@ def test_a_model_without_architecture_is_degraded_architecture_unknown():
 
 
 @pytest.mark.parametrize("uri,says", [
-    ("s3://model-bucket/qwen2.5-0.5b/", "S3"),
     ("pvc://model-store/../etc", ".."),
 ])
 def test_a_source_that_cannot_be_mounted_is_degraded_source_not_supported(uri, says):
@@ -932,3 +942,49 @@ def test_pods_waiting_for_a_claim_do_not_move_the_placement():
     plan = world.reconcile(at(500))
     assert plan.status is None or plan.status["placement"] == before
     assert "PlacementFallback" not in reasons(plan)
+
+
+
+def loader_status(exit_code: int, message: str = "") -> dict:
+    return {"name": "load-weights", "state": {"terminated": {"exitCode": exit_code, "message": message}}, "lastState": {}}
+
+
+def test_weights_verified_follows_the_loader_init_containers():
+    world = placed(World(model_body(), default_fleet()), ready=False)
+    assert weights_condition(world.status)[:2] == ("Unknown", "Pending")
+    ok = revision_pod(world.deployment(), f"{NAME}-pod-1")
+    ok["status"]["initContainerStatuses"] = [loader_status(0)]
+    world.pods = [ok]
+    plan = world.reconcile(at(10))
+    assert weights_condition(world.status)[:2] == ("True", "Verified")
+    assert "WeightsVerified" in reasons(plan)
+    assert world.plan(at(20)).writes == 0
+
+    # A new pod finds a file changed under the pin: the verdict turns, naming the file.
+    bad = revision_pod(world.deployment(), f"{NAME}-pod-2")
+    bad["status"]["initContainerStatuses"] = [loader_status(11, "model.safetensors: sha256 expected aa, got bb")]
+    world.pods = [ok, bad]
+    plan = world.reconcile(at(30))
+    status, reason, message = weights_condition(world.status)
+    assert (status, reason) == ("False", "FileMismatch")
+    assert "model.safetensors" in message and "pod-2" in message
+    assert ("Warning", "FileMismatch") in [(e.type, e.reason) for e in plan.events]
+    assert world.plan(at(40)).writes == 0
+
+
+def test_weights_read_before_any_pod_decide_refusals_and_sizing():
+    facts = WeightsFacts(digest=DIGEST, problem="DigestMismatch",
+                         message="manifest at s3://m/q/ has digest sha256:11…, not the pinned sha256:22…")
+    world = World(model_body(), default_fleet())
+    world.weights = facts
+    plan = world.reconcile(T0)
+    assert plan.apply == ()
+    assert summary(plan.status)["Degraded"] == ("True", "DigestMismatch")
+    assert weights_condition(plan.status)[:2] == ("False", "DigestMismatch")
+    assert reasons(plan).count("DigestMismatch") == 1  # one Event, not one per condition
+
+    # Exact bytes from the headers replace the estimate.
+    world = World(model_body(), default_fleet())
+    world.weights = WeightsFacts(digest=DIGEST, weights_bytes=3 * 2**30)
+    plan = world.reconcile(T0)
+    assert plan.status["placement"]["memory"]["weightsBytes"] == 3 * 2**30

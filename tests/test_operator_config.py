@@ -17,6 +17,7 @@ DIGEST = "sha256:" + "0123456789abcdef" * 4
 def test_parses_camel_case_yaml():
     config = parse_operator_config(f"""
 vllmImage: registry.internal:5000/mirror/vllm/vllm-openai:v0.11.0@{DIGEST}
+loaderImage: registry.internal:5000/mirror/slmfleet/slmfleet:0.1.0@{DIGEST}
 imagePullPolicy: Always
 pendingTimeoutSeconds: 120
 startupTimeoutSeconds: 900
@@ -25,6 +26,7 @@ vllmPort: 8080
 """)
     assert config == OperatorConfig(
         vllm_image=f"registry.internal:5000/mirror/vllm/vllm-openai:v0.11.0@{DIGEST}",
+        loader_image=f"registry.internal:5000/mirror/slmfleet/slmfleet:0.1.0@{DIGEST}",
         image_pull_policy="Always",
         pending_timeout_seconds=120,
         startup_timeout_seconds=900,
@@ -34,7 +36,7 @@ vllmPort: 8080
 
 
 def test_defaults():
-    config = parse_operator_config(f"vllmImage: vllm/vllm-openai@{DIGEST}\n")
+    config = parse_operator_config(f"vllmImage: vllm/vllm-openai@{DIGEST}\nloaderImage: slmfleet/slmfleet@{DIGEST}\n")
     assert config.image_pull_policy == "IfNotPresent"
     assert config.pending_timeout_seconds == 300
     assert config.startup_timeout_seconds == 1800
@@ -52,7 +54,7 @@ def test_defaults():
 ])
 def test_rejects_an_image_not_pinned_by_digest(image):
     with pytest.raises(ValidationError, match="vllmImage"):
-        OperatorConfig.model_validate({"vllmImage": image})
+        OperatorConfig.model_validate({"vllmImage": image, "loaderImage": "slmfleet/slmfleet@" + DIGEST})
 
 
 def test_the_image_is_required():
@@ -64,7 +66,7 @@ def test_the_image_is_required():
 
 def test_a_misspelt_key_fails_instead_of_falling_back_to_a_default():
     with pytest.raises(ValidationError, match="startupTimeout"):
-        parse_operator_config(f"vllmImage: vllm/vllm-openai@{DIGEST}\nstartupTimeout: 60\n")
+        parse_operator_config(f"vllmImage: vllm/vllm-openai@{DIGEST}\nloaderImage: slmfleet/slmfleet@{DIGEST}\nstartupTimeout: 60\n")
 
 
 @pytest.mark.parametrize("field, value", [
@@ -77,7 +79,7 @@ def test_rejects_bad_values(field, value):
 
 
 def test_config_is_frozen():
-    config = OperatorConfig(vllm_image=f"vllm/vllm-openai@{DIGEST}")
+    config = OperatorConfig(vllm_image=f"vllm/vllm-openai@{DIGEST}", loader_image=f"slmfleet/slmfleet@{DIGEST}")
     with pytest.raises(ValidationError):
         config.vllm_port = 9000
 

@@ -51,11 +51,14 @@ def weights_claim(core, namespace, tmp_path):
 
 
 def model_body(name: str, architecture: dict | None = None, **spec) -> dict:
+    # Simulated (kwok) nodes only: these models have no real weights for a loader to verify.
+    resources = {"nodeSelector": {"slmfleet.io/node-agent": "kwok"}}
+    resources.update(spec.pop("resources", {}))
     body = {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "SmallModel",
         "metadata": {"name": name},
-        "spec": {"source": {"uri": "pvc://weights/model", "digest": DIGEST}, **spec},
+        "spec": {"source": {"uri": "pvc://weights/model", "digest": DIGEST}, "resources": resources, **spec},
     }
     if architecture is not None:
         body["spec"]["architecture"] = architecture

@@ -29,6 +29,9 @@ class OperatorConfig(CRModel):
     vllm_image: str = Field(pattern=PINNED_IMAGE_PATTERN, max_length=512)
     """The vLLM OpenAI server image, pinned by digest (`...@sha256:<64 hex>`). There is no default:
     the digest of a tag is only known to its registry, so each release or chart sets it."""
+    loader_image: str = Field(pattern=PINNED_IMAGE_PATTERN, max_length=512)
+    """slmfleet's own image, pinned by digest: its `slmfleet load` init container downloads and
+    verifies the weights of every pod."""
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
     """Pull policy of the vLLM container. A digest never changes, so IfNotPresent is safe."""
     pending_timeout_seconds: int = Field(default=300, ge=1, le=86400)

@@ -49,8 +49,51 @@ ModelType = Literal["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "g
 LabelValue = Annotated[str, Field(max_length=63)]
 
 
+class SecretKeys(CRModel):
+    """A Secret in the model's namespace holding S3 credentials."""
+
+    name: str = Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    """Name of the Secret."""
+    access_key_id_key: str = Field(default="AWS_ACCESS_KEY_ID", max_length=253)
+    """Key of the access key id in the Secret."""
+    secret_access_key_key: str = Field(default="AWS_SECRET_ACCESS_KEY", max_length=253)
+    """Key of the secret access key in the Secret."""
+
+
+class ConfigMapKey(CRModel):
+    """A key of a ConfigMap in the model's namespace."""
+
+    name: str = Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    """Name of the ConfigMap."""
+    key: str = Field(default="ca.crt", max_length=253)
+    """Key holding the PEM bundle."""
+
+
+class S3Settings(CRModel):
+    """How to reach S3-compatible storage (MinIO, Ceph RGW, AWS S3)."""
+
+    endpoint: str | None = Field(default=None, max_length=512, pattern=r"^https?://[^\s/]+(/.*)?$")
+    """Endpoint URL (`AWS_ENDPOINT_URL`), e.g. `https://minio.storage.svc:9000`; empty for AWS."""
+    region: str = Field(default="us-east-1", max_length=64, pattern=r"^[a-z0-9-]+$")
+    """Region (`AWS_DEFAULT_REGION`)."""
+    credentials_secret: SecretKeys | None = None
+    """Secret with the access key pair; never copied into status, Events or logs."""
+    ca_config_map: ConfigMapKey | None = None
+    """ConfigMap with a CA bundle for a private endpoint's certificate."""
+    path_style: bool = True
+    """Path-style addressing (`https://endpoint/bucket/key`), as MinIO and RGW expect."""
+
+
 class WeightsSource(CRModel):
     """Where the weights are and the digest that pins them."""
+
+    model_config = CRModel.model_config | {
+        "json_schema_extra": {
+            "x-kubernetes-validations": [
+                {"rule": "!has(self.s3) || self.uri.startsWith('s3://')", "message": "s3 settings need an s3:// uri"},
+            ]
+        }
+    }
 
     uri: str = Field(max_length=1024, pattern=r"^(s3://[a-z0-9][a-z0-9.-]{1,62}/.*|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?)$")
     """Location of the model directory: `s3://bucket/prefix/` or `pvc://claim/path/in/volume`."""
@@ -58,6 +101,13 @@ class WeightsSource(CRModel):
     digest: str = Field(pattern=DIGEST_PATTERN, max_length=71)
     """`sha256:<64 hex>` digest of the weight manifest (see `slmfleet pin`). Only weights whose
     manifest has this digest are served; changing it starts a new revision."""
+
+    s3: S3Settings | None = None
+    """S3 settings for an `s3://` uri."""
+
+    allow_pickle: bool = False
+    """Allow pickle-based files (`.bin`, `.pt`, `.pth`, `.pkl`, `.ckpt`), which can run code when
+    loaded. Off by default: only safetensors and plain files are served."""
 
 
 class Architecture(CRModel):

@@ -8,11 +8,12 @@ from slmfleet.builders.pod import build_pod_template, served_model_name
 from slmfleet.builders.revision import revision_of
 from slmfleet.builders.service import build_model_service, build_revision_service, model_endpoint
 from slmfleet.builders.vllm_args import vllm_serve_args
-from slmfleet.builders.weights import PvcWeights, UnsupportedSource, weights_location
+from slmfleet.builders.weights import PvcSource, S3Source, UnsupportedSource, parse_source
 
 __all__ = [
     "ModelOwner",
-    "PvcWeights",
+    "PvcSource",
+    "S3Source",
     "UnsupportedSource",
     "build_deployment",
     "build_model_service",
@@ -29,5 +30,5 @@ __all__ = [
     "selector_labels",
     "served_model_name",
     "vllm_serve_args",
-    "weights_location",
+    "parse_source",
 ]

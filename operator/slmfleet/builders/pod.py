@@ -14,7 +14,7 @@ from slmfleet.api.smallmodel import Placement, SmallModelSpec
 from slmfleet.builders.labels import PLACEMENT_ANNOTATION, revision_labels
 from slmfleet.builders.owner import ModelOwner
 from slmfleet.builders.vllm_args import vllm_serve_args
-from slmfleet.builders.weights import PvcWeights, weights_location
+from slmfleet.builders.weights import MODEL_DIR, loader_container, vllm_weights_mount, weights_volumes
 
 CONTAINER_NAME = "vllm"
 PORT_NAME = "http"
@@ -58,8 +58,7 @@ def build_pod_template(
     revision: str,
     config: OperatorConfig,
 ) -> dict:
-    """The Deployment's `spec.template`. Raises UnsupportedSource for weights it cannot mount."""
-    weights = weights_location(spec.source.uri)
+    """The Deployment's `spec.template`. Raises UnsupportedSource for a source it cannot load."""
     pod_spec: dict = {
         # vLLM never calls the Kubernetes API: no token in the pod.
         "automountServiceAccountToken": False,
@@ -72,8 +71,10 @@ def build_pod_template(
     if affinity:
         pod_spec["affinity"] = affinity
     pod_spec["tolerations"] = [dict(t) for t in GPU_TOLERATIONS]
-    pod_spec["containers"] = [_vllm_container(owner, spec, placement, weights, config)]
-    pod_spec["volumes"] = _volumes(weights, placement)
+    pod_spec["initContainers"] = [loader_container(spec.source, config, _container_security_context())]
+    pod_spec["containers"] = [_vllm_container(owner, spec, placement, config)]
+    weights_bytes = placement.memory.weights_bytes if placement.memory else None
+    pod_spec["volumes"] = weights_volumes(spec.source, weights_bytes) + _volumes(placement)
     # The placement key tells the operator which placement a Pending pod was created for, so pods
     # left over from an earlier placement do not count against the current one.
     metadata = {"labels": revision_labels(owner.name, revision), "annotations": {PLACEMENT_ANNOTATION: placement.key}}
@@ -81,7 +82,7 @@ def build_pod_template(
 
 
 def _vllm_container(
-    owner: ModelOwner, spec: SmallModelSpec, placement: Placement, weights: PvcWeights, config: OperatorConfig
+    owner: ModelOwner, spec: SmallModelSpec, placement: Placement, config: OperatorConfig
 ) -> dict:
     return {
         "name": CONTAINER_NAME,
@@ -89,14 +90,14 @@ def _vllm_container(
         "imagePullPolicy": config.image_pull_policy,
         # args only: the image's ENTRYPOINT is `vllm serve`.
         "args": vllm_serve_args(
-            weights.model_path, served_model_name(owner, spec), placement, spec.serving, config.vllm_port
+            MODEL_DIR, served_model_name(owner, spec), placement, spec.serving, config.vllm_port
         ),
         "env": _env(),
         "ports": [{"name": PORT_NAME, "containerPort": config.vllm_port, "protocol": "TCP"}],
         "resources": _resources(placement),
         **_probes(config),
         "securityContext": _container_security_context(),
-        "volumeMounts": _volume_mounts(weights, placement),
+        "volumeMounts": _volume_mounts(placement),
         # A vLLM that exits during start-up prints the reason last; show it in `kubectl describe`.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -200,16 +201,16 @@ def _uses_shared_memory(placement: Placement) -> bool:
     return placement.tensor_parallel_size > 1
 
 
-def _volumes(weights: PvcWeights, placement: Placement) -> list[dict]:
-    volumes = [weights.volume(), {"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": CACHE_SIZE_LIMIT}}]
+def _volumes(placement: Placement) -> list[dict]:
+    volumes = [{"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": CACHE_SIZE_LIMIT}}]
     if _uses_shared_memory(placement):
         size = f"{SHM_GIB_PER_GPU * placement.gpu_count}Gi"
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": size}})
     return volumes
 
 
-def _volume_mounts(weights: PvcWeights, placement: Placement) -> list[dict]:
-    mounts = [weights.volume_mount(), {"name": CACHE_VOLUME, "mountPath": CACHE_DIR}]
+def _volume_mounts(placement: Placement) -> list[dict]:
+    mounts = [vllm_weights_mount(), {"name": CACHE_VOLUME, "mountPath": CACHE_DIR}]
     if _uses_shared_memory(placement):
         mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
     return mounts

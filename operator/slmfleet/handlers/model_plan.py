@@ -41,6 +41,7 @@ from slmfleet.builders import (
     revision_of,
 )
 from slmfleet.builders.labels import PLACEMENT_ANNOTATION, REVISION_LABEL
+from slmfleet.handlers.weights_facts import WeightsFacts
 from slmfleet.k8s.client import APPLIED_HASH, with_applied_hash
 
 GIB = 1024**3
@@ -56,6 +57,7 @@ class Observed:
     pods: tuple[dict[str, Any], ...] = ()  # this model's pods
     nodes: tuple[dict[str, Any], ...] = ()
     gpu_pods: tuple[dict[str, Any], ...] = ()  # every pod in the cluster that requests GPUs
+    weights: WeightsFacts | None = None  # read from the source before any pod (S3 sources)
 
 
 @dataclass(frozen=True)
@@ -132,11 +134,26 @@ def _fallback(p: sizing.Placement) -> FallbackPlacement:
     )
 
 
-def sizing_request(model: SmallModel, excluded: Iterable[str]) -> sizing.SizingRequest:
+def hf_config(model: SmallModel, weights: WeightsFacts | None) -> dict[str, Any] | None:
+    """config.json as the weights have it, with the facts declared in the spec taking precedence."""
+    declared = model.spec.architecture.to_hf_config() if model.spec.architecture else None
+    read = dict(weights.config) if weights is not None and weights.config is not None else None
+    if read is None:
+        return declared
+    if declared:
+        declared.pop("architectures", None)
+        text = read.get("text_config") if isinstance(read.get("text_config"), dict) else None
+        (text if text is not None else read).update(declared)
+    return read
+
+
+def sizing_request(model: SmallModel, excluded: Iterable[str], weights: WeightsFacts | None = None) -> sizing.SizingRequest:
     spec = model.spec
-    assert spec.architecture is not None
+    config = hf_config(model, weights)
+    assert config is not None
     return sizing.SizingRequest(
-        architecture=sizing.ModelArchitecture.from_hf_config(spec.architecture.to_hf_config()),
+        architecture=sizing.ModelArchitecture.from_hf_config(config),
+        exact_weights_bytes=weights.weights_bytes if weights is not None else None,
         dtype=spec.serving.dtype,
         quantization=spec.serving.quantization,
         kv_cache_dtype=spec.serving.kv_cache_dtype,
@@ -194,6 +211,37 @@ def _pending_since(pods: Iterable[dict[str, Any]], revision: str, placement: Pla
     return oldest
 
 
+# `slmfleet load` exit codes (weights/loader.py) -> WeightsVerified reasons.
+LOADER_FAILURES = {10: "DigestMismatch", 11: "FileMismatch", 12: "PickleRefused", 13: "StorageUnreachable"}
+LOADER_CONTAINER = "load-weights"
+
+
+def weights_verified(pods: Iterable[dict[str, Any]], revision: str) -> tuple[str, str, str]:
+    """WeightsVerified from the loader init containers of the revision's pods: a failure anywhere
+    is news (a file changed under the pin), otherwise one success is enough."""
+    success = None
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("name", "")):
+        if (pod["metadata"].get("labels") or {}).get(REVISION_LABEL) != revision:
+            continue
+        for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            if status.get("name") != LOADER_CONTAINER:
+                continue
+            for state in (status.get("state") or {}, status.get("lastState") or {}):
+                done = state.get("terminated")
+                if not done:
+                    continue
+                code = int(done.get("exitCode", 0))
+                if code == 0:
+                    success = success or f"pod {pod['metadata'].get('name')} loaded and verified every file of the manifest"
+                else:
+                    reason = LOADER_FAILURES.get(code, "LoadFailed")
+                    message = (done.get("message") or "").strip() or f"the loader exited with {code}"
+                    return "False", reason, f"pod {pod['metadata'].get('name')}: {message}"[:2000]
+    if success:
+        return "True", "Verified", success
+    return "Unknown", "Pending", "no loader has finished yet"
+
+
 def _deployment_ready(dep: dict[str, Any] | None, desired: dict[str, Any] | None) -> bool:
     """The Deployment runs exactly the desired template and all its replicas are ready."""
     if dep is None:
@@ -226,10 +274,10 @@ class _Status:
         self.now = _rfc3339(now)
         self.conditions = list(old.conditions)
 
-    def condition(self, type_: str, status: bool, reason: str, message: str) -> None:
+    def condition(self, type_: str, status: bool | str, reason: str, message: str) -> None:
         new = Condition(
             type=type_,
-            status="True" if status else "False",
+            status=status if isinstance(status, str) else ("True" if status else "False"),
             reason=reason,
             message=message,
             observed_generation=self.generation,
@@ -238,13 +286,20 @@ class _Status:
 
 
 def _changed_condition_events(old: list[Condition], new: list[Condition]) -> list[EventNote]:
+    """An Event for every condition that turned bad or good, or changed its reason."""
     events = []
+    degraded = find(new, "Degraded")
     for cond in new:
         before = find(old, cond.type)
         if before is not None and (before.status, before.reason) == (cond.status, cond.reason):
             continue
         if cond.type == "Degraded" and cond.status == "True":
             events.append(EventNote("Warning", cond.reason, cond.message))
+        elif cond.type == "WeightsVerified" and cond.status == "False":
+            if degraded is None or (degraded.status, degraded.reason) != ("True", cond.reason):
+                events.append(EventNote("Warning", cond.reason, cond.message))
+        elif cond.type == "WeightsVerified" and cond.status == "True":
+            events.append(EventNote("Normal", "WeightsVerified", cond.message))
         elif cond.type == "Ready" and cond.status == "True":
             events.append(EventNote("Normal", "Ready", cond.message))
     return events
@@ -307,11 +362,23 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         )
         return _finish(old, new, [], [], events, requeue)
 
-    if model.spec.architecture is None:
+    weights = obs.weights
+    verified = weights_verified(obs.pods, revision)
+    if weights is not None and weights.problem:
+        if weights.transient:
+            requeue = 30.0
+        else:
+            verified = ("False", weights.problem, weights.message)
+        st.condition("WeightsVerified", *verified)
+        return degraded(weights.problem, weights.message)
+    st.condition("WeightsVerified", *verified)
+
+    if hf_config(model, weights) is None:
         return degraded(
             "ArchitectureUnknown",
-            "spec.architecture is not declared; declare the config.json facts (layers, hidden size, heads, "
-            "KV heads, vocabulary, intermediate size, max position embeddings) so the model can be sized",
+            "the model's config.json could not be read and spec.architecture is not declared; declare the "
+            "config.json facts (layers, hidden size, heads, KV heads, vocabulary, intermediate size, max "
+            "position embeddings) so the model can be sized",
         )
 
     # The desired revision's own pods hold what it was placed on; an older revision's pods hold
@@ -347,7 +414,7 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
 
     if placement is None:
         try:
-            request = sizing_request(model, [e.key for e in excluded])
+            request = sizing_request(model, [e.key for e in excluded], weights)
         except sizing.SizingInputError as exc:
             return degraded("InvalidArchitecture", str(exc))
         result = sizing.plan_placement(request, inventory)

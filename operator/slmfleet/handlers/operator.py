@@ -120,7 +120,15 @@ def _slim_pod(body: kopf.Body) -> dict[str, Any]:
             "containers": containers(spec.get("containers")),
             "initContainers": containers(spec.get("initContainers")),
         },
-        "status": {"phase": status.get("phase"), "conditions": list(status.get("conditions") or [])},
+        "status": {
+            "phase": status.get("phase"),
+            "conditions": list(status.get("conditions") or []),
+            # The weight loader's verdict lives here (exit code and termination message).
+            "initContainerStatuses": [
+                {"name": c.get("name"), "state": c.get("state") or {}, "lastState": c.get("lastState") or {}}
+                for c in status.get("initContainerStatuses") or []
+            ],
+        },
     }
 
 

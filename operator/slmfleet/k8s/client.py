@@ -11,6 +11,7 @@ The kubernetes client is synchronous, so calls run in a worker thread.
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import hashlib
 import json
@@ -117,6 +118,15 @@ class KubeClient:
         # "add" replaces an existing member (RFC 6902), and also works when there is no status yet.
         patch = [{"op": "add", "path": "/status", "value": status}]
         return await asyncio.to_thread(self._call, "PATCH", path, patch, "application/json-patch+json")
+
+    async def read_secret(self, namespace: str, name: str) -> dict[str, str]:
+        """The Secret's data, decoded. Callers must keep the values out of logs, status and Events."""
+        obj = await asyncio.to_thread(self._call, "GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
+        return {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
+
+    async def read_config_map(self, namespace: str, name: str) -> dict[str, str]:
+        obj = await asyncio.to_thread(self._call, "GET", f"/api/v1/namespaces/{namespace}/configmaps/{name}")
+        return dict(obj.get("data") or {})
 
     async def post_event(self, ref: ObjectRef, type_: str, reason: str, message: str) -> None:
         now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
