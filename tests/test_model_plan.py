@@ -24,7 +24,7 @@ from slmfleet.api.config import OperatorConfig
 from slmfleet.api.smallmodel import SmallModelSpec
 from slmfleet.builders import revision_of
 from slmfleet.builders.labels import MODEL_LABEL, PLACEMENT_ANNOTATION, REVISION_LABEL
-from slmfleet.handlers.weights_facts import WeightsFacts
+from slmfleet.weights.facts import WeightsFacts
 from slmfleet.handlers.model_plan import Deletion, EventNote, Observed, Plan, plan_model
 from slmfleet.k8s.client import APPLIED_HASH
 from slmfleet.sizing.pools import ready_nodes_from_pools_doc

@@ -7,6 +7,8 @@ import sys
 
 from slmfleet import __version__
 from slmfleet.cli import crds, operator, size
+from slmfleet.cli import load as load_cli
+from slmfleet.cli import pin as pin_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +19,8 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_parser(sub)
     operator.add_parser(sub)
     crds.add_parser(sub)
+    pin_cli.add_parser(sub)
+    load_cli.add_parser(sub)
     return parser
 
 

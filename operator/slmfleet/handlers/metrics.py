@@ -19,6 +19,12 @@ RECONCILE_SECONDS = prom.Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     registry=REGISTRY,
 )
+WEIGHT_VERIFICATION_FAILURES = prom.Counter(
+    "slmfleet_weight_verification_failures",
+    "Weights refused against their pin (digest, file hash, pickle format), by reason",
+    ["reason"],
+    registry=REGISTRY,
+)
 API_WRITES = prom.Counter("slmfleet_api_writes", "Write requests sent to the API server", ["verb"], registry=REGISTRY)
 MODELS = prom.Gauge("slmfleet_models", "SmallModels by condition type and status", ["condition", "status"], registry=REGISTRY)
 GPUS_REQUESTED = prom.Gauge("slmfleet_gpus_requested", "GPUs requested by served models, by product", ["product"], registry=REGISTRY)

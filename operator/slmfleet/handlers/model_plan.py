@@ -41,7 +41,8 @@ from slmfleet.builders import (
     revision_of,
 )
 from slmfleet.builders.labels import PLACEMENT_ANNOTATION, REVISION_LABEL
-from slmfleet.handlers.weights_facts import WeightsFacts
+from slmfleet.weights import errors
+from slmfleet.weights.facts import WeightsFacts
 from slmfleet.k8s.client import APPLIED_HASH, with_applied_hash
 
 GIB = 1024**3
@@ -212,7 +213,13 @@ def _pending_since(pods: Iterable[dict[str, Any]], revision: str, placement: Pla
 
 
 # `slmfleet load` exit codes (weights/loader.py) -> WeightsVerified reasons.
-LOADER_FAILURES = {10: "DigestMismatch", 11: "FileMismatch", 12: "PickleRefused", 13: "StorageUnreachable"}
+LOADER_FAILURES = {
+    errors.EXIT_DIGEST_MISMATCH: "DigestMismatch",
+    errors.EXIT_FILE_MISMATCH: "FileMismatch",
+    errors.EXIT_REFUSED_FORMAT: "PickleRefused",
+    errors.EXIT_UNREACHABLE: "StorageUnreachable",
+    errors.EXIT_SOURCE_ERROR: "StorageDenied",
+}
 LOADER_CONTAINER = "load-weights"
 
 

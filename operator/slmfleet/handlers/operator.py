@@ -11,6 +11,7 @@ through slmfleet.k8s.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import time
@@ -23,7 +24,8 @@ from slmfleet.api.config import OperatorConfig
 from slmfleet.api.smallmodel import GROUP, KIND, PLURAL, VERSION
 from slmfleet.builders.labels import MANAGED_BY_LABEL, MODEL_LABEL
 from slmfleet.handlers import metrics
-from slmfleet.handlers.model_plan import Observed, Plan, plan_model
+from slmfleet.handlers.model_plan import LOADER_FAILURES, Observed, Plan, plan_model
+from slmfleet.handlers.weights_reader import WeightsReader
 from slmfleet.handlers.workqueue import WorkQueue
 from slmfleet.k8s.client import KubeClient, ObjectRef
 
@@ -33,6 +35,8 @@ ModelKey = tuple[str, str]  # (namespace, name)
 MANAGED = {MANAGED_BY_LABEL: "slmfleet"}
 GPU_PREFIX = "nvidia.com/"
 RETRY_SECONDS = (1, 2, 5, 10, 30, 60)
+# Verdicts against the pinned weights, from the operator's own read or a pod's loader.
+WEIGHT_FAILURES = frozenset({*LOADER_FAILURES.values(), "ManifestInvalid", "ManifestMissing"})
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Runtime:
     conditions: dict[ModelKey, dict[str, str]] = field(default_factory=dict)
     gpus: dict[ModelKey, dict[str, int]] = field(default_factory=dict)
     worker_alive: bool = False
+    weights: WeightsReader | None = None
     # Our own writes, until the watch brings them back: (kind, namespace, name) ->
     # (resourceVersion the cache had before the write, the object the API server returned).
     # Without it, a reconcile that runs before the watch catches up would decide from the past.
@@ -264,6 +269,8 @@ async def execute(runtime: Runtime, obs: Observed, plan: Plan) -> None:
         runtime.remember(obs.body, await runtime.client.patch_status(ref, plan.status))
         metrics.API_WRITES.labels("status").inc()
     for event in plan.events:
+        if event.reason in WEIGHT_FAILURES:
+            metrics.WEIGHT_VERIFICATION_FAILURES.labels(event.reason).inc()
         await runtime.client.post_event(ref, event.type, event.reason, event.message)
         metrics.API_WRITES.labels("event").inc()
         log.info("%s/%s %s: %s", ref.namespace, ref.name, event.reason, event.message)
@@ -279,6 +286,8 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
         metrics.publish_model_gauges(runtime.conditions, runtime.gpus)
         return
     try:
+        if runtime.weights is not None:
+            obs = dataclasses.replace(obs, weights=await runtime.weights.facts(obs.body))
         plan = plan_model(obs, runtime.config, dt.datetime.now(dt.timezone.utc))
         await execute(runtime, obs, plan)
     except Exception:
@@ -314,6 +323,7 @@ async def worker(runtime: Runtime) -> None:
 async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str | None, metrics_host: str,
               metrics_port: int, stop: asyncio.Event | None = None) -> None:
     runtime = Runtime(config=config, client=KubeClient(kubeconfig))
+    runtime.weights = WeightsReader(runtime.client)
     registry = build_registry(runtime)
     settings = kopf.OperatorSettings()
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event otherwise

@@ -1,0 +1,255 @@
+"""S3 access for the weights: locations, a client configured the standard way, ranged reads.
+
+Settings come from the environment as the AWS tools read them, and flags may override them:
+
+- `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL` (`endpoint_url`): a custom endpoint (MinIO, Ceph, ...).
+- `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (/ `AWS_SESSION_TOKEN`): read by boto3's usual
+  credential chain, never by this module, and never printed.
+- `AWS_DEFAULT_REGION` or `AWS_REGION` (`region`); with a custom endpoint and no region, us-east-1.
+- `AWS_S3_ADDRESSING_STYLE` = `path` | `virtual` | `auto` (`path_style=True` means `path`); the
+  default is `path` with a custom endpoint (what on-premises stores serve), else `auto`.
+- `AWS_CA_BUNDLE` (`ca_bundle`): a PEM bundle to verify the endpoint's certificate.
+
+Checksums: responses are not required to carry the new CRC checksums and requests compute them only
+when an operation requires it, which keeps third-party stores working; integrity is SHA-256 against
+the manifest anyway.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError as BotoConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    SSLError,
+)
+
+
+class S3UriError(ValueError):
+    pass
+
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,62}$")
+
+
+@dataclass(frozen=True)
+class S3Location:
+    """`s3://bucket/prefix/`: a bucket and a key prefix that is empty or ends in `/`."""
+
+    bucket: str
+    prefix: str
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Location:
+        """`s3://bucket`, `s3://bucket/`, `s3://bucket/a/b` and `s3://bucket/a/b/` all name a
+        directory: the prefix gets a trailing `/` (`a/b/`), or is empty for the whole bucket."""
+        if not isinstance(uri, str) or not uri.startswith("s3://"):
+            raise S3UriError(f"{uri!r} is not an s3://bucket/prefix/ URI")
+        bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+        if not _BUCKET_RE.match(bucket):
+            raise S3UriError(f"{uri!r}: {bucket!r} is not a valid bucket name")
+        segments = prefix.split("/")
+        if prefix.endswith("/"):
+            segments = segments[:-1]
+        if prefix and any(s in ("", ".", "..") for s in segments):
+            raise S3UriError(f"{uri!r}: the prefix has an empty, '.' or '..' segment")
+        return cls(bucket, "/".join(segments) + "/" if prefix.strip("/") else "")
+
+    def key(self, path: str) -> str:
+        return self.prefix + path
+
+    def relative(self, key: str) -> str:
+        if not key.startswith(self.prefix):
+            raise ValueError(f"{key!r} is not under {self.prefix!r}")
+        return key[len(self.prefix):]
+
+    def uri(self, path: str = "") -> str:
+        return f"s3://{self.bucket}/{self.prefix}{path}"
+
+    def __str__(self) -> str:
+        return self.uri()
+
+
+ADDRESSING_STYLES = ("path", "virtual", "auto")
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: str | None = None  # None: path with a custom endpoint, else auto
+    ca_bundle: str | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_attempts: int = 3  # botocore's own attempts per request (the loader sets 1 and retries itself)
+    max_pool_connections: int = 10
+
+    @classmethod
+    def from_env(cls, overrides: Mapping[str, Any] | None = None,
+                 environ: Mapping[str, str] | None = None) -> S3Settings:
+        env = os.environ if environ is None else environ
+        style = (env.get("AWS_S3_ADDRESSING_STYLE") or "").strip().lower() or None
+        settings = cls(
+            endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            region=env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or None,
+            addressing_style=style,
+            ca_bundle=env.get("AWS_CA_BUNDLE") or None,
+        )
+        changes = dict(overrides or {})
+        path_style = changes.pop("path_style", None)
+        if path_style is not None:
+            changes["addressing_style"] = "path" if path_style else "virtual"
+        known = {f.name for f in fields(cls)}
+        unknown = set(changes) - known
+        if unknown:
+            raise ValueError(f"unknown S3 settings: {sorted(unknown)}")
+        settings = replace(settings, **{k: v for k, v in changes.items() if v is not None})
+        if settings.addressing_style not in (None, *ADDRESSING_STYLES):
+            raise ValueError(f"addressing style {settings.addressing_style!r} is not one of {ADDRESSING_STYLES}")
+        return settings
+
+    @property
+    def effective_addressing_style(self) -> str:
+        return self.addressing_style or ("path" if self.endpoint_url else "auto")
+
+    @property
+    def effective_region(self) -> str | None:
+        return self.region or ("us-east-1" if self.endpoint_url else None)
+
+    def describe(self) -> str:
+        """For logs: never includes credentials."""
+        parts = [f"endpoint {self.endpoint_url or 'AWS'}", f"{self.effective_addressing_style}-style"]
+        if self.effective_region:
+            parts.append(f"region {self.effective_region}")
+        if self.ca_bundle:
+            parts.append(f"CA bundle {self.ca_bundle}")
+        return ", ".join(parts)
+
+    def client(self) -> Any:
+        config = Config(
+            s3={"addressing_style": self.effective_addressing_style},
+            retries={"total_max_attempts": max(1, self.max_attempts), "mode": "standard"},
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            max_pool_connections=self.max_pool_connections,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = boto3.session.Session()  # one per client: sessions are not thread-safe, clients are
+        return session.client("s3", endpoint_url=self.endpoint_url, region_name=self.effective_region,
+                              verify=self.ca_bundle or None, config=config)
+
+
+def client_from_env(overrides: Mapping[str, Any] | None = None, *,
+                    environ: Mapping[str, str] | None = None) -> Any:
+    """An S3 client configured from the environment (see the module doc), with `overrides`
+    (keys: endpoint_url, region, path_style, addressing_style, ca_bundle, connect_timeout,
+    read_timeout, max_attempts, max_pool_connections; None values are ignored)."""
+    return S3Settings.from_env(overrides, environ).client()
+
+
+def read_range(client: Any, bucket: str, key: str, start: int, length: int) -> bytes:
+    """Bytes [start, start+length) of an object with one ranged GET. Fewer bytes come back when
+    the object ends sooner; a start past the end raises the store's ClientError (InvalidRange)."""
+    if start < 0 or length < 0:
+        raise ValueError("start and length must not be negative")
+    if length == 0:
+        return b""
+    resp = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
+    body = resp["Body"]
+    try:
+        data = body.read()
+    finally:
+        body.close()
+    if not resp.get("ContentRange") and resp.get("ResponseMetadata", {}).get("HTTPStatusCode") == 200:
+        data = data[start:start + length]  # a store that ignored the Range header sent everything
+    return data
+
+
+def content_range_total(value: str | None) -> int | None:
+    """The object size from a `Content-Range: bytes a-b/total` header, if it says."""
+    if not value:
+        return None
+    m = re.match(r"^bytes \d+-\d+/(\d+)$", value.strip())
+    return int(m.group(1)) if m else None
+
+
+def list_objects(client: Any, location: S3Location) -> Iterator[tuple[str, int]]:
+    """(key relative to the prefix, size) of every object under the prefix, in key order, without
+    the zero-byte "folder" markers some tools create (keys ending in `/`)."""
+    paginator = client.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=location.bucket, Prefix=location.prefix):
+        for obj in page.get("Contents", []):
+            key = obj["Key"]
+            if key.endswith("/") and obj.get("Size", 0) == 0:
+                continue
+            yield location.relative(key), int(obj["Size"])
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+RETRYABLE_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottledException",
+    "RequestThrottled", "SlowDown", "TooManyRequestsException", "RequestLimitExceeded",
+    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
+    "PriorRequestNotComplete", "BandwidthLimitExceeded", "EC2ThrottledException",
+})
+NOT_FOUND_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+
+
+def error_code(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def http_status(exc: BaseException) -> int | None:
+    if isinstance(exc, ClientError):
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return int(status) if status else None
+    return None
+
+
+def is_not_found(exc: BaseException) -> bool:
+    return isinstance(exc, ClientError) and (error_code(exc) in NOT_FOUND_CODES or
+                                             (http_status(exc) == 404 and error_code(exc) != "NoSuchBucket"))
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Throttling, 5xx, connection resets and timeouts: worth another attempt."""
+    if isinstance(exc, ClientError):
+        status = http_status(exc) or 0
+        return error_code(exc) in RETRYABLE_CODES or status >= 500 or status == 429
+    if isinstance(exc, SSLError):
+        return False  # a certificate problem does not go away by asking again
+    if isinstance(exc, (BotoConnectionError, HTTPClientError, IncompleteReadError)):
+        return True  # connection refused/closed/reset, connect and read timeouts, broken streams
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def is_credentials_error(exc: BaseException) -> bool:
+    return isinstance(exc, (NoCredentialsError, PartialCredentialsError))
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line account of a storage error, without request headers or credentials."""
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        status = http_status(exc)
+        msg = err.get("Message") or ""
+        return f"{err.get('Code', 'error')}{f' (HTTP {status})' if status else ''}{f': {msg}' if msg else ''}"
+    if isinstance(exc, BotoCoreError):
+        return f"{type(exc).__name__}: {exc}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
