@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,8 @@ from typing import Any
 import kopf
 
 from slmfleet.api.config import OperatorConfig
-from slmfleet.api.smallmodel import GROUP, KIND, PLURAL, VERSION
+from slmfleet.api.conditions import Condition, set_condition
+from slmfleet.api.smallmodel import GROUP, KIND, PLURAL, VERSION, SmallModelStatus
 from slmfleet.builders.labels import MANAGED_BY_LABEL, MODEL_LABEL
 from slmfleet.handlers import metrics
 from slmfleet.handlers.model_plan import LOADER_FAILURES, Observed, Plan, plan_model
@@ -35,6 +37,7 @@ ModelKey = tuple[str, str]  # (namespace, name)
 MANAGED = {MANAGED_BY_LABEL: "slmfleet"}
 GPU_PREFIX = "nvidia.com/"
 RETRY_SECONDS = (1, 2, 5, 10, 30, 60)
+REPORT_AFTER_FAILURES = 3
 # Verdicts against the pinned weights, from the operator's own read or a pod's loader.
 WEIGHT_FAILURES = frozenset({*LOADER_FAILURES.values(), "ManifestInvalid", "ManifestMissing"})
 
@@ -297,6 +300,8 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
         log.exception("reconcile of %s/%s failed (attempt %d); retrying in %ss", *key, attempt + 1, delay)
         metrics.RECONCILES.labels(KIND, "error").inc()
         runtime.queue.add_after(key, delay)
+        if attempt + 1 == REPORT_AFTER_FAILURES:
+            await _report_failure(runtime, obs.body, sys.exc_info()[1])
         return
     finally:
         metrics.RECONCILE_SECONDS.labels(KIND).observe(time.monotonic() - started)
@@ -307,6 +312,23 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
     metrics.RECONCILES.labels(KIND, "changed" if plan.writes else "noop").inc()
     if plan.requeue_after is not None:
         runtime.queue.add_after(key, plan.requeue_after)
+
+
+async def _report_failure(runtime: Runtime, body: dict[str, Any], exc: BaseException | None) -> None:
+    """Say in the status that reconciling keeps failing, rather than failing silently in a log."""
+    meta = body["metadata"]
+    old = SmallModelStatus.model_validate(body.get("status") or {})
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    message = f"reconciling keeps failing ({type(exc).__name__}: {exc}); the operator retries with back-off"
+    cond = Condition(type="Degraded", status="True", reason="ReconcileError", message=message[:1000],
+                     observed_generation=meta.get("generation"))
+    status = old.model_copy(update={"conditions": set_condition(old.conditions, cond, now)}).to_wire()
+    ref = ObjectRef(f"{GROUP}/{VERSION}", KIND, meta["namespace"], meta["name"], meta.get("uid", ""))
+    try:
+        await runtime.client.patch_status(ref, status)
+        await runtime.client.post_event(ref, "Warning", "ReconcileError", message)
+    except Exception:  # noqa: BLE001 - the log already has the original failure
+        log.warning("could not report the failure in %s/%s's status", ref.namespace, ref.name)
 
 
 async def worker(runtime: Runtime) -> None:

@@ -66,10 +66,10 @@ def inspect_s3(client: Any, uri: str, pin: str, *, allow_pickle: bool) -> Weight
             manifest = Manifest.parse(raw)
         except ManifestError as exc:
             return WeightsFacts(digest=pin, problem="ManifestInvalid", message=f"{where}{MANIFEST_NAME}: {exc}")
-        if manifest.digest() != pin:
+        if manifest.digest != pin:
             return WeightsFacts(
                 digest=pin, problem="DigestMismatch",
-                message=f"the manifest at {where} has digest {manifest.digest()}, not the pinned {pin}; "
+                message=f"the manifest at {where} has digest {manifest.digest}, not the pinned {pin}; "
                 "nothing was downloaded",
             )
         files = tuple(e.path for e in manifest.files)
@@ -80,7 +80,7 @@ def inspect_s3(client: Any, uri: str, pin: str, *, allow_pickle: bool) -> Weight
                 message=f"pickle files can run code when loaded and are refused: {', '.join(pickles[:5])}; "
                 "convert them to safetensors, or set spec.source.allowPickle: true to accept the risk",
             )
-        entries = manifest.by_path()
+        entries = manifest.by_path
         notes: list[str] = []
 
         def small(path: str) -> bytes | None:
