@@ -47,5 +47,6 @@ crds: venv ## regenerate crds/ from the pydantic models in operator/slmfleet/api
 bench: venv binaries ## benchmarks; results go to bench/results/
 	@$(PY) -m bench.cluster_up
 	@$(PY) -m bench.hashing
+	@$(PY) -m bench.s3_load
 
 .PHONY: help venv binaries cluster-up cluster-down lint unit test demo crds bench
