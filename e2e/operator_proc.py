@@ -25,7 +25,7 @@ CONFIG = REPO / "deploy" / "operator-config.yaml"
 def install(cluster: Cluster) -> None:
     """CRDs and RBAC; idempotent. Waits until the CRDs are established."""
     cluster._kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"), "-f", str(REPO / "deploy" / "rbac.yaml"))
-    cluster._kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/smallmodels.slmfleet.io")
+    cluster._kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/smallmodels.slmfleet.io", "crd/modelrollouts.slmfleet.io")
 
 
 class OperatorProcess:

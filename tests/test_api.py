@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from slmfleet.api.conditions import Condition, set_condition
-from slmfleet.api.crd import SMALLMODEL, crd, rendered_files
+from slmfleet.api.crd import MODELROLLOUT, SMALLMODEL, crd, rendered_files
 from slmfleet.api.smallmodel import SmallModel
 from slmfleet.cli.crds import main as crds_main
 
@@ -53,6 +53,17 @@ def _walk(schema: dict, path: str = ""):
         yield from _walk(schema["items"], f"{path}[]")
     if isinstance(schema.get("additionalProperties"), dict):
         yield from _walk(schema["additionalProperties"], f"{path}{{}}")
+
+
+@pytest.mark.parametrize("spec", [MODELROLLOUT])
+def test_every_crd_is_structural(spec):
+    schema = crd(spec)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        assert "type" in node or node.get("x-kubernetes-preserve-unknown-fields"), f"{path} has no type"
+        assert not {"$ref", "anyOf", "allOf", "title"} & node.keys(), f"{path} is not structural"
+        assert node.get("additionalProperties") is not True, path
+        for bound in ("exclusiveMinimum", "exclusiveMaximum"):
+            assert isinstance(node.get(bound, True), bool), f"{path}.{bound} must be a boolean in OpenAPI v3.0"
 
 
 def test_schema_is_structural_and_explained():
@@ -110,3 +121,9 @@ def test_condition_transition_time_moves_only_on_status_change():
     assert same[0].last_transition_time == "2026-01-01T00:00:00Z"
     flipped = set_condition(same, ready.model_copy(update={"status": "True"}), "2026-01-01T00:02:00Z")
     assert flipped[0].last_transition_time == "2026-01-01T00:02:00Z"
+
+
+def test_yaml_11_boolean_words_are_quoted_for_kubectl():
+    # `required: [n]` reads as [false] to YAML 1.1 parsers such as kubectl's; the CRD would not apply.
+    text = rendered_files()["modelrollouts.slmfleet.io.yaml"]
+    assert "- 'n'" in text and "\n                  - n\n" not in text

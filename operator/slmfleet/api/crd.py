@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from slmfleet.api import smallmodel
+from slmfleet.api import modelrollout, smallmodel
 
 _DROP = {"title"}
 
@@ -81,6 +81,15 @@ def _structural(node: Any, defs: dict[str, Any], *, in_status: bool) -> Any:
             out[key] = " ".join(value.split())
         else:
             out[key] = value
+    for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        # JSON Schema 2020 (pydantic) gives the bound itself; OpenAPI v3.0 (Kubernetes) a flag.
+        if isinstance(out.get(bound), (int, float)) and not isinstance(out.get(bound), bool):
+            out[limit] = out.pop(bound)
+            out[bound] = True
+    if out.get("additionalProperties") is True:
+        # pydantic's "any object"; structural schemas say that with preserve-unknown-fields.
+        del out["additionalProperties"]
+        out["x-kubernetes-preserve-unknown-fields"] = True
     if "properties" in out:
         out.setdefault("type", "object")
     if "enum" in out and "type" not in out:
@@ -155,7 +164,40 @@ SMALLMODEL = CrdSpec(
     ),
 )
 
-ALL = (SMALLMODEL,)
+MODELROLLOUT = CrdSpec(
+    model=modelrollout.ModelRollout,
+    group=smallmodel.GROUP,
+    version=smallmodel.VERSION,
+    kind=modelrollout.KIND,
+    plural=modelrollout.PLURAL,
+    short_names=("mr",),
+    columns=(
+        PrinterColumn("Model", "string", ".spec.modelRef.name", "The SmallModel rolled out"),
+        PrinterColumn("Phase", "string", ".status.phase", "Where the rollout is"),
+        PrinterColumn("Step", "integer", ".status.currentStep", "Current step"),
+        PrinterColumn("Weight", "integer", ".status.canaryWeight", "Traffic % to the candidate"),
+        PrinterColumn("Stable", "string", ".status.stableRevision", "Stable revision"),
+        PrinterColumn("Candidate", "string", ".status.candidateRevision", "Candidate revision"),
+        PrinterColumn("Age", "date", ".metadata.creationTimestamp", "Time since creation"),
+    ),
+)
+
+ALL = (SMALLMODEL, MODELROLLOUT)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes the words YAML 1.1 readers (kubectl, Go's yaml) take for booleans, such as `n`."""
+
+
+_YAML11_BOOLS = {"y", "Y", "n", "N", "yes", "Yes", "YES", "no", "No", "NO", "on", "On", "ON", "off", "Off", "OFF"}
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = "'" if value in _YAML11_BOOLS else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _str)
 
 
 def render(spec: CrdSpec) -> str:
@@ -163,7 +205,7 @@ def render(spec: CrdSpec) -> str:
         "# Generated from operator/slmfleet/api by `make crds`; do not edit by hand.\n"
         "# A test fails if this file differs from what the models generate.\n"
     )
-    return header + yaml.safe_dump(crd(spec), sort_keys=False, width=120)
+    return header + yaml.dump(crd(spec), Dumper=_Dumper, sort_keys=False, width=120)
 
 
 def rendered_files() -> dict[str, str]:
