@@ -1,0 +1,88 @@
+"""The operator's runtime glue without a cluster: seeing its own writes, and failures in status."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from slmfleet.api.config import OperatorConfig
+from slmfleet.handlers import operator as op
+
+CONFIG = OperatorConfig.model_validate({
+    "vllmImage": "vllm/vllm-openai@sha256:" + "a" * 64, "loaderImage": "slmfleet/slmfleet@sha256:" + "b" * 64})
+
+
+def obj(kind: str, name: str, rv: str, uid: str = "u1", **extra) -> dict:
+    return {"kind": kind, "metadata": {"name": name, "namespace": "ns", "resourceVersion": rv, "uid": uid}, **extra}
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.statuses: list[dict] = []
+        self.events: list[tuple[str, str, str]] = []
+
+    async def patch_status(self, ref, status):
+        self.statuses.append(status)
+        return {"kind": "SmallModel", "metadata": {"name": ref.name, "namespace": ref.namespace}, "status": status}
+
+    async def post_event(self, ref, type_, reason, message):
+        self.events.append((type_, reason, message))
+
+
+def runtime(client=None) -> op.Runtime:
+    return op.Runtime(config=CONFIG, client=client or FakeClient())
+
+
+def test_own_writes_replace_the_stale_cache_until_the_watch_catches_up():
+    rt = runtime()
+    cached = obj("Deployment", "m-r1", "1", spec={"replicas": 1})
+    written = obj("Deployment", "m-r1", "2", spec={"replicas": 2})
+    rt.remember(cached, written)
+    assert rt.fresh("Deployment", "ns", [cached]) == [written]
+    caught_up = obj("Deployment", "m-r1", "2", spec={"replicas": 2})
+    assert rt.fresh("Deployment", "ns", [caught_up]) == [caught_up]
+    assert rt.own_writes == {}
+
+
+def test_a_created_object_is_seen_before_its_watch_event_and_a_deleted_one_is_not():
+    rt = runtime()
+    created = obj("Service", "m", "5")
+    rt.remember(None, created)
+    assert rt.fresh("Service", "ns", []) == [created]
+    gone = obj("Service", "old", "3", uid="u9")
+    rt.deleted.add(("Service", "ns", "old", "u9"))
+    assert gone not in rt.fresh("Service", "ns", [gone])
+    rt.fresh("Service", "ns", [])  # the watch delivered the deletion
+    assert rt.deleted == set()
+
+
+class Store(dict):
+    """The part of kopf's index interface the operator uses: index.get(key, default) -> values."""
+
+
+def test_a_reconcile_that_keeps_failing_says_so_in_the_status(monkeypatch):
+    client = FakeClient()
+    rt = runtime(client)
+    body = {"apiVersion": "slmfleet.io/v1alpha1", "kind": "SmallModel",
+            "metadata": {"name": "m", "namespace": "ns", "uid": "u", "generation": 4}, "spec": {}, "status": {}}
+    rt.indices = {name: Store() for name in op.INDEX_NAMES}
+    rt.indices["slm_models"][("ns", "m")] = [body]
+    rt.weights = None
+
+    def boom(*_args, **_kwargs):
+        raise RuntimeError("the planner broke")
+
+    monkeypatch.setattr(op, "plan_model", boom)
+
+    async def run():
+        for _ in range(op.REPORT_AFTER_FAILURES + 1):
+            await op.reconcile(rt, ("ns", "m"))
+
+    asyncio.run(run())
+    assert len(client.statuses) == 1, "reported once, not on every retry"
+    [cond] = [c for c in client.statuses[0]["conditions"] if c["type"] == "Degraded"]
+    assert (cond["status"], cond["reason"], cond["observedGeneration"]) == ("True", "ReconcileError", 4)
+    assert "the planner broke" in cond["message"]
+    assert client.events[0][:2] == ("Warning", "ReconcileError")
+    assert rt.failures[("ns", "m")] == op.REPORT_AFTER_FAILURES + 1
