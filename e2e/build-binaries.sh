@@ -4,7 +4,7 @@
 #
 #   e2e/build-binaries.sh            build whatever is missing
 #   e2e/build-binaries.sh --check    exit 0 only if every binary is cached
-#   e2e/build-binaries.sh [--check] minio    only MinIO (components: etcd kwok kubernetes minio)
+#   e2e/build-binaries.sh [--check] minio    only MinIO (components: etcd kwok kubernetes minio gateway-api)
 #
 # k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces the staging modules
 # (k8s.io/api, k8s.io/client-go, ...) with local directories. A shim module requires it and
@@ -12,6 +12,8 @@
 # way from a shim requiring go.etcd.io/etcd/server/v3 (whose module root is the etcd main package).
 # MinIO (the S3 server of the e2e tests) has no replace directives but no semver tags either: it is
 # `go install`ed at the pseudo-version of its release tag's commit (see versions.env).
+# The Gateway API CRDs (standard channel) come from the sigs.k8s.io/gateway-api module's own
+# config/crd/standard/ directory, downloaded through the module proxy; nothing is built.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -23,6 +25,7 @@ kube_dir="$cache/kubernetes-$KUBE_VERSION"
 etcd_dir="$cache/etcd-$ETCD_VERSION"
 kwok_dir="$cache/kwok-$KWOK_VERSION"
 minio_dir="$cache/minio-$MINIO_VERSION"
+gateway_dir="$cache/gateway-api-$GATEWAY_API_VERSION"
 
 kube_ok() {
   local b
@@ -31,21 +34,22 @@ kube_ok() {
 etcd_ok() { [[ -x "$etcd_dir/etcd" ]]; }
 kwok_ok() { [[ -x "$kwok_dir/kwok" ]]; }
 minio_ok() { [[ -x "$minio_dir/minio" ]]; }
+gateway_ok() { [[ -f "$gateway_dir/gateway.networking.k8s.io_httproutes.yaml" ]]; }
 
 check=false
 if [[ "${1:-}" == "--check" ]]; then check=true; shift; fi
 components=("$@")
-[[ ${#components[@]} -gt 0 ]] || components=(etcd kwok kubernetes minio)
+[[ ${#components[@]} -gt 0 ]] || components=(etcd kwok kubernetes minio gateway-api)
 for c in "${components[@]}"; do
   case "$c" in
-    etcd|kwok|kubernetes|minio) ;;
-    *) echo "build-binaries: unknown component '$c' (etcd, kwok, kubernetes, minio)" >&2; exit 2 ;;
+    etcd|kwok|kubernetes|minio|gateway-api) ;;
+    *) echo "build-binaries: unknown component '$c' (etcd, kwok, kubernetes, minio, gateway-api)" >&2; exit 2 ;;
   esac
 done
 if $check; then
   for c in "${components[@]}"; do
     case "$c" in
-      etcd) etcd_ok ;; kwok) kwok_ok ;; kubernetes) kube_ok ;; minio) minio_ok ;;
+      etcd) etcd_ok ;; kwok) kwok_ok ;; kubernetes) kube_ok ;; minio) minio_ok ;; gateway-api) gateway_ok ;;
     esac || exit 1
   done
   exit 0
@@ -172,9 +176,23 @@ build_minio() {
   step "minio $MINIO_VERSION: done -> $minio_dir"
 }
 
+fetch_gateway_api() {
+  gateway_ok && { step "gateway-api $GATEWAY_API_VERSION CRDs cached in $gateway_dir"; return; }
+  step "gateway-api $GATEWAY_API_VERSION: go mod download (standard-channel CRDs)"
+  local dir
+  dir="$(GOFLAGS=-mod=mod go mod download -json "sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')"
+  mkdir -p "$gateway_dir.tmp"
+  cp "$dir"/config/crd/standard/*.yaml "$gateway_dir.tmp/"
+  chmod u+w "$gateway_dir.tmp"/*.yaml
+  rm -rf "$gateway_dir"; mv "$gateway_dir.tmp" "$gateway_dir"
+  step "gateway-api $GATEWAY_API_VERSION: done -> $gateway_dir"
+}
+
 for c in "${components[@]}"; do
   case "$c" in
     etcd) build_etcd ;; kwok) build_kwok ;; kubernetes) build_kube ;; minio) build_minio ;;
+    gateway-api) fetch_gateway_api ;;
   esac
 done
 step "all binaries ready"

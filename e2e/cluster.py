@@ -57,6 +57,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SLMFLEET_CACHE", Path.home() / ".cache" / "slmfleet"))
 
 
+def gateway_api_crds() -> Path:
+    """The Gateway API standard-channel CRDs (from the sigs.k8s.io/gateway-api module)."""
+    return cache_dir() / f"gateway-api-{versions()['GATEWAY_API_VERSION']}"
+
+
 def binaries() -> dict[str, Path]:
     v = versions()
     kube = cache_dir() / f"kubernetes-{v['KUBE_VERSION']}"
@@ -370,6 +375,8 @@ class Cluster:
         ])
 
         self._register_nodes(nodes)
+        # The Gateway API CRDs (no gateway implementation): HTTPRoute weights can be verified as objects.
+        self._kubectl("apply", "--server-side", "-f", str(gateway_api_crds()))
         for node in nodes:
             if node.agent == "process":
                 self._start(f"node-agent-{node.name}", [
