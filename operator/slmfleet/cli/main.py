@@ -7,6 +7,7 @@ import sys
 
 from slmfleet import __version__
 from slmfleet.cli import crds, operator, size
+from slmfleet.cli import eval as eval_cli
 from slmfleet.cli import load as load_cli
 from slmfleet.cli import pin as pin_cli
 
@@ -21,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     crds.add_parser(sub)
     pin_cli.add_parser(sub)
     load_cli.add_parser(sub)
+    eval_cli.add_parser(sub)
     return parser
 
 
