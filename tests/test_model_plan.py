@@ -988,3 +988,18 @@ def test_weights_read_before_any_pod_decide_refusals_and_sizing():
     world.weights = WeightsFacts(digest=DIGEST, weights_bytes=3 * 2**30)
     plan = world.reconcile(T0)
     assert plan.status["placement"]["memory"]["weightsBytes"] == 3 * 2**30
+
+
+def test_history_records_each_revision_that_served():
+    world = placed(World(model_body(), default_fleet()))
+    [first] = world.status["history"]
+    assert first["outcome"] == "Serving" and first["digest"] == DIGEST
+    world.edit_spec(new_digest)
+    world.settle(at(100))
+    world.mark_ready(world.status["revision"])
+    world.settle(at(110))
+    history = world.status["history"]
+    assert [h["outcome"] for h in history] == ["Replaced", "Serving"]
+    assert history[-1]["revision"] == world.status["revision"] != history[0]["revision"]
+    assert history[-1]["digest"] == NEW_DIGEST
+    assert world.plan(at(200)).writes == 0

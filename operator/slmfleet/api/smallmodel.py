@@ -324,6 +324,24 @@ class ExcludedPlacement(CRModel):
     """Why it was given up."""
 
 
+class RevisionRecord(CRModel):
+    """A revision the model has served, and how its time ended."""
+
+    revision: str
+    """The revision hash."""
+    digest: str
+    """The weights digest it served."""
+    base_model: str | None = None
+    """spec.baseModel at the time."""
+    outcome: Literal["Serving", "Replaced", "Promoted", "RolledBack"]
+    """Serving now, replaced by a newer revision, or the verdict of its rollout."""
+    since: str
+    """When it started serving (RFC 3339)."""
+
+
+MAX_HISTORY = 10
+
+
 class SmallModelStatus(CRModel):
     """What the operator decided and observed. Written only by the operator; never part of the spec."""
 
@@ -353,6 +371,8 @@ class SmallModelStatus(CRModel):
     """Ready replicas of the desired revision."""
     endpoint: str | None = None
     """In-cluster URL of the model's OpenAI-compatible API."""
+    history: list[RevisionRecord] = Field(default_factory=list, max_length=MAX_HISTORY)
+    """Revisions that served, oldest first (the last ten): the fallbacks of a rollback."""
 
 
 class SmallModel(CRModel):

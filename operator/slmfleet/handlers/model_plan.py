@@ -24,11 +24,13 @@ from slmfleet.api.config import OperatorConfig
 from slmfleet.api.smallmodel import (
     GROUP,
     KIND,
+    MAX_HISTORY,
     VERSION,
     ExcludedPlacement,
     FallbackPlacement,
     MemoryBreakdown,
     Placement,
+    RevisionRecord,
     SmallModel,
     SmallModelStatus,
 )
@@ -504,8 +506,16 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
             st.condition("Ready", False, "WaitingForReplicas", waiting)
         st.condition("Progressing", True, "RollingOut", waiting)
 
+    history = list(old.history)
+    if desired_ready and serving == revision and (not history or history[-1].revision != revision):
+        history = [h.model_copy(update={"outcome": "Replaced"}) if h.outcome == "Serving" else h for h in history]
+        history.append(RevisionRecord(revision=revision, digest=model.spec.source.digest,
+                                      base_model=model.spec.base_model, outcome="Serving", since=st.now))
+        history = history[-MAX_HISTORY:]
+
     new = old.model_copy(
         update={
+            "history": history,
             "observed_generation": generation,
             "conditions": st.conditions,
             "revision": revision,
