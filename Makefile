@@ -48,5 +48,6 @@ bench: venv binaries ## benchmarks; results go to bench/results/
 	@$(PY) -m bench.cluster_up
 	@$(PY) -m bench.hashing
 	@$(PY) -m bench.s3_load
+	@$(PY) -m bench.rollout_decision
 
 .PHONY: help venv binaries cluster-up cluster-down lint unit test demo crds bench

@@ -165,8 +165,9 @@ class Thresholds(CRModel):
 
     min_score: float | None = Field(default=None, ge=0, le=1)
     """Absolute minimum mean score of the candidate."""
-    margin: float = Field(default=0.02, ge=0, le=0.5)
-    """Non-inferiority margin: the candidate may score at most this much below the stable."""
+    margin: float = Field(default=0.03, ge=0, le=0.5)
+    """Non-inferiority margin: the candidate may score at most this much below the stable. With the
+    default sample size, 0.03 keeps a truly 5-points-worse candidate out (see bench/results/rollout_decision.json)."""
     max_p95_latency_seconds: float | None = Field(default=None, gt=0, le=600)
     """Largest acceptable p95 latency of the candidate."""
     max_error_rate: float = Field(default=0.01, ge=0, le=1)
@@ -182,8 +183,10 @@ class Evaluation(CRModel):
     """Scorers; the first decides, the others are reported."""
     thresholds: Thresholds = Field(default_factory=Thresholds)
     """Pass criteria."""
-    sample_size: int = Field(default=300, ge=10, le=100000)
-    """Cases per evaluation (sampled deterministically from the dataset)."""
+    sample_size: int = Field(default=650, ge=10, le=100000)
+    """Cases per evaluation (sampled deterministically from the dataset); early stopping often uses
+    fewer. 650 gives power 0.8 for an equal candidate at margin 0.03 when revisions disagree on
+    about 8% of cases; more disagreement needs more cases."""
     concurrency: int = Field(default=8, ge=1, le=256)
     """Requests in flight per revision."""
     request_timeout_seconds: float = Field(default=30, gt=0, le=600)
