@@ -423,10 +423,18 @@ def test_kv_cache_dtype_only_when_not_auto():
     assert flag(serve_args(serving_spec(kvCacheDtype="fp8_e4m3")), "--kv-cache-dtype") == "fp8_e4m3"
 
 
-def test_extra_args_come_last_verbatim():
-    extra = ["--enable-prefix-caching", "--max-num-batched-tokens", "8192", "--seed=7"]
+def test_extra_args_come_verbatim_right_after_the_model():
+    extra = ["--enable-prefix-caching", "--seed", "7", "--swap-space=8"]
     args = serve_args(serving_spec(extraArgs=extra))
-    assert args[-len(extra):] == extra
+    assert args[1:1 + len(extra)] == extra
+
+
+def test_the_placement_wins_over_abbreviated_flags_in_extra_args():
+    # vLLM's parser accepts unambiguous abbreviations, which the CRD's CEL rule cannot enumerate.
+    extra = ["--tensor-parallel=4", "--max-model=131072", "--gpu-memory-util=0.99"]
+    parsed = standin.build_parser().parse_args(serve_args(serving_spec(extraArgs=extra)))
+    assert (parsed.tensor_parallel_size, parsed.max_model_len) == (1, L4["maxModelLen"])
+    assert float(parsed.gpu_memory_utilization) == float(L4["gpuMemoryUtilization"])
 
 
 def test_vllm_serve_args_directly():

@@ -21,11 +21,11 @@ import pytest
 from pydantic.alias_generators import to_camel
 
 from slmfleet.api.config import OperatorConfig
-from slmfleet.api.smallmodel import SmallModelSpec
+from slmfleet.api.smallmodel import SmallModel, SmallModelSpec
 from slmfleet.builders import revision_of
 from slmfleet.builders.labels import MODEL_LABEL, PLACEMENT_ANNOTATION, REVISION_LABEL
 from slmfleet.weights.facts import WeightsFacts
-from slmfleet.handlers.model_plan import Deletion, EventNote, Observed, Plan, plan_model
+from slmfleet.handlers.model_plan import Deletion, EventNote, Observed, Plan, hf_config, plan_model
 from slmfleet.k8s.client import APPLIED_HASH
 from slmfleet.sizing.pools import ready_nodes_from_pools_doc
 from tests.sizing_configs import QWEN2_5_0_5B, QWEN2_5_14B
@@ -1003,3 +1003,55 @@ def test_history_records_each_revision_that_served():
     assert history[-1]["revision"] == world.status["revision"] != history[0]["revision"]
     assert history[-1]["digest"] == NEW_DIGEST
     assert world.plan(at(200)).writes == 0
+
+
+def test_a_retried_loader_that_verified_everything_is_verified():
+    world = placed(World(model_body(), default_fleet()), ready=False)
+    pod = revision_pod(world.deployment(), f"{NAME}-pod-1")
+    pod["status"]["initContainerStatuses"] = [{"name": "load-weights", "state": {"terminated": {"exitCode": 0}},
+                                               "lastState": {"terminated": {"exitCode": 13, "message": "reset"}}}]
+    world.pods = [pod]
+    plan = world.reconcile(at(10))
+    assert weights_condition(world.status)[:2] == ("True", "Verified")
+    assert "StorageUnreachable" not in reasons(plan)
+
+
+def test_the_previous_revision_keeps_serving_through_a_readiness_blip():
+    world = placed(World(model_body(serving={"replicas": 2}), default_fleet()))
+    old_revision = world.status["revision"]
+    world.deployment()["status"]["readyReplicas"] = 1  # one of two pods restarting
+    world.edit_spec(new_digest)
+    plan = world.reconcile(at(100))
+    assert plan.delete == ()
+    assert plan.status["servingRevision"] == old_revision
+    assert summary(plan.status)["Ready"] == ("True", "ServingPreviousRevision")
+
+
+def test_read_config_is_not_changed_by_a_models_declared_facts():
+    read = {"model_type": "gemma3", "text_config": {"hidden_size": 2560, "num_hidden_layers": 34}}
+    facts = WeightsFacts(digest=DIGEST, config=read)
+    declared = model_body()
+    declared["spec"]["architecture"] = {**declared["spec"].get("architecture", {}), "modelType": "gemma3",
+                                        "numHiddenLayers": 99}
+    hf_config(SmallModel.model_validate(declared), facts)
+    assert facts.config["text_config"]["num_hidden_layers"] == 34
+
+
+def test_declared_facts_do_not_override_the_read_dtype_with_a_default():
+    read = {"model_type": "qwen2", "num_hidden_layers": 24, "hidden_size": 896, "num_attention_heads": 14,
+            "num_key_value_heads": 2, "vocab_size": 151936, "intermediate_size": 4864,
+            "max_position_embeddings": 32768, "torch_dtype": "float32"}
+    body = model_body()
+    body["spec"]["architecture"] = {"modelType": "qwen2", "numHiddenLayers": 24, "hiddenSize": 896,
+                                    "numAttentionHeads": 14, "numKeyValueHeads": 2, "vocabSize": 151936,
+                                    "intermediateSize": 4864, "maxPositionEmbeddings": 32768}
+    merged = hf_config(SmallModel.model_validate(body), WeightsFacts(digest=DIGEST, config=read))
+    assert merged["torch_dtype"] == "float32"
+
+
+def test_the_weights_volume_holds_what_the_loader_writes():
+    world = World(model_body(), default_fleet())
+    world.weights = WeightsFacts(digest=DIGEST, weights_bytes=1 * 2**30, disk_bytes=5 * 2**30)
+    world.reconcile(T0)
+    volumes = {v["name"]: v for v in world.deployment()["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["weights"]["emptyDir"]["sizeLimit"] == "6Gi"  # 5 GiB plus headroom, not the 1 GiB served

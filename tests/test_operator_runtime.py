@@ -49,12 +49,26 @@ def test_a_created_object_is_seen_before_its_watch_event_and_a_deleted_one_is_no
     rt = runtime()
     created = obj("Service", "m", "5")
     rt.remember(None, created)
-    assert rt.fresh("Service", "ns", []) == [created]
+    assert rt.fresh("Service", "ns", [], "m") == [created]
+    assert rt.fresh("Service", "ns", [], "other") == []
     gone = obj("Service", "old", "3", uid="u9")
-    rt.deleted.add(("Service", "ns", "old", "u9"))
-    assert gone not in rt.fresh("Service", "ns", [gone])
-    rt.fresh("Service", "ns", [])  # the watch delivered the deletion
+    rt.deleted.add(("Service", "ns", "old", "u9", "m"))
+    rt.fresh("Service", "ns", [], "other")  # another model's reconcile must not forget it
+    assert gone not in rt.fresh("Service", "ns", [gone], "m")
+    rt.fresh("Service", "ns", [], "m")  # the watch delivered the deletion
     assert rt.deleted == set()
+
+
+def test_two_writes_before_the_watch_catches_up_still_show_the_newest():
+    rt = runtime()
+    v1 = obj("SmallModel", "m", "1")
+    v2 = obj("SmallModel", "m", "2", status={"a": 1})
+    v3 = obj("SmallModel", "m", "3", status={"a": 2})
+    rt.remember(v1, v2)
+    rt.remember(v2, v3)  # decided from the overlay, before the cache saw v2
+    assert rt.fresh("SmallModel", "ns", [v1], "m") == [v3]
+    assert rt.fresh("SmallModel", "ns", [v2], "m") == [v3]
+    assert rt.fresh("SmallModel", "ns", [v3], "m") == [v3] and rt.own_writes == {}
 
 
 class Store(dict):

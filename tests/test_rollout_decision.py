@@ -103,8 +103,10 @@ def test_boundaries_lie_between_their_bonferroni_limits(interims, alpha):
         cumulative = obrien_fleming_spending(t, alpha)
         spent = cumulative - previous
         previous = cumulative
-        assert spending_boundaries((1.0,), cumulative)[0] - 1e-6 <= c
-        assert c <= spending_boundaries((1.0,), spent)[0] + 1e-6
+        # 1e-4 on z: at the extreme tails hypothesis finds (z ~ 8, p ~ 1e-16) the numerical
+        # integration of the recursion is good to about 1e-5, far below what could change a verdict.
+        assert spending_boundaries((1.0,), cumulative)[0] - 1e-4 <= c
+        assert c <= spending_boundaries((1.0,), spent)[0] + 1e-4
 
 
 @FAST

@@ -145,12 +145,15 @@ class Architecture(CRModel):
     """config.json `vocab_size`."""
     intermediate_size: int = Field(ge=1, le=1048576)
     """config.json `intermediate_size`: MLP width."""
-    tie_word_embeddings: bool = False
-    """config.json `tie_word_embeddings`: the output head shares the embedding matrix."""
+    tie_word_embeddings: bool | None = None
+    """config.json `tie_word_embeddings`: the output head shares the embedding matrix (the
+    family's default when absent)."""
     max_position_embeddings: int = Field(ge=128, le=4194304)
     """config.json `max_position_embeddings`: the longest context the model supports."""
-    torch_dtype: CheckpointDtype = "bfloat16"
-    """config.json `torch_dtype`: the dtype the checkpoint is stored in."""
+    torch_dtype: CheckpointDtype | None = None
+    """config.json `torch_dtype`: the dtype the checkpoint is stored in (bfloat16 when absent and
+    not read from the weights). No default here, so a declared architecture never overrides what
+    the weights' config.json says about fields it does not mention."""
 
     def to_hf_config(self) -> dict:
         """The same facts under config.json's own key names."""

@@ -20,8 +20,10 @@ def build_deployment(
     placement: Placement,
     revision: str,
     config: OperatorConfig,
+    weights_disk_bytes: int | None = None,
 ) -> dict:
-    """The desired Deployment, for server-side apply. Raises UnsupportedSource (a ValueError) when
+    """The desired Deployment, for server-side apply. `weights_disk_bytes` is what the loader will
+    write (the manifest's total), when known. Raises UnsupportedSource (a ValueError) when
     the weights source cannot be served yet."""
     labels = revision_labels(owner.name, revision)
     return {
@@ -41,7 +43,7 @@ def build_deployment(
             # A pod may legitimately stay Pending for the pending timeout and then load weights
             # for the startup timeout; only past both is the Deployment really stuck.
             "progressDeadlineSeconds": config.pending_timeout_seconds + config.startup_timeout_seconds,
-            "template": build_pod_template(owner, spec, placement, revision, config),
+            "template": build_pod_template(owner, spec, placement, revision, config, weights_disk_bytes),
         },
     }
 

@@ -57,6 +57,7 @@ def build_pod_template(
     placement: Placement,
     revision: str,
     config: OperatorConfig,
+    weights_disk_bytes: int | None = None,
 ) -> dict:
     """The Deployment's `spec.template`. Raises UnsupportedSource for a source it cannot load."""
     pod_spec: dict = {
@@ -73,12 +74,20 @@ def build_pod_template(
     pod_spec["tolerations"] = [dict(t) for t in GPU_TOLERATIONS]
     pod_spec["initContainers"] = [loader_container(spec.source, config, _container_security_context())]
     pod_spec["containers"] = [_vllm_container(owner, spec, placement, config)]
-    weights_bytes = placement.memory.weights_bytes if placement.memory else None
-    pod_spec["volumes"] = weights_volumes(spec.source, weights_bytes) + _volumes(placement)
+    pod_spec["volumes"] = weights_volumes(spec.source, _disk_bytes(placement, weights_disk_bytes)) + _volumes(placement)
     # The placement key tells the operator which placement a Pending pod was created for, so pods
     # left over from an earlier placement do not count against the current one.
     metadata = {"labels": revision_labels(owner.name, revision), "annotations": {PLACEMENT_ANNOTATION: placement.key}}
     return {"metadata": metadata, "spec": pod_spec}
+
+
+def _disk_bytes(placement: Placement, known: int | None) -> int | None:
+    """The weights' size on disk: the manifest's total when known. Otherwise twice what vLLM holds
+    in memory, since a checkpoint can be stored wider than it is served (fp32 files served in
+    bf16, 16-bit files quantized to fp8 on load), and an emptyDir over its limit evicts the pod."""
+    if known:
+        return known
+    return 2 * placement.memory.weights_bytes if placement.memory else None
 
 
 def _vllm_container(

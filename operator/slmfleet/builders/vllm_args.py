@@ -33,6 +33,10 @@ def vllm_serve_args(
     """Arguments after `vllm serve`: the model path, the flags the operator manages, then extraArgs."""
     args = [
         model_path,
+        # Before the managed flags: argparse keeps the last value of a flag, and vLLM's parser
+        # accepts abbreviations (--tensor-parallel=4), which no CEL rule can list exhaustively;
+        # so whatever extraArgs say, the placement's flags win.
+        *serving.extra_args,
         "--served-model-name", served_model_name,
         "--host", LISTEN_HOST,
         "--port", str(port),
@@ -49,6 +53,4 @@ def vllm_serve_args(
         args += ["--quantization", VLLM_QUANTIZATION[serving.quantization]]
     if serving.kv_cache_dtype != "auto":
         args += ["--kv-cache-dtype", serving.kv_cache_dtype]
-    # Last, so they are read as written; the CRD's CEL rule already rejects managed flags in them.
-    args += list(serving.extra_args)
     return args

@@ -9,6 +9,7 @@ a world that already matches gives an empty one (no writes).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
 import hashlib
@@ -140,7 +141,8 @@ def _fallback(p: sizing.Placement) -> FallbackPlacement:
 def hf_config(model: SmallModel, weights: WeightsFacts | None) -> dict[str, Any] | None:
     """config.json as the weights have it, with the facts declared in the spec taking precedence."""
     declared = model.spec.architecture.to_hf_config() if model.spec.architecture else None
-    read = dict(weights.config) if weights is not None and weights.config is not None else None
+    # A deep copy: the facts are cached and shared by every model with the same weights.
+    read = copy.deepcopy(dict(weights.config)) if weights is not None and weights.config is not None else None
     if read is None:
         return declared
     if declared:
@@ -235,7 +237,11 @@ def weights_verified(pods: Iterable[dict[str, Any]], revision: str) -> tuple[str
         for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
             if status.get("name") != LOADER_CONTAINER:
                 continue
-            for state in (status.get("state") or {}, status.get("lastState") or {}):
+            current = (status.get("state") or {}).get("terminated")
+            states = [status.get("state") or {}]
+            if not (current and int(current.get("exitCode", 1)) == 0):
+                states.append(status.get("lastState") or {})  # an earlier failure, not yet retried well
+            for state in states:
                 done = state.get("terminated")
                 if not done:
                     continue
@@ -374,9 +380,9 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
     weights = obs.weights
     verified = weights_verified(obs.pods, revision)
     if weights is not None and weights.problem:
-        if weights.transient:
-            requeue = 30.0
-        else:
+        # Look again later: the storage may come back, or the user may fix what is stored.
+        requeue = 30.0 if weights.transient else 300.0
+        if not weights.transient:
             verified = ("False", weights.problem, weights.message)
         st.condition("WeightsVerified", *verified)
         return degraded(weights.problem, weights.message)
@@ -451,15 +457,19 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
                 events.append(EventNote("Normal", "Placed", f"{placement.summary}: " + "; ".join(placement.reasons[:2])))
 
     try:
-        desired_dep = with_applied_hash(build_deployment(owner, model.spec, placement, revision, config))
+        disk = weights.disk_bytes if weights is not None else None
+        desired_dep = with_applied_hash(build_deployment(owner, model.spec, placement, revision, config, disk))
     except UnsupportedSource as exc:
         return degraded("SourceNotSupported", str(exc), placement)
 
     live = deployments.get(revision)
     desired_ready = _deployment_ready(live, desired_dep)
     previous = old.serving_revision if old.serving_revision in deployments and old.serving_revision != revision else None
-    if previous is not None and not _deployment_ready(deployments[previous], None):
-        previous = None  # it never served: nothing to keep, and its GPUs are better freed now
+    if previous is not None:
+        served = any(h.revision == previous for h in old.history)
+        has_ready = int((deployments[previous].get("status") or {}).get("readyReplicas", 0)) > 0
+        if not (served or has_ready):
+            previous = None  # it never served: nothing to keep, and its GPUs are better freed now
     serving = revision if desired_ready or previous is None else previous
 
     desired = [desired_dep, with_applied_hash(build_revision_service(owner, revision, config))]

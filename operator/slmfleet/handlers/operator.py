@@ -59,37 +59,47 @@ class Runtime:
     # Our own writes, until the watch brings them back: (kind, namespace, name) ->
     # (resourceVersion the cache had before the write, the object the API server returned).
     # Without it, a reconcile that runs before the watch catches up would decide from the past.
-    own_writes: dict[tuple[str, str, str], tuple[str | None, dict[str, Any]]] = field(default_factory=dict)
-
-    deleted: set[tuple[str, str, str, str]] = field(default_factory=set)  # (kind, namespace, name, uid)
+    # The older versions are all those we saw before our writes: two writes may come before the
+    # watch delivers the first.
+    own_writes: dict[tuple[str, str, str], tuple[frozenset[str | None], dict[str, Any]]] = field(default_factory=dict)
+    # Objects we deleted, until the cache drops them: (kind, namespace, name, uid, owning model).
+    deleted: set[tuple[str, str, str, str, str]] = field(default_factory=set)
 
     def remember(self, before: dict[str, Any] | None, after: dict[str, Any]) -> None:
         meta = after["metadata"]
-        rv = (before or {}).get("metadata", {}).get("resourceVersion")
-        self.own_writes[(after["kind"], meta["namespace"], meta["name"])] = (rv, after)
+        key = (after["kind"], meta["namespace"], meta["name"])
+        older = {(before or {}).get("metadata", {}).get("resourceVersion")}
+        if key in self.own_writes:
+            previous_older, previous = self.own_writes[key]
+            older |= previous_older | {previous["metadata"].get("resourceVersion")}
+        self.own_writes[key] = (frozenset(older), after)
 
-    def fresh(self, kind: str, namespace: str, cached: list[dict[str, Any]], names: set[str] | None = None) -> list[dict[str, Any]]:
-        """`cached` objects of `kind`, with our newer writes in place of what the cache still lacks."""
+    def fresh(self, kind: str, namespace: str, cached: list[dict[str, Any]], owner: str = "") -> list[dict[str, Any]]:
+        """`cached` objects of `kind` owned by model `owner`, with our newer writes in place of what
+        the cache still lacks, and without what we deleted."""
         out = []
         seen = set()
         still_cached = set()
         for obj in cached:
             name = obj["metadata"]["name"]
-            gone = (kind, namespace, name, obj["metadata"].get("uid", ""))
+            gone = (kind, namespace, name, obj["metadata"].get("uid", ""), owner)
             if gone in self.deleted:
                 still_cached.add(gone)
                 continue
             seen.add(name)
             write = self.own_writes.get((kind, namespace, name))
-            if write and write[0] == obj["metadata"].get("resourceVersion"):
+            if write and obj["metadata"].get("resourceVersion") in write[0]:
                 out.append(write[1])
             else:
                 self.own_writes.pop((kind, namespace, name), None)
                 out.append(obj)
-        self.deleted -= {d for d in self.deleted if d[0] == kind and d[1] == namespace} - still_cached
-        for (k, ns, name), (rv, obj) in list(self.own_writes.items()):
-            if k == kind and ns == namespace and name not in seen and rv is None and (names is None or name in names):
-                out.append(obj)
+        self.deleted -= {d for d in self.deleted if d[:2] == (kind, namespace) and d[4] == owner} - still_cached
+        for (k, ns, name), (older, obj) in list(self.own_writes.items()):
+            if k != kind or ns != namespace or name in seen or None not in older:
+                continue
+            if owner and (obj["metadata"].get("labels") or {}).get(MODEL_LABEL, obj["metadata"]["name"]) != owner:
+                continue
+            out.append(obj)
         return out
 
     def capture(self, kwargs: dict[str, Any]) -> None:
@@ -108,6 +118,12 @@ def _requests_gpu(spec: dict[str, Any]) -> bool:
             if any(k.startswith(GPU_PREFIX) for k in (resources.get(kind) or {})):
                 return True
     return False
+
+
+def _frees_gpus(event_type: str | None, spec: Any, status: Any) -> bool:
+    """A GPU pod that went away or finished: its devices are free for a model that did not fit."""
+    finished = (dict(status or {})).get("phase") in ("Succeeded", "Failed")
+    return _requests_gpu(dict(spec or {})) and (event_type == "DELETED" or finished)
 
 
 def _slim_pod(body: kopf.Body) -> dict[str, Any]:
@@ -206,11 +222,18 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
 
     @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
     @kopf.on.event("v1", "services", labels=MANAGED, registry=registry)
-    @kopf.on.event("v1", "pods", labels={MODEL_LABEL: kopf.PRESENT}, registry=registry)
     def owned_event(namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
         runtime.capture(kwargs)
         if model := labels.get(MODEL_LABEL):
             runtime.queue.add((namespace, model))
+
+    @kopf.on.event("v1", "pods", labels={MODEL_LABEL: kopf.PRESENT}, registry=registry)
+    def model_pod_event(type: str | None, namespace: str, labels: kopf.Labels, spec: kopf.Spec, status: kopf.Status,
+                        **kwargs: Any) -> None:
+        runtime.capture(kwargs)
+        runtime.queue.add((namespace, labels[MODEL_LABEL]))
+        if _frees_gpus(type, spec, status):
+            _enqueue_unsettled(runtime)
 
     @kopf.on.event("v1", "nodes", registry=registry)
     def node_event(**kwargs: Any) -> None:
@@ -219,9 +242,9 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         _enqueue_unsettled(runtime)
 
     @kopf.on.event("v1", "pods", labels={MODEL_LABEL: kopf.ABSENT}, registry=registry)
-    def other_pod_event(type: str | None, spec: kopf.Spec, **kwargs: Any) -> None:
+    def other_pod_event(type: str | None, spec: kopf.Spec, status: kopf.Status, **kwargs: Any) -> None:
         runtime.capture(kwargs)
-        if type == "DELETED" and _requests_gpu(dict(spec)):
+        if _frees_gpus(type, spec, status):
             _enqueue_unsettled(runtime)
 
     return registry
@@ -242,12 +265,11 @@ def observe(runtime: Runtime, key: ModelKey) -> Observed | None:
     models = list(indices["slm_models"].get(key, ()))
     if not models:
         return None
-    body = runtime.fresh(KIND, key[0], models)[0]
-    owned_by = lambda objs: [o for o in objs if (o["metadata"].get("labels") or {}).get(MODEL_LABEL) == key[1]]
+    body = runtime.fresh(KIND, key[0], models, key[1])[0]
     return Observed(
         body=body,
-        deployments=tuple(owned_by(runtime.fresh("Deployment", key[0], list(indices["slm_deployments"].get(key, ()))))),
-        services=tuple(owned_by(runtime.fresh("Service", key[0], list(indices["slm_services"].get(key, ()))))),
+        deployments=tuple(runtime.fresh("Deployment", key[0], list(indices["slm_deployments"].get(key, ())), key[1])),
+        services=tuple(runtime.fresh("Service", key[0], list(indices["slm_services"].get(key, ())), key[1])),
         pods=tuple(indices["slm_model_pods"].get(key, ())),
         nodes=tuple(indices["slm_nodes"].get("all", ())),
         gpu_pods=tuple(indices["slm_gpu_pods"].get("all", ())),
@@ -264,7 +286,7 @@ async def execute(runtime: Runtime, obs: Observed, plan: Plan) -> None:
         log.info("applied %s %s/%s", obj["kind"], ref.namespace, obj["metadata"]["name"])
     for gone in plan.delete:
         await runtime.client.delete(ObjectRef(gone.api_version, gone.kind, ref.namespace, gone.name, gone.uid))
-        runtime.deleted.add((gone.kind, ref.namespace, gone.name, gone.uid))
+        runtime.deleted.add((gone.kind, ref.namespace, gone.name, gone.uid, ref.name))
         runtime.own_writes.pop((gone.kind, ref.namespace, gone.name), None)
         metrics.API_WRITES.labels("delete").inc()
         log.info("deleted %s %s/%s", gone.kind, ref.namespace, gone.name)

@@ -1,10 +1,11 @@
 """Reading weights facts for S3 sources before planning: credentials from the referenced Secret,
 the CA bundle from the referenced ConfigMap, then `slmfleet.weights.inspect` in a thread.
 
-Verdicts on the bytes (a digest that is not the pin, refused pickle files, a file that does not
-match the manifest) and successful reads are cached by (uri, digest): pinned bytes do not change.
-Failures that can heal (storage unreachable, a Secret not created yet, access denied) are cached
-for RETRY_SECONDS only, so a broken endpoint is not hammered by every watch event.
+Successful reads and refused pickle files are verdicts on the pinned bytes and are cached for good,
+per namespace and source settings. What is stored at the URI can be fixed (a manifest written, a
+file re-uploaded), so those verdicts are re-read after RECHECK_SECONDS; failures that can heal
+(storage unreachable, a Secret not created yet, access denied) after RETRY_SECONDS, so a broken
+endpoint is not hammered by every watch event.
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ from slmfleet.weights.facts import WeightsFacts
 from slmfleet.weights.inspect import inspect_s3, s3_client
 
 RETRY_SECONDS = 30.0
+# What is stored at a URI can be fixed (a manifest written, a file re-uploaded): re-read then.
+RECHECK_SECONDS = 300.0
 HEALING = frozenset({"StorageUnreachable", "StorageDenied", "CredentialsUnavailable"})
+# Verdicts on the pinned bytes themselves: a pin names exactly these bytes, they cannot change.
+FINAL = frozenset({None, "PickleRefused"})
 
 
 @dataclass
 class WeightsReader:
     client: KubeClient
-    cache: dict[tuple[str, str, bool], tuple[float, WeightsFacts]] = field(default_factory=dict)
+    cache: dict[tuple[str, str], tuple[float, WeightsFacts]] = field(default_factory=dict)
     ca_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="slmfleet-ca-")))
 
     async def facts(self, body: dict[str, Any]) -> WeightsFacts | None:
@@ -40,10 +45,13 @@ class WeightsReader:
         source = model.spec.source
         if not source.uri.startswith("s3://"):
             return None  # PVC contents are only visible to the pods; the loader checks them there
-        key = (source.uri, source.digest, source.allow_pickle)
+        # Per namespace and settings: another namespace's credentials must not vouch for this one.
+        key = (body["metadata"]["namespace"], source.model_dump_json())
         cached = self.cache.get(key)
-        if cached and (cached[1].problem not in HEALING or time.monotonic() - cached[0] < RETRY_SECONDS):
-            return cached[1]
+        if cached:
+            ttl = RETRY_SECONDS if cached[1].problem in HEALING else RECHECK_SECONDS
+            if cached[1].problem in FINAL or time.monotonic() - cached[0] < ttl:
+                return cached[1]
         facts = await self._read(body["metadata"]["namespace"], model)
         if facts.problem in HEALING:
             facts = replace(facts, transient=True)

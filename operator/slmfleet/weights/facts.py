@@ -13,14 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
-
 @dataclass(frozen=True)
 class WeightsFacts:
     digest: str
     config: Mapping[str, Any] | None = None  # config.json
     weights_bytes: int | None = None  # exact, from safetensors headers or the index
+    disk_bytes: int | None = None  # every file of the manifest: what the loader writes
     files: tuple[str, ...] = ()  # the manifest's paths
     problem: str | None = None  # a condition reason: DigestMismatch, PickleRefused, WeightsUnreadable
     message: str = ""
@@ -29,4 +27,7 @@ class WeightsFacts:
 
 
 def pickle_files(files: tuple[str, ...]) -> list[str]:
-    return [f for f in files if f.lower().endswith(PICKLE_SUFFIXES)]
+    """The files the loader would refuse without --allow-pickle (one list of suffixes for both)."""
+    from slmfleet.weights.loader import pickle_files as refused  # noqa: PLC0415 - the loader pulls boto3
+
+    return refused(files)

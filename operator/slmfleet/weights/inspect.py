@@ -108,7 +108,8 @@ def inspect_s3(client: Any, uri: str, pin: str, *, allow_pickle: bool) -> Weight
                     key = location.key(path)
                     header = read_header(lambda start, length, key=key: s3mod.read_range(client, location.bucket, key, start, length))
                     weights_bytes += tensor_bytes(header)
-        return WeightsFacts(digest=pin, config=config, weights_bytes=weights_bytes, files=files, notes=tuple(notes))
+        return WeightsFacts(digest=pin, config=config, weights_bytes=weights_bytes, files=files,
+                            disk_bytes=manifest.total_size, notes=tuple(notes))
     except _Tampered as exc:
         return WeightsFacts(
             digest=pin, problem="FileMismatch",
