@@ -1,14 +1,8 @@
 """`slmfleet eval` against two real vLLM stand-ins on 127.0.0.1."""
 
-import contextlib
-import http.client
 import json
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -16,6 +10,7 @@ import pytest
 from moto import mock_aws
 
 from slmfleet.cli.main import main
+from tests.standin_servers import free_port, standins
 
 REPO = Path(__file__).resolve().parents[1]
 STABLE = {"responses": [{"prompt": "2+2?", "completion": "4"}, {"prompt": "Capital of France?", "completion": "Paris."},
@@ -33,56 +28,10 @@ CASES = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def healthy(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
-    try:
-        conn.request("GET", "/health")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        conn.close()
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli-standins")
-    env = {k: v for k, v in os.environ.items() if k != "SLMFLEET_POD_IP"}
-    procs, urls = [], {}
-    try:
-        for name, behaviour in (("stable", STABLE), ("candidate", CANDIDATE)):
-            (root / name).mkdir()
-            (root / name / "config.json").write_text(json.dumps({"num_attention_heads": 8}))
-            (root / name / "standin.json").write_text(json.dumps(behaviour))
-            port = free_port()
-            procs.append((subprocess.Popen(
-                [sys.executable, "-m", "e2e.standin.vllm", "serve", str(root / name), "--host", "127.0.0.1",
-                 "--port", str(port), "--served-model-name", "tiny"],
-                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), port))
-            urls[name] = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 15
-        for proc, port in procs:
-            while not healthy(port):
-                assert proc.poll() is None, proc.stderr.read().decode()
-                assert time.monotonic() < deadline, "stand-in did not start"
-                time.sleep(0.05)
+    with standins(tmp_path_factory.mktemp("cli-standins"), {"stable": STABLE, "candidate": CANDIDATE}, "tiny") as urls:
         yield urls
-    finally:
-        for proc, _ in procs:
-            proc.terminate()
-        for proc, _ in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=5)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-            proc.stderr.close()
 
 
 @pytest.fixture

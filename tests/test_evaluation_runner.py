@@ -3,19 +3,14 @@ different standin.json answers, and a small aiohttp server that records what it 
 
 import asyncio
 import contextlib
-import http.client
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from tests.standin_servers import free_port, standins
 from slmfleet.evaluation import (
     DatasetError,
     Endpoint,
@@ -49,65 +44,10 @@ FAILING = {"default_completion": "x", "error_rate": 1.0}
 SLOW = {"default_completion": "late", "latency_ms": {"mean": 2000, "p95": 2000}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def healthy(port: int) -> bool:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=0.5)
-    try:
-        conn.request("GET", "/health")
-        return conn.getresponse().status == 200
-    except OSError:
-        return False
-    finally:
-        conn.close()
-
-
-@contextlib.contextmanager
-def standins(root: Path, behaviours: dict[str, dict]):
-    """Start one stand-in process per behaviour (in parallel); yield their base URLs."""
-    env = {k: v for k, v in os.environ.items() if k != "SLMFLEET_POD_IP"}
-    procs, urls = [], {}
-    try:
-        for name, behaviour in behaviours.items():
-            model_dir = root / name
-            model_dir.mkdir(parents=True)
-            (model_dir / "config.json").write_text(json.dumps({"num_attention_heads": 8, "max_position_embeddings": 4096}))
-            (model_dir / "standin.json").write_text(json.dumps(behaviour))
-            port = free_port()
-            procs.append((subprocess.Popen(
-                [sys.executable, "-m", "e2e.standin.vllm", "serve", str(model_dir), "--host", "127.0.0.1",
-                 "--port", str(port), "--served-model-name", MODEL, "--seed", "1"],
-                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE), port))
-            urls[name] = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 15
-        for proc, port in procs:
-            while not healthy(port):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"stand-in exited: {proc.stderr.read().decode()}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError("stand-in did not start")
-                time.sleep(0.05)
-        yield urls
-    finally:
-        for proc, _ in procs:
-            proc.terminate()
-        for proc, _ in procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            proc.stderr.close()
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     with standins(tmp_path_factory.mktemp("standins"),
-                  {"good": GOOD, "bad": BAD, "failing": FAILING, "slow": SLOW}) as urls:
+                  {"good": GOOD, "bad": BAD, "failing": FAILING, "slow": SLOW}, MODEL) as urls:
         yield urls
 
 

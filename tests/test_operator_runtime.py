@@ -100,3 +100,17 @@ def test_a_reconcile_that_keeps_failing_says_so_in_the_status(monkeypatch):
     assert "the planner broke" in cond["message"]
     assert client.events[0][:2] == ("Warning", "ReconcileError")
     assert rt.failures[("ns", "m")] == op.REPORT_AFTER_FAILURES + 1
+
+
+def test_node_heartbeats_are_not_changes_but_capacity_is():
+    rt = runtime()
+    node = {"metadata": {"name": "n1", "labels": {"nvidia.com/gpu.product": "NVIDIA-L4"}},
+            "status": {"allocatable": {"nvidia.com/gpu": "1"},
+                       "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "t1"}]}}
+    assert op.node_changed(rt, None, node, "n1")
+    node["status"]["conditions"][0]["lastHeartbeatTime"] = "t2"
+    assert not op.node_changed(rt, "MODIFIED", node, "n1")
+    node["status"]["allocatable"]["nvidia.com/gpu"] = "2"
+    assert op.node_changed(rt, "MODIFIED", node, "n1")
+    assert op.node_changed(rt, "DELETED", node, "n1")
+    assert not op.node_changed(rt, "DELETED", node, "n1")

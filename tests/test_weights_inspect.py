@@ -93,3 +93,16 @@ def test_missing_manifest_and_unreachable_storage(s3):
                         config=__import__("botocore").config.Config(retries={"total_max_attempts": 1}, connect_timeout=1))
     facts = inspect_s3(dead, f"s3://{BUCKET}/q/", "sha256:" + "1" * 64, allow_pickle=False)
     assert facts.problem == "StorageUnreachable" and facts.transient
+
+
+def test_without_a_secret_the_operator_reads_anonymously_never_with_its_own_identity():
+    from botocore import UNSIGNED
+
+    from slmfleet.weights.inspect import s3_client
+
+    common = dict(endpoint_url="http://127.0.0.1:9", region="us-east-1", path_style=True, ca_bundle=None)
+    anonymous = s3_client(**common, access_key_id=None, secret_access_key=None)
+    assert anonymous.meta.config.signature_version is UNSIGNED
+    keyed = s3_client(**common, access_key_id="AKIAEXAMPLE", secret_access_key="secret")
+    assert keyed.meta.config.signature_version is not UNSIGNED
+    assert keyed._request_signer._credentials.access_key == "AKIAEXAMPLE"

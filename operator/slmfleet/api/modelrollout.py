@@ -11,7 +11,7 @@ from pydantic import Field
 
 from slmfleet.api.base import CRModel
 from slmfleet.api.conditions import Condition
-from slmfleet.api.smallmodel import ConfigMapKey, S3Settings
+from slmfleet.api.smallmodel import S3Settings
 
 KIND = "ModelRollout"
 PLURAL = "modelrollouts"

@@ -23,6 +23,7 @@ import sys
 from typing import Any
 from urllib.parse import urlsplit
 
+from slmfleet.cli.argtypes import positive_float, positive_int
 from slmfleet.evaluation.dataset import DatasetError, load_file, load_s3_jsonl, sample
 from slmfleet.evaluation.runner import (
     DEFAULT_CONCURRENCY,
@@ -44,26 +45,6 @@ EXIT_OK, EXIT_NO_ANSWERS, EXIT_BAD_INPUT = 0, 1, 2
 
 class BadInput(Exception):
     pass
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
 
 
 def _url(text: str) -> str:
@@ -89,13 +70,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--candidate-model", help="model name for the candidate only")
     p.add_argument("--scorer", action="append", default=[], metavar="SPEC",
                    help="type[:key=value,...] or a JSON object (repeatable; default exact_match)")
-    p.add_argument("--sample", type=_positive_int, metavar="N", help="evaluate N cases sampled deterministically")
+    p.add_argument("--sample", type=positive_int, metavar="N", help="evaluate N cases sampled deterministically")
     p.add_argument("--seed", default="0", help="sampling seed (default 0)")
-    p.add_argument("--concurrency", type=_positive_int, default=DEFAULT_CONCURRENCY,
+    p.add_argument("--concurrency", type=positive_int, default=DEFAULT_CONCURRENCY,
                    help=f"requests in flight per server (default {DEFAULT_CONCURRENCY})")
-    p.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT,
+    p.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT,
                    help=f"seconds per request (default {DEFAULT_TIMEOUT:g})")
-    p.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_MAX_TOKENS,
+    p.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS,
                    help=f"max_tokens per request (default {DEFAULT_MAX_TOKENS})")
     p.add_argument("--s3-endpoint-url", help="S3 endpoint for an s3:// dataset (AWS_ENDPOINT_URL)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -96,6 +96,7 @@ __all__ = [
     "parse_jsonl",
     "percentile",
     "quantile_from_buckets",
+    "parse_scorer_string",
     "register_scorer",
     "sample",
     "scrape",

@@ -23,10 +23,7 @@ from slmfleet import sizing
 from slmfleet.api.conditions import Condition, find, set_condition
 from slmfleet.api.config import OperatorConfig
 from slmfleet.api.smallmodel import (
-    GROUP,
-    KIND,
     MAX_HISTORY,
-    VERSION,
     ExcludedPlacement,
     FallbackPlacement,
     MemoryBreakdown,
@@ -41,6 +38,7 @@ from slmfleet.builders import (
     build_deployment,
     build_model_service,
     build_revision_service,
+    model_endpoint,
     revision_of,
 )
 from slmfleet.builders.labels import PLACEMENT_ANNOTATION, REVISION_LABEL
@@ -536,7 +534,7 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
             "sizing_inputs": inputs,
             "replicas": replicas,
             "ready_replicas": ready_replicas,
-            "endpoint": f"http://{name}.{namespace}.svc:{config.vllm_port}/v1",
+            "endpoint": model_endpoint(owner, config),
         }
     )
     plan = _finish(old, new, apply, delete, events, requeue)
@@ -570,7 +568,3 @@ def _finish(
         conditions={c.type: c.status for c in new.conditions},
     )
 
-
-def model_ref(body: dict[str, Any]) -> tuple[str, str, str, str, str]:
-    meta = body["metadata"]
-    return f"{GROUP}/{VERSION}", KIND, meta["namespace"], meta["name"], meta.get("uid", "")

@@ -56,6 +56,7 @@ class Runtime:
     gpus: dict[ModelKey, dict[str, int]] = field(default_factory=dict)
     worker_alive: bool = False
     weights: WeightsReader | None = None
+    nodes_seen: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # name -> last sizing view
     # Our own writes, until the watch brings them back: (kind, namespace, name) ->
     # (resourceVersion the cache had before the write, the object the API server returned).
     # Without it, a reconcile that runs before the watch catches up would decide from the past.
@@ -120,6 +121,32 @@ def _requests_gpu(spec: dict[str, Any]) -> bool:
     return False
 
 
+def node_changed(runtime: Runtime, event_type: str | None, body: Any, name: str) -> bool:
+    """Whether the event changed what sizing reads of the node (remembering it for next time)."""
+    seen = None if event_type == "DELETED" else _slim_node(body, name)
+    if runtime.nodes_seen.get(name, ()) == seen:
+        return False
+    runtime.nodes_seen[name] = seen
+    return True
+
+
+def _slim_node(body: kopf.Body, name: str) -> dict[str, Any]:
+    """What sizing reads of a node (inventory_from_nodes): labels, allocatable, schedulability, Ready."""
+    spec, status = body.get("spec", {}), body.get("status", {})
+    return {
+        "metadata": {"name": name, "labels": dict(body.get("metadata", {}).get("labels") or {})},
+        "spec": {"unschedulable": spec.get("unschedulable", False), "taints": list(spec.get("taints") or [])},
+        "status": {
+            "allocatable": dict(status.get("allocatable") or {}),
+            "conditions": [
+                {"type": c.get("type"), "status": c.get("status")}
+                for c in status.get("conditions") or []
+                if c.get("type") == "Ready"
+            ],
+        },
+    }
+
+
 def _frees_gpus(event_type: str | None, spec: Any, status: Any) -> bool:
     """A GPU pod that went away or finished: its devices are free for a model that did not fit."""
     finished = (dict(status or {})).get("phase") in ("Succeeded", "Failed")
@@ -156,10 +183,6 @@ def _slim_pod(body: kopf.Body) -> dict[str, Any]:
     }
 
 
-def _plain(body: kopf.Body) -> dict[str, Any]:
-    return {k: v for k, v in dict(body).items()}
-
-
 def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
@@ -172,11 +195,11 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
     # Indices: the operator's view of the world.
     @kopf.index(GROUP, VERSION, PLURAL, id="slm_models", registry=registry)
     def slm_models(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[ModelKey, dict[str, Any]]:
-        return {(namespace, name): _plain(body)}
+        return {(namespace, name): dict(body)}
 
     def by_model(body: kopf.Body, namespace: str, labels: kopf.Labels) -> dict[ModelKey, dict[str, Any]] | None:
         model = labels.get(MODEL_LABEL)
-        return {(namespace, model): _plain(body)} if model else None
+        return {(namespace, model): dict(body)} if model else None
 
     @kopf.index("apps", "v1", "deployments", labels=MANAGED, id="slm_deployments", registry=registry)
     def slm_deployments(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[ModelKey, dict[str, Any]] | None:
@@ -199,20 +222,7 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
 
     @kopf.index("v1", "nodes", id="slm_nodes", registry=registry)
     def slm_nodes(body: kopf.Body, name: str, **_: Any) -> dict[str, dict[str, Any]]:
-        return {
-            "all": {
-                "metadata": {"name": name, "labels": dict(body.get("metadata", {}).get("labels") or {})},
-                "spec": {"unschedulable": body.get("spec", {}).get("unschedulable", False), "taints": list(body.get("spec", {}).get("taints") or [])},
-                "status": {
-                    "allocatable": dict(body.get("status", {}).get("allocatable") or {}),
-                    "conditions": [
-                        {"type": c.get("type"), "status": c.get("status")}
-                        for c in body.get("status", {}).get("conditions") or []
-                        if c.get("type") == "Ready"
-                    ],
-                },
-            }
-        }
+        return {"all": _slim_node(body, name)}
 
     # Events: which model to look at again.
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
@@ -236,10 +246,12 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
             _enqueue_unsettled(runtime)
 
     @kopf.on.event("v1", "nodes", registry=registry)
-    def node_event(**kwargs: Any) -> None:
-        # New or changed capacity can place a model that did not fit, or free a Pending one.
+    def node_event(type: str | None, body: kopf.Body, name: str, **kwargs: Any) -> None:
+        # New or changed capacity can place a model that did not fit, or free a Pending one. Most
+        # node events are heartbeats that change nothing sizing reads: those wake no model.
         runtime.capture(kwargs)
-        _enqueue_unsettled(runtime)
+        if node_changed(runtime, type, body, name):
+            _enqueue_unsettled(runtime)
 
     @kopf.on.event("v1", "pods", labels={MODEL_LABEL: kopf.ABSENT}, registry=registry)
     def other_pod_event(type: str | None, spec: kopf.Spec, status: kopf.Status, **kwargs: Any) -> None:

@@ -64,7 +64,7 @@ def _path(api_version: str, kind: str, namespace: str, name: str | None = None, 
 
 
 class KubeClient:
-    """Writes as field manager `slmfleet`; counts requests so tests and metrics can see them."""
+    """Writes as field manager `slmfleet`."""
 
     def __init__(self, kubeconfig: str | None = None) -> None:
         configuration = kubernetes.client.Configuration()
@@ -73,14 +73,12 @@ class KubeClient:
         except kubernetes.config.ConfigException:
             kubernetes.config.load_incluster_config(client_configuration=configuration)
         self._api = kubernetes.client.ApiClient(configuration)
-        self.writes = 0
 
     def close(self) -> None:
         self._api.close()
 
     def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
               query: list[tuple[str, str]] | None = None) -> Any:
-        self.writes += method != "GET"
         response = self._api.call_api(
             path,
             method,

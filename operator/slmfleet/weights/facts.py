@@ -25,9 +25,3 @@ class WeightsFacts:
     transient: bool = False  # worth retrying (storage unreachable), as opposed to a verdict on the bytes
     notes: tuple[str, ...] = field(default=())
 
-
-def pickle_files(files: tuple[str, ...]) -> list[str]:
-    """The files the loader would refuse without --allow-pickle (one list of suffixes for both)."""
-    from slmfleet.weights.loader import pickle_files as refused  # noqa: PLC0415 - the loader pulls boto3
-
-    return refused(files)

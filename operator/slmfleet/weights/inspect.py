@@ -13,11 +13,11 @@ import hashlib
 import json
 from typing import Any
 
-import boto3
 from botocore.exceptions import BotoCoreError, ClientError
 
 from slmfleet.weights import s3 as s3mod
-from slmfleet.weights.facts import WeightsFacts, pickle_files
+from slmfleet.weights.facts import WeightsFacts
+from slmfleet.weights.loader import pickle_files  # the loader's own list: refused early exactly as in the pod
 from slmfleet.weights.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, ManifestError
 from slmfleet.weights.safetensors import SafetensorsError, read_header, tensor_bytes
 
@@ -27,19 +27,15 @@ MAX_SMALL_FILE = 16 * 1024 * 1024  # config.json and the index are kilobytes; re
 
 def s3_client(*, endpoint_url: str | None, region: str | None, path_style: bool, ca_bundle: str | None,
               access_key_id: str | None, secret_access_key: str | None) -> Any:
-    """A client with explicit credentials (the operator serves many namespaces, each with its own
-    Secret, so the process environment cannot hold them)."""
+    """A client with the model's own credentials (the operator serves many namespaces, each with
+    its own Secret). Without a Secret the requests are anonymous: the operator's own identity must
+    never read a tenant's bucket on the tenant's behalf."""
     settings = s3mod.S3Settings(
         endpoint_url=endpoint_url, region=region, addressing_style="path" if path_style else "virtual",
         ca_bundle=ca_bundle, connect_timeout=5.0, read_timeout=20.0, max_attempts=3,
     )
-    client = settings.client()
-    if access_key_id and secret_access_key:
-        # Rebuild with the key pair; S3Settings.client() takes credentials from the environment.
-        session = boto3.session.Session(aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key)
-        client = session.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.effective_region,
-                                verify=settings.ca_bundle or None, config=client.meta.config)
-    return client
+    anonymous = not (access_key_id and secret_access_key)
+    return settings.client(access_key_id=access_key_id, secret_access_key=secret_access_key, anonymous=anonymous)
 
 
 def _get(client: Any, bucket: str, key: str, limit: int = MAX_SMALL_FILE) -> bytes:

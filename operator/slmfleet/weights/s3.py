@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import boto3
+from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -137,8 +138,12 @@ class S3Settings:
             parts.append(f"CA bundle {self.ca_bundle}")
         return ", ".join(parts)
 
-    def client(self) -> Any:
+    def client(self, *, access_key_id: str | None = None, secret_access_key: str | None = None,
+               anonymous: bool = False) -> Any:
+        """A client; credentials come from the environment unless a key pair is given, or from
+        nowhere with `anonymous` (unsigned requests)."""
         config = Config(
+            signature_version=UNSIGNED if anonymous else None,
             s3={"addressing_style": self.effective_addressing_style},
             retries={"total_max_attempts": max(1, self.max_attempts), "mode": "standard"},
             connect_timeout=self.connect_timeout,
@@ -147,7 +152,8 @@ class S3Settings:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = boto3.session.Session()  # one per client: sessions are not thread-safe, clients are
+        # One session per client: sessions are not thread-safe, clients are.
+        session = boto3.session.Session(aws_access_key_id=access_key_id, aws_secret_access_key=secret_access_key)
         return session.client("s3", endpoint_url=self.endpoint_url, region_name=self.effective_region,
                               verify=self.ca_bundle or None, config=config)
 
