@@ -19,6 +19,17 @@ PINNED_IMAGE_PATTERN = r"^[a-z0-9][a-z0-9._:/-]*(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,1
 NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
 
+class ConfigMapRef(CRModel):
+    """A ConfigMap in a given namespace."""
+
+    model_config = CRModel.model_config | {"extra": "forbid"}
+
+    namespace: str = Field(max_length=63, pattern=NAMESPACE_PATTERN)
+    """Its namespace (usually the operator's)."""
+    name: str = Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    """Its name."""
+
+
 class OperatorConfig(CRModel):
     """Settings of one operator installation."""
 
@@ -42,6 +53,10 @@ class OperatorConfig(CRModel):
     """Namespaces to watch; empty watches all of them."""
     vllm_port: int = Field(default=8000, ge=1024, le=65535)
     """Port vLLM listens on inside the pod and the Services expose (above 1024: pods run as non-root)."""
+    deprecations: ConfigMapRef | None = None
+    """The ConfigMap listing deprecated base models (key `deprecations.yaml`; the Helm chart owns it).
+    A model whose base is listed rolls back to its newest revision with a base that is not, and a
+    rollout to a listed base is refused. None: nothing is deprecated."""
 
 
 def parse_operator_config(text: str) -> OperatorConfig:

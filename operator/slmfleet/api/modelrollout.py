@@ -287,6 +287,9 @@ class ModelRolloutStatus(CRModel):
     """Results of the evaluation steps so far."""
     message: str | None = None
     """What is happening, in words."""
+    retry: str | None = None
+    """The value of the `slmfleet.io/retry` annotation last acted on: setting the annotation to a new
+    value rolls a rolled-back or failed candidate out again."""
     conditions: list[Condition] = Field(
         default_factory=list,
         max_length=16,

@@ -334,10 +334,13 @@ class RevisionRecord(CRModel):
     """The revision hash."""
     digest: str
     """The weights digest it served."""
+    uri: str | None = None
+    """spec.source.uri at the time: with the digest, what a rollback to this revision loads."""
     base_model: str | None = None
     """spec.baseModel at the time."""
     outcome: Literal["Serving", "Replaced", "Promoted", "RolledBack"]
-    """Serving now, replaced by a newer revision, or the verdict of its rollout."""
+    """Serving now, replaced by a newer revision, promoted by a rollout (it passed its evaluations), or
+    rolled back by one (it never became stable)."""
     since: str
     """When it started serving (RFC 3339)."""
 

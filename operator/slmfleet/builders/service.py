@@ -21,19 +21,48 @@ def build_revision_service(owner: ModelOwner, revision: str, config: OperatorCon
     )
 
 
-def build_model_service(owner: ModelOwner, serving_revision: str, config: OperatorConfig) -> dict:
+CANARY_ANNOTATION = "slmfleet.io/canary"
+"""On the model Service in replica-ratio mode: `<candidate revision>=<weight>`, the canary weight the
+selector and replica counts implement (what a restarted operator reads back)."""
+
+
+def build_model_service(owner: ModelOwner, serving_revision: str, config: OperatorConfig,
+                        canary_revision: str | None = None, canary_weight: int = 0) -> dict:
     """ClusterIP Service `<model>`, the model's stable address, selecting the serving revision's pods.
 
     Promotion or rollback is a change of this selector: no new Service, no DNS change for clients.
+    With a canary in replica-ratio mode (no Gateway API): at 0% it selects the serving revision
+    only, between 0 and 100% every revision of the model (the share is the candidate's share of the
+    ready pods, see traffic.replica_ratio_replicas), at 100% the candidate only.
     """
-    return _service(
+    selector = {MODEL_LABEL: owner.name, REVISION_LABEL: serving_revision}
+    if canary_revision is not None and canary_weight >= 100:
+        selector = {MODEL_LABEL: owner.name, REVISION_LABEL: canary_revision}
+    elif canary_revision is not None and canary_weight > 0:
+        selector = {MODEL_LABEL: owner.name}
+    service = _service(
         owner,
         name=model_service_name(owner.name),
         # No revision label: the object is the model's, whatever revision it currently selects.
         labels=model_labels(owner.name),
-        selector={MODEL_LABEL: owner.name, REVISION_LABEL: serving_revision},
+        selector=selector,
         config=config,
     )
+    if canary_revision is not None:
+        service["metadata"]["annotations"] = {CANARY_ANNOTATION: f"{canary_revision}={canary_weight}"}
+    return service
+
+
+def canary_weight_of(service: dict | None, candidate_revision: str) -> int | None:
+    """The canary weight a live model Service implements for `candidate_revision` (0 when it is
+    about another revision or none; None without a Service)."""
+    if service is None:
+        return None
+    value = ((service.get("metadata") or {}).get("annotations") or {}).get(CANARY_ANNOTATION, "")
+    revision, _, weight = value.partition("=")
+    if revision != candidate_revision or not weight.isdigit():
+        return 0
+    return int(weight)
 
 
 def model_endpoint(owner: ModelOwner, config: OperatorConfig) -> str:

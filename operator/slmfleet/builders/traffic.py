@@ -44,3 +44,30 @@ def build_http_route(owner: ModelOwner, traffic: HttpRouteTraffic, stable_revisi
 def _backend(owner: ModelOwner, revision: str, weight: int, config: OperatorConfig) -> dict:
     return {"group": "", "kind": "Service", "name": revision_object_name(owner.name, revision),
             "port": config.vllm_port, "weight": weight}
+
+
+def route_weight_of(route: dict | None, owner: ModelOwner, candidate_revision: str) -> int | None:
+    """The weight a live HTTPRoute gives the candidate revision's Service (0 when it has no such
+    backend; None without a route)."""
+    if route is None:
+        return None
+    wanted = revision_object_name(owner.name, candidate_revision)
+    for rule in (route.get("spec") or {}).get("rules") or []:
+        for ref in rule.get("backendRefs") or []:
+            if ref.get("name") == wanted:
+                return int(ref.get("weight", 1))
+    return 0
+
+
+def replica_ratio_replicas(stable_replicas: int, weight: int) -> int:
+    """Candidate replicas for `weight` percent in replica-ratio mode, where the model Service spreads
+    requests evenly over the ready pods of both revisions: w / (100 - w) of the stable's replicas,
+    at least 1 (the evaluations need a pod even at 0%) and at most the stable's count, so a canary
+    never costs more GPUs than the stable. The share is therefore quantised by the replica counts
+    (1 stable replica: any weight in (0, 100) is 50%); the HTTPRoute mode has exact weights."""
+    if not 0 <= weight <= 100:
+        raise ValueError(f"canary weight {weight} is not a percentage")
+    top = max(stable_replicas, 1)
+    if weight >= 100:
+        return top
+    return min(top, max(1, round(stable_replicas * weight / (100 - weight))))

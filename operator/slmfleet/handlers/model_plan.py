@@ -42,6 +42,10 @@ from slmfleet.builders import (
     revision_of,
 )
 from slmfleet.builders.labels import PLACEMENT_ANNOTATION, REVISION_LABEL
+from slmfleet.builders.service import canary_weight_of
+from slmfleet.builders.traffic import build_http_route, route_weight_of
+from slmfleet.handlers.rollout_plan import EventNote, RolloutObserved, RolloutPlan, parse_rollout, plan_rollout
+from slmfleet.rollout.deprecations import Deprecations, HistoryEntry, last_known_good
 from slmfleet.weights import errors
 from slmfleet.weights.facts import WeightsFacts
 from slmfleet.k8s.client import APPLIED_HASH, with_applied_hash
@@ -60,13 +64,12 @@ class Observed:
     nodes: tuple[dict[str, Any], ...] = ()
     gpu_pods: tuple[dict[str, Any], ...] = ()  # every pod in the cluster that requests GPUs
     weights: WeightsFacts | None = None  # read from the source before any pod (S3 sources)
+    rollout: RolloutObserved | None = None  # the ModelRollout governing this model, if any
+    route: dict[str, Any] | None = None  # the model's live HTTPRoute (HTTPRoute traffic only)
+    deprecations: Deprecations = Deprecations()
 
 
-@dataclass(frozen=True)
-class EventNote:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
+GOOD_OUTCOMES = ("Serving", "Replaced", "Promoted")
 
 
 @dataclass(frozen=True)
@@ -86,10 +89,12 @@ class Plan:
     requeue_after: float | None = None  # seconds; for changes that come without a watch event
     gpus: dict[str, int] = field(default_factory=dict)  # product -> GPUs this model requests (metrics)
     conditions: dict[str, str] = field(default_factory=dict)  # type -> status (metrics)
+    rollout: RolloutPlan | None = None  # the governing ModelRollout's status, Events, evaluation to start
 
     @property
     def writes(self) -> int:
-        return len(self.apply) + len(self.delete) + (self.status is not None) + len(self.events)
+        own = len(self.apply) + len(self.delete) + (self.status is not None) + len(self.events)
+        return own + (0 if self.rollout is None else (self.rollout.status is not None) + len(self.rollout.events))
 
 
 def _rfc3339(now: dt.datetime) -> str:
@@ -318,6 +323,62 @@ def _changed_condition_events(old: list[Condition], new: list[Condition]) -> lis
     return events
 
 
+@dataclass(frozen=True)
+class Deprecated:
+    """The model's base is deprecated: what it serves instead, and what to say."""
+
+    message: str
+    target: RevisionRecord | None  # the revision to serve instead; None: nothing to fall back to
+
+
+def deprecated_base(model: SmallModel, deprecations: Deprecations, now: dt.datetime) -> Deprecated | None:
+    """Whether spec.baseModel is deprecated, and if so the newest revision in the history whose base
+    is not and which passed (it was promoted, or it was the stable revision); failing that, the
+    revision serving now, which keeps serving. The operator never edits the spec: it serves the
+    fallback's digest with the spec's other settings, and says so in the status."""
+    deprecation = deprecations.lookup(model.spec.base_model, now)
+    if deprecation is None:
+        return None
+    history = [h for h in model.status.history if h.uri]
+    entries = [HistoryEntry(h.revision, h.digest, h.base_model, "Serving" if h.outcome in GOOD_OUTCOMES else h.outcome)
+               for h in history]
+    good = last_known_good(entries, deprecations, now)
+    why = f"base model {deprecation.base_model} is deprecated ({deprecation.reason})"
+    if good is not None:
+        target = next(h for h in reversed(history) if h.revision == good.revision)
+        return Deprecated(f"{why}: serving the last known good revision {target.revision} (digest {target.digest}, "
+                          f"base {target.base_model or 'unknown'}); fix spec.source and spec.baseModel to end this", target)
+    serving = next((h for h in reversed(history) if h.revision == model.status.serving_revision), None)
+    if serving is not None:
+        return Deprecated(f"{why}, and no earlier revision with a base that is not deprecated passed: revision "
+                          f"{serving.revision} keeps serving", serving)
+    return Deprecated(f"{why}: it is not deployed", None)
+
+
+def _serve_record(model: SmallModel, record: RevisionRecord) -> SmallModel:
+    source = model.spec.source.model_copy(update={"uri": record.uri, "digest": record.digest})
+    spec = model.spec.model_copy(update={"source": source, "base_model": record.base_model})
+    return model.model_copy(update={"spec": spec})
+
+
+def effective_body(body: dict[str, Any], deprecations: Deprecations, now: dt.datetime) -> dict[str, Any]:
+    """The SmallModel as it is to be served (its source replaced when its base is deprecated): what
+    the weights are read for."""
+    try:
+        model = SmallModel.model_validate(body)
+    except ValidationError:
+        return body
+    found = deprecated_base(model, deprecations, now)
+    if found is None or found.target is None:
+        return body
+    served = _serve_record(model, found.target)
+    return {**body, "spec": {**body["spec"], "source": served.spec.source.to_wire(), "baseModel": served.spec.base_model}}
+
+
+def _ready_replicas(dep: dict[str, Any] | None) -> int:
+    return int(((dep or {}).get("status") or {}).get("readyReplicas", 0))
+
+
 def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
     body = obs.body
     meta = body["metadata"]
@@ -337,6 +398,10 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
 
     old = model.status
     owner = ModelOwner(name=name, namespace=namespace, uid=meta.get("uid", ""))
+    spec_model = model
+    deprecated = deprecated_base(model, obs.deprecations, now)
+    if deprecated is not None and deprecated.target is not None:
+        model = _serve_record(model, deprecated.target)
     revision = revision_of(model.spec)
     inputs = sizing_inputs(model)
     # Only a new revision (new pods anyway) or a change of what sizing reads re-sizes the model;
@@ -350,7 +415,21 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
     deployments = {(_revision_of_object(d) or ""): d for d in obs.deployments}
     replicas = model.spec.serving.replicas
 
-    def degraded(reason: str, message: str, placement: Placement | None = None) -> Plan:
+    # The revision serving now, if it served (the stable a rollout compares with).
+    stable = old.serving_revision if old.serving_revision in deployments and any(
+        h.revision == old.serving_revision for h in old.history) else None
+
+    def rollout_plan(**kwargs: Any) -> RolloutPlan | None:
+        if obs.rollout is None:
+            return None
+        forced = deprecated is not None and revision != revision_of(spec_model.spec)
+        args: dict[str, Any] = dict(stable=stable, candidate=stable if forced and stable else revision,
+                                    replicas=replicas, candidate_ready=False, candidate_failure=None,
+                                    base_deprecated=deprecated.message if deprecated else None,
+                                    history=list(old.history), now=now)
+        return plan_rollout(obs.rollout, **(args | kwargs))
+
+    def degraded(reason: str, message: str, placement: Placement | None = None, permanent: bool = False) -> Plan:
         st.condition("Degraded", True, reason, message)
         serving = old.serving_revision if old.serving_revision in deployments else None
         st.condition(
@@ -373,7 +452,12 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
                 "sizing_inputs": inputs,
             }
         )
-        return _finish(old, new, [], [], events, requeue)
+        # A candidate that cannot serve for good (its weights fail their pin) fails its rollout.
+        rollout = rollout_plan(candidate_failure=f"{reason}: {message}" if permanent else None)
+        return dataclasses.replace(_finish(old, new, [], [], events, requeue), rollout=rollout)
+
+    if deprecated is not None and deprecated.target is None:
+        return degraded("BaseModelDeprecated", deprecated.message)
 
     weights = obs.weights
     verified = weights_verified(obs.pods, revision)
@@ -383,7 +467,7 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         if not weights.transient:
             verified = ("False", weights.problem, weights.message)
         st.condition("WeightsVerified", *verified)
-        return degraded(weights.problem, weights.message)
+        return degraded(weights.problem, weights.message, permanent=not weights.transient)
     st.condition("WeightsVerified", *verified)
 
     if hf_config(model, weights) is None:
@@ -454,13 +538,24 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
             elif old.placement is None or old.placement.key != placement.key:
                 events.append(EventNote("Normal", "Placed", f"{placement.summary}: " + "; ".join(placement.reasons[:2])))
 
+    # A ModelRollout governs the move from the stable revision to this one: it decides the canary
+    # weight, the candidate's replicas, promotion and rollback.
+    candidate_failure = verified[2] if verified[0] == "False" else None
+    live = deployments.get(revision)
+    rollout = rollout_plan(candidate_ready=_ready_replicas(live) > 0, candidate_failure=candidate_failure)
+    governed = rollout is not None and rollout.governed
+    promoted = governed and rollout.promoted
+    served_spec = model.spec
+    if governed:
+        served_spec = model.spec.model_copy(update={
+            "serving": model.spec.serving.model_copy(update={"replicas": rollout.candidate_replicas})})
+
     try:
         disk = weights.disk_bytes if weights is not None else None
-        desired_dep = with_applied_hash(build_deployment(owner, model.spec, placement, revision, config, disk))
+        desired_dep = with_applied_hash(build_deployment(owner, served_spec, placement, revision, config, disk))
     except UnsupportedSource as exc:
         return degraded("SourceNotSupported", str(exc), placement)
 
-    live = deployments.get(revision)
     desired_ready = _deployment_ready(live, desired_dep)
     previous = old.serving_revision if old.serving_revision in deployments and old.serving_revision != revision else None
     if previous is not None:
@@ -468,11 +563,27 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         has_ready = int((deployments[previous].get("status") or {}).get("readyReplicas", 0)) > 0
         if not (served or has_ready):
             previous = None  # it never served: nothing to keep, and its GPUs are better freed now
-    serving = revision if desired_ready or previous is None else previous
+    if governed:
+        serving = revision if promoted else stable
+    else:
+        serving = revision if desired_ready or previous is None else previous
 
     desired = [desired_dep, with_applied_hash(build_revision_service(owner, revision, config))]
-    desired.append(with_applied_hash(build_model_service(owner, serving, config)))
+    canary = governed and not promoted and not (rollout.http_route)
+    desired.append(with_applied_hash(build_model_service(
+        owner, serving, config, canary_revision=revision if canary else None, canary_weight=rollout.weight if canary else 0)))
+    parsed_rollout = parse_rollout(obs.rollout.body)[0] if obs.rollout is not None else None
+    if rollout is not None and rollout.http_route and parsed_rollout is not None:
+        traffic = parsed_rollout.spec.traffic.http_route
+        assert traffic is not None
+        if governed and not promoted:
+            route = build_http_route(owner, traffic, serving, revision, rollout.weight, config)
+        else:
+            route = build_http_route(owner, traffic, serving, None, 0, config)
+        desired.append(with_applied_hash(route))
     live_by_key = {(o["kind"], o["metadata"]["name"]): o for o in (*obs.deployments, *obs.services)}
+    if obs.route is not None:
+        live_by_key[("HTTPRoute", obs.route["metadata"]["name"])] = obs.route
     apply = [
         obj
         for obj in desired
@@ -480,27 +591,59 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         != obj["metadata"]["annotations"][APPLIED_HASH]
     ]
 
-    # Old revisions go once the desired one serves: a plain replacement without a gap.
+    # Old revisions go once the desired one serves: a plain replacement without a gap. Under a
+    # rollout, the stable stays until the candidate is promoted, then for the rollout's grace period.
     wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
+    keep_revisions = {revision, stable} if governed else {revision}
+    retire_at = _retire_old_at(parsed_rollout, revision) if serving == revision else None
+    if promoted and parsed_rollout is not None:
+        retire_at = now + dt.timedelta(seconds=parsed_rollout.spec.scale_down_delay_seconds)
     delete: list[Deletion] = []
-    if serving == revision:
+    if serving == revision or governed:
         for obj in (*obs.deployments, *obs.services):
             key = (obj["kind"], obj["metadata"]["name"])
-            if key not in wanted and obj["metadata"].get("deletionTimestamp") is None:
-                delete.append(Deletion(obj["apiVersion"], obj["kind"], obj["metadata"]["name"], obj["metadata"].get("uid", "")))
+            obj_revision = _revision_of_object(obj)
+            if key in wanted or obj["metadata"].get("deletionTimestamp") is not None:
+                continue
+            if governed and (obj_revision is None or obj_revision in keep_revisions):
+                continue
+            if retire_at is not None and now < retire_at and obj_revision is not None:
+                continue  # the replaced revision's grace period after a promotion
+            delete.append(Deletion(obj["apiVersion"], obj["kind"], obj["metadata"]["name"], obj["metadata"].get("uid", "")))
         retired = sorted({d.name for d in delete if d.kind == "Deployment"})
         if retired:
-            events.append(EventNote("Normal", "RevisionRetired", f"revision {revision} serves; removed {', '.join(retired)}"))
+            events.append(EventNote("Normal", "RevisionRetired", f"revision {serving} serves; removed {', '.join(retired)}"))
+    if retire_at is not None and now < retire_at and any(_revision_of_object(d) != revision for d in obs.deployments):
+        wait = (retire_at - now).total_seconds() + 0.5
+        requeue = wait if requeue is None else min(requeue, wait)
     if old.revision != revision:
         events.append(EventNote("Normal", "NewRevision", f"revision {revision} for digest {model.spec.source.digest[:19]}…"))
+    if deprecated is not None and (deprecated.message != (find(old.conditions, "Degraded") or Condition(
+            type="Degraded", status="False", reason="")).message):
+        events.append(EventNote("Warning", "BaseModelDeprecated", deprecated.message))
 
     dep_status = (live or {}).get("status") or {}
     ready_replicas = int(dep_status.get("readyReplicas", 0)) if live else 0
-    if stuck and not desired_ready:
+    stable_ready = _ready_replicas(deployments.get(stable)) if stable else 0
+    if governed and rollout.failed:
+        reason = "BaseModelDeprecated" if deprecated is not None else "RolloutFailed"
+        st.condition("Degraded", True, reason, f"revision {revision}: {rollout.failed}; revision {stable} keeps serving")
+    elif deprecated is not None:
+        st.condition("Degraded", True, "BaseModelDeprecated", deprecated.message)
+    elif stuck and not desired_ready:
         st.condition("Degraded", True, "PodsPending", stuck)
     else:
         st.condition("Degraded", False, "AsExpected", f"placed on {placement.summary}")
-    if replicas == 0:
+    if governed and not promoted:
+        st.condition("Ready", stable_ready > 0, "ServingPreviousRevision" if rollout.failed else "Serving",
+                     f"revision {stable} serves ({stable_ready} ready)")
+        if rollout.failed:
+            st.condition("Progressing", False, "RolloutFailed", f"revision {revision} was rolled back")
+        else:
+            st.condition("Progressing", True, "Canary",
+                         f"rollout of revision {revision}: {rollout.phase}, {rollout.weight}% of the traffic, "
+                         f"{ready_replicas} candidate replicas ready")
+    elif replicas == 0:
         st.condition("Ready", False, "ScaledToZero", "serving.replicas is 0")
         st.condition("Progressing", False, "Complete", f"revision {revision} is scaled to zero")
     elif desired_ready:
@@ -510,16 +653,26 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         waiting = f"revision {revision}: {ready_replicas}/{replicas} replicas ready on {placement.summary}"
         if serving != revision:
             st.condition("Ready", True, "ServingPreviousRevision", f"revision {serving} serves while {waiting}")
+        elif promoted:
+            st.condition("Ready", ready_replicas > 0, "Serving", f"revision {revision} was promoted; {waiting}")
         else:
             st.condition("Ready", False, "WaitingForReplicas", waiting)
         st.condition("Progressing", True, "RollingOut", waiting)
 
     history = list(old.history)
-    if desired_ready and serving == revision and (not history or history[-1].revision != revision):
+    record = dict(revision=revision, digest=model.spec.source.digest, uri=model.spec.source.uri,
+                  base_model=model.spec.base_model, since=st.now)
+    if promoted and (not history or history[-1].revision != revision or history[-1].outcome != "Promoted"):
+        history = [h.model_copy(update={"outcome": "Replaced"}) if h.outcome == "Serving" else h
+                   for h in history if h.revision != revision]
+        history.append(RevisionRecord(outcome="Promoted", **record))
+    elif governed and rollout.failed and not any(h.revision == revision and h.outcome == "RolledBack" for h in history):
+        history = [h for h in history if h.revision != revision]
+        history.append(RevisionRecord(outcome="RolledBack", **record))
+    elif not governed and desired_ready and serving == revision and (not history or history[-1].revision != revision):
         history = [h.model_copy(update={"outcome": "Replaced"}) if h.outcome == "Serving" else h for h in history]
-        history.append(RevisionRecord(revision=revision, digest=model.spec.source.digest,
-                                      base_model=model.spec.base_model, outcome="Serving", since=st.now))
-        history = history[-MAX_HISTORY:]
+        history.append(RevisionRecord(outcome="Serving", **record))
+    history = history[-MAX_HISTORY:]
 
     new = old.model_copy(
         update={
@@ -533,20 +686,37 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
             "excluded_placements": excluded,
             "sizing_inputs": inputs,
             "replicas": replicas,
-            "ready_replicas": ready_replicas,
+            "ready_replicas": stable_ready if governed and not promoted else ready_replicas,
             "endpoint": model_endpoint(owner, config),
         }
     )
     plan = _finish(old, new, apply, delete, events, requeue)
+    candidate_gpus = rollout.candidate_replicas if governed and not promoted else 0
+    serving_gpus = replicas
     return Plan(
         apply=plan.apply,
         delete=plan.delete,
         status=plan.status,
         events=plan.events,
-        requeue_after=plan.requeue_after,
-        gpus={placement.gpu_product: placement.gpu_count * replicas},
+        requeue_after=_sooner(plan.requeue_after, rollout.requeue_after if rollout else None),
+        gpus={placement.gpu_product: placement.gpu_count * (candidate_gpus + serving_gpus)},
         conditions=plan.conditions,
+        rollout=rollout,
     )
+
+
+def _sooner(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def _retire_old_at(rollout: Any, revision: str) -> dt.datetime | None:
+    """When the revision replaced by a promotion may go: the rollout's grace period after it."""
+    if rollout is None or rollout.status.phase != "Promoted" or rollout.status.candidate_revision != revision:
+        return None
+    if not rollout.status.step_started_at:
+        return None
+    started = dt.datetime.fromisoformat(rollout.status.step_started_at.replace("Z", "+00:00"))
+    return started + dt.timedelta(seconds=rollout.spec.scale_down_delay_seconds)
 
 
 def _finish(

@@ -1,0 +1,309 @@
+"""What a ModelRollout decides for its model this time, as data (the plan half, like model_plan).
+
+`plan_rollout` runs the step machine (rollout.steps.next_action) as far as it can go without
+waiting: every action it takes is an effect the model's plan implements at once (a weight, a
+promotion, a rollback), so one reconcile may go through several steps, and the status it returns
+records where it ended. Evaluations are the one effect that takes time: the plan names the one to
+start, the operator runs it in the background and shows its outcome to the next plan.
+
+All the rollout's state is in the ModelRollout status (`RolloutState.to_status`), so a restarted
+operator resumes where the status says; the verdicts of finished evaluations are in
+`status.evaluations`, so none is lost either.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from slmfleet.api.conditions import Condition, set_condition
+from slmfleet.api.modelrollout import EvaluationResult, ModelRollout, ModelRolloutStatus
+from slmfleet.api.smallmodel import RevisionRecord
+from slmfleet.builders.traffic import replica_ratio_replicas
+from slmfleet.rollout.steps import (
+    FINAL_PHASES,
+    Advance,
+    EvaluationObservation,
+    Nothing,
+    Observations,
+    Promote,
+    Rollback,
+    RolloutState,
+    SetWeight,
+    StartEvaluation,
+    Wait,
+    evaluation_id,
+    next_action,
+)
+
+RETRY_ANNOTATION = "slmfleet.io/retry"
+MAX_ACTIONS = 64  # more than any spec's steps: the machine never loops, this only bounds a bug
+
+
+@dataclass(frozen=True)
+class EventNote:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class EvaluationSnapshot:
+    """What the operator's background evaluations know of one evaluation (by its id)."""
+
+    state: Literal["running", "pass", "fail", "error"]
+    reason: str = ""
+    result: dict[str, Any] | None = None  # EvaluationResult on the wire, for pass / fail
+    may_retry: bool = False  # an error old enough to start it again
+
+
+@dataclass(frozen=True)
+class RolloutObserved:
+    body: dict[str, Any]  # the ModelRollout
+    # By evaluation id, of the current attempt only: the operator keys its background evaluations by
+    # the retry annotation's value too, so a retried rollout sees none of the last attempt's.
+    evaluations: Mapping[str, EvaluationSnapshot] = field(default_factory=dict)
+    live_regression: str | None = None  # the candidate's live p95 / error rate breaches a threshold
+    applied_weight: int | None = None  # what the cluster implements (model Service or HTTPRoute)
+    gateway_api: bool = False  # the HTTPRoute CRD is served
+
+
+@dataclass(frozen=True)
+class RolloutPlan:
+    status: dict[str, Any] | None = None  # the ModelRollout status to write; None: unchanged
+    events: tuple[EventNote, ...] = ()  # on the ModelRollout
+    governed: bool = False  # a candidate is being rolled out (or was, and is held at 0)
+    weight: int = 0  # canary weight to implement
+    candidate_replicas: int = 0
+    http_route: bool = False  # weights go to an HTTPRoute (else the replica ratio)
+    start: StartEvaluation | None = None
+    promoted: bool = False
+    failed: str | None = None  # why the candidate was rolled back or refused (final)
+    verdicts: tuple[tuple[str, dict[str, Any]], ...] = ()  # (verdict, result) recorded this time
+    requeue_after: float | None = None
+    phase: str | None = None
+    retry: str | None = None
+
+
+def parse_rollout(body: Mapping[str, Any]) -> tuple[ModelRollout | None, str]:
+    try:
+        return ModelRollout.model_validate(dict(body)), ""
+    except ValidationError as exc:
+        return None, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
+
+
+def _rfc3339(now: dt.datetime) -> str:
+    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _conditions(old: list[Condition], phase: str | None, message: str, generation: int, now: dt.datetime,
+                degraded_reason: str | None = None) -> list[Condition]:
+    moving = phase in ("Pending", "Evaluating", "Progressing", "Paused")
+    failed = phase in ("RolledBack", "Failed") or degraded_reason is not None
+    conds = list(old)
+    stamp = _rfc3339(now)
+    for type_, status, reason in (
+        ("Ready", not moving and not failed, phase or "Idle"),
+        ("Progressing", moving, phase or "Idle"),
+        ("Degraded", failed, degraded_reason or (phase if failed else "AsExpected")),
+    ):
+        conds = set_condition(conds, Condition(type=type_, status="True" if status else "False", reason=reason,
+                                               message=message[:2000], observed_generation=generation), stamp)
+    return conds
+
+
+def _verdict_of(result: Mapping[str, Any]) -> str:
+    return "pass" if result.get("verdict") == "Pass" else "fail"
+
+
+def plan_rollout(ro: RolloutObserved, *, stable: str | None, candidate: str, replicas: int, candidate_ready: bool,
+                 candidate_failure: str | None, base_deprecated: str | None, history: list[RevisionRecord],
+                 now: dt.datetime) -> RolloutPlan:
+    """The rollout's plan. `stable` is the revision serving now (None: nothing serves yet),
+    `candidate` the model's desired revision; they are equal when there is nothing to roll out."""
+    meta = ro.body.get("metadata") or {}
+    generation = int(meta.get("generation", 1))
+    rollout, invalid = parse_rollout(ro.body)
+    raw_status = ro.body.get("status") if isinstance(ro.body.get("status"), dict) else {}
+    old = ModelRolloutStatus.model_validate(raw_status or {}) if rollout is None else rollout.status
+    if rollout is None:
+        conds = _conditions(list(old.conditions), None, invalid, generation, now, "InvalidSpec")
+        new = old.model_copy(update={"observed_generation": generation, "conditions": conds, "message": invalid})
+        return _finish(old, new, [EventNote("Warning", "InvalidSpec", invalid)], RolloutPlan())
+
+    http = rollout.spec.traffic.http_route is not None and ro.gateway_api
+    mode_note = ""
+    if rollout.spec.traffic.http_route is not None and not ro.gateway_api:
+        mode_note = " (traffic.httpRoute is set but the Gateway API CRDs are not installed: using the replica ratio)"
+
+    if stable is None or candidate == stable:
+        return _idle(ro, rollout, old, stable, candidate, history, generation, now, http, base_deprecated)
+
+    state = RolloutState.from_status(raw_status if old.candidate_revision == candidate else None, revision=candidate)
+    evaluations = list(old.evaluations) if old.candidate_revision == candidate else []
+    events: list[EventNote] = []
+    retry = (meta.get("annotations") or {}).get(RETRY_ANNOTATION)
+    fresh = old.candidate_revision != candidate
+    if retry and retry != old.retry and (state.phase in ("RolledBack", "Failed") or fresh):
+        if not fresh:
+            events.append(EventNote("Normal", "Retry", f"{RETRY_ANNOTATION}={retry}: rolling revision {candidate} out again"))
+        state, evaluations, fresh = RolloutState(revision=candidate), [], False
+    elif fresh and any(h.revision == candidate and h.outcome == "RolledBack" for h in history):
+        state = RolloutState(phase="RolledBack", revision=candidate,
+                             reason=f"revision {candidate} was rolled back before; set the {RETRY_ANNOTATION} "
+                                    "annotation to a new value to roll it out again")
+    before = state
+
+    def observe_evaluation(current: RolloutState) -> tuple[EvaluationObservation | None, float | None]:
+        eid = evaluation_id(current.revision, current.step)
+        recorded = next((e for e in evaluations if e.step == current.step), None)
+        if recorded is not None:
+            return EvaluationObservation(eid, "pass" if recorded.verdict == "Pass" else "fail", recorded.reason), None
+        snap = ro.evaluations.get(eid)
+        if snap is None:
+            return None, None
+        if snap.state in ("pass", "fail") and snap.result is not None:
+            result = EvaluationResult.model_validate({**snap.result, "step": current.step})
+            evaluations.append(result)
+            verdicts.append((snap.state, result.to_wire()))
+            kind, reason = ("Normal", "EvaluationPassed") if snap.state == "pass" else ("Warning", "EvaluationFailed")
+            events.append(EventNote(kind, reason, f"step {current.step}: candidate {result.candidate_score} vs stable "
+                                                  f"{result.stable_score} on {result.n} cases: {result.reason}"))
+            return EvaluationObservation(eid, snap.state, snap.reason), None
+        if snap.state == "error":
+            notes.append(f"evaluation {eid} could not run: {snap.reason}")
+            return (None, None) if snap.may_retry else (EvaluationObservation(eid, None), 30.0)
+        return EvaluationObservation(eid, None), None
+
+    verdicts: list[tuple[str, dict[str, Any]]] = []
+    notes: list[str] = []
+    applied = ro.applied_weight
+    start: StartEvaluation | None = None
+    requeue: float | None = None
+    promoted = False
+    message = ""
+    steps = rollout.spec.steps
+    for _ in range(MAX_ACTIONS):
+        seen, retry_in = observe_evaluation(state)
+        obs = Observations(candidate_ready=candidate_ready, evaluation=seen, live_regression=ro.live_regression,
+                           candidate_failure=candidate_failure, base_deprecated=base_deprecated,
+                           applied_weight=applied, promoted=False)
+        action = next_action(steps, state, obs, now)
+        message = action.message
+        if isinstance(action, (Advance, SetWeight)):
+            events.append(EventNote("Normal", "CanaryWeight" if isinstance(action, SetWeight) else "StepStarted",
+                                    action.message))
+            if isinstance(action, SetWeight):
+                applied = action.weight
+            state = action.state
+            continue
+        if isinstance(action, StartEvaluation):
+            start = action
+            if (before.phase, before.step) != (action.state.phase, action.state.step) or fresh:
+                events.append(EventNote("Normal", "EvaluationStarted", action.message))
+        elif isinstance(action, Promote):
+            promoted = True
+            if before.phase != "Promoted":
+                events.append(EventNote("Normal", "Promoted", action.message))
+        elif isinstance(action, Rollback):
+            applied = 0
+            if before.phase not in FINAL_PHASES or before.weight != 0:
+                events.append(EventNote("Warning", "RolledBack" if action.state.phase == "RolledBack" else "Failed",
+                                        action.message))
+        elif isinstance(action, Wait):
+            requeue = max(0.5, (action.until - now).total_seconds())
+        state = action.state
+        requeue = retry_in if requeue is None else requeue
+        break
+
+    failed = state.reason if state.phase in ("RolledBack", "Failed") else None
+    if state.phase == "Promoted":
+        candidate_replicas = replicas
+    elif failed:
+        candidate_replicas = 0
+    elif http:
+        candidate_replicas = max(replicas, 1)
+    else:
+        candidate_replicas = replica_ratio_replicas(replicas, state.weight)
+    text = (failed or message) + ("; " + "; ".join(notes) if notes else "") + mode_note
+    degraded_reason = None
+    if failed and base_deprecated:
+        degraded_reason = "BaseModelDeprecated"
+    new = old.model_copy(update={
+        **_state_fields(state),
+        "observed_generation": generation,
+        "stable_revision": stable,
+        "evaluations": evaluations[-64:],
+        "message": text[:4000],
+        "retry": retry if retry else old.retry,
+        "conditions": _conditions(list(old.conditions), state.phase, text, generation, now, degraded_reason),
+    })
+    plan = RolloutPlan(governed=True, weight=0 if failed else state.weight, candidate_replicas=candidate_replicas,
+                       http_route=http, start=start, promoted=promoted, failed=failed, verdicts=tuple(verdicts),
+                       requeue_after=requeue, phase=state.phase, retry=retry)
+    return _finish(old, new, events, plan)
+
+
+def _state_fields(state: RolloutState) -> dict[str, Any]:
+    wire = state.to_status()
+    return {
+        "phase": wire["phase"],
+        "current_step": wire["currentStep"],
+        "canary_weight": wire["canaryWeight"],
+        "step_started_at": wire.get("stepStartedAt"),
+        "candidate_revision": wire.get("candidateRevision"),
+    }
+
+
+def _idle(ro: RolloutObserved, rollout: ModelRollout, old: ModelRolloutStatus, stable: str | None, desired: str,
+          history: list[RevisionRecord], generation: int, now: dt.datetime, http: bool,
+          base_deprecated: str | None) -> RolloutPlan:
+    """Nothing to roll out: the model serves its desired revision (or nothing serves yet)."""
+    events: list[EventNote] = []
+    update: dict[str, Any] = {"observed_generation": generation, "stable_revision": stable}
+    phase = old.phase
+    degraded_reason = None
+    if stable is None:
+        message = f"waiting for the first revision ({desired}) to serve; it is deployed without a canary"
+    elif old.candidate_revision == stable and phase != "Promoted":
+        # Promoted in the model, but the rollout's own status write was lost: record it.
+        state = replace(RolloutState.from_status(ro.body.get("status"), revision=stable), phase="Promoted",
+                        weight=100, reason="")
+        update |= _state_fields(replace(state, step=len(rollout.spec.steps), step_started=now))
+        phase = "Promoted"
+        message = f"revision {stable} was promoted"
+        events.append(EventNote("Normal", "Promoted", message))
+    elif old.candidate_revision and old.candidate_revision != stable and phase not in FINAL_PHASES:
+        phase = "RolledBack"
+        update |= {"phase": phase, "canary_weight": 0}
+        message = (f"the model's desired revision is {desired} again: the rollout of "
+                   f"{old.candidate_revision} was abandoned")
+        events.append(EventNote("Warning", "Abandoned", message))
+    elif phase == "Promoted":
+        message = f"revision {stable} is stable (promoted)"
+    elif phase in ("RolledBack", "Failed"):
+        message = old.message or f"revision {stable} is stable"
+    else:
+        message = f"revision {stable} is stable; a change of the model's digest or serving config starts a rollout"
+    if base_deprecated:
+        degraded_reason = "BaseModelDeprecated"
+        message = base_deprecated
+    # A phase kept from the last rollout describes that rollout; only in-flight phases would
+    # contradict "idle", and those were settled above.
+    conds = _conditions(list(old.conditions), phase if phase in FINAL_PHASES else None, message, generation, now,
+                        degraded_reason)
+    if phase in ("RolledBack", "Failed") and not base_deprecated:
+        # The candidate is gone (the spec moved on or back): nothing is degraded any more.
+        conds = _conditions(list(old.conditions), None, message, generation, now)
+    update |= {"message": message[:4000], "conditions": conds}
+    new = old.model_copy(update=update)
+    return _finish(old, new, events, RolloutPlan(governed=False, http_route=http, phase=phase))
+
+
+def _finish(old: ModelRolloutStatus, new: ModelRolloutStatus, events: list[EventNote], plan: RolloutPlan) -> RolloutPlan:
+    old_wire, new_wire = old.to_wire(), new.to_wire()
+    return replace(plan, status=new_wire if new_wire != old_wire else None, events=tuple(events))
