@@ -423,11 +423,20 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         if obs.rollout is None:
             return None
         forced = deprecated is not None and revision != revision_of(spec_model.spec)
-        args: dict[str, Any] = dict(stable=stable, candidate=stable if forced and stable else revision,
+        candidate = stable if forced and stable else revision
+        args: dict[str, Any] = dict(stable=stable, candidate=candidate,
                                     replicas=replicas, candidate_ready=False, candidate_failure=None,
                                     base_deprecated=deprecated.message if deprecated else None,
                                     history=list(old.history), now=now)
-        return plan_rollout(obs.rollout, **(args | kwargs))
+        # The weight the cluster implements now, read back from what carries it.
+        parsed = parse_rollout(obs.rollout.body)[0]
+        if parsed is not None and parsed.spec.traffic.http_route is not None and obs.rollout.gateway_api:
+            applied = route_weight_of(obs.route, owner, candidate)
+        else:
+            service = next((o for o in obs.services if o["metadata"]["name"] == name), None)
+            applied = canary_weight_of(service, candidate)
+        observed = dataclasses.replace(obs.rollout, applied_weight=applied)
+        return plan_rollout(observed, **(args | kwargs))
 
     def degraded(reason: str, message: str, placement: Placement | None = None, permanent: bool = False) -> Plan:
         st.condition("Degraded", True, reason, message)

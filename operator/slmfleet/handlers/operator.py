@@ -21,12 +21,20 @@ from typing import Any
 
 import kopf
 
+from slmfleet.api import modelrollout
 from slmfleet.api.config import OperatorConfig
 from slmfleet.api.conditions import Condition, set_condition
-from slmfleet.api.smallmodel import GROUP, KIND, PLURAL, VERSION, SmallModelStatus
-from slmfleet.builders.labels import MANAGED_BY_LABEL, MODEL_LABEL
+from slmfleet.api.smallmodel import GROUP, KIND, PLURAL, VERSION, SmallModel, SmallModelStatus
+from slmfleet.builders import ModelOwner, served_model_name
+from slmfleet.builders.labels import MANAGED_BY_LABEL, MODEL_LABEL, REVISION_LABEL
+from slmfleet.builders.traffic import HTTPROUTE_API_VERSION
+from slmfleet.evaluation.runner import Endpoint
 from slmfleet.handlers import metrics
-from slmfleet.handlers.model_plan import LOADER_FAILURES, Observed, Plan, plan_model
+from slmfleet.handlers.evaluations import EvaluationOutcome, EvaluationRequest, Evaluations, LiveWatch, load_cases
+from slmfleet.handlers.model_plan import LOADER_FAILURES, Observed, Plan, effective_body, plan_model
+from slmfleet.handlers.rollout_plan import RETRY_ANNOTATION, EvaluationSnapshot, RolloutObserved, parse_rollout
+from slmfleet.rollout.deprecations import DATA_KEY, Deprecations, DeprecationsError, parse_deprecations
+from slmfleet.rollout.steps import evaluation_id
 from slmfleet.handlers.weights_reader import WeightsReader
 from slmfleet.handlers.workqueue import WorkQueue
 from slmfleet.k8s.client import KubeClient, ObjectRef
@@ -65,6 +73,12 @@ class Runtime:
     own_writes: dict[tuple[str, str, str], tuple[frozenset[str | None], dict[str, Any]]] = field(default_factory=dict)
     # Objects we deleted, until the cache drops them: (kind, namespace, name, uid, owning model).
     deleted: set[tuple[str, str, str, str, str]] = field(default_factory=set)
+    evaluations: Evaluations | None = None
+    live: LiveWatch = field(default_factory=LiveWatch)
+    deprecations: Deprecations = Deprecations()
+    gateway_api: tuple[bool, float] | None = None  # (served, when checked: monotonic)
+    deprecations_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    eval_models: dict[str, ModelKey] = field(default_factory=dict)  # evaluation id -> its model
 
     def remember(self, before: dict[str, Any] | None, after: dict[str, Any]) -> None:
         meta = after["metadata"]
@@ -109,7 +123,12 @@ class Runtime:
             self.indices_ready.set()
 
 
-INDEX_NAMES = ("slm_models", "slm_deployments", "slm_services", "slm_model_pods", "slm_gpu_pods", "slm_nodes")
+INDEX_NAMES = ("slm_models", "slm_deployments", "slm_services", "slm_model_pods", "slm_gpu_pods", "slm_nodes",
+               "slm_rollouts")
+MR_PLURAL = modelrollout.PLURAL
+GATEWAY_RECHECK_SECONDS = 60.0
+LIVE_CHECK_SECONDS = 10.0
+DEPRECATIONS_POLL_SECONDS = 5.0
 
 
 def _requests_gpu(spec: dict[str, Any]) -> bool:
@@ -173,6 +192,7 @@ def _slim_pod(body: kopf.Body) -> dict[str, Any]:
         },
         "status": {
             "phase": status.get("phase"),
+            "podIP": status.get("podIP"),
             "conditions": list(status.get("conditions") or []),
             # The weight loader's verdict lives here (exit code and termination message).
             "initContainerStatuses": [
@@ -223,6 +243,17 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
     @kopf.index("v1", "nodes", id="slm_nodes", registry=registry)
     def slm_nodes(body: kopf.Body, name: str, **_: Any) -> dict[str, dict[str, Any]]:
         return {"all": _slim_node(body, name)}
+
+    @kopf.index(GROUP, VERSION, MR_PLURAL, id="slm_rollouts", registry=registry)
+    def slm_rollouts(body: kopf.Body, namespace: str, spec: kopf.Spec, **_: Any) -> dict[ModelKey, dict[str, Any]] | None:
+        model = (spec.get("modelRef") or {}).get("name")
+        return {(namespace, model): dict(body)} if model else None
+
+    @kopf.on.event(GROUP, VERSION, MR_PLURAL, registry=registry)
+    def rollout_event(namespace: str, spec: kopf.Spec, **kwargs: Any) -> None:
+        runtime.capture(kwargs)
+        if model := (spec.get("modelRef") or {}).get("name"):
+            runtime.queue.add((namespace, model))
 
     # Events: which model to look at again.
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
@@ -288,12 +319,131 @@ def observe(runtime: Runtime, key: ModelKey) -> Observed | None:
     )
 
 
+def governing_rollout(runtime: Runtime, key: ModelKey) -> dict[str, Any] | None:
+    """The ModelRollout that governs the model: the oldest one referencing it (others wait)."""
+    assert runtime.indices is not None
+    cached = list(runtime.indices["slm_rollouts"].get(key, ()))
+    rollouts = runtime.fresh(modelrollout.KIND, key[0], cached)
+    rollouts = [r for r in rollouts if (r.get("spec", {}).get("modelRef") or {}).get("name") == key[1]]
+    rollouts.sort(key=lambda r: (r["metadata"].get("creationTimestamp") or "", r["metadata"]["name"]))
+    return rollouts[0] if rollouts else None
+
+
+def attempt_prefix(rollout: dict[str, Any]) -> str:
+    """Background evaluations belong to one attempt of one rollout: a retry starts afresh."""
+    meta = rollout["metadata"]
+    return f"{meta.get('uid', meta['name'])}/{(meta.get('annotations') or {}).get(RETRY_ANNOTATION, '')}/"
+
+
+def evaluation_snapshots(runtime: Runtime, rollout: dict[str, Any]) -> dict[str, EvaluationSnapshot]:
+    status = rollout.get("status") or {}
+    candidate = status.get("candidateRevision")
+    if not candidate or runtime.evaluations is None:
+        return {}
+    prefix = attempt_prefix(rollout)
+    out = {}
+    for step in range(len((rollout.get("spec") or {}).get("steps") or [])):
+        eid = evaluation_id(candidate, step)
+        if runtime.evaluations.running(prefix + eid):
+            out[eid] = EvaluationSnapshot("running")
+        elif (done := runtime.evaluations.outcome(prefix + eid)) is not None:
+            age = time.monotonic() - done.finished_at
+            out[eid] = EvaluationSnapshot(done.verdict, done.reason, done.result, may_retry=age >= 30.0)
+    return out
+
+
+def ready_pod_urls(runtime: Runtime, pods: tuple[dict[str, Any], ...], revision: str | None) -> list[str]:
+    urls = []
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("name") or ""):
+        status = pod.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        if (pod["metadata"].get("labels") or {}).get(REVISION_LABEL) == revision and ready and status.get("podIP") \
+                and pod["metadata"].get("deletionTimestamp") is None:
+            urls.append(f"http://{status['podIP']}:{runtime.config.vllm_port}")
+    return urls
+
+
+def _served_name(body: dict[str, Any]) -> str:
+    model = SmallModel.model_validate(body)
+    meta = body["metadata"]
+    return served_model_name(ModelOwner(meta["name"], meta["namespace"], meta.get("uid", "")), model.spec)
+
+
+async def live_regression(runtime: Runtime, key: ModelKey, rollout: dict[str, Any], obs: Observed) -> str | None:
+    """Whether the candidate's live traffic (scraped from its pods) breaches the thresholds, while
+    it gets traffic. The world changes here without an event, so it is looked at again regularly."""
+    status = rollout.get("status") or {}
+    if int(status.get("canaryWeight") or 0) <= 0 or status.get("phase") not in ("Evaluating", "Progressing", "Paused"):
+        return None
+    parsed = parse_rollout(rollout)[0]
+    candidate = status.get("candidateRevision")
+    if parsed is None or not candidate:
+        return None
+    runtime.queue.add_after(key, LIVE_CHECK_SECONDS)
+    urls = ready_pod_urls(runtime, obs.pods, candidate)
+    if not urls:
+        return None  # the step machine sees the candidate without ready replicas
+    watch = f"{attempt_prefix(rollout)}{candidate}/step-{status.get('currentStep', 0)}"
+    check = await runtime.live.check(watch, urls, _served_name(obs.body), parsed.spec.evaluation.thresholds)
+    return check.reason if check.verdict == "fail" else None
+
+
+async def gateway_api_served(runtime: Runtime) -> bool:
+    """Whether the HTTPRoute CRD is installed (checked at most once a minute)."""
+    if runtime.gateway_api is not None and time.monotonic() - runtime.gateway_api[1] < GATEWAY_RECHECK_SECONDS:
+        return runtime.gateway_api[0]
+    try:
+        served = await runtime.client.serves(HTTPROUTE_API_VERSION, "httproutes")
+    except Exception:  # noqa: BLE001 - discovery hiccup: keep the last answer
+        log.warning("could not check whether the Gateway API is installed", exc_info=True)
+        served = runtime.gateway_api[0] if runtime.gateway_api is not None else False
+    runtime.gateway_api = (served, time.monotonic())
+    return served
+
+
+async def observe_rollout(runtime: Runtime, key: ModelKey, obs: Observed) -> Observed:
+    rollout = governing_rollout(runtime, key)
+    if rollout is None:
+        return obs
+    gateway = await gateway_api_served(runtime)
+    ro = RolloutObserved(body=rollout, evaluations=evaluation_snapshots(runtime, rollout),
+                         live_regression=await live_regression(runtime, key, rollout, obs), gateway_api=gateway)
+    route = None
+    if gateway and ((rollout.get("spec") or {}).get("traffic") or {}).get("httpRoute"):
+        route = await runtime.client.get(HTTPROUTE_API_VERSION, "HTTPRoute", key[0], key[1])
+    # Drop what earlier attempts or candidates of this rollout left behind.
+    uid = f"{rollout['metadata'].get('uid', rollout['metadata']['name'])}/"
+    current = attempt_prefix(rollout) + ((rollout.get("status") or {}).get("candidateRevision") or "")
+    keep = lambda id_: not id_.startswith(uid) or id_.startswith(current)  # noqa: E731
+    if runtime.evaluations is not None:
+        runtime.evaluations.forget(keep)
+    runtime.live.forget(keep)
+    return dataclasses.replace(obs, rollout=ro, route=route)
+
+
+def _rollout_ref(rollout: dict[str, Any]) -> ObjectRef:
+    meta = rollout["metadata"]
+    return ObjectRef(f"{GROUP}/{VERSION}", modelrollout.KIND, meta["namespace"], meta["name"], meta.get("uid", ""))
+
+
 async def execute(runtime: Runtime, obs: Observed, plan: Plan) -> None:
     meta = obs.body["metadata"]
     ref = ObjectRef(f"{GROUP}/{VERSION}", KIND, meta["namespace"], meta["name"], meta.get("uid", ""))
+    rp = plan.rollout
+    rollout = obs.rollout.body if obs.rollout is not None else None
+    rollout_written = False
+    if rp is not None and rollout is not None and rp.failed and rp.status is not None:
+        # A rollback is recorded before its effect: a crash in between must not forget it.
+        runtime.remember(rollout, await runtime.client.patch_status(_rollout_ref(rollout), rp.status))
+        metrics.API_WRITES.labels("status").inc()
+        rollout_written = True
     live = {(o["kind"], o["metadata"]["name"]): o for o in (*obs.deployments, *obs.services)}
+    if obs.route is not None:
+        live[("HTTPRoute", obs.route["metadata"]["name"])] = obs.route
     for obj in plan.apply:
-        runtime.remember(live.get((obj["kind"], obj["metadata"]["name"])), await runtime.client.apply(obj))
+        applied = await runtime.client.apply(obj)
+        if obj["kind"] != "HTTPRoute":  # routes are read fresh, not cached
+            runtime.remember(live.get((obj["kind"], obj["metadata"]["name"])), applied)
         metrics.API_WRITES.labels("apply").inc()
         log.info("applied %s %s/%s", obj["kind"], ref.namespace, obj["metadata"]["name"])
     for gone in plan.delete:
@@ -305,12 +455,71 @@ async def execute(runtime: Runtime, obs: Observed, plan: Plan) -> None:
     if plan.status is not None:
         runtime.remember(obs.body, await runtime.client.patch_status(ref, plan.status))
         metrics.API_WRITES.labels("status").inc()
+    if rp is not None and rollout is not None and rp.status is not None and not rollout_written:
+        runtime.remember(rollout, await runtime.client.patch_status(_rollout_ref(rollout), rp.status))
+        metrics.API_WRITES.labels("status").inc()
     for event in plan.events:
         if event.reason in WEIGHT_FAILURES:
             metrics.WEIGHT_VERIFICATION_FAILURES.labels(event.reason).inc()
         await runtime.client.post_event(ref, event.type, event.reason, event.message)
         metrics.API_WRITES.labels("event").inc()
         log.info("%s/%s %s: %s", ref.namespace, ref.name, event.reason, event.message)
+    if rp is None or rollout is None:
+        return
+    rref = _rollout_ref(rollout)
+    for event in rp.events:
+        await runtime.client.post_event(rref, event.type, event.reason, event.message)
+        metrics.API_WRITES.labels("event").inc()
+        log.info("%s/%s %s: %s", rref.namespace, rref.name, event.reason, event.message)
+    metrics.CANARY_WEIGHT.labels(rref.namespace, rref.name).set(rp.weight if rp.governed else 0)
+    if rp.rollback_reason:
+        metrics.ROLLBACKS.labels(rref.namespace, rref.name, rp.rollback_reason).inc()
+    if rp.promoted and any(e.reason == "Promoted" for e in rp.events):
+        metrics.PROMOTIONS.labels(rref.namespace, rref.name).inc()
+    if rp.start is not None:
+        start_evaluation(runtime, obs, plan, rollout)
+
+
+def start_evaluation(runtime: Runtime, obs: Observed, plan: Plan, rollout: dict[str, Any]) -> None:
+    """Ensure the evaluation the plan asks for runs (the same id twice is one evaluation)."""
+    rp = plan.rollout
+    assert rp is not None and rp.start is not None and runtime.evaluations is not None
+    parsed = parse_rollout(rollout)[0]
+    if parsed is None:
+        return
+    status = plan.status or obs.body.get("status") or {}
+    stable, candidate = status.get("servingRevision"), status.get("revision")
+    stable_urls = ready_pod_urls(runtime, obs.pods, stable)
+    candidate_urls = ready_pod_urls(runtime, obs.pods, candidate)
+    key = (obs.body["metadata"]["namespace"], obs.body["metadata"]["name"])
+    if not stable_urls or not candidate_urls:
+        runtime.queue.add_after(key, 2.0)  # the pods' IPs are not in the cache yet
+        return
+    name = _served_name(obs.body)
+    meta = rollout["metadata"]
+    request = EvaluationRequest(
+        id=attempt_prefix(rollout) + rp.start.evaluation_id, namespace=meta["namespace"], rollout=meta["name"],
+        rollout_uid=meta.get("uid", ""), step=rp.start.step, evaluation=parsed.spec.evaluation,
+        sample_size=rp.start.sample_size or parsed.spec.evaluation.sample_size,
+        stable=Endpoint(stable_urls[0], name), candidate=Endpoint(candidate_urls[0], name),
+        stable_revision=stable, candidate_revision=candidate)
+    runtime.eval_models[request.id] = key
+    runtime.evaluations.ensure(request)
+
+
+def evaluation_done(runtime: Runtime, request: EvaluationRequest, outcome: EvaluationOutcome) -> None:
+    """A background evaluation ended: record its scores in /metrics and look at the model again."""
+    metrics.EVALUATION_VERDICTS.labels(request.namespace, request.rollout, outcome.verdict).inc()
+    revisions = {"stable": request.stable_revision, "candidate": request.candidate_revision}
+    for role, scores in outcome.scores.items():
+        for scorer, value in scores.items():
+            metrics.EVALUATION_SCORE.labels(request.namespace, request.rollout, role, revisions.get(role, ""),
+                                            scorer).set(value)
+    log.info("evaluation %s of %s/%s: %s (%s)", request.id, request.namespace, request.rollout, outcome.verdict,
+             outcome.reason)
+    key = runtime.eval_models.get(request.id)
+    if key is not None:
+        runtime.queue.add(key)
 
 
 async def reconcile(runtime: Runtime, key: ModelKey) -> None:
@@ -323,9 +532,14 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
         metrics.publish_model_gauges(runtime.conditions, runtime.gpus)
         return
     try:
+        now = dt.datetime.now(dt.timezone.utc)
+        obs = dataclasses.replace(obs, deprecations=runtime.deprecations)
         if runtime.weights is not None:
-            obs = dataclasses.replace(obs, weights=await runtime.weights.facts(obs.body))
-        plan = plan_model(obs, runtime.config, dt.datetime.now(dt.timezone.utc))
+            # The weights of what is to be served: a deprecated base falls back to another digest.
+            served = effective_body(obs.body, runtime.deprecations, now)
+            obs = dataclasses.replace(obs, weights=await runtime.weights.facts(served))
+        obs = await observe_rollout(runtime, key, obs)
+        plan = plan_model(obs, runtime.config, now)
         await execute(runtime, obs, plan)
     except Exception:
         attempt = runtime.failures.get(key, 0)
@@ -348,6 +562,41 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
         runtime.queue.add_after(key, plan.requeue_after)
 
 
+async def watch_deprecations(runtime: Runtime) -> None:
+    """Keep the deprecated base models list current. It is one object: a GET every few seconds
+    needs only `get` on it, where a watch would need `list` on every ConfigMap. Models are not
+    reconciled before the first read: a restarted operator must not roll a deprecated model forward."""
+    ref = runtime.config.deprecations
+    if ref is None:
+        runtime.deprecations_ready.set()
+        return
+    last: str | None = None
+    while True:
+        try:
+            text = (await runtime.client.read_config_map(ref.namespace, ref.name)).get(DATA_KEY, "")
+        except Exception as exc:  # noqa: BLE001
+            if getattr(exc, "status", None) == 404:
+                text = ""
+            else:
+                log.warning("could not read the deprecations ConfigMap %s/%s: %s", ref.namespace, ref.name, exc)
+                await asyncio.sleep(DEPRECATIONS_POLL_SECONDS)
+                continue
+        if text != last:
+            try:
+                runtime.deprecations = parse_deprecations(text)
+                log.info("deprecated base models: %s",
+                         ", ".join(d.base_model for d in runtime.deprecations.entries) or "none")
+                if runtime.indices is not None:
+                    for key in list(runtime.indices["slm_models"]):
+                        runtime.queue.add(key)
+            except DeprecationsError as exc:
+                # Keep the last good list: a typo must not un-deprecate anything.
+                log.error("%s/%s: %s; keeping the previous list", ref.namespace, ref.name, exc)
+            last = text
+            runtime.deprecations_ready.set()
+        await asyncio.sleep(DEPRECATIONS_POLL_SECONDS)
+
+
 async def _report_failure(runtime: Runtime, body: dict[str, Any], exc: BaseException | None) -> None:
     """Say in the status that reconciling keeps failing, rather than failing silently in a log."""
     meta = body["metadata"]
@@ -367,6 +616,7 @@ async def _report_failure(runtime: Runtime, body: dict[str, Any], exc: BaseExcep
 
 async def worker(runtime: Runtime) -> None:
     await runtime.indices_ready.wait()
+    await runtime.deprecations_ready.wait()
     runtime.worker_alive = True
     try:
         while True:
@@ -380,6 +630,8 @@ async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str 
               metrics_port: int, stop: asyncio.Event | None = None) -> None:
     runtime = Runtime(config=config, client=KubeClient(kubeconfig))
     runtime.weights = WeightsReader(runtime.client)
+    runtime.evaluations = Evaluations(lambda request: load_cases(runtime.client, request),
+                                      lambda request, outcome: evaluation_done(runtime, request, outcome))
     registry = build_registry(runtime)
     settings = kopf.OperatorSettings()
     logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event otherwise
@@ -392,6 +644,7 @@ async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str 
     tasks = [
         asyncio.create_task(worker(runtime), name="slmfleet-worker"),
         asyncio.create_task(runtime.queue.run_timers(), name="slmfleet-timers"),
+        asyncio.create_task(watch_deprecations(runtime), name="slmfleet-deprecations"),
         asyncio.create_task(
             kopf.operator(
                 registry=registry,
@@ -420,4 +673,5 @@ async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str 
                 task.cancel()
         await asyncio.gather(*waiters, return_exceptions=True)
         await runner.cleanup()
+        await runtime.evaluations.close()
         runtime.client.close()

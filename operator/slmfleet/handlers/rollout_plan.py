@@ -87,6 +87,20 @@ class RolloutPlan:
     requeue_after: float | None = None
     phase: str | None = None
     retry: str | None = None
+    rollback_reason: str | None = None  # a rollback decided this time, by kind (for metrics)
+
+
+_ROLLBACK_KINDS = (
+    ("the candidate's base model is deprecated", "BaseModelDeprecated"),
+    ("the candidate revision cannot serve", "CandidateFailed"),
+    ("live metrics regressed", "LiveMetrics"),
+    ("the candidate has no ready replica", "CandidateNotReady"),
+    ("evaluation at step", "EvaluationFailed"),
+)
+
+
+def rollback_kind(reason: str) -> str:
+    return next((kind for prefix, kind in _ROLLBACK_KINDS if reason.startswith(prefix)), "Other")
 
 
 def parse_rollout(body: Mapping[str, Any]) -> tuple[ModelRollout | None, str]:
@@ -185,6 +199,7 @@ def plan_rollout(ro: RolloutObserved, *, stable: str | None, candidate: str, rep
     start: StartEvaluation | None = None
     requeue: float | None = None
     promoted = False
+    rollback_reason: str | None = None
     message = ""
     steps = rollout.spec.steps
     for _ in range(MAX_ACTIONS):
@@ -211,6 +226,8 @@ def plan_rollout(ro: RolloutObserved, *, stable: str | None, candidate: str, rep
                 events.append(EventNote("Normal", "Promoted", action.message))
         elif isinstance(action, Rollback):
             applied = 0
+            if before.phase not in FINAL_PHASES:
+                rollback_reason = rollback_kind(action.reason)
             if before.phase not in FINAL_PHASES or before.weight != 0:
                 events.append(EventNote("Warning", "RolledBack" if action.state.phase == "RolledBack" else "Failed",
                                         action.message))
@@ -244,7 +261,7 @@ def plan_rollout(ro: RolloutObserved, *, stable: str | None, candidate: str, rep
     })
     plan = RolloutPlan(governed=True, weight=0 if failed else state.weight, candidate_replicas=candidate_replicas,
                        http_route=http, start=start, promoted=promoted, failed=failed, verdicts=tuple(verdicts),
-                       requeue_after=requeue, phase=state.phase, retry=retry)
+                       requeue_after=requeue, phase=state.phase, retry=retry, rollback_reason=rollback_reason)
     return _finish(old, new, events, plan)
 
 

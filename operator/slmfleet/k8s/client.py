@@ -50,7 +50,8 @@ class ObjectRef:
     uid: str = ""
 
 
-_PLURALS = {"Deployment": "deployments", "Service": "services", "SmallModel": "smallmodels"}
+_PLURALS = {"Deployment": "deployments", "Service": "services", "SmallModel": "smallmodels",
+            "ModelRollout": "modelrollouts", "HTTPRoute": "httproutes"}
 
 
 def _path(api_version: str, kind: str, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
@@ -116,6 +117,25 @@ class KubeClient:
         # "add" replaces an existing member (RFC 6902), and also works when there is no status yet.
         patch = [{"op": "add", "path": "/status", "value": status}]
         return await asyncio.to_thread(self._call, "PATCH", path, patch, "application/json-patch+json")
+
+    async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when it does not exist."""
+        try:
+            return await asyncio.to_thread(self._call, "GET", _path(api_version, kind, namespace, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def serves(self, api_version: str, plural: str) -> bool:
+        """Whether the API server serves `plural` in `api_version` (e.g. whether a CRD is installed)."""
+        try:
+            found = await asyncio.to_thread(self._call, "GET", f"/apis/{api_version}")
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return any(r.get("name") == plural for r in (found or {}).get("resources") or [])
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str]:
         """The Secret's data, decoded. Callers must keep the values out of logs, status and Events."""
