@@ -18,6 +18,7 @@ from kubernetes import client, config
 
 from e2e.cluster import DEFAULT_POOLS, Cluster, default_state_dir
 from e2e.operator_proc import OperatorProcess
+from e2e.s3 import S3Server
 
 pytestmark = pytest.mark.e2e
 
@@ -106,3 +107,17 @@ def crs(api) -> client.CustomObjectsApi:
 @pytest.fixture(scope="session")
 def apps(api) -> client.AppsV1Api:
     return client.AppsV1Api(api)
+
+
+BUCKET = "models"
+S3_PORT = 19000
+
+
+@pytest.fixture(scope="session")
+def s3(cluster):
+    """A real S3 server (MinIO) on loopback with the `models` bucket, one per session."""
+    server = S3Server(cluster.dir / "s3", port=S3_PORT, marker_dir=cluster.dir)
+    server.start()
+    server.make_bucket(BUCKET)
+    yield server
+    server.stop()

@@ -16,13 +16,10 @@ from pathlib import Path
 import pytest
 
 from e2e.fault_proxy import FaultProxy
-from e2e.s3 import S3Server
-from e2e.tests.conftest import wait_for
+from e2e.tests.conftest import BUCKET, wait_for
 
 GROUP, VERSION, PLURAL = "slmfleet.io", "v1alpha1", "smallmodels"
-BUCKET = "models"
 SLMFLEET = str(Path(sys.executable).parent / "slmfleet")
-S3_PORT = 19000
 
 QWEN_CONFIG = {
     "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864,
@@ -53,15 +50,6 @@ def safetensors_file(tensors: dict[str, tuple[str, list[int]]], seed: int = 0) -
 # Two tensors, 8 MiB + a bit: big enough for the fault proxy to cut a download in the middle.
 TENSORS = {"model.embed_tokens.weight": ("BF16", [1024, 4096]), "model.norm.weight": ("BF16", [896])}
 TENSOR_BYTES = 1024 * 4096 * 2 + 896 * 2
-
-
-@pytest.fixture(scope="session")
-def s3(cluster):
-    server = S3Server(cluster.dir / "s3", port=S3_PORT, marker_dir=cluster.dir)
-    server.start()
-    server.make_bucket(BUCKET)
-    yield server
-    server.stop()
 
 
 @pytest.fixture

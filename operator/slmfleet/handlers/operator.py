@@ -446,15 +446,17 @@ async def execute(runtime: Runtime, obs: Observed, plan: Plan) -> None:
             runtime.remember(live.get((obj["kind"], obj["metadata"]["name"])), applied)
         metrics.API_WRITES.labels("apply").inc()
         log.info("applied %s %s/%s", obj["kind"], ref.namespace, obj["metadata"]["name"])
+    # The status says which revision serves before the replaced one is deleted, so that nobody
+    # reading the status sees a serving revision without its Deployment.
+    if plan.status is not None:
+        runtime.remember(obs.body, await runtime.client.patch_status(ref, plan.status))
+        metrics.API_WRITES.labels("status").inc()
     for gone in plan.delete:
         await runtime.client.delete(ObjectRef(gone.api_version, gone.kind, ref.namespace, gone.name, gone.uid))
         runtime.deleted.add((gone.kind, ref.namespace, gone.name, gone.uid, ref.name))
         runtime.own_writes.pop((gone.kind, ref.namespace, gone.name), None)
         metrics.API_WRITES.labels("delete").inc()
         log.info("deleted %s %s/%s", gone.kind, ref.namespace, gone.name)
-    if plan.status is not None:
-        runtime.remember(obs.body, await runtime.client.patch_status(ref, plan.status))
-        metrics.API_WRITES.labels("status").inc()
     if rp is not None and rollout is not None and rp.status is not None and not rollout_written:
         runtime.remember(rollout, await runtime.client.patch_status(_rollout_ref(rollout), rp.status))
         metrics.API_WRITES.labels("status").inc()

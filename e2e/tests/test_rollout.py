@@ -1,0 +1,241 @@
+"""ModelRollout acceptance, end to end: real stand-in pods on the two process nodes, weights in a
+real S3 server (MinIO), the operator evaluating stable and candidate through their pod IPs.
+
+Each test serves a stable revision, then changes the SmallModel's digest to a candidate whose
+`standin.json` answers the evaluation cases equally, worse, or slower, and watches the rollout
+decide; a background thread checks that the stable's ready replicas never drop meanwhile."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from e2e.tests.conftest import wait_for
+from e2e.tests.test_weights import (
+    GROUP,
+    QWEN_CONFIG,
+    TENSORS,
+    VERSION,
+    condition,
+    credentials_secret,
+    s3_model,
+    safetensors_file,
+    upload,
+)
+
+PLURAL = "smallmodels"
+MR_PLURAL = "modelrollouts"
+CASES = [{"prompt": f"What is {i} + {i}?", "expected": str(2 * i)} for i in range(60)]
+
+
+def files(answers: dict[str, str], seed: int, latency_ms: tuple[int, int] = (5, 10)) -> dict[str, bytes]:
+    standin = {"responses": [{"prompt": p, "completion": c} for p, c in answers.items()],
+               "default_completion": "I don't know.", "latency_ms": {"mean": latency_ms[0], "p95": latency_ms[1]},
+               "error_rate": 0.0, "startup_seconds": 0}
+    return {"config.json": json.dumps(QWEN_CONFIG).encode(), "standin.json": json.dumps(standin).encode(),
+            "model.safetensors": safetensors_file(TENSORS, seed=seed)}
+
+
+RIGHT = {c["prompt"]: c["expected"] for c in CASES}
+HALF_WRONG = {c["prompt"]: (c["expected"] if i % 2 else "5") for i, c in enumerate(CASES)}
+
+
+def rollout(name: str, model: str, steps: list[dict], scale_down: int = 0, **thresholds) -> dict:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ModelRollout", "metadata": {"name": name},
+        "spec": {
+            "modelRef": {"name": model},
+            "steps": steps,
+            "evaluation": {"dataset": {"inline": CASES}, "scorers": [{"type": "exactMatch"}],
+                           "sampleSize": 60, "concurrency": 4, "thresholds": {"margin": 0.1, **thresholds}},
+            "scaleDownDelaySeconds": scale_down,
+        },
+    }
+
+
+def get(crs, namespace: str, plural: str, name: str) -> dict:
+    return crs.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
+
+
+def wait_phase(crs, namespace: str, name: str, phases: tuple[str, ...], timeout: float = 180) -> dict:
+    def check():
+        obj = get(crs, namespace, MR_PLURAL, name)
+        return obj if (obj.get("status") or {}).get("phase") in phases else None
+    return wait_for(check, timeout, 0.3, f"rollout {name} in {phases}")
+
+
+class StableWatch:
+    """Polls, in the background, the ready replicas of `revision`'s Deployment while the SmallModel
+    says that revision serves; `lowest` is the minimum seen (samples after it stopped serving, when
+    it may go, are not counted)."""
+
+    def __init__(self, apps, crs, namespace: str, model: str, revision: str) -> None:
+        self.apps, self.crs, self.namespace, self.model, self.revision = apps, crs, namespace, model, revision
+        self.lowest: int | None = None
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                dep = self.apps.read_namespaced_deployment(f"{self.model}-{self.revision}", self.namespace)
+                ready = dep.status.ready_replicas or 0
+            except Exception:  # noqa: BLE001 - gone counts as zero
+                ready = 0
+            serving = (get(self.crs, self.namespace, PLURAL, self.model).get("status") or {}).get("servingRevision")
+            if serving == self.revision:
+                self.lowest = ready if self.lowest is None else min(self.lowest, ready)
+                self.samples += 1
+            self._stop.wait(0.1)
+
+    def __enter__(self) -> "StableWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def cleanup(crs, core, namespace):
+    yield
+    for plural in (MR_PLURAL, PLURAL):
+        for obj in crs.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]:
+            crs.delete_namespaced_custom_object(GROUP, VERSION, namespace, plural, obj["metadata"]["name"])
+    wait_for(lambda: not core.list_namespaced_pod(namespace).items, 120, what="pods gone")
+
+
+def serve_stable(s3, crs, core, namespace: str, name: str, base: str) -> tuple[dict, str]:
+    uri, digest = upload(s3, files(RIGHT, seed=1))
+    credentials_secret(core, namespace, s3)
+    body = s3_model(name, uri, digest, s3.endpoint_url)
+    body["spec"]["baseModel"] = base
+    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+    def ready():
+        obj = get(crs, namespace, PLURAL, name)
+        cond = condition(obj, "Ready")
+        return obj if cond.get("status") == "True" and obj["status"].get("history") else None
+    obj = wait_for(ready, 180, 0.5, f"{name} serving")
+    return obj, digest
+
+
+def change_weights(crs, s3, namespace: str, name: str, answers: dict[str, str], seed: int, base: str,
+                   latency_ms: tuple[int, int] = (5, 10)) -> str:
+    uri, digest = upload(s3, files(answers, seed=seed, latency_ms=latency_ms))
+    crs.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {
+        "spec": {"source": {"uri": uri, "digest": digest}, "baseModel": base}})
+    return digest
+
+
+def events_of(core, namespace: str, name: str) -> list[tuple[str, str]]:
+    items = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}").items
+    return [(e.reason, e.message or "") for e in items]
+
+
+def test_an_equal_candidate_is_promoted_and_a_deprecated_base_rolls_back_to_the_last_known_good_digest(
+        operator, s3, crs, core, apps, namespace, cleanup, cluster):
+    model, first_digest = serve_stable(s3, crs, core, namespace, "eq", base="org/base-v1")
+    stable = model["status"]["servingRevision"]
+    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, MR_PLURAL, rollout(
+        "eq", "eq", [{"evaluate": {}}, {"setWeight": 50}, {"pause": {"duration": "2s"}}, {"setWeight": 100}],
+        scale_down=3))
+    with StableWatch(apps, crs, namespace, "eq", stable) as watch:
+        digest = change_weights(crs, s3, namespace, "eq", RIGHT, seed=2, base="org/base-v2")
+        done = wait_phase(crs, namespace, "eq", ("Promoted", "RolledBack", "Failed"))
+        assert done["status"]["phase"] == "Promoted", done["status"]
+    assert watch.samples > 10 and watch.lowest == 1, "the stable's ready replicas never dropped"
+    result = done["status"]["evaluations"][0]
+    assert result["verdict"] == "Pass" and result["candidateScore"] == result["stableScore"] == "1.0000"
+    assert "non-inferiority" in result["method"]
+    model = wait_for(lambda: (m := get(crs, namespace, PLURAL, "eq"))["status"]["servingRevision"] != stable and m,
+                     60, what="candidate serving")
+    candidate = model["status"]["servingRevision"]
+    assert [h["outcome"] for h in model["status"]["history"]][-2:] == ["Replaced", "Promoted"]
+    assert model["status"]["history"][-1]["digest"] == digest
+    reasons = [r for r, _ in events_of(core, namespace, "eq")]
+    assert {"EvaluationStarted", "EvaluationPassed", "CanaryWeight", "Promoted"} <= set(reasons), reasons
+    wait_for(lambda: not [p for p in core.list_namespaced_pod(namespace, label_selector=f"slmfleet.io/revision={stable}").items],
+             90, what="old stable retired")
+
+    # The platform team deprecates the candidate's base: the model goes back to the first digest.
+    core.create_namespace({"metadata": {"name": "slmfleet-system"}}) if not any(
+        n.metadata.name == "slmfleet-system" for n in core.list_namespace().items) else None
+    cm = {"metadata": {"name": "slmfleet-deprecations"}, "data": {
+        "deprecations.yaml": "deprecations:\n- baseModel: org/base-v2\n  reason: licence withdrawn\n"}}
+    core.create_namespaced_config_map("slmfleet-system", cm)
+    try:
+        with StableWatch(apps, crs, namespace, "eq", candidate) as watch:
+            def rolled_back():
+                m = get(crs, namespace, PLURAL, "eq")
+                degraded = condition(m, "Degraded")
+                serving = m["status"]["servingRevision"]
+                return m if degraded.get("reason") == "BaseModelDeprecated" and serving == stable else None
+            model = wait_for(rolled_back, 180, 0.5, "rollback to the last known good revision")
+            assert watch.lowest == 1, "the deprecated revision served until the fallback was ready"
+        assert first_digest in condition(model, "Degraded")["message"]
+        dep = apps.read_namespaced_deployment(f"eq-{stable}", namespace)
+        assert first_digest in json.dumps(dep.to_dict(), default=str)
+        assert "BaseModelDeprecated" in [r for r, _ in events_of(core, namespace, "eq")]
+    finally:
+        core.delete_namespaced_config_map("slmfleet-deprecations", "slmfleet-system")
+        # back to no deprecations before the next test reads the list
+        time.sleep(6)
+
+
+def test_a_worse_candidate_is_rolled_back_and_the_stable_keeps_its_replicas(
+        operator, s3, crs, core, apps, namespace, cleanup):
+    model, _ = serve_stable(s3, crs, core, namespace, "worse", base="org/base-v1")
+    stable = model["status"]["servingRevision"]
+    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, MR_PLURAL, rollout(
+        "worse", "worse", [{"evaluate": {}}, {"setWeight": 50}, {"evaluate": {}}, {"setWeight": 100}]))
+    before = operator.metrics()
+    with StableWatch(apps, crs, namespace, "worse", stable) as watch:
+        change_weights(crs, s3, namespace, "worse", HALF_WRONG, seed=3, base="org/base-v1")
+        done = wait_phase(crs, namespace, "worse", ("Promoted", "RolledBack", "Failed"))
+        decided = time.monotonic()
+        assert done["status"]["phase"] == "RolledBack", done["status"]
+        candidate = done["status"]["candidateRevision"]
+        wait_for(lambda: (apps.read_namespaced_deployment(f"worse-{candidate}", namespace).spec.replicas == 0),
+                 10, 0.1, "candidate scaled to 0")
+        assert time.monotonic() - decided < 5
+    assert watch.lowest == 1
+    result = done["status"]["evaluations"][0]
+    assert result["verdict"] == "Fail" and float(result["candidateScore"]) < float(result["stableScore"])
+    assert done["status"]["canaryWeight"] == 0
+    model = get(crs, namespace, PLURAL, "worse")
+    degraded = condition(model, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "RolloutFailed")
+    assert model["status"]["servingRevision"] == stable
+    assert model["status"]["history"][-1]["outcome"] == "RolledBack"
+    svc = core.read_namespaced_service("worse", namespace)
+    assert svc.spec.selector["slmfleet.io/revision"] == stable
+    rollout_reasons = [r for r, _ in events_of(core, namespace, "worse")]
+    assert "EvaluationFailed" in rollout_reasons and "RolledBack" in rollout_reasons
+    after = operator.metrics()
+    key = f'slmfleet_rollbacks_total{{namespace="{namespace}",reason="EvaluationFailed",rollout="worse"}}'
+    assert after.get(key, 0) == before.get(key, 0) + 1, [k for k in after if "rollback" in k]
+    verdicts = f'slmfleet_evaluation_verdicts_total{{namespace="{namespace}",rollout="worse",verdict="fail"}}'
+    assert after.get(verdicts, 0) >= 1
+    assert any(k.startswith("slmfleet_evaluation_score{") and 'rollout="worse"' in k for k in after)
+
+
+def test_a_candidate_slower_than_the_p95_threshold_is_rolled_back(operator, s3, crs, core, apps, namespace, cleanup):
+    model, _ = serve_stable(s3, crs, core, namespace, "slow", base="org/base-v1")
+    stable = model["status"]["servingRevision"]
+    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, MR_PLURAL, rollout(
+        "slow", "slow", [{"evaluate": {}}, {"setWeight": 100}], maxP95LatencySeconds=0.25))
+    with StableWatch(apps, crs, namespace, "slow", stable) as watch:
+        change_weights(crs, s3, namespace, "slow", RIGHT, seed=4, base="org/base-v1", latency_ms=(400, 600))
+        done = wait_phase(crs, namespace, "slow", ("Promoted", "RolledBack", "Failed"), timeout=240)
+    assert watch.lowest == 1
+    assert done["status"]["phase"] == "RolledBack", done["status"]
+    assert "p95 latency" in done["status"]["message"]
+    result = done["status"]["evaluations"][0]
+    assert float(result["candidateP95LatencySeconds"]) > 0.25 > float(result["stableP95LatencySeconds"])
+    assert get(crs, namespace, PLURAL, "slow")["status"]["servingRevision"] == stable
