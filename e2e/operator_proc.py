@@ -129,6 +129,12 @@ class OperatorProcess:
             self.proc.kill()
             self.proc.wait()
 
+    def kill(self) -> None:
+        """SIGKILL, as a node failure or an OOM kill would: nothing gets to finish."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

@@ -239,3 +239,25 @@ def test_a_candidate_slower_than_the_p95_threshold_is_rolled_back(operator, s3, 
     result = done["status"]["evaluations"][0]
     assert float(result["candidateP95LatencySeconds"]) > 0.25 > float(result["stableP95LatencySeconds"])
     assert get(crs, namespace, PLURAL, "slow")["status"]["servingRevision"] == stable
+
+
+def test_an_operator_killed_after_a_weight_change_resumes_without_repeating_the_step(
+        operator, s3, crs, core, apps, namespace, cleanup):
+    model, _ = serve_stable(s3, crs, core, namespace, "restart", base="org/base-v1")
+    stable = model["status"]["servingRevision"]
+    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, MR_PLURAL, rollout(
+        "restart", "restart", [{"evaluate": {}}, {"setWeight": 50}, {"pause": {"duration": "8s"}}, {"setWeight": 100}],
+        scale_down=3))
+    with StableWatch(apps, crs, namespace, "restart", stable) as watch:
+        change_weights(crs, s3, namespace, "restart", RIGHT, seed=5, base="org/base-v1")
+        paused = wait_phase(crs, namespace, "restart", ("Paused", "Promoted", "RolledBack", "Failed"))
+        assert paused["status"]["phase"] == "Paused" and paused["status"]["canaryWeight"] == 50
+        operator.kill()  # SIGKILL: no chance to finish anything
+        operator.start()
+        done = wait_phase(crs, namespace, "restart", ("Promoted", "RolledBack", "Failed"))
+    assert done["status"]["phase"] == "Promoted", done["status"]
+    assert watch.lowest == 1
+    assert len(done["status"]["evaluations"]) == 1, "the verdict in status was not evaluated again"
+    weights = [m for r, m in events_of(core, namespace, "restart") if r == "CanaryWeight"]
+    assert len([m for m in weights if "-> 50%" in m]) == 1, weights
+    assert len([m for m in weights if "-> 100%" in m]) == 1, weights
