@@ -355,3 +355,26 @@ def test_without_a_rollout_a_new_revision_replaces_the_old_directly():
     world.edit_spec(lambda s: s["source"].update(digest=NEW_DIGEST))
     plan = world.reconcile(at(1))
     assert plan.rollout is None
+
+
+def test_storage_down_during_a_canary_holds_the_rollout_and_a_wrong_pin_fails_it():
+    from slmfleet.weights.facts import WeightsFacts
+
+    world, stable = stable_world(rollout_body(steps=[{"setWeight": 50}, {"pause": {"duration": "1h"}}]))
+    candidate = new_candidate(world)
+    world.settle(at(1))
+    world.candidate_ready()
+    world.settle(at(2))
+    assert world.rollout_status["canaryWeight"] == 50
+    world.weights = WeightsFacts(digest=NEW_DIGEST, problem="StorageUnreachable", message="S3 is down", transient=True)
+    world.reconcile(at(3))
+    assert world.rollout_status["phase"] == "Paused" and world.rollout_status["canaryWeight"] == 50
+    world.weights = WeightsFacts(digest=NEW_DIGEST, problem="DigestMismatch", message="the manifest is not the pin")
+    world.reconcile(at(4))
+    assert world.rollout_status["phase"] == "Failed"
+    assert "DigestMismatch" in world.rollout_status["message"]
+    assert world.status["servingRevision"] == stable
+    assert selector(world)["slmfleet.io/revision"] == stable, "no more traffic to the candidate"
+    dep = world.deployment(candidate)
+    assert dep["spec"]["replicas"] == 0 and dep["spec"]["template"]["spec"]["containers"], "a whole object, at 0"
+    assert world.plan(at(5)).apply == (), "applied once"

@@ -462,8 +462,34 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
             }
         )
         # A candidate that cannot serve for good (its weights fail their pin) fails its rollout.
-        rollout = rollout_plan(candidate_failure=f"{reason}: {message}" if permanent else None)
-        return dataclasses.replace(_finish(old, new, [], [], events, requeue), rollout=rollout)
+        rollout = rollout_plan(candidate_failure=f"{reason}: {message}" if permanent else None,
+                               candidate_ready=_ready_replicas(deployments.get(revision)) > 0)
+        return dataclasses.replace(_finish(old, new, _hold_canary(rollout), [], events, requeue), rollout=rollout)
+
+    def _hold_canary(rollout: RolloutPlan | None) -> list[dict[str, Any]]:
+        """While the candidate cannot be built, the weight and (after a rollback) its replicas are
+        still the rollout's to set: a candidate that fails its pin mid-canary gets no more traffic."""
+        if rollout is None or not rollout.governed or stable is None:
+            return []
+        out = []
+        if not rollout.http_route:
+            out.append(with_applied_hash(build_model_service(owner, stable, config, canary_revision=revision,
+                                                             canary_weight=rollout.weight)))
+        live_dep = deployments.get(revision)
+        if rollout.failed and live_dep is not None and int((live_dep.get("spec") or {}).get("replicas", 0)) > 0:
+            # The whole object as it was applied, but at 0: a partial apply would drop the fields
+            # this field manager owns and leave the Deployment invalid.
+            meta = live_dep["metadata"]
+            annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != APPLIED_HASH
+                           and not k.startswith("deployment.kubernetes.io/")}
+            out.append(with_applied_hash({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": meta["name"], "namespace": namespace, "labels": dict(meta.get("labels") or {}),
+                             "annotations": annotations, "ownerReferences": list(meta.get("ownerReferences") or [])},
+                "spec": {**copy.deepcopy(live_dep["spec"]), "replicas": 0}}))
+        live_by_name = {(o["kind"], o["metadata"]["name"]): o for o in (*obs.deployments, *obs.services)}
+        return [o for o in out if ((live_by_name.get((o["kind"], o["metadata"]["name"])) or {}).get("metadata", {})
+                                   .get("annotations") or {}).get(APPLIED_HASH) != o["metadata"]["annotations"][APPLIED_HASH]]
 
     if deprecated is not None and deprecated.target is None:
         return degraded("BaseModelDeprecated", deprecated.message)

@@ -21,6 +21,7 @@ class WorkQueue:
         self._ready: asyncio.Queue[Hashable] = asyncio.Queue()
         self._queued: set[Hashable] = set()
         self._delayed: list[tuple[float, int, Hashable]] = []
+        self._due: dict[Hashable, float] = {}  # the earliest pending timer of each key
         self._tiebreak = itertools.count()
         self._wakeup = asyncio.Event()
 
@@ -30,7 +31,13 @@ class WorkQueue:
             self._ready.put_nowait(key)
 
     def add_after(self, key: Hashable, seconds: float) -> None:
-        heapq.heappush(self._delayed, (time.monotonic() + max(0.0, seconds), next(self._tiebreak), key))
+        """Look at `key` again in `seconds` at the latest. One timer per key: a reconcile that asks
+        for a periodic look again would otherwise start one more chain of timers per event."""
+        due = time.monotonic() + max(0.0, seconds)
+        if key in self._due and self._due[key] <= due:
+            return
+        self._due[key] = due
+        heapq.heappush(self._delayed, (due, next(self._tiebreak), key))
         self._wakeup.set()
 
     async def get(self) -> Hashable:
@@ -47,7 +54,10 @@ class WorkQueue:
             self._wakeup.clear()
             now = time.monotonic()
             while self._delayed and self._delayed[0][0] <= now:
-                self.add(heapq.heappop(self._delayed)[2])
+                due, _, key = heapq.heappop(self._delayed)
+                if self._due.get(key) == due:  # else superseded by an earlier timer, already fired
+                    del self._due[key]
+                    self.add(key)
             timeout = self._delayed[0][0] - now if self._delayed else None
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
