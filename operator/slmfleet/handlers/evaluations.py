@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
-import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from slmfleet.api.modelrollout import Evaluation, EvaluationResult, S3Dataset, Thresholds
@@ -46,6 +43,7 @@ from slmfleet.evaluation.dataset import (
 from slmfleet.evaluation.metrics import E2E_LATENCY, Scrape, quantile_from_buckets, window_stats
 from slmfleet.evaluation.runner import Endpoint, PairedRun, iter_paired_batches
 from slmfleet.evaluation.scorers import Scorer, ScorerError, build_scorers
+from slmfleet.handlers.s3_access import S3AccessError, api_failure as _api_failure, s3_client_for
 from slmfleet.k8s.client import KubeClient
 from slmfleet.rollout.decision import (
     DEFAULT_MIN_REQUESTS,
@@ -58,7 +56,6 @@ from slmfleet.rollout.decision import (
     decide,
     look_sizes,
 )
-from slmfleet.weights.inspect import s3_client
 
 log = logging.getLogger(__name__)
 
@@ -106,56 +103,11 @@ def _error(request_id: str, reason: str) -> EvaluationOutcome:
 # Cases
 
 
-_CA_DIR: Path | None = None
-
-
-def _ca_file(pem: str) -> str:
-    """A CA bundle written once per content to a private temp dir (boto3 wants a path)."""
-    global _CA_DIR
-    if _CA_DIR is None:
-        _CA_DIR = Path(tempfile.mkdtemp(prefix="slmfleet-eval-ca-"))
-    path = _CA_DIR / (hashlib.sha256(pem.encode()).hexdigest()[:16] + ".pem")
-    if not path.exists():
-        path.write_text(pem)
-    return str(path)
-
-
-def _api_failure(exc: BaseException) -> str:
-    """An API read failure in a few words (the kubernetes ApiException's reason, or the type)."""
-    if isinstance(exc, KeyError):
-        return f"no key {exc}"
-    status = getattr(exc, "status", None)
-    reason = getattr(exc, "reason", None)
-    if reason:
-        return f"{reason} (HTTP {status})" if status else str(reason)
-    return type(exc).__name__
-
-
 async def _s3_dataset_client(client: KubeClient, namespace: str, dataset: S3Dataset) -> Any:
-    """An S3 client for the dataset with the credentials of its Secret (anonymous without one) and
-    its CA bundle, the way `weights_reader` reads a SmallModel's source."""
-    s3 = dataset.s3
-    access_key = secret_key = ca_bundle = None
-    if s3 is not None and s3.credentials_secret is not None:
-        ref = s3.credentials_secret
-        try:
-            data = await client.read_secret(namespace, ref.name)
-            access_key, secret_key = data[ref.access_key_id_key], data[ref.secret_access_key_key]
-        except Exception as exc:  # noqa: BLE001 - no credentials (yet); the message names no value
-            raise DatasetError(f"Secret {namespace}/{ref.name}: {_api_failure(exc)}") from None
-    if s3 is not None and s3.ca_config_map is not None:
-        ref_ca = s3.ca_config_map
-        try:
-            pem = (await client.read_config_map(namespace, ref_ca.name))[ref_ca.key]
-        except Exception as exc:  # noqa: BLE001
-            raise DatasetError(f"ConfigMap {namespace}/{ref_ca.name}: CA bundle unavailable "
-                               f"({_api_failure(exc)})") from None
-        ca_bundle = _ca_file(pem)
-    return s3_client(
-        endpoint_url=s3.endpoint if s3 else None, region=s3.region if s3 else None,
-        path_style=s3.path_style if s3 else True, ca_bundle=ca_bundle,
-        access_key_id=access_key, secret_access_key=secret_key,
-    )
+    try:
+        return await s3_client_for(client, namespace, dataset.s3)
+    except S3AccessError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 def _scorers(evaluation: Evaluation) -> tuple[Scorer, ...]:

@@ -11,17 +11,15 @@ endpoint is not hammered by every watch event.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from slmfleet.api.smallmodel import SmallModel
 from slmfleet.k8s.client import KubeClient
 from slmfleet.weights.facts import WeightsFacts
-from slmfleet.weights.inspect import inspect_s3, s3_client
+from slmfleet.handlers.s3_access import S3AccessError, s3_client_for
+from slmfleet.weights.inspect import inspect_s3
 
 RETRY_SECONDS = 30.0
 # What is stored at a URI can be fixed (a manifest written, a file re-uploaded): re-read then.
@@ -35,7 +33,6 @@ FINAL = frozenset({None, "PickleRefused"})
 class WeightsReader:
     client: KubeClient
     cache: dict[tuple[str, str], tuple[float, WeightsFacts]] = field(default_factory=dict)
-    ca_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="slmfleet-ca-")))
 
     async def facts(self, body: dict[str, Any]) -> WeightsFacts | None:
         try:
@@ -60,31 +57,8 @@ class WeightsReader:
 
     async def _read(self, namespace: str, model: SmallModel) -> WeightsFacts:
         source = model.spec.source
-        s3 = source.s3
-        access_key = secret_key = ca_bundle = None
-        if s3 is not None and s3.credentials_secret is not None:
-            ref = s3.credentials_secret
-            try:
-                data = await self.client.read_secret(namespace, ref.name)
-                access_key, secret_key = data[ref.access_key_id_key], data[ref.secret_access_key_key]
-            except Exception as exc:  # noqa: BLE001 - any failure means: no credentials (yet)
-                what = f"key {exc}" if isinstance(exc, KeyError) else getattr(exc, "reason", type(exc).__name__)
-                return WeightsFacts(digest=source.digest, problem="CredentialsUnavailable",
-                                    message=f"Secret {namespace}/{ref.name}: {what}")
-        if s3 is not None and s3.ca_config_map is not None:
-            ref_ca = s3.ca_config_map
-            try:
-                pem = (await self.client.read_config_map(namespace, ref_ca.name))[ref_ca.key]
-            except Exception as exc:  # noqa: BLE001
-                return WeightsFacts(digest=source.digest, problem="CredentialsUnavailable",
-                                    message=f"ConfigMap {namespace}/{ref_ca.name}: CA bundle unavailable ({exc})")
-            path = self.ca_dir / (hashlib.sha256(pem.encode()).hexdigest()[:16] + ".pem")
-            if not path.exists():
-                path.write_text(pem)
-            ca_bundle = str(path)
-        client = s3_client(
-            endpoint_url=s3.endpoint if s3 else None, region=s3.region if s3 else None,
-            path_style=s3.path_style if s3 else True, ca_bundle=ca_bundle,
-            access_key_id=access_key, secret_access_key=secret_key,
-        )
+        try:
+            client = await s3_client_for(self.client, namespace, source.s3)
+        except S3AccessError as exc:
+            return WeightsFacts(digest=source.digest, problem="CredentialsUnavailable", message=str(exc))
         return await asyncio.to_thread(inspect_s3, client, source.uri, source.digest, allow_pickle=source.allow_pickle)
