@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -207,31 +208,17 @@ class PodRunner:
         term_path = c_spec.get("terminationMessagePath") or spec.DEFAULT_TERMINATION_MESSAGE_PATH
         term_file = cdir / "termination-log"
         term_file.write_text("")
-        try:
-            env = await self._env(c_spec)
-            paths = spec.PathMap({**self._mounts(c_spec), term_path: str(term_file)})
-            argv = images.resolve_argv(c.image, [spec.expand(a, env) for a in c_spec.get("command") or []] or None,
-                                       [spec.expand(a, env) for a in c_spec["args"]] if "args" in c_spec else None)
-            argv = [argv[0]] + [paths.rewrite(a) for a in argv[1:]]
-            env = {k: paths.rewrite(v) for k, v in env.items()}
-        except images.ImageError as exc:
-            c.state = {"waiting": {"reason": "ErrImagePull", "message": str(exc)}}
-            await self.push_status()
-            await self.event("Failed", f"Failed to pull image {c.image!r}: {exc}", "Warning")
-            await self._wait_terminating()
-            return None
-        except (ConfigError, ApiError, ValueError) as exc:
-            c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
-            await self.push_status()
-            await self.event("Failed", f"Error: {exc}", "Warning")
-            await self._wait_terminating()
-            return None
-        except images.ExecError as exc:
-            now = spec.now()
-            c.state = {"terminated": spec.terminated_state(128, now, now, str(exc), "", reason="StartError")}
-            await self.push_status()
-            await self.event("Failed", f"Error: {exc}", "Warning")
-            return 128
+        retry = 0
+        while True:
+            ready = await self._resolve(c_spec, c, term_path, term_file, retry)
+            if isinstance(ready, tuple):
+                env, argv, paths = ready
+                break
+            if ready is not False:
+                return ready
+            retry += 1
+            if await self._terminating_within(min(2.0 ** retry, 10.0)):
+                return None
 
         workdir = c_spec.get("workingDir")
         cwd = paths.rewrite(workdir) if workdir else str(self.dir)
@@ -275,6 +262,44 @@ class PodRunner:
         c.state = {"terminated": spec.terminated_state(code, started_at, spec.now(), message, c.container_id)}
         await self.push_status()
         return code
+
+    async def _resolve(self, c_spec: dict, c: ContainerState, term_path: str, term_file: Path,
+                       retry: int) -> "tuple[dict[str, str], list[str], spec.PathMap] | int | bool | None":
+        """The container's environment and argv; False: a config error worth retrying (as the
+        kubelet does: a Secret or ConfigMap may appear, the API may answer next time); an int or
+        None: the run's result without a process."""
+        try:
+            env = await self._env(c_spec)
+            paths = spec.PathMap({**self._mounts(c_spec), term_path: str(term_file)})
+            argv = images.resolve_argv(c.image, [spec.expand(a, env) for a in c_spec.get("command") or []] or None,
+                                       [spec.expand(a, env) for a in c_spec["args"]] if "args" in c_spec else None)
+            argv = [argv[0]] + [paths.rewrite(a) for a in argv[1:]]
+            env = {k: paths.rewrite(v) for k, v in env.items()}
+            return env, argv, paths
+        except images.ImageError as exc:
+            c.state = {"waiting": {"reason": "ErrImagePull", "message": str(exc)}}
+            await self.push_status()
+            await self.event("Failed", f"Failed to pull image {c.image!r}: {exc}", "Warning")
+            await self._wait_terminating()
+            return None
+        except (ConfigError, ApiError, ValueError) as exc:
+            c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
+            await self.push_status()
+            if retry == 0:
+                await self.event("Failed", f"Error: {exc}", "Warning")
+            return False
+        except images.ExecError as exc:
+            now = spec.now()
+            c.state = {"terminated": spec.terminated_state(128, now, now, str(exc), "", reason="StartError")}
+            await self.push_status()
+            await self.event("Failed", f"Error: {exc}", "Warning")
+            return 128
+
+    async def _terminating_within(self, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while not self.terminating and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        return self.terminating
 
     async def _wait_terminating(self) -> None:
         while not self.terminating:
