@@ -7,9 +7,11 @@ decide; a background thread checks that the stable's ready replicas never drop m
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -31,10 +33,11 @@ MR_PLURAL = "modelrollouts"
 CASES = [{"prompt": f"What is {i} + {i}?", "expected": str(2 * i)} for i in range(60)]
 
 
-def files(answers: dict[str, str], seed: int, latency_ms: tuple[int, int] = (5, 10)) -> dict[str, bytes]:
+def files(answers: dict[str, str], seed: int, latency_ms: tuple[int, int] = (5, 10),
+          startup_seconds: float = 0) -> dict[str, bytes]:
     standin = {"responses": [{"prompt": p, "completion": c} for p, c in answers.items()],
                "default_completion": "I don't know.", "latency_ms": {"mean": latency_ms[0], "p95": latency_ms[1]},
-               "error_rate": 0.0, "startup_seconds": 0}
+               "error_rate": 0.0, "startup_seconds": startup_seconds}
     return {"config.json": json.dumps(QWEN_CONFIG).encode(), "standin.json": json.dumps(standin).encode(),
             "model.safetensors": safetensors_file(TENSORS, seed=seed)}
 
@@ -126,8 +129,8 @@ def serve_stable(s3, crs, core, namespace: str, name: str, base: str) -> tuple[d
 
 
 def change_weights(crs, s3, namespace: str, name: str, answers: dict[str, str], seed: int, base: str,
-                   latency_ms: tuple[int, int] = (5, 10)) -> str:
-    uri, digest = upload(s3, files(answers, seed=seed, latency_ms=latency_ms))
+                   latency_ms: tuple[int, int] = (5, 10), startup_seconds: float = 0) -> str:
+    uri, digest = upload(s3, files(answers, seed=seed, latency_ms=latency_ms, startup_seconds=startup_seconds))
     crs.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {
         "spec": {"source": {"uri": uri, "digest": digest}, "baseModel": base}})
     return digest
@@ -243,26 +246,74 @@ def test_a_candidate_slower_than_the_p95_threshold_is_rolled_back(operator, s3, 
     assert get(crs, namespace, PLURAL, "slow")["status"]["servingRevision"] == stable
 
 
-def test_an_operator_killed_after_a_weight_change_resumes_without_repeating_the_step(
-        operator, s3, crs, core, apps, namespace, cleanup):
+@pytest.mark.parametrize("phase", ["Pending", "Evaluating", "Paused"])
+def test_an_operator_killed_mid_rollout_resumes_without_repeating_a_step(
+        phase, operator, s3, crs, core, apps, namespace, cleanup):
+    """Killed with the candidate created but not ready, mid-evaluation, after a weight change."""
     model, _ = serve_stable(s3, crs, core, namespace, "restart", base="org/base-v1")
     stable = model["status"]["servingRevision"]
     crs.create_namespaced_custom_object(GROUP, VERSION, namespace, MR_PLURAL, rollout(
         "restart", "restart", [{"evaluate": {}}, {"setWeight": 50}, {"pause": {"duration": "8s"}}, {"setWeight": 100}],
         scale_down=3))
     with StableWatch(apps, crs, namespace, "restart", stable) as watch:
-        change_weights(crs, s3, namespace, "restart", RIGHT, seed=5, base="org/base-v1")
-        paused = wait_phase(crs, namespace, "restart", ("Paused", "Promoted", "RolledBack", "Failed"))
-        assert paused["status"]["phase"] == "Paused" and paused["status"]["canaryWeight"] == 50
+        # A slow start and slow answers make the first two phases long enough to catch.
+        change_weights(crs, s3, namespace, "restart", RIGHT, seed=5, base="org/base-v1",
+                       latency_ms=(150, 250) if phase == "Evaluating" else (5, 10),
+                       startup_seconds=6 if phase == "Pending" else 0)
+        caught = wait_phase(crs, namespace, "restart", (phase, "Promoted", "RolledBack", "Failed"))
+        assert caught["status"]["phase"] == phase, caught["status"]
         operator.kill()  # SIGKILL: no chance to finish anything
         operator.start()
         done = wait_phase(crs, namespace, "restart", ("Promoted", "RolledBack", "Failed"))
     assert done["status"]["phase"] == "Promoted", done["status"]
     assert watch.lowest == 1
-    assert len(done["status"]["evaluations"]) == 1, "the verdict in status was not evaluated again"
+    assert [e["step"] for e in done["status"]["evaluations"]] == [0], "one verdict per evaluate step"
+    wait_for(lambda: "Promoted" in [r for r, _ in events_of(core, namespace, "restart")], 15, 0.2, "Promoted event")
     weights = [m for r, m in events_of(core, namespace, "restart") if r == "CanaryWeight"]
-    # Events are posted after the status write, so the kill may take the 50% one with it; what
-    # must never happen is the step applied (and announced) a second time.
+    # Events are posted after the status write, so the kill may take one with it; what must
+    # never happen is a step applied (and announced) a second time.
     assert len([m for m in weights if "-> 50%" in m]) <= 1, weights
     assert len([m for m in weights if "-> 100%" in m]) == 1, weights
     assert not [m for m in weights if "re-applying" in m], weights
+
+
+def chat_at(ip: str, prompt: str) -> None:
+    body = json.dumps({"model": "qwen-pinned", "messages": [{"role": "user", "content": prompt}],
+                       "max_tokens": 8}).encode()
+    req = urllib.request.Request(f"http://{ip}:8000/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        resp.read()
+
+
+def test_http_route_weights_and_a_live_latency_regression_roll_back(
+        operator, s3, crs, core, apps, namespace, cleanup, cluster):
+    model, _ = serve_stable(s3, crs, core, namespace, "live", base="org/base-v1")
+    stable = model["status"]["servingRevision"]
+    body = rollout("live", "live", [{"setWeight": 30}, {"pause": {"duration": "5m"}}, {"setWeight": 100}],
+                   maxP95LatencySeconds=0.5)
+    body["spec"]["traffic"] = {"httpRoute": {"parentRefs": [{"name": "inference-gateway"}]}}
+    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, MR_PLURAL, body)
+
+    def route_weights() -> dict[str, int]:
+        out = cluster._kubectl("get", "httproute", "live", "-n", namespace, "-o", "json", check=False)
+        if out.returncode:
+            return {}
+        return {b["name"]: b["weight"] for b in json.loads(out.stdout)["spec"]["rules"][0]["backendRefs"]}
+
+    wait_for(lambda: route_weights() == {f"live-{stable}": 100}, 30, 0.3, "the route on the stable")
+    with StableWatch(apps, crs, namespace, "live", stable) as watch:
+        change_weights(crs, s3, namespace, "live", RIGHT, seed=6, base="org/base-v1", latency_ms=(900, 1400))
+        paused = wait_phase(crs, namespace, "live", ("Paused", "Promoted", "RolledBack", "Failed"))
+        assert paused["status"]["phase"] == "Paused", paused["status"]
+        candidate = paused["status"]["candidateRevision"]
+        assert route_weights() == {f"live-{stable}": 70, f"live-{candidate}": 30}
+        # Live traffic reaches the candidate (no gateway runs here: straight to its pod), and it is slow.
+        pod = next(p for p in core.list_namespaced_pod(namespace, label_selector=f"slmfleet.io/revision={candidate}").items)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: chat_at(pod.status.pod_ip, CASES[i % len(CASES)]["prompt"]), range(40)))
+        done = wait_phase(crs, namespace, "live", ("Promoted", "RolledBack", "Failed"), timeout=60)
+    assert done["status"]["phase"] == "RolledBack", done["status"]
+    assert "live metrics regressed" in done["status"]["message"] and "p95 latency" in done["status"]["message"]
+    assert watch.lowest == 1
+    wait_for(lambda: route_weights() == {f"live-{stable}": 100, f"live-{candidate}": 0}, 15, 0.2, "weight back to 0")
