@@ -378,3 +378,16 @@ def test_storage_down_during_a_canary_holds_the_rollout_and_a_wrong_pin_fails_it
     dep = world.deployment(candidate)
     assert dep["spec"]["replicas"] == 0 and dep["spec"]["template"]["spec"]["containers"], "a whole object, at 0"
     assert world.plan(at(5)).apply == (), "applied once"
+
+
+def test_a_rollout_that_governs_nothing_says_why_once():
+    from slmfleet.handlers.rollout_plan import plan_not_governing
+
+    body = rollout_body()
+    status = plan_not_governing(body, "ModelNotFound", "SmallModel models/qwen-chat does not exist", T0)
+    assert status is not None
+    degraded = condition(status, "Degraded")
+    assert (degraded["status"], degraded["reason"], degraded["observedGeneration"]) == ("True", "ModelNotFound", 1)
+    assert condition(status, "Ready")["status"] == "False"
+    body["status"] = status
+    assert plan_not_governing(body, "ModelNotFound", "SmallModel models/qwen-chat does not exist", at(5)) is None

@@ -32,7 +32,13 @@ from slmfleet.evaluation.runner import Endpoint
 from slmfleet.handlers import metrics
 from slmfleet.handlers.evaluations import EvaluationOutcome, EvaluationRequest, Evaluations, LiveWatch, load_cases
 from slmfleet.handlers.model_plan import LOADER_FAILURES, Observed, Plan, effective_body, plan_model
-from slmfleet.handlers.rollout_plan import RETRY_ANNOTATION, EvaluationSnapshot, RolloutObserved, parse_rollout
+from slmfleet.handlers.rollout_plan import (
+    RETRY_ANNOTATION,
+    EvaluationSnapshot,
+    RolloutObserved,
+    parse_rollout,
+    plan_not_governing,
+)
 from slmfleet.rollout.deprecations import DATA_KEY, Deprecations, DeprecationsError, parse_deprecations
 from slmfleet.rollout.steps import evaluation_id
 from slmfleet.handlers.weights_reader import WeightsReader
@@ -319,14 +325,38 @@ def observe(runtime: Runtime, key: ModelKey) -> Observed | None:
     )
 
 
-def governing_rollout(runtime: Runtime, key: ModelKey) -> dict[str, Any] | None:
-    """The ModelRollout that governs the model: the oldest one referencing it (others wait)."""
+def rollouts_of(runtime: Runtime, key: ModelKey) -> list[dict[str, Any]]:
+    """The ModelRollouts referencing the model, oldest first: the first governs it, others wait."""
     assert runtime.indices is not None
     cached = list(runtime.indices["slm_rollouts"].get(key, ()))
     rollouts = runtime.fresh(modelrollout.KIND, key[0], cached)
     rollouts = [r for r in rollouts if (r.get("spec", {}).get("modelRef") or {}).get("name") == key[1]]
     rollouts.sort(key=lambda r: (r["metadata"].get("creationTimestamp") or "", r["metadata"]["name"]))
+    return rollouts
+
+
+def governing_rollout(runtime: Runtime, key: ModelKey) -> dict[str, Any] | None:
+    rollouts = rollouts_of(runtime, key)
     return rollouts[0] if rollouts else None
+
+
+async def report_not_governing(runtime: Runtime, key: ModelKey, model_exists: bool) -> None:
+    """Say so in the status of rollouts that govern nothing, rather than leave them silent."""
+    rollouts = rollouts_of(runtime, key)
+    now = dt.datetime.now(dt.timezone.utc)
+    for index, rollout in enumerate(rollouts):
+        if not model_exists:
+            reason, message = "ModelNotFound", f"SmallModel {key[0]}/{key[1]} does not exist"
+        elif index > 0:
+            reason, message = "Conflict", (f"SmallModel {key[1]} is governed by ModelRollout "
+                                           f"{rollouts[0]['metadata']['name']} (the oldest referencing it)")
+        else:
+            continue
+        status = plan_not_governing(rollout, reason, message, now)
+        if status is not None:
+            runtime.remember(rollout, await runtime.client.patch_status(_rollout_ref(rollout), status))
+            metrics.API_WRITES.labels("status").inc()
+            await runtime.client.post_event(_rollout_ref(rollout), "Warning", reason, message)
 
 
 def attempt_prefix(rollout: dict[str, Any]) -> str:
@@ -532,8 +562,13 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
         runtime.conditions.pop(key, None)
         runtime.gpus.pop(key, None)
         metrics.publish_model_gauges(runtime.conditions, runtime.gpus)
+        try:
+            await report_not_governing(runtime, key, model_exists=False)
+        except Exception:  # noqa: BLE001 - a status note only; the next event tries again
+            log.warning("could not report on the rollouts of %s/%s", *key, exc_info=True)
         return
     try:
+        await report_not_governing(runtime, key, model_exists=True)
         now = dt.datetime.now(dt.timezone.utc)
         obs = dataclasses.replace(obs, deprecations=runtime.deprecations)
         if runtime.weights is not None:

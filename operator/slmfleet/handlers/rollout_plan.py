@@ -324,3 +324,15 @@ def _idle(ro: RolloutObserved, rollout: ModelRollout, old: ModelRolloutStatus, s
 def _finish(old: ModelRolloutStatus, new: ModelRolloutStatus, events: list[EventNote], plan: RolloutPlan) -> RolloutPlan:
     old_wire, new_wire = old.to_wire(), new.to_wire()
     return replace(plan, status=new_wire if new_wire != old_wire else None, events=tuple(events))
+
+
+def plan_not_governing(body: Mapping[str, Any], reason: str, message: str, now: dt.datetime) -> dict[str, Any] | None:
+    """The status of a ModelRollout that governs nothing (its model does not exist, or another
+    rollout governs it): Degraded with the reason, nothing else touched. None: already says so."""
+    rollout, _ = parse_rollout(body)
+    raw = body.get("status") if isinstance(body.get("status"), dict) else {}
+    old = rollout.status if rollout is not None else ModelRolloutStatus.model_validate(raw or {})
+    generation = int((body.get("metadata") or {}).get("generation", 1))
+    conds = _conditions(list(old.conditions), None, message, generation, now, reason)
+    new = old.model_copy(update={"observed_generation": generation, "message": message, "conditions": conds})
+    return new.to_wire() if new.to_wire() != old.to_wire() else None

@@ -1,0 +1,33 @@
+"""Every example manifest is a valid SmallModel / ModelRollout as the operator parses it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from slmfleet.api.modelrollout import ModelRollout
+from slmfleet.api.smallmodel import SmallModel
+from slmfleet.handlers.rollout_plan import parse_rollout
+from slmfleet.rollout.steps import parse_steps
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+MODELS = {"SmallModel": SmallModel, "ModelRollout": ModelRollout}
+DOCS = [(path.name, doc) for path in sorted(EXAMPLES.glob("*/*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text()) if doc and doc.get("kind") in MODELS]
+
+
+def test_there_are_examples_of_both_kinds():
+    assert {doc["kind"] for _, doc in DOCS} == set(MODELS)
+
+
+@pytest.mark.parametrize("name,doc", DOCS, ids=[f"{n}:{d['metadata']['name']}" for n, d in DOCS])
+def test_example_parses(name, doc):
+    MODELS[doc["kind"]].model_validate(doc)
+    if doc["kind"] == "ModelRollout":
+        rollout, problem = parse_rollout(doc)
+        assert rollout is not None, problem
+        parse_steps(rollout.spec.steps)
+        model_names = {d["metadata"]["name"] for _, d in DOCS if d["kind"] == "SmallModel"}
+        assert rollout.spec.model_ref.name in model_names
