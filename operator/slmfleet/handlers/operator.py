@@ -448,6 +448,7 @@ async def observe_rollout(runtime: Runtime, key: ModelKey, obs: Observed) -> Obs
     if runtime.evaluations is not None:
         runtime.evaluations.forget(keep)
     runtime.live.forget(keep)
+    runtime.eval_models = {id_: model for id_, model in runtime.eval_models.items() if keep(id_)}
     return dataclasses.replace(obs, rollout=ro, route=route)
 
 
