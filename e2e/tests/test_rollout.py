@@ -11,6 +11,7 @@ import concurrent.futures
 import json
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -34,10 +35,10 @@ CASES = [{"prompt": f"What is {i} + {i}?", "expected": str(2 * i)} for i in rang
 
 
 def files(answers: dict[str, str], seed: int, latency_ms: tuple[int, int] = (5, 10),
-          startup_seconds: float = 0) -> dict[str, bytes]:
+          startup_seconds: float = 0, error_rate: float = 0.0) -> dict[str, bytes]:
     standin = {"responses": [{"prompt": p, "completion": c} for p, c in answers.items()],
                "default_completion": "I don't know.", "latency_ms": {"mean": latency_ms[0], "p95": latency_ms[1]},
-               "error_rate": 0.0, "startup_seconds": startup_seconds}
+               "error_rate": error_rate, "startup_seconds": startup_seconds}
     return {"config.json": json.dumps(QWEN_CONFIG).encode(), "standin.json": json.dumps(standin).encode(),
             "model.safetensors": safetensors_file(TENSORS, seed=seed)}
 
@@ -129,8 +130,9 @@ def serve_stable(s3, crs, core, namespace: str, name: str, base: str) -> tuple[d
 
 
 def change_weights(crs, s3, namespace: str, name: str, answers: dict[str, str], seed: int, base: str,
-                   latency_ms: tuple[int, int] = (5, 10), startup_seconds: float = 0) -> str:
-    uri, digest = upload(s3, files(answers, seed=seed, latency_ms=latency_ms, startup_seconds=startup_seconds))
+                   latency_ms: tuple[int, int] = (5, 10), startup_seconds: float = 0, error_rate: float = 0.0) -> str:
+    uri, digest = upload(s3, files(answers, seed=seed, latency_ms=latency_ms, startup_seconds=startup_seconds,
+                                   error_rate=error_rate))
     crs.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, {
         "spec": {"source": {"uri": uri, "digest": digest}, "baseModel": base}})
     return digest
@@ -282,8 +284,11 @@ def chat_at(ip: str, prompt: str) -> None:
                        "max_tokens": 8}).encode()
     req = urllib.request.Request(f"http://{ip}:8000/v1/chat/completions", data=body,
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        resp.read()
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            resp.read()
+    except urllib.error.HTTPError:
+        pass  # a failing candidate is what some tests want
 
 
 def test_http_route_weights_and_a_live_latency_regression_roll_back(
@@ -317,3 +322,29 @@ def test_http_route_weights_and_a_live_latency_regression_roll_back(
     assert "live metrics regressed" in done["status"]["message"] and "p95 latency" in done["status"]["message"]
     assert watch.lowest == 1
     wait_for(lambda: route_weights() == {f"live-{stable}": 100, f"live-{candidate}": 0}, 15, 0.2, "weight back to 0")
+
+
+def test_replica_ratio_weights_and_a_live_error_rate_regression_roll_back(
+        operator, s3, crs, core, apps, namespace, cleanup):
+    model, _ = serve_stable(s3, crs, core, namespace, "errs", base="org/base-v1")
+    stable = model["status"]["servingRevision"]
+    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, MR_PLURAL, rollout(
+        "errs", "errs", [{"setWeight": 30}, {"pause": {"duration": "5m"}}, {"setWeight": 100}], maxErrorRate=0.05))
+    with StableWatch(apps, crs, namespace, "errs", stable) as watch:
+        change_weights(crs, s3, namespace, "errs", RIGHT, seed=7, base="org/base-v1", error_rate=0.5)
+        paused = wait_phase(crs, namespace, "errs", ("Paused", "Promoted", "RolledBack", "Failed"))
+        assert paused["status"]["phase"] == "Paused", paused["status"]
+        candidate = paused["status"]["candidateRevision"]
+        # Replica ratio: the model Service spreads over both revisions' pods (one each here).
+        svc = core.read_namespaced_service("errs", namespace)
+        assert svc.spec.selector == {"slmfleet.io/model": "errs"}
+        assert svc.metadata.annotations["slmfleet.io/canary"] == f"{candidate}=30"
+        pod = next(p for p in core.list_namespaced_pod(namespace, label_selector=f"slmfleet.io/revision={candidate}").items)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: chat_at(pod.status.pod_ip, CASES[i % len(CASES)]["prompt"]), range(40)))
+        done = wait_phase(crs, namespace, "errs", ("Promoted", "RolledBack", "Failed"), timeout=60)
+    assert done["status"]["phase"] == "RolledBack", done["status"]
+    assert "live metrics regressed" in done["status"]["message"] and "error rate" in done["status"]["message"]
+    assert watch.lowest == 1
+    wait_for(lambda: core.read_namespaced_service("errs", namespace).spec.selector.get("slmfleet.io/revision") == stable,
+             15, 0.2, "the Service back on the stable")
