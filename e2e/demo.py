@@ -19,7 +19,9 @@ from e2e.operator_proc import OperatorProcess
 
 NAMESPACE = "slmfleet-demo"
 EXAMPLES = REPO / "examples" / "smallmodels"
+ROLLOUTS = REPO / "examples" / "modelrollouts"
 SERVED = "qwen2-5-0-5b"
+NEW_WEIGHTS = "qwen2.5-0.5b-instruct-v2"
 DEMO_METRICS_PORT = 18390
 
 
@@ -70,6 +72,44 @@ def table(models: list[dict]) -> str:
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("    " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def roll_out_new_weights(kubectl) -> int:
+    """Point the served model at its second pinned revision under examples/modelrollouts/ and
+    follow the rollout: evaluation against the serving revision, 50%, pause, evaluation, 100%."""
+    from slmfleet.weights.manifest import Manifest  # the digest as `slmfleet pin` computes it
+
+    weights = REPO / "examples" / "weights" / NEW_WEIGHTS
+    digest = Manifest.parse((weights / "slmfleet-manifest.json").read_text()).digest
+    step(f"Rolling {SERVED} out to new pinned weights ({NEW_WEIGHTS}), gated on evaluations")
+    print(kubectl("apply", "-f", str(ROLLOUTS)), end="")
+    patch = {"spec": {"source": {"uri": f"pvc://demo-weights/{NEW_WEIGHTS}", "digest": digest}}}
+    print(kubectl("patch", "sm", SERVED, "-n", NAMESPACE, "--type=merge", "-p", json.dumps(patch)), end="")
+    deadline = time.monotonic() + 240
+    last = None
+    while True:
+        status = json.loads(kubectl("get", "mr", SERVED, "-n", NAMESPACE, "-o", "json")).get("status") or {}
+        model = json.loads(kubectl("get", "sm", SERVED, "-n", NAMESPACE, "-o", "json")).get("status") or {}
+        now = (status.get("phase"), status.get("currentStep"), status.get("canaryWeight"))
+        fresh = status.get("candidateRevision") == model.get("revision")
+        if fresh and now != last:
+            print(f"    {status.get('phase'):<11} step {status.get('currentStep')}  canary {status.get('canaryWeight')}%"
+                  f"  {status.get('message', '')[:110]}", flush=True)
+            last = now
+        if fresh and status.get("phase") in ("Promoted", "RolledBack", "Failed"):
+            break
+        if time.monotonic() > deadline:
+            print(f"the rollout did not finish within 240s; see `kubectl describe mr -n {NAMESPACE} {SERVED}`",
+                  file=sys.stderr)
+            return 1
+        time.sleep(0.5)
+    for result in status.get("evaluations", []):
+        print(f"    evaluation at step {result['step']}: stable {result['stableScore']}, candidate "
+              f"{result['candidateScore']} on {result['n']} cases, difference {result['difference']} "
+              f"[{result['ciLow']}, {result['ciHigh']}]: {result['verdict']}")
+    print(f"    {SERVED}: rollout {status['phase']}, serving revision {model.get('servingRevision')}")
+    print(kubectl("get", "mr", "-n", NAMESPACE))
+    return 0 if status["phase"] == "Promoted" else 1
 
 
 def main() -> int:
@@ -135,11 +175,15 @@ def main() -> int:
         answer = json.loads(resp.read())
     print(f"    {answer['model']} answered: {answer['choices'][0]['message']['content']!r}")
 
+    if (code := roll_out_new_weights(kubectl)) != 0:
+        return code
+
     step("Everything keeps running. Look around:")
     print(f"    export KUBECONFIG={cluster.kubeconfig}")
     print(f"    export PATH={binaries()['kubectl'].parent}:$PATH   # kubectl {versions()['KUBE_VERSION']}, no version skew")
     print(f"    kubectl get sm -n {NAMESPACE} -o wide")
     print(f"    kubectl describe sm -n {NAMESPACE} qwen2-5-14b-on-one-l4")
+    print(f"    kubectl describe mr -n {NAMESPACE} {SERVED}")
     print(f"    kubectl explain smallmodel.spec.serving")
     print(f"    curl -s {operator.url}/metrics | grep slmfleet_")
     print("    make cluster-down      # stops the operator and every cluster process, removes the state")

@@ -20,6 +20,9 @@ def test_demo_places_the_examples_and_serves_a_chat_completion(cluster, core, op
             assert model in rows and "/" in rows[model][-1], rows.get(model)
         assert rows["qwen2-5-14b-on-one-l4"][-1] == "NoFit"
         assert "qwen2-5-14b-on-one-l4 is Degraded: needs" in out.stdout
+        # the rollout of the second pinned revision: evaluated, then promoted
+        assert "qwen2-5-0-5b: rollout Promoted" in out.stdout
+        assert "evaluation at step 0: stable 1.0000, candidate 1.0000 on 10 cases" in out.stdout
     finally:
         core.delete_namespace("slmfleet-demo")
         core.delete_persistent_volume("slmfleet-demo-weights")
