@@ -25,11 +25,9 @@ from slmfleet.rollout.decision import (
     conditional_power,
     decide,
     decide_summary,
-    histogram_quantile,
     look_plan,
     look_sizes,
     obrien_fleming_spending,
-    percentile,
     required_sample_size,
     restricted_variance,
     score_bounds,
@@ -358,35 +356,6 @@ def test_alpha_from_confidence():
 
 
 # --- latency and errors ----------------------------------------------------------------------
-
-
-@FAST
-@given(st.lists(st.floats(0, 100, allow_nan=False), min_size=2, max_size=200))
-def test_percentile_matches_statistics_quantiles(values):
-    # statistics.quantiles(method="inclusive") is the same type-7 definition
-    expected = statistics.quantiles(values, n=20, method="inclusive")[18]
-    assert percentile(values, 0.95) == pytest.approx(expected, rel=1e-9, abs=1e-9)
-    assert min(values) <= percentile(values, 0.95) <= max(values)
-
-
-def test_percentile_edges():
-    assert percentile([3.0], 0.95) == 3.0
-    assert percentile([1, 2, 3, 4, 5], 0.5) == 3
-    assert percentile([1, 2, 3, 4, 5], 1.0) == 5
-    with pytest.raises(ValueError):
-        percentile([], 0.95)
-
-
-def test_histogram_quantile_like_promql():
-    buckets = [(0.5, 10), (1.0, 60), (2.0, 90), (math.inf, 100)]
-    # rank 95 of 100 is in the +Inf bucket: the largest finite bound
-    assert histogram_quantile(buckets, 0.95) == 2.0
-    # rank 50: between 0.5 (10) and 1.0 (60): 0.5 + 0.5 * 40/50
-    assert histogram_quantile(buckets, 0.5) == pytest.approx(0.9)
-    assert histogram_quantile(buckets, 0.05) == pytest.approx(0.25)
-    assert histogram_quantile([(1.0, 0), (math.inf, 0)], 0.95) is None
-    with pytest.raises(ValueError):
-        histogram_quantile([(1.0, 3)], 0.5)
 
 
 def test_operational_checks():

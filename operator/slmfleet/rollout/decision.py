@@ -76,8 +76,8 @@ valid for any [0, 1] scores because their variance is at most p(1 - p).
 
 ## Latency and errors
 p95 latency and error rate are point estimates compared with the thresholds (`check_operational`);
-`percentile` (raw latencies of an evaluation run) and `histogram_quantile` (a Prometheus histogram,
-for live metrics) compute the p95.
+the evaluation layer measures them (`evaluation.runner` from an evaluation's own requests,
+`evaluation.metrics` from the servers' Prometheus histograms for live traffic).
 
 ## The defaults (bench/rollout_decision.py measures them; results in bench/results/)
 - alpha = 0.05 (evaluation.confidence 0.95).
@@ -680,46 +680,6 @@ def alpha_from_confidence(confidence: float) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # Latency and errors
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-quantile (0 <= q <= 1) by linear interpolation between order statistics (Hyndman &
-    Fan type 7, numpy's default): percentile(latencies, 0.95) is the p95. Raises on no values."""
-    if not values:
-        raise ValueError("percentile of no values")
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"q must be in [0, 1], got {q}")
-    ordered = sorted(values)
-    pos = q * (len(ordered) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def histogram_quantile(buckets: Sequence[tuple[float, float]], q: float) -> float | None:
-    """The q-quantile of a Prometheus histogram, the way PromQL's histogram_quantile computes it:
-    `buckets` are (upper bound `le`, cumulative count), the last one +Inf; linear interpolation in
-    the bucket holding the rank; the lowest bucket starts at 0; a rank in the +Inf bucket gives the
-    largest finite bound. None when there are no observations."""
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"q must be in [0, 1], got {q}")
-    ordered = sorted(buckets, key=lambda b: b[0])
-    if not ordered or not math.isinf(ordered[-1][0]):
-        raise ValueError("a histogram needs a +Inf bucket")
-    total = ordered[-1][1]
-    if total <= 0:
-        return None
-    rank = q * total
-    prev_bound, prev_count = 0.0, 0.0
-    for bound, count in ordered:
-        if count >= rank:
-            if math.isinf(bound):
-                return prev_bound if len(ordered) > 1 else None
-            if count == prev_count:
-                return bound
-            return prev_bound + (bound - prev_bound) * (rank - prev_count) / (count - prev_count)
-        prev_bound, prev_count = bound, count
-    return prev_bound
 
 
 OperationalVerdict = Literal["pass", "fail", "insufficient"]
