@@ -13,6 +13,7 @@ from e2e.standin import vllm
 from slmfleet.evaluation.metrics import (
     MetricsParseError,
     ScrapeError,
+    merge_buckets,
     metrics_url,
     parse_exposition,
     quantile_from_buckets,
@@ -169,3 +170,24 @@ def test_scrape_a_real_server(tmp_path):
     assert got.total("vllm:request_success_total", {"model_name": "m"}) == 1.0
     assert "line 1: expected a value" in broken_err and "HTTP 503" in missing_err
     assert "/metrics: ClientConnectorError" in gone
+
+
+def test_merged_buckets_are_one_histogram_over_the_servers():
+    inf = float("inf")
+    fast = [(0.3, 9.0), (1.0, 10.0), (inf, 10.0)]
+    slow = [(0.3, 0.0), (1.0, 2.0), (inf, 10.0)]
+    assert merge_buckets(fast, slow) == [(0.3, 9.0), (1.0, 12.0), (inf, 20.0)]
+    # the p95 of both together lies in the slow server's +Inf bucket, not in either alone
+    assert quantile_from_buckets(0.95, merge_buckets(fast, slow)) == 1.0
+    assert quantile_from_buckets(0.95, fast) < 1.0
+    assert merge_buckets() == []
+
+
+def test_window_stats_carry_the_window_latency_buckets():
+    def exposition(count_03: int, count_inf: int) -> str:
+        return "\n".join([
+            f'vllm:e2e_request_latency_seconds_bucket{{le="0.3",model_name="m"}} {count_03}',
+            f'vllm:e2e_request_latency_seconds_bucket{{le="+Inf",model_name="m"}} {count_inf}',
+        ]) + "\n"
+    stats = window_stats(parse_exposition(exposition(5, 6)), parse_exposition(exposition(7, 10)), model="m")
+    assert stats.latency_buckets == ((0.3, 2.0), (float("inf"), 4.0))

@@ -227,6 +227,7 @@ class WindowStats:
     latency_count: int  # observations in the latency histogram
     p95_latency_s: float | None  # None without observations
     reset: bool  # a counter went down: the server restarted in between
+    latency_buckets: tuple[tuple[float, float], ...] = ()  # (le, cumulative count) of the window
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -265,8 +266,22 @@ def window_stats(before: Scrape, after: Scrape, *, model: str | None = None, qua
         requests=requests, errors=errors, client_errors=client_errors, successes=successes,
         error_rate=error_rate, latency_count=round(buckets[-1][1]) if buckets else 0,
         p95_latency_s=quantile_from_buckets(quantile, buckets) if buckets else None,
-        reset=reset_http or reset_success or reset_buckets,
+        reset=reset_http or reset_success or reset_buckets, latency_buckets=tuple(buckets),
     )
+
+
+def merge_buckets(*histograms: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Several servers' cumulative buckets [(le, count)] as one histogram (what PromQL's
+    histogram_quantile over a sum by (le) sees)."""
+    by_le: dict[float, float] = {}
+    for buckets in histograms:
+        for le, count in buckets:
+            by_le[le] = by_le.get(le, 0.0) + count
+    out, running = [], 0.0
+    for le in sorted(by_le):
+        running = max(running, by_le[le])
+        out.append((le, running))
+    return out
 
 
 def metrics_url(url: str) -> str:

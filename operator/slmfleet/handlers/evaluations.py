@@ -23,10 +23,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from slmfleet.api.modelrollout import Evaluation, EvaluationResult, S3Dataset, Thresholds
@@ -40,10 +39,10 @@ from slmfleet.evaluation.dataset import (
     parse_jsonl,
     sample,
 )
-from slmfleet.evaluation.metrics import E2E_LATENCY, Scrape, quantile_from_buckets, window_stats
+from slmfleet.evaluation.metrics import Scrape, merge_buckets, quantile_from_buckets, window_stats
 from slmfleet.evaluation.runner import Endpoint, PairedRun, iter_paired_batches
 from slmfleet.evaluation.scorers import Scorer, ScorerError, build_scorers
-from slmfleet.handlers.s3_access import S3AccessError, api_failure as _api_failure, s3_client_for
+from slmfleet.handlers.s3_access import S3AccessError, api_failure, s3_client_for
 from slmfleet.k8s.client import KubeClient
 from slmfleet.rollout.decision import (
     DEFAULT_MIN_REQUESTS,
@@ -131,7 +130,7 @@ async def load_cases(client: KubeClient, request: EvaluationRequest) -> list[Cas
         try:
             data = await client.read_config_map(namespace, ref.name)
         except Exception as exc:  # noqa: BLE001 - missing, forbidden, API down: the dataset is unavailable
-            raise DatasetError(f"{source}: cannot read ({_api_failure(exc)})") from None
+            raise DatasetError(f"{source}: cannot read ({api_failure(exc)})") from None
         if ref.key not in data:
             raise DatasetError(f"{source} has no key {ref.key!r}")
         return parse_jsonl(data[ref.key], f"{source} key {ref.key}", default_scorers=scorers)
@@ -344,31 +343,6 @@ class LiveCheck:
     reason: str  # why it failed, or what is missing
 
 
-def _bucket_delta(before: Scrape, after: Scrape, selector: Mapping[str, str]) -> dict[float, float]:
-    """Cumulative e2e-latency bucket counts of one pod between two scrapes, by upper bound."""
-    old = dict(before.buckets(E2E_LATENCY, selector))
-    return {le: max(count - old.get(le, 0.0), 0.0) for le, count in after.buckets(E2E_LATENCY, selector)}
-
-
-def _merged_quantile(q: float, per_pod: Sequence[Mapping[float, float]]) -> float | None:
-    merged: dict[float, float] = {}
-    for buckets in per_pod:
-        for le, count in buckets.items():
-            merged[le] = merged.get(le, 0.0) + count
-    if not merged or not any(math.isinf(le) for le in merged):
-        return None
-    out, running = [], 0.0
-    for le in sorted(merged):
-        running = max(running, merged[le])
-        out.append((le, running))
-    return quantile_from_buckets(q, out)
-
-
-@dataclass
-class _Watch:
-    baselines: dict[str, Scrape] = field(default_factory=dict)
-
-
 class LiveWatch:
     """Live requests, errors and p95 latency of the candidate pods since the watch began."""
 
@@ -376,7 +350,7 @@ class LiveWatch:
                  min_requests: int = DEFAULT_MIN_REQUESTS) -> None:
         self._scrape = scrape
         self.min_requests = min_requests
-        self._watches: dict[str, _Watch] = {}
+        self._baselines: dict[str, dict[str, Scrape]] = {}  # watch id -> pod URL -> first scrape
 
     async def _scrape_all(self, urls: Sequence[str]) -> tuple[dict[str, Scrape], list[str]]:
         async def one(url: str) -> Scrape | str:
@@ -396,27 +370,26 @@ class LiveWatch:
         urls = list(dict.fromkeys(candidate_urls))
         scrapes, failures = await self._scrape_all(urls)
         skipped = f"; skipped pods: {'; '.join(failures)}" if failures else ""
-        watch = self._watches.get(watch_id)
-        if watch is None:
-            self._watches[watch_id] = _Watch(dict(scrapes))
+        baselines = self._baselines.get(watch_id)
+        if baselines is None:
+            self._baselines[watch_id] = dict(scrapes)
             return LiveCheck("insufficient", 0, None, None,
                              f"baseline taken of {len(scrapes)} of {len(urls)} candidate pods{skipped}")
-        for gone in [u for u in watch.baselines if u not in urls]:
-            del watch.baselines[gone]
-        selector = {"model_name": model} if model else {}
+        for gone in [u for u in baselines if u not in urls]:
+            del baselines[gone]
         requests = errors = 0
         errors_known = True
-        buckets: list[dict[float, float]] = []
+        buckets: list[tuple[tuple[float, float], ...]] = []
         fresh = 0
         for url, now in scrapes.items():
-            base = watch.baselines.get(url)
+            base = baselines.get(url)
             if base is None:
-                watch.baselines[url] = now  # a new pod: counts from here on
+                baselines[url] = now  # a new pod: counts from here on
                 fresh += 1
                 continue
             stats = window_stats(base, now, model=model or None)
             if stats.reset:
-                watch.baselines[url] = now  # restarted: its counters began again
+                baselines[url] = now  # restarted: its counters began again
                 fresh += 1
                 continue
             requests += stats.requests
@@ -424,8 +397,9 @@ class LiveWatch:
                 errors_known = False
             else:
                 errors += stats.errors
-            buckets.append(_bucket_delta(base, now, selector))
-        p95 = _merged_quantile(0.95, buckets)
+            buckets.append(stats.latency_buckets)
+        merged = merge_buckets(*buckets)
+        p95 = quantile_from_buckets(0.95, merged) if merged else None
         errors = min(errors, requests)
         check = check_operational(
             requests=requests, errors=errors, p95_latency_seconds=p95,
@@ -444,5 +418,5 @@ class LiveWatch:
         return LiveCheck(check.verdict, requests, error_rate, p95, reason)
 
     def forget(self, keep: Callable[[str], bool]) -> None:
-        for watch_id in [w for w in self._watches if not keep(w)]:
-            del self._watches[watch_id]
+        for watch_id in [w for w in self._baselines if not keep(w)]:
+            del self._baselines[watch_id]

@@ -548,8 +548,6 @@ def evaluation_done(runtime: Runtime, request: EvaluationRequest, outcome: Evalu
         for scorer, value in scores.items():
             metrics.EVALUATION_SCORE.labels(request.namespace, request.rollout, role, revisions.get(role, ""),
                                             scorer).set(value)
-    log.info("evaluation %s of %s/%s: %s (%s)", request.id, request.namespace, request.rollout, outcome.verdict,
-             outcome.reason)
     key = runtime.eval_models.get(request.id)
     if key is not None:
         runtime.queue.add(key)

@@ -29,7 +29,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -176,13 +176,20 @@ class Manifest:
         return cls.from_json(obj)
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise ManifestError(f"duplicate key {k!r}")
-        out[k] = v
-    return out
+def reject_duplicate_keys(error: Callable[[str], Exception]) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A json `object_pairs_hook` that raises `error(message)` on a repeated key: a JSON object
+    with one key twice means two readers may see two different values."""
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in pairs:
+            if k in out:
+                raise error(f"duplicate key {k!r}")
+            out[k] = v
+        return out
+    return hook
+
+
+_no_duplicate_keys = reject_duplicate_keys(ManifestError)
 
 
 # --- hashing -------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from slmfleet.weights.manifest import reject_duplicate_keys
+
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 METADATA_KEY = "__metadata__"
 
@@ -43,13 +45,7 @@ def header_length(first8: bytes) -> int:
     return n
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise SafetensorsError(f"duplicate key {k!r} in the header")
-        out[k] = v
-    return out
+_no_duplicates = reject_duplicate_keys(lambda message: SafetensorsError(f"{message} in the header"))
 
 
 def _nbytes(name: str, dtype: str, shape: list[int]) -> int:
