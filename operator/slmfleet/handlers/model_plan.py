@@ -42,9 +42,8 @@ from slmfleet.builders import (
     revision_of,
 )
 from slmfleet.builders.labels import PLACEMENT_ANNOTATION, REVISION_LABEL
-from slmfleet.builders.service import canary_weight_of
-from slmfleet.builders.traffic import build_http_route, route_weight_of
-from slmfleet.handlers.rollout_plan import EventNote, RolloutObserved, RolloutPlan, parse_rollout, plan_rollout
+from slmfleet.builders.traffic import build_http_route
+from slmfleet.handlers.rollout_plan import EventNote, RolloutObserved, RolloutPlan, plan_rollout
 from slmfleet.rollout.deprecations import Deprecations, HistoryEntry, last_known_good
 from slmfleet.weights import errors
 from slmfleet.weights.facts import WeightsFacts
@@ -424,19 +423,12 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
             return None
         forced = deprecated is not None and revision != revision_of(spec_model.spec)
         candidate = stable if forced and stable else revision
-        args: dict[str, Any] = dict(stable=stable, candidate=candidate,
-                                    replicas=replicas, candidate_ready=False, candidate_failure=None,
+        args: dict[str, Any] = dict(owner=owner, stable=stable, candidate=candidate, replicas=replicas,
+                                    candidate_ready=False, candidate_failure=None,
                                     base_deprecated=deprecated.message if deprecated else None,
-                                    history=list(old.history), now=now)
-        # The weight the cluster implements now, read back from what carries it.
-        parsed = parse_rollout(obs.rollout.body)[0]
-        if parsed is not None and parsed.spec.traffic.http_route is not None and obs.rollout.gateway_api:
-            applied = route_weight_of(obs.route, owner, candidate)
-        else:
-            service = next((o for o in obs.services if o["metadata"]["name"] == name), None)
-            applied = canary_weight_of(service, candidate)
-        observed = dataclasses.replace(obs.rollout, applied_weight=applied)
-        return plan_rollout(observed, **(args | kwargs))
+                                    history=list(old.history), route=obs.route, now=now,
+                                    model_service=next((o for o in obs.services if o["metadata"]["name"] == name), None))
+        return plan_rollout(obs.rollout, **(args | kwargs))
 
     def degraded(reason: str, message: str, placement: Placement | None = None, permanent: bool = False) -> Plan:
         st.condition("Degraded", True, reason, message)
@@ -447,7 +439,7 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
             "ServingPreviousRevision" if serving else reason,
             f"revision {serving} keeps serving" if serving else message,
         )
-        if serving is not None and serving == revision and placement is None:
+        if placement is None and revision in deployments and old.revision == revision:
             placement = old.placement  # its Deployment still runs there
         st.condition("Progressing", False, reason, message)
         new = old.model_copy(
@@ -464,32 +456,24 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         # A candidate that cannot serve for good (its weights fail their pin) fails its rollout.
         rollout = rollout_plan(candidate_failure=f"{reason}: {message}" if permanent else None,
                                candidate_ready=_ready_replicas(deployments.get(revision)) > 0)
-        return dataclasses.replace(_finish(old, new, _hold_canary(rollout), [], events, requeue), rollout=rollout)
+        return dataclasses.replace(_finish(old, new, _hold_canary(rollout, placement), [], events, requeue),
+                                   rollout=rollout)
 
-    def _hold_canary(rollout: RolloutPlan | None) -> list[dict[str, Any]]:
-        """While the candidate cannot be built, the weight and (after a rollback) its replicas are
-        still the rollout's to set: a candidate that fails its pin mid-canary gets no more traffic."""
+    def _hold_canary(rollout: RolloutPlan | None, placement: Placement | None) -> list[dict[str, Any]]:
+        """While the candidate cannot be built anew, the weight and (after a rollback) its replicas
+        are still the rollout's to set: a candidate that fails its pin mid-canary loses its traffic."""
         if rollout is None or not rollout.governed or stable is None:
             return []
-        out = []
-        if not rollout.http_route:
-            out.append(with_applied_hash(build_model_service(owner, stable, config, canary_revision=revision,
-                                                             canary_weight=rollout.weight)))
-        live_dep = deployments.get(revision)
-        if rollout.failed and live_dep is not None and int((live_dep.get("spec") or {}).get("replicas", 0)) > 0:
-            # The whole object as it was applied, but at 0: a partial apply would drop the fields
-            # this field manager owns and leave the Deployment invalid.
-            meta = live_dep["metadata"]
-            annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != APPLIED_HASH
-                           and not k.startswith("deployment.kubernetes.io/")}
-            out.append(with_applied_hash({
-                "apiVersion": "apps/v1", "kind": "Deployment",
-                "metadata": {"name": meta["name"], "namespace": namespace, "labels": dict(meta.get("labels") or {}),
-                             "annotations": annotations, "ownerReferences": list(meta.get("ownerReferences") or [])},
-                "spec": {**copy.deepcopy(live_dep["spec"]), "replicas": 0}}))
-        live_by_name = {(o["kind"], o["metadata"]["name"]): o for o in (*obs.deployments, *obs.services)}
-        return [o for o in out if ((live_by_name.get((o["kind"], o["metadata"]["name"])) or {}).get("metadata", {})
-                                   .get("annotations") or {}).get(APPLIED_HASH) != o["metadata"]["annotations"][APPLIED_HASH]]
+        desired = [with_applied_hash(build_model_service(
+            owner, stable, config, canary_revision=None if rollout.traffic else revision, canary_weight=rollout.weight))]
+        if rollout.traffic is not None:
+            desired.append(with_applied_hash(
+                build_http_route(owner, rollout.traffic, stable, revision, rollout.weight, config)))
+        if rollout.failed and revision in deployments and placement is not None:
+            # Where it was placed, at 0: the same builder, so the next plan sees what it expects.
+            at_zero = model.spec.model_copy(update={"serving": model.spec.serving.model_copy(update={"replicas": 0})})
+            desired.append(with_applied_hash(build_deployment(owner, at_zero, placement, revision, config)))
+        return _changed(desired, (*obs.deployments, *obs.services, obs.route))
 
     if deprecated is not None and deprecated.target is None:
         return degraded("BaseModelDeprecated", deprecated.message)
@@ -604,35 +588,21 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         serving = revision if desired_ready or previous is None else previous
 
     desired = [desired_dep, with_applied_hash(build_revision_service(owner, revision, config))]
-    canary = governed and not promoted and not (rollout.http_route)
+    traffic = rollout.traffic if rollout is not None else None
+    canary = governed and not promoted and traffic is None
     desired.append(with_applied_hash(build_model_service(
         owner, serving, config, canary_revision=revision if canary else None, canary_weight=rollout.weight if canary else 0)))
-    parsed_rollout = parse_rollout(obs.rollout.body)[0] if obs.rollout is not None else None
-    if rollout is not None and rollout.http_route and parsed_rollout is not None:
-        traffic = parsed_rollout.spec.traffic.http_route
-        assert traffic is not None
-        if governed and not promoted:
-            route = build_http_route(owner, traffic, serving, revision, rollout.weight, config)
-        else:
-            route = build_http_route(owner, traffic, serving, None, 0, config)
-        desired.append(with_applied_hash(route))
-    live_by_key = {(o["kind"], o["metadata"]["name"]): o for o in (*obs.deployments, *obs.services)}
-    if obs.route is not None:
-        live_by_key[("HTTPRoute", obs.route["metadata"]["name"])] = obs.route
-    apply = [
-        obj
-        for obj in desired
-        if ((live_by_key.get((obj["kind"], obj["metadata"]["name"])) or {}).get("metadata", {}).get("annotations") or {}).get(APPLIED_HASH)
-        != obj["metadata"]["annotations"][APPLIED_HASH]
-    ]
+    if traffic is not None:
+        in_canary = governed and not promoted
+        desired.append(with_applied_hash(build_http_route(
+            owner, traffic, serving, revision if in_canary else None, rollout.weight if in_canary else 0, config)))
+    apply = _changed(desired, (*obs.deployments, *obs.services, obs.route))
 
     # Old revisions go once the desired one serves: a plain replacement without a gap. Under a
     # rollout, the stable stays until the candidate is promoted, then for the rollout's grace period.
     wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
     keep_revisions = {revision, stable} if governed else {revision}
-    retire_at = _retire_old_at(parsed_rollout, revision) if serving == revision else None
-    if promoted and parsed_rollout is not None:
-        retire_at = now + dt.timedelta(seconds=parsed_rollout.spec.scale_down_delay_seconds)
+    retire_at = rollout.retire_replaced_at if rollout is not None and serving == revision else None
     delete: list[Deletion] = []
     if serving == revision or governed:
         for obj in (*obs.deployments, *obs.services):
@@ -653,8 +623,8 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         requeue = wait if requeue is None else min(requeue, wait)
     if old.revision != revision:
         events.append(EventNote("Normal", "NewRevision", f"revision {revision} for digest {model.spec.source.digest[:19]}…"))
-    if deprecated is not None and (deprecated.message != (find(old.conditions, "Degraded") or Condition(
-            type="Degraded", status="False", reason="")).message):
+    said = find(old.conditions, "Degraded")
+    if deprecated is not None and (said is None or said.message != deprecated.message):
         events.append(EventNote("Warning", "BaseModelDeprecated", deprecated.message))
 
     dep_status = (live or {}).get("status") or {}
@@ -740,18 +710,16 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
     )
 
 
+def _changed(desired: list[dict[str, Any]], live: Iterable[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The desired objects whose live version was applied from something else (by applied hash)."""
+    hashes = {(o["kind"], o["metadata"]["name"]): (o["metadata"].get("annotations") or {}).get(APPLIED_HASH)
+              for o in live if o is not None}
+    return [o for o in desired
+            if hashes.get((o["kind"], o["metadata"]["name"])) != o["metadata"]["annotations"][APPLIED_HASH]]
+
+
 def _sooner(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else min(a, b)
-
-
-def _retire_old_at(rollout: Any, revision: str) -> dt.datetime | None:
-    """When the revision replaced by a promotion may go: the rollout's grace period after it."""
-    if rollout is None or rollout.status.phase != "Promoted" or rollout.status.candidate_revision != revision:
-        return None
-    if not rollout.status.step_started_at:
-        return None
-    started = dt.datetime.fromisoformat(rollout.status.step_started_at.replace("Z", "+00:00"))
-    return started + dt.timedelta(seconds=rollout.spec.scale_down_delay_seconds)
 
 
 def _finish(

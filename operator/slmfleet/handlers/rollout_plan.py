@@ -21,9 +21,11 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from slmfleet.api.conditions import Condition, set_condition
-from slmfleet.api.modelrollout import EvaluationResult, ModelRollout, ModelRolloutStatus
+from slmfleet.api.modelrollout import EvaluationResult, HttpRouteTraffic, ModelRollout, ModelRolloutStatus
 from slmfleet.api.smallmodel import RevisionRecord
-from slmfleet.builders.traffic import replica_ratio_replicas
+from slmfleet.builders.owner import ModelOwner
+from slmfleet.builders.service import canary_weight_of
+from slmfleet.builders.traffic import replica_ratio_replicas, route_weight_of
 from slmfleet.rollout.steps import (
     FINAL_PHASES,
     Advance,
@@ -68,7 +70,6 @@ class RolloutObserved:
     # the retry annotation's value too, so a retried rollout sees none of the last attempt's.
     evaluations: Mapping[str, EvaluationSnapshot] = field(default_factory=dict)
     live_regression: str | None = None  # the candidate's live p95 / error rate breaches a threshold
-    applied_weight: int | None = None  # what the cluster implements (model Service or HTTPRoute)
     gateway_api: bool = False  # the HTTPRoute CRD is served
 
 
@@ -79,14 +80,13 @@ class RolloutPlan:
     governed: bool = False  # a candidate is being rolled out (or was, and is held at 0)
     weight: int = 0  # canary weight to implement
     candidate_replicas: int = 0
-    http_route: bool = False  # weights go to an HTTPRoute (else the replica ratio)
+    traffic: HttpRouteTraffic | None = None  # weights go to this HTTPRoute (None: the replica ratio)
     start: StartEvaluation | None = None
     promoted: bool = False
     failed: str | None = None  # why the candidate was rolled back or refused (final)
-    verdicts: tuple[tuple[str, dict[str, Any]], ...] = ()  # (verdict, result) recorded this time
+    retire_replaced_at: dt.datetime | None = None  # after a promotion: when the replaced revision may go
     requeue_after: float | None = None
     phase: str | None = None
-    retry: str | None = None
     rollback_reason: str | None = None  # a rollback decided this time, by kind (for metrics)
 
 
@@ -134,11 +134,14 @@ def _verdict_of(result: Mapping[str, Any]) -> str:
     return "pass" if result.get("verdict") == "Pass" else "fail"
 
 
-def plan_rollout(ro: RolloutObserved, *, stable: str | None, candidate: str, replicas: int, candidate_ready: bool,
-                 candidate_failure: str | None, base_deprecated: str | None, history: list[RevisionRecord],
-                 now: dt.datetime) -> RolloutPlan:
+def plan_rollout(ro: RolloutObserved, *, owner: ModelOwner, stable: str | None, candidate: str, replicas: int,
+                 candidate_ready: bool, candidate_failure: str | None, base_deprecated: str | None,
+                 history: list[RevisionRecord], model_service: dict[str, Any] | None,
+                 route: dict[str, Any] | None, now: dt.datetime) -> RolloutPlan:
     """The rollout's plan. `stable` is the revision serving now (None: nothing serves yet),
-    `candidate` the model's desired revision; they are equal when there is nothing to roll out."""
+    `candidate` the model's desired revision; they are equal when there is nothing to roll out.
+    `model_service` and `route` are the live objects that carry the weight: it is read back from
+    them, so a weight applied before its status write was lost is recognised, not applied again."""
     meta = ro.body.get("metadata") or {}
     generation = int(meta.get("generation", 1))
     rollout, invalid = parse_rollout(ro.body)
@@ -149,13 +152,13 @@ def plan_rollout(ro: RolloutObserved, *, stable: str | None, candidate: str, rep
         new = old.model_copy(update={"observed_generation": generation, "conditions": conds, "message": invalid})
         return _finish(old, new, [EventNote("Warning", "InvalidSpec", invalid)], RolloutPlan())
 
-    http = rollout.spec.traffic.http_route is not None and ro.gateway_api
+    traffic = rollout.spec.traffic.http_route if ro.gateway_api else None
     mode_note = ""
-    if rollout.spec.traffic.http_route is not None and not ro.gateway_api:
+    if rollout.spec.traffic.http_route is not None and traffic is None:
         mode_note = " (traffic.httpRoute is set but the Gateway API CRDs are not installed: using the replica ratio)"
 
     if stable is None or candidate == stable:
-        return _idle(ro, rollout, old, stable, candidate, history, generation, now, http, base_deprecated)
+        return _idle(ro, rollout, old, stable, candidate, generation, now, traffic, base_deprecated)
 
     state = RolloutState.from_status(raw_status if old.candidate_revision == candidate else None, revision=candidate)
     evaluations = list(old.evaluations) if old.candidate_revision == candidate else []
@@ -183,7 +186,6 @@ def plan_rollout(ro: RolloutObserved, *, stable: str | None, candidate: str, rep
         if snap.state in ("pass", "fail") and snap.result is not None:
             result = EvaluationResult.model_validate({**snap.result, "step": current.step})
             evaluations.append(result)
-            verdicts.append((snap.state, result.to_wire()))
             kind, reason = ("Normal", "EvaluationPassed") if snap.state == "pass" else ("Warning", "EvaluationFailed")
             events.append(EventNote(kind, reason, f"step {current.step}: candidate {result.candidate_score} vs stable "
                                                   f"{result.stable_score} on {result.n} cases: {result.reason}"))
@@ -193,9 +195,8 @@ def plan_rollout(ro: RolloutObserved, *, stable: str | None, candidate: str, rep
             return (None, None) if snap.may_retry else (EvaluationObservation(eid, None), 30.0)
         return EvaluationObservation(eid, None), None
 
-    verdicts: list[tuple[str, dict[str, Any]]] = []
     notes: list[str] = []
-    applied = ro.applied_weight
+    applied = route_weight_of(route, owner, candidate) if traffic else canary_weight_of(model_service, candidate)
     start: StartEvaluation | None = None
     requeue: float | None = None
     promoted = False
@@ -242,7 +243,7 @@ def plan_rollout(ro: RolloutObserved, *, stable: str | None, candidate: str, rep
         candidate_replicas = replicas
     elif failed:
         candidate_replicas = 0
-    elif http:
+    elif traffic:
         candidate_replicas = max(replicas, 1)
     else:
         candidate_replicas = replica_ratio_replicas(replicas, state.weight)
@@ -259,9 +260,10 @@ def plan_rollout(ro: RolloutObserved, *, stable: str | None, candidate: str, rep
         "retry": retry if retry else old.retry,
         "conditions": _conditions(list(old.conditions), state.phase, text, generation, now, degraded_reason),
     })
+    retire = now + dt.timedelta(seconds=rollout.spec.scale_down_delay_seconds) if promoted else None
     plan = RolloutPlan(governed=True, weight=0 if failed else state.weight, candidate_replicas=candidate_replicas,
-                       http_route=http, start=start, promoted=promoted, failed=failed, verdicts=tuple(verdicts),
-                       requeue_after=requeue, phase=state.phase, retry=retry, rollback_reason=rollback_reason)
+                       traffic=traffic, start=start, promoted=promoted, failed=failed, retire_replaced_at=retire,
+                       requeue_after=requeue, phase=state.phase, rollback_reason=rollback_reason)
     return _finish(old, new, events, plan)
 
 
@@ -277,21 +279,21 @@ def _state_fields(state: RolloutState) -> dict[str, Any]:
 
 
 def _idle(ro: RolloutObserved, rollout: ModelRollout, old: ModelRolloutStatus, stable: str | None, desired: str,
-          history: list[RevisionRecord], generation: int, now: dt.datetime, http: bool,
+          generation: int, now: dt.datetime, traffic: HttpRouteTraffic | None,
           base_deprecated: str | None) -> RolloutPlan:
-    """Nothing to roll out: the model serves its desired revision (or nothing serves yet)."""
+    """Nothing to roll out: the model serves its desired revision (or nothing serves yet). The
+    status keeps describing the last rollout; only one still in flight is settled here."""
     events: list[EventNote] = []
     update: dict[str, Any] = {"observed_generation": generation, "stable_revision": stable}
     phase = old.phase
-    degraded_reason = None
     if stable is None:
         message = f"waiting for the first revision ({desired}) to serve; it is deployed without a canary"
     elif old.candidate_revision == stable and phase != "Promoted":
         # Promoted in the model, but the rollout's own status write was lost: record it.
-        state = replace(RolloutState.from_status(ro.body.get("status"), revision=stable), phase="Promoted",
-                        weight=100, reason="")
-        update |= _state_fields(replace(state, step=len(rollout.spec.steps), step_started=now))
+        state = RolloutState.from_status(ro.body.get("status"), revision=stable)
         phase = "Promoted"
+        update |= _state_fields(replace(state, phase=phase, step=len(rollout.spec.steps), weight=100,
+                                        step_started=now, reason=""))
         message = f"revision {stable} was promoted"
         events.append(EventNote("Normal", "Promoted", message))
     elif old.candidate_revision and old.candidate_revision != stable and phase not in FINAL_PHASES:
@@ -307,18 +309,19 @@ def _idle(ro: RolloutObserved, rollout: ModelRollout, old: ModelRolloutStatus, s
     else:
         message = f"revision {stable} is stable; a change of the model's digest or serving config starts a rollout"
     if base_deprecated:
-        degraded_reason = "BaseModelDeprecated"
         message = base_deprecated
-    # A phase kept from the last rollout describes that rollout; only in-flight phases would
-    # contradict "idle", and those were settled above.
-    conds = _conditions(list(old.conditions), phase if phase in FINAL_PHASES else None, message, generation, now,
-                        degraded_reason)
-    if phase in ("RolledBack", "Failed") and not base_deprecated:
-        # The candidate is gone (the spec moved on or back): nothing is degraded any more.
-        conds = _conditions(list(old.conditions), None, message, generation, now)
-    update |= {"message": message[:4000], "conditions": conds}
+    # Idle is healthy, whatever the last rollout's verdict (its candidate is gone): only a
+    # deprecated base degrades it. A promotion keeps reading as Ready/Promoted.
+    update |= {"message": message[:4000],
+               "conditions": _conditions(list(old.conditions), "Promoted" if phase == "Promoted" else None, message,
+                                         generation, now, "BaseModelDeprecated" if base_deprecated else None)}
     new = old.model_copy(update=update)
-    return _finish(old, new, events, RolloutPlan(governed=False, http_route=http, phase=phase))
+    retire = None
+    if phase == "Promoted" and stable is not None and new.candidate_revision == stable and new.step_started_at:
+        started = dt.datetime.fromisoformat(new.step_started_at.replace("Z", "+00:00"))
+        retire = started + dt.timedelta(seconds=rollout.spec.scale_down_delay_seconds)
+    return _finish(old, new, events, RolloutPlan(governed=False, traffic=traffic, phase=phase,
+                                                 retire_replaced_at=retire))
 
 
 def _finish(old: ModelRolloutStatus, new: ModelRolloutStatus, events: list[EventNote], plan: RolloutPlan) -> RolloutPlan:
