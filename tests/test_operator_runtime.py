@@ -114,3 +114,33 @@ def test_node_heartbeats_are_not_changes_but_capacity_is():
     assert op.node_changed(rt, "MODIFIED", node, "n1")
     assert op.node_changed(rt, "DELETED", node, "n1")
     assert not op.node_changed(rt, "DELETED", node, "n1")
+
+
+def test_the_deprecations_list_is_read_before_any_reconcile_and_a_broken_one_keeps_the_last(monkeypatch):
+    class ListClient(FakeClient):
+        def __init__(self, texts):
+            super().__init__()
+            self.texts = list(texts)
+
+        async def read_config_map(self, namespace, name):
+            assert (namespace, name) == ("slmfleet-system", "slmfleet-deprecations")
+            return {"deprecations.yaml": self.texts.pop(0) if len(self.texts) > 1 else self.texts[0]}
+
+    good = "deprecations:\n- baseModel: org/old\n  reason: withdrawn\n"
+    client = ListClient([good, "deprecations:\n- baseModel: org/old\n  reson: typo\n"])
+    config = OperatorConfig.model_validate({**CONFIG.to_wire(), "deprecations": {
+        "namespace": "slmfleet-system", "name": "slmfleet-deprecations"}})
+    rt = op.Runtime(config=config, client=client)
+    monkeypatch.setattr(op, "DEPRECATIONS_POLL_SECONDS", 0.01)
+
+    async def run() -> None:
+        task = asyncio.create_task(op.watch_deprecations(rt))
+        await asyncio.wait_for(rt.deprecations_ready.wait(), 1)
+        assert [d.base_model for d in rt.deprecations.entries] == ["org/old"]
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(run())
+    assert [d.base_model for d in rt.deprecations.entries] == ["org/old"], "the typo un-deprecated nothing"
+    assert [(t, r) for t, r, _ in client.events] == [("Warning", "InvalidDeprecations")]
+    assert "reson" in client.events[0][2]

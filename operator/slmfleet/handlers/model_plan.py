@@ -363,6 +363,8 @@ def _serve_record(model: SmallModel, record: RevisionRecord) -> SmallModel:
 def effective_body(body: dict[str, Any], deprecations: Deprecations, now: dt.datetime) -> dict[str, Any]:
     """The SmallModel as it is to be served (its source replaced when its base is deprecated): what
     the weights are read for."""
+    if deprecations.lookup((body.get("spec") or {}).get("baseModel"), now) is None:
+        return body  # the common case: nothing to substitute, nothing to parse
     try:
         model = SmallModel.model_validate(body)
     except ValidationError:

@@ -335,14 +335,9 @@ def rollouts_of(runtime: Runtime, key: ModelKey) -> list[dict[str, Any]]:
     return rollouts
 
 
-def governing_rollout(runtime: Runtime, key: ModelKey) -> dict[str, Any] | None:
-    rollouts = rollouts_of(runtime, key)
-    return rollouts[0] if rollouts else None
-
-
-async def report_not_governing(runtime: Runtime, key: ModelKey, model_exists: bool) -> None:
+async def report_not_governing(runtime: Runtime, key: ModelKey, rollouts: list[dict[str, Any]],
+                               model_exists: bool) -> None:
     """Say so in the status of rollouts that govern nothing, rather than leave them silent."""
-    rollouts = rollouts_of(runtime, key)
     now = dt.datetime.now(dt.timezone.utc)
     for index, rollout in enumerate(rollouts):
         if not model_exists:
@@ -431,8 +426,7 @@ async def gateway_api_served(runtime: Runtime) -> bool:
     return served
 
 
-async def observe_rollout(runtime: Runtime, key: ModelKey, obs: Observed) -> Observed:
-    rollout = governing_rollout(runtime, key)
+async def observe_rollout(runtime: Runtime, key: ModelKey, obs: Observed, rollout: dict[str, Any] | None) -> Observed:
     if rollout is None:
         return obs
     gateway = await gateway_api_served(runtime)
@@ -516,10 +510,7 @@ async def execute(runtime: Runtime, obs: Observed, plan: Plan) -> None:
 def start_evaluation(runtime: Runtime, obs: Observed, plan: Plan, rollout: dict[str, Any]) -> None:
     """Ensure the evaluation the plan asks for runs (the same id twice is one evaluation)."""
     rp = plan.rollout
-    assert rp is not None and rp.start is not None and runtime.evaluations is not None
-    parsed = parse_rollout(rollout)[0]
-    if parsed is None:
-        return
+    assert rp is not None and rp.start is not None and rp.spec is not None and runtime.evaluations is not None
     status = plan.status or obs.body.get("status") or {}
     stable, candidate = status.get("servingRevision"), status.get("revision")
     stable_urls = ready_pod_urls(runtime, obs.pods, stable)
@@ -532,8 +523,8 @@ def start_evaluation(runtime: Runtime, obs: Observed, plan: Plan, rollout: dict[
     meta = rollout["metadata"]
     request = EvaluationRequest(
         id=attempt_prefix(rollout) + rp.start.evaluation_id, namespace=meta["namespace"], rollout=meta["name"],
-        rollout_uid=meta.get("uid", ""), step=rp.start.step, evaluation=parsed.spec.evaluation,
-        sample_size=rp.start.sample_size or parsed.spec.evaluation.sample_size,
+        rollout_uid=meta.get("uid", ""), step=rp.start.step, evaluation=rp.spec.evaluation,
+        sample_size=rp.start.sample_size or rp.spec.evaluation.sample_size,
         stable=Endpoint(stable_urls[0], name), candidate=Endpoint(candidate_urls[0], name),
         stable_revision=stable, candidate_revision=candidate)
     runtime.eval_models[request.id] = key
@@ -557,24 +548,25 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
     assert runtime.indices is not None
     started = time.monotonic()
     obs = observe(runtime, key)
+    rollouts = rollouts_of(runtime, key)
     if obs is None:  # deleted: owner references let the garbage collector remove what it owned
         runtime.conditions.pop(key, None)
         runtime.gpus.pop(key, None)
         metrics.publish_model_gauges(runtime.conditions, runtime.gpus)
         try:
-            await report_not_governing(runtime, key, model_exists=False)
+            await report_not_governing(runtime, key, rollouts, model_exists=False)
         except Exception:  # noqa: BLE001 - a status note only; the next event tries again
             log.warning("could not report on the rollouts of %s/%s", *key, exc_info=True)
         return
     try:
-        await report_not_governing(runtime, key, model_exists=True)
+        await report_not_governing(runtime, key, rollouts, model_exists=True)
         now = dt.datetime.now(dt.timezone.utc)
         obs = dataclasses.replace(obs, deprecations=runtime.deprecations)
         if runtime.weights is not None:
             # The weights of what is to be served: a deprecated base falls back to another digest.
             served = effective_body(obs.body, runtime.deprecations, now)
             obs = dataclasses.replace(obs, weights=await runtime.weights.facts(served))
-        obs = await observe_rollout(runtime, key, obs)
+        obs = await observe_rollout(runtime, key, obs, rollouts[0] if rollouts else None)
         plan = plan_model(obs, runtime.config, now)
         await execute(runtime, obs, plan)
     except Exception:
@@ -626,8 +618,15 @@ async def watch_deprecations(runtime: Runtime) -> None:
                     for key in list(runtime.indices["slm_models"]):
                         runtime.queue.add(key)
             except DeprecationsError as exc:
-                # Keep the last good list: a typo must not un-deprecate anything.
-                log.error("%s/%s: %s; keeping the previous list", ref.namespace, ref.name, exc)
+                # Keep the last good list: a typo must not un-deprecate anything. Say so where the
+                # platform team looks: `kubectl describe configmap` shows the Event.
+                message = f"{exc}; the operator keeps the previous list"
+                log.error("%s/%s: %s", ref.namespace, ref.name, message)
+                try:
+                    await runtime.client.post_event(ObjectRef("v1", "ConfigMap", ref.namespace, ref.name),
+                                                    "Warning", "InvalidDeprecations", message)
+                except Exception:  # noqa: BLE001 - the log has it
+                    log.warning("could not post the InvalidDeprecations Event", exc_info=True)
             last = text
             runtime.deprecations_ready.set()
         await asyncio.sleep(DEPRECATIONS_POLL_SECONDS)

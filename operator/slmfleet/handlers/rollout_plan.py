@@ -21,7 +21,13 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from slmfleet.api.conditions import Condition, set_condition
-from slmfleet.api.modelrollout import EvaluationResult, HttpRouteTraffic, ModelRollout, ModelRolloutStatus
+from slmfleet.api.modelrollout import (
+    EvaluationResult,
+    HttpRouteTraffic,
+    ModelRollout,
+    ModelRolloutSpec,
+    ModelRolloutStatus,
+)
 from slmfleet.api.smallmodel import RevisionRecord
 from slmfleet.builders.owner import ModelOwner
 from slmfleet.builders.service import canary_weight_of
@@ -88,6 +94,7 @@ class RolloutPlan:
     requeue_after: float | None = None
     phase: str | None = None
     rollback_reason: str | None = None  # a rollback decided this time, by kind (for metrics)
+    spec: ModelRolloutSpec | None = None  # the rollout's spec, parsed (None: invalid)
 
 
 _ROLLBACK_KINDS = (
@@ -263,7 +270,8 @@ def plan_rollout(ro: RolloutObserved, *, owner: ModelOwner, stable: str | None, 
     retire = now + dt.timedelta(seconds=rollout.spec.scale_down_delay_seconds) if promoted else None
     plan = RolloutPlan(governed=True, weight=0 if failed else state.weight, candidate_replicas=candidate_replicas,
                        traffic=traffic, start=start, promoted=promoted, failed=failed, retire_replaced_at=retire,
-                       requeue_after=requeue, phase=state.phase, rollback_reason=rollback_reason)
+                       requeue_after=requeue, phase=state.phase, rollback_reason=rollback_reason,
+                       spec=rollout.spec)
     return _finish(old, new, events, plan)
 
 
@@ -321,7 +329,7 @@ def _idle(ro: RolloutObserved, rollout: ModelRollout, old: ModelRolloutStatus, s
         started = dt.datetime.fromisoformat(new.step_started_at.replace("Z", "+00:00"))
         retire = started + dt.timedelta(seconds=rollout.spec.scale_down_delay_seconds)
     return _finish(old, new, events, RolloutPlan(governed=False, traffic=traffic, phase=phase,
-                                                 retire_replaced_at=retire))
+                                                 retire_replaced_at=retire, spec=rollout.spec))
 
 
 def _finish(old: ModelRolloutStatus, new: ModelRolloutStatus, events: list[EventNote], plan: RolloutPlan) -> RolloutPlan:
