@@ -210,15 +210,30 @@ class PodRunner:
         term_file.write_text("")
         retry = 0
         while True:
-            ready = await self._resolve(c_spec, c, term_path, term_file, retry)
-            if isinstance(ready, tuple):
-                env, argv, paths = ready
+            try:
+                env, argv, paths = await self._command(c_spec, c, term_path, term_file)
                 break
-            if ready is not False:
-                return ready
-            retry += 1
-            if await self._terminating_within(min(2.0 ** retry, 10.0)):
+            except images.ImageError as exc:
+                c.state = {"waiting": {"reason": "ErrImagePull", "message": str(exc)}}
+                await self.push_status()
+                await self.event("Failed", f"Failed to pull image {c.image!r}: {exc}", "Warning")
+                await self._wait_terminating()
                 return None
+            except (ConfigError, ApiError, ValueError) as exc:
+                # As the kubelet does: a Secret or ConfigMap may appear, the API may answer next time.
+                c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
+                await self.push_status()
+                if retry == 0:
+                    await self.event("Failed", f"Error: {exc}", "Warning")
+                retry += 1
+                if await self._terminating_within(min(2.0 ** retry, 10.0)):
+                    return None
+            except images.ExecError as exc:
+                now = spec.now()
+                c.state = {"terminated": spec.terminated_state(128, now, now, str(exc), "", reason="StartError")}
+                await self.push_status()
+                await self.event("Failed", f"Error: {exc}", "Warning")
+                return 128
 
         workdir = c_spec.get("workingDir")
         cwd = paths.rewrite(workdir) if workdir else str(self.dir)
@@ -263,37 +278,15 @@ class PodRunner:
         await self.push_status()
         return code
 
-    async def _resolve(self, c_spec: dict, c: ContainerState, term_path: str, term_file: Path,
-                       retry: int) -> "tuple[dict[str, str], list[str], spec.PathMap] | int | bool | None":
-        """The container's environment and argv; False: a config error worth retrying (as the
-        kubelet does: a Secret or ConfigMap may appear, the API may answer next time); an int or
-        None: the run's result without a process."""
-        try:
-            env = await self._env(c_spec)
-            paths = spec.PathMap({**self._mounts(c_spec), term_path: str(term_file)})
-            argv = images.resolve_argv(c.image, [spec.expand(a, env) for a in c_spec.get("command") or []] or None,
-                                       [spec.expand(a, env) for a in c_spec["args"]] if "args" in c_spec else None)
-            argv = [argv[0]] + [paths.rewrite(a) for a in argv[1:]]
-            env = {k: paths.rewrite(v) for k, v in env.items()}
-            return env, argv, paths
-        except images.ImageError as exc:
-            c.state = {"waiting": {"reason": "ErrImagePull", "message": str(exc)}}
-            await self.push_status()
-            await self.event("Failed", f"Failed to pull image {c.image!r}: {exc}", "Warning")
-            await self._wait_terminating()
-            return None
-        except (ConfigError, ApiError, ValueError) as exc:
-            c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
-            await self.push_status()
-            if retry == 0:
-                await self.event("Failed", f"Error: {exc}", "Warning")
-            return False
-        except images.ExecError as exc:
-            now = spec.now()
-            c.state = {"terminated": spec.terminated_state(128, now, now, str(exc), "", reason="StartError")}
-            await self.push_status()
-            await self.event("Failed", f"Error: {exc}", "Warning")
-            return 128
+    async def _command(self, c_spec: dict, c: ContainerState, term_path: str,
+                       term_file: Path) -> tuple[dict[str, str], list[str], spec.PathMap]:
+        """The container's environment, argv and path map, as the pod's spec and volumes make them."""
+        env = await self._env(c_spec)
+        paths = spec.PathMap({**self._mounts(c_spec), term_path: str(term_file)})
+        argv = images.resolve_argv(c.image, [spec.expand(a, env) for a in c_spec.get("command") or []] or None,
+                                   [spec.expand(a, env) for a in c_spec["args"]] if "args" in c_spec else None)
+        argv = [argv[0]] + [paths.rewrite(a) for a in argv[1:]]
+        return {k: paths.rewrite(v) for k, v in env.items()}, argv, paths
 
     async def _terminating_within(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds

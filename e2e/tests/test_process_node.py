@@ -210,3 +210,21 @@ def test_deletion_waits_the_grace_period_then_kills(core, namespace):
     assert terminated, "the agent reports the container's termination before deleting the pod"
     assert terminated[-1].exit_code == 128 + signal.SIGKILL
     assert terminated[-1].message == "TERM received"
+
+
+def test_a_missing_secret_is_waited_for_as_the_kubelet_does(core, namespace, model_dir):
+    pod = vllm_pod("needs-secret", model_dir())
+    pod.spec.containers[0].env.append(client.V1EnvVar(name="TOKEN", value_from=client.V1EnvVarSource(
+        secret_key_ref=client.V1SecretKeySelector(name="late", key="token"))))
+    core.create_namespaced_pod(namespace, pod)
+
+    def waiting_reason():
+        status = core.read_namespaced_pod("needs-secret", namespace).status
+        states = status.container_statuses or []
+        return states and states[0].state.waiting and states[0].state.waiting.reason
+
+    wait_for(lambda: waiting_reason() == "CreateContainerConfigError", 30, what="CreateContainerConfigError")
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "late"}, "stringData": {"token": "t"}})
+    wait_for(lambda: any(c.type == "Ready" and c.status == "True"
+                         for c in core.read_namespaced_pod("needs-secret", namespace).status.conditions or []),
+             60, what="the pod started once the Secret exists")
