@@ -121,6 +121,17 @@ def new_candidate(world: RolloutWorld, digest: str = NEW_DIGEST, base: str = "or
     return spec_revision(world.body)
 
 
+def past_the_first_evaluation(world: RolloutWorld, **candidate: Any) -> str:
+    """A new candidate, ready, whose first evaluation passed: the plan moved on to the next steps."""
+    revision = new_candidate(world, **candidate)
+    world.settle(at(1))
+    world.candidate_ready()
+    world.settle(at(2))
+    world.finish("Pass")
+    world.settle(at(3))
+    return revision
+
+
 def selector(world: RolloutWorld) -> dict[str, str]:
     return world.objects[("Service", NAME)]["spec"]["selector"]
 
@@ -155,12 +166,7 @@ def test_a_new_revision_runs_beside_the_stable_and_is_evaluated_before_any_traff
 
 def test_passing_evaluations_move_the_weight_step_by_step_and_promote():
     world, stable = stable_world()
-    candidate = new_candidate(world)
-    world.settle(at(1))
-    world.candidate_ready()
-    world.settle(at(2))
-    world.finish("Pass")
-    world.settle(at(3))
+    candidate = past_the_first_evaluation(world)
     # step 1 set 50%: the Service spreads over both revisions, the next evaluation started
     assert world.rollout_status["canaryWeight"] == 50 and world.rollout_status["currentStep"] == 2
     assert selector(world) == {"slmfleet.io/model": NAME}
@@ -189,12 +195,7 @@ def test_passing_evaluations_move_the_weight_step_by_step_and_promote():
 def test_a_failed_evaluation_rolls_back_at_once_and_the_stable_keeps_serving():
     world, stable = stable_world()
     stable_dep = copy.deepcopy(world.deployment(stable))
-    candidate = new_candidate(world)
-    world.settle(at(1))
-    world.candidate_ready()
-    world.settle(at(2))
-    world.finish("Pass")
-    world.settle(at(3))
+    candidate = past_the_first_evaluation(world)
     assert world.rollout_status["canaryWeight"] == 50
     world.finish("Fail")
     plan = world.reconcile(at(4))
@@ -215,12 +216,7 @@ def test_a_failed_evaluation_rolls_back_at_once_and_the_stable_keeps_serving():
 
 def test_a_restarted_operator_resumes_from_status_without_repeating_a_weight_step():
     world, _ = stable_world()
-    candidate = new_candidate(world)
-    world.settle(at(1))
-    world.candidate_ready()
-    world.settle(at(2))
-    world.finish("Pass")
-    world.settle(at(3))
+    candidate = past_the_first_evaluation(world)
     before = copy.deepcopy(world.rollout_status)
     events_before = len(world.rollout_events)
     # restart: the background evaluations are gone; status has the verdict of step 0
@@ -291,12 +287,7 @@ def test_a_rolled_back_revision_is_not_retried_until_the_retry_annotation_asks()
 
 def test_a_deprecated_stable_base_rolls_back_to_the_last_known_good_digest():
     world, first = stable_world(base="org/base-v1")
-    candidate = new_candidate(world, base="org/base-v2")
-    world.settle(at(1))
-    world.candidate_ready()
-    world.settle(at(2))
-    world.finish("Pass")
-    world.settle(at(3))
+    candidate = past_the_first_evaluation(world, base="org/base-v2")
     world.finish("Pass")
     world.settle(at(4))
     world.mark_ready(candidate)

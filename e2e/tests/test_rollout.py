@@ -64,7 +64,13 @@ def get(crs, namespace: str, plural: str, name: str) -> dict:
     return crs.get_namespaced_custom_object(GROUP, VERSION, namespace, plural, name)
 
 
-def wait_phase(crs, namespace: str, name: str, phases: tuple[str, ...], timeout: float = 180) -> dict:
+FINAL = ("Promoted", "RolledBack", "Failed")
+
+
+def wait_phase(crs, namespace: str, name: str, *also: str, timeout: float = 180) -> dict:
+    """The rollout once its phase is final, or one of `also`."""
+    phases = (*also, *FINAL)
+
     def check():
         obj = get(crs, namespace, MR_PLURAL, name)
         return obj if (obj.get("status") or {}).get("phase") in phases else None
@@ -114,19 +120,25 @@ def cleanup(crs, core, namespace):
     wait_for(lambda: not core.list_namespaced_pod(namespace).items, 120, what="pods gone")
 
 
-def serve_stable(s3, crs, core, namespace: str, name: str, base: str) -> tuple[dict, str]:
+def stable_under_rollout(s3, crs, core, namespace: str, name: str, steps: list[dict], *,
+                         traffic: dict | None = None, **rollout_args) -> tuple[str, str]:
+    """A model serving its first revision (S3 weights answering every case, base org/base-v1),
+    governed by a rollout of `steps`; (that revision, its digest)."""
     uri, digest = upload(s3, files(RIGHT, seed=1))
     credentials_secret(core, namespace, s3)
     body = s3_model(name, uri, digest, s3.endpoint_url)
-    body["spec"]["baseModel"] = base
+    body["spec"]["baseModel"] = "org/base-v1"
     crs.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
 
-    def ready():
+    def serving():
         obj = get(crs, namespace, PLURAL, name)
-        cond = condition(obj, "Ready")
-        return obj if cond.get("status") == "True" and obj["status"].get("history") else None
-    obj = wait_for(ready, 180, 0.5, f"{name} serving")
-    return obj, digest
+        return obj if condition(obj, "Ready").get("status") == "True" and obj["status"].get("history") else None
+    model = wait_for(serving, 180, 0.5, f"{name} serving")
+    policy = rollout(name, name, steps, **rollout_args)
+    if traffic:
+        policy["spec"]["traffic"] = traffic
+    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, MR_PLURAL, policy)
+    return model["status"]["servingRevision"], digest
 
 
 def change_weights(crs, s3, namespace: str, name: str, answers: dict[str, str], seed: int, base: str,
@@ -145,14 +157,13 @@ def events_of(core, namespace: str, name: str) -> list[tuple[str, str]]:
 
 def test_an_equal_candidate_is_promoted_and_a_deprecated_base_rolls_back_to_the_last_known_good_digest(
         operator, s3, crs, core, apps, namespace, cleanup, cluster):
-    model, first_digest = serve_stable(s3, crs, core, namespace, "eq", base="org/base-v1")
-    stable = model["status"]["servingRevision"]
-    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, MR_PLURAL, rollout(
-        "eq", "eq", [{"evaluate": {}}, {"setWeight": 50}, {"pause": {"duration": "2s"}}, {"setWeight": 100}],
-        scale_down=3))
+    stable, first_digest = stable_under_rollout(
+        s3, crs, core, namespace, "eq",
+        [{"evaluate": {}}, {"setWeight": 50}, {"pause": {"duration": "2s"}}, {"setWeight": 100}],
+        scale_down=3)
     with StableWatch(apps, crs, namespace, "eq", stable) as watch:
         digest = change_weights(crs, s3, namespace, "eq", RIGHT, seed=2, base="org/base-v2")
-        done = wait_phase(crs, namespace, "eq", ("Promoted", "RolledBack", "Failed"))
+        done = wait_phase(crs, namespace, "eq")
         assert done["status"]["phase"] == "Promoted", done["status"]
     assert watch.samples > 10 and watch.lowest == 1, "the stable's ready replicas never dropped"
     result = done["status"]["evaluations"][0]
@@ -197,14 +208,12 @@ def test_an_equal_candidate_is_promoted_and_a_deprecated_base_rolls_back_to_the_
 
 def test_a_worse_candidate_is_rolled_back_and_the_stable_keeps_its_replicas(
         operator, s3, crs, core, apps, namespace, cleanup):
-    model, _ = serve_stable(s3, crs, core, namespace, "worse", base="org/base-v1")
-    stable = model["status"]["servingRevision"]
-    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, MR_PLURAL, rollout(
-        "worse", "worse", [{"evaluate": {}}, {"setWeight": 50}, {"evaluate": {}}, {"setWeight": 100}]))
+    stable, _ = stable_under_rollout(s3, crs, core, namespace, "worse",
+                                     [{"evaluate": {}}, {"setWeight": 50}, {"evaluate": {}}, {"setWeight": 100}])
     before = operator.metrics()
     with StableWatch(apps, crs, namespace, "worse", stable) as watch:
         change_weights(crs, s3, namespace, "worse", HALF_WRONG, seed=3, base="org/base-v1")
-        done = wait_phase(crs, namespace, "worse", ("Promoted", "RolledBack", "Failed"))
+        done = wait_phase(crs, namespace, "worse")
         decided = time.monotonic()
         assert done["status"]["phase"] == "RolledBack", done["status"]
         candidate = done["status"]["candidateRevision"]
@@ -233,13 +242,11 @@ def test_a_worse_candidate_is_rolled_back_and_the_stable_keeps_its_replicas(
 
 
 def test_a_candidate_slower_than_the_p95_threshold_is_rolled_back(operator, s3, crs, core, apps, namespace, cleanup):
-    model, _ = serve_stable(s3, crs, core, namespace, "slow", base="org/base-v1")
-    stable = model["status"]["servingRevision"]
-    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, MR_PLURAL, rollout(
-        "slow", "slow", [{"evaluate": {}}, {"setWeight": 100}], maxP95LatencySeconds=0.25))
+    stable, _ = stable_under_rollout(s3, crs, core, namespace, "slow", [{"evaluate": {}}, {"setWeight": 100}],
+                                     maxP95LatencySeconds=0.25)
     with StableWatch(apps, crs, namespace, "slow", stable) as watch:
         change_weights(crs, s3, namespace, "slow", RIGHT, seed=4, base="org/base-v1", latency_ms=(400, 600))
-        done = wait_phase(crs, namespace, "slow", ("Promoted", "RolledBack", "Failed"), timeout=240)
+        done = wait_phase(crs, namespace, "slow", timeout=240)
     assert watch.lowest == 1
     assert done["status"]["phase"] == "RolledBack", done["status"]
     assert "p95 latency" in done["status"]["message"]
@@ -252,21 +259,20 @@ def test_a_candidate_slower_than_the_p95_threshold_is_rolled_back(operator, s3, 
 def test_an_operator_killed_mid_rollout_resumes_without_repeating_a_step(
         phase, operator, s3, crs, core, apps, namespace, cleanup):
     """Killed with the candidate created but not ready, mid-evaluation, after a weight change."""
-    model, _ = serve_stable(s3, crs, core, namespace, "restart", base="org/base-v1")
-    stable = model["status"]["servingRevision"]
-    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, MR_PLURAL, rollout(
-        "restart", "restart", [{"evaluate": {}}, {"setWeight": 50}, {"pause": {"duration": "8s"}}, {"setWeight": 100}],
-        scale_down=3))
+    stable, _ = stable_under_rollout(
+        s3, crs, core, namespace, "restart",
+        [{"evaluate": {}}, {"setWeight": 50}, {"pause": {"duration": "8s"}}, {"setWeight": 100}],
+        scale_down=3)
     with StableWatch(apps, crs, namespace, "restart", stable) as watch:
         # A slow start and slow answers make the first two phases long enough to catch.
         change_weights(crs, s3, namespace, "restart", RIGHT, seed=5, base="org/base-v1",
                        latency_ms=(150, 250) if phase == "Evaluating" else (5, 10),
                        startup_seconds=6 if phase == "Pending" else 0)
-        caught = wait_phase(crs, namespace, "restart", (phase, "Promoted", "RolledBack", "Failed"))
+        caught = wait_phase(crs, namespace, "restart", phase)
         assert caught["status"]["phase"] == phase, caught["status"]
         operator.kill()  # SIGKILL: no chance to finish anything
         operator.start()
-        done = wait_phase(crs, namespace, "restart", ("Promoted", "RolledBack", "Failed"))
+        done = wait_phase(crs, namespace, "restart")
     assert done["status"]["phase"] == "Promoted", done["status"]
     assert watch.lowest == 1
     assert [e["step"] for e in done["status"]["evaluations"]] == [0], "one verdict per evaluate step"
@@ -291,14 +297,18 @@ def chat_at(ip: str, prompt: str) -> None:
         pass  # a failing candidate is what some tests want
 
 
+def send_live_traffic(core, namespace: str, revision: str, requests: int = 40) -> None:
+    """Traffic straight to the revision's pod (no gateway or kube-proxy runs here), 8 at a time."""
+    pod = next(p for p in core.list_namespaced_pod(namespace, label_selector=f"slmfleet.io/revision={revision}").items)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: chat_at(pod.status.pod_ip, CASES[i % len(CASES)]["prompt"]), range(requests)))
+
+
 def test_http_route_weights_and_a_live_latency_regression_roll_back(
         operator, s3, crs, core, apps, namespace, cleanup, cluster):
-    model, _ = serve_stable(s3, crs, core, namespace, "live", base="org/base-v1")
-    stable = model["status"]["servingRevision"]
-    body = rollout("live", "live", [{"setWeight": 30}, {"pause": {"duration": "5m"}}, {"setWeight": 100}],
-                   maxP95LatencySeconds=0.5)
-    body["spec"]["traffic"] = {"httpRoute": {"parentRefs": [{"name": "inference-gateway"}]}}
-    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, MR_PLURAL, body)
+    stable, _ = stable_under_rollout(
+        s3, crs, core, namespace, "live", [{"setWeight": 30}, {"pause": {"duration": "5m"}}, {"setWeight": 100}],
+        traffic={"httpRoute": {"parentRefs": [{"name": "inference-gateway"}]}}, maxP95LatencySeconds=0.5)
 
     def route_weights() -> dict[str, int]:
         out = cluster._kubectl("get", "httproute", "live", "-n", namespace, "-o", "json", check=False)
@@ -309,15 +319,13 @@ def test_http_route_weights_and_a_live_latency_regression_roll_back(
     wait_for(lambda: route_weights() == {f"live-{stable}": 100}, 30, 0.3, "the route on the stable")
     with StableWatch(apps, crs, namespace, "live", stable) as watch:
         change_weights(crs, s3, namespace, "live", RIGHT, seed=6, base="org/base-v1", latency_ms=(900, 1400))
-        paused = wait_phase(crs, namespace, "live", ("Paused", "Promoted", "RolledBack", "Failed"))
+        paused = wait_phase(crs, namespace, "live", "Paused")
         assert paused["status"]["phase"] == "Paused", paused["status"]
         candidate = paused["status"]["candidateRevision"]
         assert route_weights() == {f"live-{stable}": 70, f"live-{candidate}": 30}
         # Live traffic reaches the candidate (no gateway runs here: straight to its pod), and it is slow.
-        pod = next(p for p in core.list_namespaced_pod(namespace, label_selector=f"slmfleet.io/revision={candidate}").items)
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda i: chat_at(pod.status.pod_ip, CASES[i % len(CASES)]["prompt"]), range(40)))
-        done = wait_phase(crs, namespace, "live", ("Promoted", "RolledBack", "Failed"), timeout=60)
+        send_live_traffic(core, namespace, candidate)
+        done = wait_phase(crs, namespace, "live", timeout=60)
     assert done["status"]["phase"] == "RolledBack", done["status"]
     assert "live metrics regressed" in done["status"]["message"] and "p95 latency" in done["status"]["message"]
     assert watch.lowest == 1
@@ -326,23 +334,20 @@ def test_http_route_weights_and_a_live_latency_regression_roll_back(
 
 def test_replica_ratio_weights_and_a_live_error_rate_regression_roll_back(
         operator, s3, crs, core, apps, namespace, cleanup):
-    model, _ = serve_stable(s3, crs, core, namespace, "errs", base="org/base-v1")
-    stable = model["status"]["servingRevision"]
-    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, MR_PLURAL, rollout(
-        "errs", "errs", [{"setWeight": 30}, {"pause": {"duration": "5m"}}, {"setWeight": 100}], maxErrorRate=0.05))
+    stable, _ = stable_under_rollout(s3, crs, core, namespace, "errs",
+                                     [{"setWeight": 30}, {"pause": {"duration": "5m"}}, {"setWeight": 100}],
+                                     maxErrorRate=0.05)
     with StableWatch(apps, crs, namespace, "errs", stable) as watch:
         change_weights(crs, s3, namespace, "errs", RIGHT, seed=7, base="org/base-v1", error_rate=0.5)
-        paused = wait_phase(crs, namespace, "errs", ("Paused", "Promoted", "RolledBack", "Failed"))
+        paused = wait_phase(crs, namespace, "errs", "Paused")
         assert paused["status"]["phase"] == "Paused", paused["status"]
         candidate = paused["status"]["candidateRevision"]
         # Replica ratio: the model Service spreads over both revisions' pods (one each here).
         svc = core.read_namespaced_service("errs", namespace)
         assert svc.spec.selector == {"slmfleet.io/model": "errs"}
         assert svc.metadata.annotations["slmfleet.io/canary"] == f"{candidate}=30"
-        pod = next(p for p in core.list_namespaced_pod(namespace, label_selector=f"slmfleet.io/revision={candidate}").items)
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda i: chat_at(pod.status.pod_ip, CASES[i % len(CASES)]["prompt"]), range(40)))
-        done = wait_phase(crs, namespace, "errs", ("Promoted", "RolledBack", "Failed"), timeout=60)
+        send_live_traffic(core, namespace, candidate)
+        done = wait_phase(crs, namespace, "errs", timeout=60)
     assert done["status"]["phase"] == "RolledBack", done["status"]
     assert "live metrics regressed" in done["status"]["message"] and "error rate" in done["status"]["message"]
     assert watch.lowest == 1
