@@ -382,3 +382,24 @@ def test_a_rollout_that_governs_nothing_says_why_once():
     assert condition(status, "Ready")["status"] == "False"
     body["status"] = status
     assert plan_not_governing(body, "ModelNotFound", "SmallModel models/qwen-chat does not exist", at(5)) is None
+
+
+def test_an_evaluation_that_cannot_run_is_reported_held_and_retried_not_rolled_back():
+    world, stable = stable_world()
+    candidate = new_candidate(world)
+    world.settle(at(1))
+    world.candidate_ready()
+    world.settle(at(2))
+    eid = world.started[-1]
+    world.snapshots[eid] = EvaluationSnapshot("error", "dataset unavailable: ConfigMap models/cases: Not Found (HTTP 404)")
+    plan = world.reconcile(at(3))
+    assert world.rollout_status["phase"] == "Evaluating" and world.rollout_status["canaryWeight"] == 0
+    degraded = condition(world.rollout_status, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "EvaluationError")
+    assert "ConfigMap models/cases: Not Found" in degraded["message"]
+    assert plan.rollout.start is None and plan.requeue_after == 30.0
+    assert replicas(world, candidate) == 1 and world.status["servingRevision"] == stable
+    # once the error is old enough, the same evaluation is started again
+    world.snapshots[eid] = EvaluationSnapshot("error", "dataset unavailable", may_retry=True)
+    plan = world.reconcile(at(40))
+    assert plan.rollout.start is not None and plan.rollout.start.evaluation_id == eid

@@ -258,6 +258,8 @@ def plan_rollout(ro: RolloutObserved, *, owner: ModelOwner, stable: str | None, 
     degraded_reason = None
     if failed and base_deprecated:
         degraded_reason = "BaseModelDeprecated"
+    elif notes and not failed:
+        degraded_reason = "EvaluationError"  # it cannot run (dataset, stable): held, retried, not rolled back
     new = old.model_copy(update={
         **_state_fields(state),
         "observed_generation": generation,
