@@ -38,6 +38,10 @@ unit: venv ## unit tests only (no cluster)
 test: venv binaries lint ## all tests: unit, then e2e on the local control plane
 	@$(PY) -m pytest
 
+N ?= 3
+test-repeat: venv binaries ## make test N times (N=3), each on a fresh clone with a cold cluster -> bench/results/flake_rate.json
+	@$(PY) -m e2e.repeat --runs $(N)
+
 demo: venv binaries ## start the cluster and the operator, apply examples/smallmodels/, show the placements
 	@$(PY) -m e2e.demo
 
@@ -49,5 +53,6 @@ bench: venv binaries ## benchmarks; results go to bench/results/
 	@$(PY) -m bench.hashing
 	@$(PY) -m bench.s3_load
 	@$(PY) -m bench.rollout_decision
+	@$(PY) -m bench.environ_race
 
-.PHONY: help venv binaries cluster-up cluster-down lint unit test demo crds bench
+.PHONY: help venv binaries cluster-up cluster-down lint unit test test-repeat demo crds bench

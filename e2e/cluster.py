@@ -9,6 +9,16 @@ State (PKI, kubeconfigs, etcd data, logs, pid files) lives in one directory, by 
 `<repo>/.e2e-cluster` (override with --state-dir or SLMFLEET_CLUSTER_DIR). Every process started
 here carries SLMFLEET_CLUSTER=<state dir> in its environment, so `down` can find and stop all of
 them, pod processes included, even if a pid file was lost.
+
+Liveness of a process started by this object is judged by its Popen handle, never by /proc: the
+kernel lets Popen return (the close-on-exec pipe closes) before it has set up the new program's
+stack, and until then /proc/<pid>/environ reads empty, so the marker is missing from a process
+that is alive (bench/environ_race.py measures it). The marker only finds leftovers of earlier runs.
+
+`up` reuses a cluster of the same state dir only if it is complete and healthy; anything else of
+that state dir (a half-started or half-stopped cluster, orphans of a run that crashed) is stopped,
+with a message naming each process, and the state is removed before a cold start. A port held by
+anything else stops `up` before it starts a single process, with the holder named.
 """
 
 from __future__ import annotations
@@ -111,6 +121,11 @@ class Ports:
     def kwok(self) -> int:
         return self.base + 5
 
+    def named(self) -> dict[str, int]:
+        return {"kube-apiserver": self.apiserver, "etcd client": self.etcd_client, "etcd peer": self.etcd_peer,
+                "kube-controller-manager": self.controller_manager, "kube-scheduler": self.scheduler,
+                "kwok": self.kwok}
+
 
 def log(msg: str) -> None:
     print(f"==> [cluster] {msg}", file=sys.stderr, flush=True)
@@ -126,6 +141,7 @@ class Cluster:
         self.pids = self.dir / "pids"
         self.server = f"https://127.0.0.1:{self.ports.apiserver}"
         self._ssl_context: ssl.SSLContext | None = None
+        self._procs: dict[str, subprocess.Popen] = {}  # started by this object: judged by the handle
 
     # ---------------------------------------------------------------- processes
 
@@ -135,10 +151,13 @@ class Cluster:
         env.pop("KUBECONFIG", None)
         return env
 
-    def _pid_alive(self, name: str) -> int | None:
+    def _running(self, name: str) -> int | None:
+        """The pid of component `name` if it is running. One this object started is judged by its
+        Popen handle (race-free); one of an earlier run by its pid file and the env marker."""
+        proc = self._procs.get(name)
+        if proc is not None:
+            return proc.pid if proc.poll() is None else None
         pid_file = self.pids / f"{name}.pid"
-        if not pid_file.exists():
-            return None
         try:
             pid = int(pid_file.read_text())
         except (ValueError, OSError):
@@ -147,26 +166,21 @@ class Cluster:
         return pid if _alive(pid) and _has_env(pid, MARKER_ENV, str(self.dir)) else None
 
     def _start(self, name: str, argv: list[str], env: dict[str, str] | None = None, port: int | None = None) -> None:
-        if self._pid_alive(name):
-            log(f"{name} already running")
-            return
         if port is not None and port_in_use(port):
-            raise RuntimeError(
-                f"cannot start {name}: 127.0.0.1:{port} is already in use by a process that is not part of the "
-                f"cluster in {self.dir} (another cluster? pick other ports with --port-base or "
-                f"SLMFLEET_CLUSTER_PORT_BASE)")
+            raise RuntimeError(f"cannot start {name}: {port_holder_text(port)}")
         self.logs.mkdir(parents=True, exist_ok=True)
         self.pids.mkdir(parents=True, exist_ok=True)
-        logf = open(self.logs / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            argv,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env or self._env(),
-            cwd=REPO,
-            start_new_session=True,
-        )
+        with open(self.logs / f"{name}.log", "ab") as logf:
+            proc = subprocess.Popen(
+                argv,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env or self._env(),
+                cwd=REPO,
+                start_new_session=True,
+            )
+        self._procs[name] = proc
         (self.pids / f"{name}.pid").write_text(str(proc.pid))
         log(f"started {name} (pid {proc.pid}, log {self.logs / (name + '.log')})")
 
@@ -269,9 +283,11 @@ class Cluster:
         while time.monotonic() < deadline:
             if check():
                 return
-            if log_name and not self._pid_alive(log_name):
+            if log_name and not self._running(log_name):
+                proc = self._procs.get(log_name)
+                code = f" with status {proc.returncode}" if proc is not None else ""
                 tail = (self.logs / f"{log_name}.log").read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"{log_name} exited while waiting for {what}:\n{tail}")
+                raise RuntimeError(f"{log_name} exited{code} while waiting for {what}:\n{tail}")
             time.sleep(0.25)
         raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
@@ -280,10 +296,48 @@ class Cluster:
 
     # ---------------------------------------------------------------- up
 
+    def complete(self, pools_file: Path) -> bool:
+        """A cluster of this state dir that finished `up` with these pools and ports, every one of
+        whose processes still runs, and whose API server is ready: one worth reusing."""
+        try:
+            state = json.loads((self.dir / "cluster.json").read_text())
+        except (OSError, ValueError):
+            return False
+        if state.get("pools") != str(Path(pools_file).resolve()) or state.get("ports") != self.ports.base:
+            return False
+        names = [f.stem for f in self.pids.glob("*.pid")] if self.pids.exists() else []
+        return bool(names) and all(self._running(n) for n in names) and self.healthy()
+
+    def stop_leftovers(self) -> None:
+        """Stops every process of an earlier run of this state dir (components, node agents, pods,
+        operators, an S3 server started with this marker) and removes the state, saying what went."""
+        found = self.our_processes()
+        if found:
+            named = ", ".join(f"{process_name(pid)} (pid {pid})" for pid in found)
+            _terminate(found, grace=10)
+            log(f"stopped {len(found)} leftover processes of an earlier run in {self.dir}: {named}")
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+            log(f"removed the state of an earlier run in {self.dir}")
+        self._procs.clear()
+        self._ssl_context = None
+
+    def check_ports_free(self) -> None:
+        """Every port of this cluster is free, or an error that names who holds which."""
+        held = [f"{what} port {port}: {port_holder_text(port)}"
+                for what, port in self.ports.named().items() if port_in_use(port)]
+        if held:
+            raise RuntimeError(f"cannot start the cluster in {self.dir}:\n  " + "\n  ".join(held))
+
     def up(self, pools_file: Path) -> None:
         t0 = time.monotonic()
         pools, octet = pools_mod.load_pools_doc(pools_file)
         nodes = pools_mod.expand(pools, octet)
+        if self.complete(pools_file):
+            log(f"cluster in {self.dir} already up and healthy: reusing it")
+            return
+        self.stop_leftovers()
+        self.check_ports_free()
         self._ensure_binaries()
         bins = binaries()
         files = self._prepare()
@@ -443,20 +497,28 @@ class Cluster:
         order = sorted(self.pids.glob("*.pid"), key=lambda f: (rank.get(f.stem, 0), f.stem)) \
             if self.pids.exists() else []
         for pid_file in order:
-            pid = self._pid_alive(pid_file.stem)
+            pid = self._running(pid_file.stem)
             if pid:
                 t0 = time.monotonic()
                 _terminate([pid], grace=10)
                 log(f"stopped {pid_file.stem} (pid {pid}) in {time.monotonic() - t0:.1f}s")
+        for proc in self._procs.values():  # reap our own children
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self._procs.clear()
         leftovers = self.our_processes()
         if leftovers:
-            log(f"stopping {len(leftovers)} leftover processes")
+            log(f"stopping {len(leftovers)} leftover processes: "
+                + ", ".join(f"{process_name(pid)} (pid {pid})" for pid in leftovers))
             _terminate(leftovers, grace=5)
         remaining = self.our_processes()
         if remaining:
             raise RuntimeError(f"processes still running after down: {remaining}")
         if self.dir.exists():
             shutil.rmtree(self.dir)
+        self._ssl_context = None
         log("cluster down; state removed")
 
 
@@ -502,6 +564,71 @@ def processes_with_env(key: str, value: str) -> list[int]:
     """Live (not zombie) processes whose environment has key=value."""
     return [int(e.name) for e in Path("/proc").iterdir()
             if e.name.isdigit() and _has_env(int(e.name), key, value) and _alive(int(e.name))]
+
+
+def env_value(pid: int, key: str) -> str | None:
+    try:
+        entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    prefix = f"{key}=".encode()
+    return next((e[len(prefix):].decode(errors="replace") for e in entries if e.startswith(prefix)), None)
+
+
+def process_name(pid: int) -> str:
+    """A short name for a process: `etcd`, `python -m e2e.node_agent`, `slmfleet operator run`."""
+    try:
+        argv = [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return "(exited)"
+    if not argv:
+        return "(no command line)"
+    if os.path.basename(argv[0]).startswith("python") and len(argv) > 1:
+        if argv[1] == "-m" and len(argv) > 2:
+            argv = ["python -m " + argv[2], *argv[3:]]
+        elif not argv[1].startswith("-"):
+            argv = argv[1:]  # a script: its own name says more than the interpreter's
+    words = [a for a in argv[1:] if a[:1] not in ("-", "") and "/" not in a and len(a.split()) == 1][:2]
+    return " ".join([os.path.basename(argv[0]), *words])
+
+
+def port_holder(port: int) -> int | None:
+    """The pid of the process listening on `port` (any local address), if this user can see it."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd) in inodes:
+                    return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def port_holder_text(port: int) -> str:
+    """Who holds 127.0.0.1:`port`, and what to do about it."""
+    pid = port_holder(port)
+    others = "or pick other ports with --port-base or SLMFLEET_CLUSTER_PORT_BASE"
+    if pid is None:
+        return f"127.0.0.1:{port} is already in use by a process this user cannot see; {others}"
+    marker = env_value(pid, MARKER_ENV)
+    if marker:
+        return (f"127.0.0.1:{port} is held by {process_name(pid)} (pid {pid}) of the local cluster in {marker}: "
+                f"stop it with `python -m e2e.cluster down --state-dir {marker}`, {others}")
+    return f"127.0.0.1:{port} is held by {process_name(pid)} (pid {pid}), which is not part of a local cluster; {others}"
 
 
 def port_in_use(port: int) -> bool:

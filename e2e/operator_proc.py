@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from e2e.cluster import MARKER_ENV, REPO, Cluster, processes_with_env
+from e2e.cluster import MARKER_ENV, REPO, Cluster, _alive, _has_env, _terminate, port_holder_text, port_in_use
 
 OPERATOR_USER = "slmfleet-operator"
 CONFIG = REPO / "deploy" / "operator-config.yaml"
@@ -62,15 +62,16 @@ class OperatorProcess:
             pid = json.loads(self.state_file(self.cluster).read_text())["pid"]
         except (OSError, ValueError, KeyError):
             return
-        if pid in processes_with_env(MARKER_ENV, str(self.cluster.dir)):
-            os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and pid in processes_with_env(MARKER_ENV, str(self.cluster.dir)):
-                time.sleep(0.1)
+        if self.proc is not None and self.proc.pid == pid:
+            self.stop()  # ours: judged by the handle, not by /proc
+        elif _alive(pid) and _has_env(pid, MARKER_ENV, str(self.cluster.dir)):
+            _terminate([pid], grace=20)
 
     def start(self, timeout: float = 60) -> "OperatorProcess":
         install(self.cluster)
         self._stop_recorded()
+        if port_in_use(self.metrics_port):
+            raise RuntimeError(f"cannot start the operator: {port_holder_text(self.metrics_port)}")
         kubeconfig = self.cluster.user_kubeconfig(OPERATOR_USER)
         args = [
             str(Path(sys.executable).parent / "slmfleet"), "operator", "run",

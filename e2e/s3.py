@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 from e2e.cluster import (E2E, MARKER_ENV, _alive, _has_env, _terminate, cache_dir, default_state_dir,
-                         port_in_use, processes_with_env, versions)
+                         port_holder_text, port_in_use, processes_with_env, versions)
 
 DEFAULT_PORT = 19000
 REGION = "us-east-1"
@@ -153,7 +153,10 @@ class S3Server:
     # ---------------------------------------------------------------- process
 
     def pid(self) -> int | None:
-        """The running server's pid (checked against the env marker, so a reused pid is not it)."""
+        """The running server's pid: judged by the Popen handle if this object started it (race-free,
+        see e2e/cluster.py), else by the pid file and the env marker (so a reused pid is not it)."""
+        if self._proc is not None:
+            return self._proc.pid if self._proc.poll() is None else None
         try:
             pid = int(self.pid_file.read_text())
         except (OSError, ValueError):
@@ -174,8 +177,7 @@ class S3Server:
             self._load_credentials()
             return self
         if port_in_use(self.port):
-            raise RuntimeError(f"cannot start MinIO: 127.0.0.1:{self.port} is already in use by a process "
-                               f"that is not the MinIO of {self.dir} (pick another port)")
+            raise RuntimeError(f"cannot start the MinIO of {self.dir}: {port_holder_text(self.port)}")
         binary = ensure_minio()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o700)

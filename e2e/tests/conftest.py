@@ -1,8 +1,10 @@
 """Fixtures for tests against the real local control plane.
 
-The session fixture brings the cluster up if it is not running (reusing one that is, so a
-developer's `make cluster-up` makes reruns fast) and takes it down at the end only if it started
-it. Each test gets its own namespace.
+Every session starts from a cold cluster: leftovers of an earlier run of the same state dir (a
+session that crashed, a demo left running) are stopped first, with a message naming them, and the
+cluster goes at the end. Each test gets its own namespace, labelled as a test's; a test that counts
+things cluster-wide (audit-log writes, Events, metrics) asks for `alone`, which waits until what
+other tests left behind (their namespaces, the demo's, nodes they added) is gone.
 """
 
 from __future__ import annotations
@@ -27,14 +29,17 @@ PENDING_TIMEOUT = 10
 OPERATOR_METRICS_PORT = 18391
 
 
+TEST_NAMESPACE_LABEL = "slmfleet.io/e2e-test"
+DEMO_NAMESPACE = "slmfleet-demo"
+
+
 @pytest.fixture(scope="session")
 def cluster() -> Cluster:
     c = Cluster(default_state_dir())
-    started_here = not c.healthy()
+    c.stop_leftovers()
     c.up(DEFAULT_POOLS)
     yield c
-    if started_here:
-        c.down()
+    c.down()
 
 
 @pytest.fixture(scope="session")
@@ -47,12 +52,39 @@ def core(api) -> client.CoreV1Api:
     return client.CoreV1Api(api)
 
 
+def make_test_namespace(core: client.CoreV1Api, name: str) -> str:
+    """Creates namespace `name`, labelled as a test's (so `alone` waits for it to go)."""
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
+        name=name, labels={TEST_NAMESPACE_LABEL: "true"})))
+    return name
+
+
 @pytest.fixture
 def namespace(core: client.CoreV1Api, request) -> str:
-    name = f"t-{request.node.name[:40].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    name = make_test_namespace(core, f"t-{request.node.name[:40].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}")
     yield name
     core.delete_namespace(name, grace_period_seconds=0)
+
+
+def leftovers_of_other_tests(core: client.CoreV1Api, cluster: Cluster, own_namespace: str) -> list[str]:
+    """Namespaces of other tests and of the demo (terminating ones too) and nodes not in the pools."""
+    pool_nodes = set(json.loads((cluster.dir / "cluster.json").read_text())["nodes"])
+    found = [f"namespace/{n.metadata.name}" for n in core.list_namespace().items
+             if n.metadata.name != own_namespace
+             and ((n.metadata.labels or {}).get(TEST_NAMESPACE_LABEL) or n.metadata.name == DEMO_NAMESPACE)]
+    return found + [f"node/{n.metadata.name}" for n in core.list_node().items if n.metadata.name not in pool_nodes]
+
+
+@pytest.fixture
+def alone(core, cluster, namespace) -> str:
+    """The test's namespace, once nothing another test left is still changing: for tests that
+    count cluster-wide (an operator reconciles every model it sees, a deleted namespace's models
+    keep changing state until they are gone)."""
+    deadline = time.monotonic() + 180
+    while (left := leftovers_of_other_tests(core, cluster, namespace)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"other tests' objects still there after 180s: {left}"
+    return namespace
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 60, interval: float = 0.2, what: str = "condition"):

@@ -65,6 +65,7 @@ def get(crs, namespace: str, plural: str, name: str) -> dict:
 
 
 FINAL = ("Promoted", "RolledBack", "Failed")
+NO_DEPRECATIONS = "deprecated base models: none"
 
 
 def wait_phase(crs, namespace: str, name: str, *also: str, timeout: float = 180) -> dict:
@@ -201,9 +202,12 @@ def test_an_equal_candidate_is_promoted_and_a_deprecated_base_rolls_back_to_the_
         wait_for(lambda: "BaseModelDeprecated" in [r for r, _ in events_of(core, namespace, "eq")], 15, 0.2,
                  "BaseModelDeprecated event")
     finally:
+        # Back to no deprecations before the next test: wait until the operator has read the
+        # empty list (it logs every change of the list), not for a guessed poll interval.
+        emptied = operator.log_text().count(NO_DEPRECATIONS)
         core.delete_namespaced_config_map("slmfleet-deprecations", "slmfleet-system")
-        # back to no deprecations before the next test reads the list
-        time.sleep(6)
+        wait_for(lambda: operator.log_text().count(NO_DEPRECATIONS) > emptied, 30, 0.2,
+                 "the operator to read the emptied deprecations list")
 
 
 def test_a_worse_candidate_is_rolled_back_and_the_stable_keeps_its_replicas(

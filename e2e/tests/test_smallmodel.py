@@ -15,7 +15,7 @@ from kubernetes.client.exceptions import ApiException
 
 from e2e.cluster import kubectl_binary
 from e2e.operator_proc import OperatorProcess, audit_writes
-from e2e.tests.conftest import PENDING_TIMEOUT, wait_for
+from e2e.tests.conftest import PENDING_TIMEOUT, make_test_namespace, wait_for
 
 GROUP, VERSION, PLURAL = "slmfleet.io", "v1alpha1", "smallmodels"
 DIGEST = "sha256:" + "5e" * 32
@@ -234,18 +234,37 @@ def test_pods_pending_too_long_move_to_the_next_fallback(operator, crs, core, na
     assert any(e.startswith("PlacementFallback:") for e in events_for(core, namespace, "falls-back"))
 
 
-def test_operator_restart_makes_no_writes_and_keeps_status(operator, crs, namespace, cluster):
+def wait_no_writes_for(cluster, quiet: float, timeout: float = 60) -> None:
+    """Until the audit log shows no write by the operator for `quiet` seconds."""
+    deadline = time.monotonic() + timeout
+    seen, _ = audit_writes(cluster)
+    last_change = time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        lines, writes = audit_writes(cluster, since_line=seen)
+        if writes:
+            last_change = time.monotonic()
+        seen = lines
+        if time.monotonic() - last_change >= quiet:
+            return
+    raise AssertionError(f"the operator kept writing for {timeout}s")
+
+
+def test_operator_restart_makes_no_writes_and_keeps_status(operator, crs, alone, cluster):
+    # Counts the operator's writes across the whole cluster: `alone` waits until no other test's
+    # model is still changing (a deleted namespace's models change state until they are gone).
+    namespace = alone
     create(crs, namespace, model_body("steady", QWEN_05B, serving={"maxModelLen": 4096}))
     create(crs, namespace, model_body("steady-nofit", QWEN_14B, resources={"gpuProducts": ["NVIDIA-L4"], "gpuCount": 1},
                                       serving={"maxModelLen": 32768}))
     wait_condition(crs, namespace, "steady", "Ready", "True")
     wait_condition(crs, namespace, "steady-nofit", "Degraded", "True")
-    time.sleep(2)  # let the last watch events of our own writes come back
+    wait_no_writes_for(cluster, 2.0)  # steady: the watch events of the operator's last writes came back
     before = {n: get(crs, namespace, n)["status"] for n in ("steady", "steady-nofit")}
     operator.stop()
     mark, _ = audit_writes(cluster)
     operator.start()
-    # Every model in the cluster is reconciled after a restart; wait until ours have been.
+    # Every model in the cluster is reconciled after a restart; only ours are left.
     wait_for(lambda: operator.reconciles() >= 2, 60, what="reconciles after restart")
     time.sleep(3)
     _, writes = audit_writes(cluster, since_line=mark)
@@ -279,16 +298,21 @@ def test_operator_metrics_and_health(operator, crs, namespace):
     obj = wait_condition(crs, namespace, "measured", "Ready", "True")
     assert operator.healthy()
 
-    def exported():
-        samples = operator.metrics()
-        product = obj["status"]["placement"]["gpuProduct"]
-        return samples if samples.get(f'slmfleet_gpus_requested{{product="{product}"}}', 0) >= 1 else None
+    product = obj["status"]["placement"]["gpuProduct"]
+    wanted = {  # each met by this test's own model, whatever other tests did before
+        f'slmfleet_gpus_requested{{product="{product}"}}': 1,
+        'slmfleet_reconciles_total{kind="SmallModel",result="changed"}': 1,
+        # the status write comes back as an event whose reconcile changes nothing
+        'slmfleet_reconciles_total{kind="SmallModel",result="noop"}': 1,
+        'slmfleet_reconcile_duration_seconds_count{kind="SmallModel"}': 2,
+        'slmfleet_models{condition="Ready",status="True"}': 1,
+    }
 
-    samples = wait_for(exported, 30, what="gpus_requested gauge")
-    assert samples.get('slmfleet_reconciles_total{kind="SmallModel",result="changed"}', 0) >= 1
-    assert samples.get('slmfleet_reconciles_total{kind="SmallModel",result="noop"}', 0) >= 1
-    assert samples.get('slmfleet_reconcile_duration_seconds_count{kind="SmallModel"}', 0) >= 2
-    assert samples.get('slmfleet_models{condition="Ready",status="True"}', 0) >= 1
+    def short() -> dict[str, float]:
+        samples = operator.metrics()
+        return {k: samples.get(k, 0) for k, least in wanted.items() if samples.get(k, 0) < least}
+
+    wait_for(lambda: not short(), 30, what=f"metrics {wanted}")
 
 
 def test_size_cli_reads_the_live_cluster(cluster, tmp_path):
@@ -309,8 +333,7 @@ def test_size_cli_reads_the_live_cluster(cluster, tmp_path):
 
 
 def test_operator_watching_listed_namespaces_leaves_others_alone(operator, cluster, crs, core, namespace):
-    other = f"{namespace[:50]}-other"
-    core.create_namespace({"metadata": {"name": other}})
+    other = make_test_namespace(core, f"{namespace[:50]}-other")
     operator.stop()
     scoped = OperatorProcess(cluster, metrics_port=operator.metrics_port + 1, pending_timeout=PENDING_TIMEOUT,
                              namespaces=(namespace,))
