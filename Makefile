@@ -35,6 +35,9 @@ lint: venv ## layering contracts (import-linter)
 unit: venv ## unit tests only (no cluster)
 	@$(PY) -m pytest tests
 
+unit-explore: venv ## unit tests with fresh random hypothesis examples (make test uses fixed ones)
+	@HYPOTHESIS_PROFILE=explore $(PY) -m pytest tests
+
 test: venv binaries lint ## all tests: unit, then e2e on the local control plane
 	@$(PY) -m pytest
 
@@ -55,4 +58,4 @@ bench: venv binaries ## benchmarks; results go to bench/results/
 	@$(PY) -m bench.rollout_decision
 	@$(PY) -m bench.environ_race
 
-.PHONY: help venv binaries cluster-up cluster-down lint unit test test-repeat demo crds bench
+.PHONY: help venv binaries cluster-up cluster-down lint unit unit-explore test test-repeat demo crds bench

@@ -2,9 +2,10 @@
 
 Every session starts from a cold cluster: leftovers of an earlier run of the same state dir (a
 session that crashed, a demo left running) are stopped first, with a message naming them, and the
-cluster goes at the end. Each test gets its own namespace, labelled as a test's; a test that counts
+cluster goes at the end. Each test gets its own namespace; a test that counts
 things cluster-wide (audit-log writes, Events, metrics) asks for `alone`, which waits until what
-other tests left behind (their namespaces, the demo's, nodes they added) is gone.
+other tests left for the operator (their models, the demo's, nodes they added) is gone, and a test
+that runs pods on the two process nodes asks for `process_nodes_free`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ PENDING_TIMEOUT = 10
 OPERATOR_METRICS_PORT = 18391
 
 
-TEST_NAMESPACE_LABEL = "slmfleet.io/e2e-test"
 DEMO_NAMESPACE = "slmfleet-demo"
 
 
@@ -52,39 +52,59 @@ def core(api) -> client.CoreV1Api:
     return client.CoreV1Api(api)
 
 
-def make_test_namespace(core: client.CoreV1Api, name: str) -> str:
-    """Creates namespace `name`, labelled as a test's (so `alone` waits for it to go)."""
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
-        name=name, labels={TEST_NAMESPACE_LABEL: "true"})))
-    return name
-
-
 @pytest.fixture
 def namespace(core: client.CoreV1Api, request) -> str:
-    name = make_test_namespace(core, f"t-{request.node.name[:40].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}")
+    name = f"t-{request.node.name[:40].lower().replace('_', '-').strip('-')}-{uuid.uuid4().hex[:5]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     yield name
     core.delete_namespace(name, grace_period_seconds=0)
 
 
-def leftovers_of_other_tests(core: client.CoreV1Api, cluster: Cluster, own_namespace: str) -> list[str]:
-    """Namespaces of other tests and of the demo (terminating ones too) and nodes not in the pools."""
+def leftovers_of_other_tests(api: client.ApiClient, cluster: Cluster, own_namespace: str) -> list[str]:
+    """What the operator would still act on from other tests (and the demo): their SmallModels and
+    ModelRollouts (a deleted namespace's models live on until its controller gets to them), and
+    nodes that are not in the pools."""
+    crs, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    found = [f"{plural}/{o['metadata']['namespace']}/{o['metadata']['name']}"
+             for plural in ("smallmodels", "modelrollouts")
+             for o in crs.list_cluster_custom_object("slmfleet.io", "v1alpha1", plural)["items"]
+             if o["metadata"]["namespace"] != own_namespace]
     pool_nodes = set(json.loads((cluster.dir / "cluster.json").read_text())["nodes"])
-    found = [f"namespace/{n.metadata.name}" for n in core.list_namespace().items
-             if n.metadata.name != own_namespace
-             and ((n.metadata.labels or {}).get(TEST_NAMESPACE_LABEL) or n.metadata.name == DEMO_NAMESPACE)]
     return found + [f"node/{n.metadata.name}" for n in core.list_node().items if n.metadata.name not in pool_nodes]
 
 
 @pytest.fixture
-def alone(core, cluster, namespace) -> str:
-    """The test's namespace, once nothing another test left is still changing: for tests that
-    count cluster-wide (an operator reconciles every model it sees, a deleted namespace's models
-    keep changing state until they are gone)."""
+def alone(api, cluster, namespace) -> str:
+    """The test's namespace, once nothing of another test is left for the operator to act on: for
+    tests that count cluster-wide (a restarted operator reconciles every model it sees, and a
+    deleted namespace's models keep changing state until they are gone)."""
     deadline = time.monotonic() + 180
-    while (left := leftovers_of_other_tests(core, cluster, namespace)) and time.monotonic() < deadline:
+    while (left := leftovers_of_other_tests(api, cluster, namespace)) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"other tests' objects still there after 180s: {left}"
     return namespace
+
+
+def wait_process_nodes_free(core: client.CoreV1Api, own_namespace: str | None = None, timeout: float = 180) -> None:
+    """Process nodes are scarce (two, one GPU each): waits until no pod of another namespace is
+    left on them. A deleted namespace's pods take their grace period to go, and a model pod kept
+    Pending behind them would make the e2e operator move on after PENDING_TIMEOUT seconds."""
+    nodes = [n.metadata.name for n in core.list_node(label_selector="slmfleet.io/node-agent=process").items]
+
+    def others() -> list[str]:
+        return [f"{p.metadata.namespace}/{p.metadata.name}" for node in nodes
+                for p in core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}").items
+                if p.metadata.namespace != own_namespace]
+
+    deadline = time.monotonic() + timeout
+    while (left := others()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"pods of other tests still on the process nodes after {timeout:.0f}s: {left}"
+
+
+@pytest.fixture
+def process_nodes_free(core, namespace) -> None:
+    wait_process_nodes_free(core, namespace)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 60, interval: float = 0.2, what: str = "condition"):

@@ -7,6 +7,7 @@ taking it down does not disturb the other tests.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -55,6 +56,21 @@ def test_up_env_down_lifecycle(tmp_path, cluster):
     again = cli(state, "up", f"--pools={pools}")
     assert again.returncode == 0 and "already up and healthy: reusing it" in again.stderr
     assert sorted(small.our_processes()) == before
+
+    # Another state dir on the same ports: refused before anything starts, the holder named.
+    other = cli(tmp_path / "other", "up", f"--pools={pools}")
+    assert other.returncode == 1 and "started" not in other.stderr
+    assert f"of the local cluster in {state.resolve()}: stop it with `python -m e2e.cluster down " \
+           f"--state-dir {state.resolve()}`" in other.stderr, other.stderr
+
+    # A cluster missing a component is a leftover: `up` stops what is left, naming it, and starts cold.
+    scheduler = int((state / "pids" / "kube-scheduler.pid").read_text())
+    os.kill(scheduler, signal.SIGKILL)
+    wait_for(lambda: not _alive(scheduler), 10, what="scheduler gone")
+    restarted = cli(state, "up", f"--pools={pools}")
+    assert restarted.returncode == 0, restarted.stderr
+    assert "processes of an earlier run" in restarted.stderr and "etcd (pid" in restarted.stderr
+    assert "cluster up with 2 nodes" in restarted.stderr
 
     core = client.CoreV1Api(config.new_client_from_config(config_file=str(small.kubeconfig)))
     assert {n.metadata.name for n in core.list_node().items} == {"l4-0", "proc-0"}
@@ -109,8 +125,8 @@ def test_stop_leftovers_stops_what_an_earlier_run_left_and_says_what(tmp_path, c
     Cluster(state).stop_leftovers()
     assert orphan.wait(10) is not None
     err = capsys.readouterr().err
-    assert f"stopped 1 leftover processes of an earlier run in {state.resolve()}: sleep 300 (pid {orphan.pid})" in err
-    assert "removed the state of an earlier run" in err and not state.exists()
+    assert f"found 1 processes of an earlier run in {state.resolve()}: sleep 300 (pid {orphan.pid}); stopping them" in err
+    assert "cluster down; state removed" in err and not state.exists()
 
 
 def test_a_port_held_by_something_else_stops_up_before_anything_starts(tmp_path):

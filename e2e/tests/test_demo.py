@@ -4,9 +4,11 @@ import subprocess
 import sys
 
 from e2e.cluster import REPO
+from e2e.tests.conftest import DEMO_NAMESPACE, wait_process_nodes_free
 
 
 def test_demo_places_the_examples_and_serves_a_chat_completion(cluster, core, operator):
+    wait_process_nodes_free(core, DEMO_NAMESPACE)  # its 0.5B model is served on a process node
     out = subprocess.run([sys.executable, "-m", "e2e.demo"], cwd=REPO, capture_output=True, text=True, timeout=400)
     try:
         assert out.returncode == 0, out.stdout + out.stderr
@@ -24,5 +26,5 @@ def test_demo_places_the_examples_and_serves_a_chat_completion(cluster, core, op
         assert "qwen2-5-0-5b: rollout Promoted" in out.stdout
         assert "evaluation at step 0: stable 1.0000, candidate 1.0000 on 10 cases" in out.stdout
     finally:
-        core.delete_namespace("slmfleet-demo")
+        core.delete_namespace(DEMO_NAMESPACE)
         core.delete_persistent_volume("slmfleet-demo-weights")

@@ -7,6 +7,7 @@ import os
 import signal
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from kubernetes import client, watch
 
@@ -58,7 +59,7 @@ def processes_with_pod_ip(ip: str) -> list[int]:
     return processes_with_env("SLMFLEET_POD_IP", ip)
 
 
-def test_vllm_pod_is_ready_only_after_health_answers_and_serves_its_standin(core, namespace, model_dir):
+def test_vllm_pod_is_ready_only_after_health_answers_and_serves_its_standin(core, process_nodes_free, namespace, model_dir):
     model = model_dir({"What is the capital of France?": "Paris"}, startup_seconds=3)
     core.create_namespaced_pod(namespace, vllm_pod("vllm", model))
     pod = wait_for(lambda: (p := core.read_namespaced_pod("vllm", namespace)).status.pod_ip and p, what="pod IP")
@@ -92,7 +93,7 @@ def test_vllm_pod_is_ready_only_after_health_answers_and_serves_its_standin(core
     assert "vllm:e2e_request_latency_seconds_bucket" in metrics
 
 
-def test_killed_process_is_restarted_and_counted(core, namespace, model_dir):
+def test_killed_process_is_restarted_and_counted(core, process_nodes_free, namespace, model_dir):
     core.create_namespaced_pod(namespace, vllm_pod("vllm", model_dir()))
     pod = wait_for(lambda: (p := core.read_namespaced_pod("vllm", namespace)).status.container_statuses
                    and p.status.container_statuses[0].ready and p, what="pod Ready")
@@ -110,7 +111,7 @@ def test_killed_process_is_restarted_and_counted(core, namespace, model_dir):
     assert http(f"http://{pod.status.pod_ip}:8000/health")[0] == 200
 
 
-def test_failing_init_container_reports_exit_code_and_message_and_blocks_main(core, namespace, model_dir):
+def test_failing_init_container_reports_exit_code_and_message_and_blocks_main(core, process_nodes_free, namespace, model_dir):
     pod = vllm_pod("vllm", model_dir())
     pod.spec.restart_policy = "Never"
     pod.spec.init_containers = [client.V1Container(
@@ -128,7 +129,7 @@ def test_failing_init_container_reports_exit_code_and_message_and_blocks_main(co
     assert not processes_with_pod_ip(failed.status.pod_ip)
 
 
-def test_init_container_failure_with_restart_always_backs_off_without_starting_main(core, namespace, model_dir):
+def test_init_container_failure_with_restart_always_backs_off_without_starting_main(core, process_nodes_free, namespace, model_dir):
     pod = vllm_pod("vllm", model_dir())
     pod.spec.init_containers = [client.V1Container(
         name="loader", image="busybox", command=["sh", "-c", "echo nope > /dev/termination-log; exit 3"])]
@@ -141,7 +142,7 @@ def test_init_container_failure_with_restart_always_backs_off_without_starting_m
     assert p.status.container_statuses[0].state.running is None
 
 
-def test_unknown_vllm_flag_fails_like_vllm(cluster, core, namespace, model_dir):
+def test_unknown_vllm_flag_fails_like_vllm(cluster, core, process_nodes_free, namespace, model_dir):
     core.create_namespaced_pod(namespace, vllm_pod("vllm", model_dir(), ["--not-a-vllm-flag"]))
     p = wait_for(lambda: (p := core.read_namespaced_pod("vllm", namespace)).status.container_statuses
                  and (p.status.container_statuses[0].state.terminated or p.status.container_statuses[0].last_state.terminated)
@@ -153,7 +154,7 @@ def test_unknown_vllm_flag_fails_like_vllm(cluster, core, namespace, model_dir):
     assert "vllm serve: error: unrecognized arguments: --not-a-vllm-flag" in out
 
 
-def test_deleting_the_pod_stops_its_process(core, namespace, model_dir):
+def test_deleting_the_pod_stops_its_process(core, process_nodes_free, namespace, model_dir):
     core.create_namespaced_pod(namespace, vllm_pod("vllm", model_dir()))
     pod = wait_for(lambda: (p := core.read_namespaced_pod("vllm", namespace)).status.container_statuses
                    and p.status.container_statuses[0].ready and p, what="pod Ready")
@@ -183,7 +184,7 @@ def test_every_cluster_process_carries_the_marker(cluster):
     assert {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok"} <= names
 
 
-def test_deletion_waits_the_grace_period_then_kills(core, namespace):
+def test_deletion_waits_the_grace_period_then_kills(core, process_nodes_free, namespace):
     """SIGTERM first; a container that survives it gets SIGKILL once the grace period is over. The
     status the agent writes before the final delete shows both: the message the container's TERM
     handler wrote, and exit code 137 (128 + SIGKILL)."""
@@ -212,7 +213,7 @@ def test_deletion_waits_the_grace_period_then_kills(core, namespace):
     assert terminated[-1].message == "TERM received"
 
 
-def test_a_missing_secret_is_waited_for_as_the_kubelet_does(core, namespace, model_dir):
+def test_a_missing_secret_is_waited_for_as_the_kubelet_does(core, process_nodes_free, namespace, model_dir):
     pod = vllm_pod("needs-secret", model_dir())
     pod.spec.containers[0].env.append(client.V1EnvVar(name="TOKEN", value_from=client.V1EnvVarSource(
         secret_key_ref=client.V1SecretKeySelector(name="late", key="token"))))

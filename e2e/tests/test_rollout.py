@@ -113,7 +113,7 @@ class StableWatch:
 
 
 @pytest.fixture
-def cleanup(crs, core, namespace):
+def cleanup(crs, core, namespace, process_nodes_free):
     yield
     for plural in (MR_PLURAL, PLURAL):
         for obj in crs.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]:

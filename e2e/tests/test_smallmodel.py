@@ -15,7 +15,7 @@ from kubernetes.client.exceptions import ApiException
 
 from e2e.cluster import kubectl_binary
 from e2e.operator_proc import OperatorProcess, audit_writes
-from e2e.tests.conftest import PENDING_TIMEOUT, make_test_namespace, wait_for
+from e2e.tests.conftest import PENDING_TIMEOUT, wait_for
 
 GROUP, VERSION, PLURAL = "slmfleet.io", "v1alpha1", "smallmodels"
 DIGEST = "sha256:" + "5e" * 32
@@ -333,7 +333,8 @@ def test_size_cli_reads_the_live_cluster(cluster, tmp_path):
 
 
 def test_operator_watching_listed_namespaces_leaves_others_alone(operator, cluster, crs, core, namespace):
-    other = make_test_namespace(core, f"{namespace[:50]}-other")
+    other = f"{namespace[:50]}-other"
+    core.create_namespace({"metadata": {"name": other}})
     operator.stop()
     scoped = OperatorProcess(cluster, metrics_port=operator.metrics_port + 1, pending_timeout=PENDING_TIMEOUT,
                              namespaces=(namespace,))

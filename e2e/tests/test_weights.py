@@ -144,7 +144,7 @@ def pods_of(core, namespace, name):
 
 
 @pytest.fixture
-def cleanup_models(crs, core, namespace):
+def cleanup_models(crs, core, namespace, process_nodes_free):
     """Process nodes are scarce (two L4s): delete this test's models and wait for their pods to go."""
     yield
     for obj in crs.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:

@@ -163,6 +163,10 @@ def _simpson(lo: float, hi: float, min_step: float) -> tuple[list[float], list[f
 
 
 _LOWER_SD = 9.0  # the continuation density is integrated down to -9 sd (the rest is < 1e-18)
+# ...and up to the boundary itself, or this many sd where there is none (spending below 1e-300).
+# Stopping short of a boundary above 9 sd (an early look at a small alpha) dropped mass of the same
+# order as the next looks' targets (~1e-19) and put their boundaries below z(alpha(t_k)).
+_UPPER_SD = 38.0
 
 
 @lru_cache(maxsize=256)
@@ -211,9 +215,9 @@ def spending_boundaries(fractions: tuple[float, ...], total: float) -> tuple[flo
             z = upper_w / math.sqrt(t)
         bounds.append(z)
         spent += target
-        # density of W(t) on (-LOWER_SD sqrt(t), min(upper_w, +LOWER_SD sqrt(t)))
+        # density of W(t) on the continuation region (-LOWER_SD sqrt(t), upper_w)
         lo_w = -_LOWER_SD * math.sqrt(t)
-        hi_w = min(upper_w, _LOWER_SD * math.sqrt(t))
+        hi_w = min(upper_w, _UPPER_SD * math.sqrt(t))
         step = min(sd_step, next_sd) / 8.0
         new_points, weights = _simpson(lo_w, hi_w, step)
         if not points:
