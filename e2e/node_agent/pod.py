@@ -141,13 +141,7 @@ class PodRunner:
     async def _run(self) -> None:
         try:
             await self.push_status()
-            try:
-                await self._prepare_volumes()
-            except (ConfigError, ApiError) as exc:
-                for c in self.init + self.main:
-                    c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
-                await self.event("FailedMount", str(exc), "Warning")
-                await self.push_status()
+            if not await self._mount_volumes():
                 return
             for c_spec, c in zip(self.spec.get("initContainers") or [], self.init):
                 if not await self._run_init(c_spec, c):
@@ -165,6 +159,27 @@ class PodRunner:
             raise
         except Exception:  # noqa: BLE001 - a bug here must show in the agent log, not vanish
             log.exception("pod %s/%s: runner failed", self.namespace, self.name)
+
+    async def _mount_volumes(self) -> bool:
+        """Prepares the volumes, retrying with back-off as the kubelet's volume manager does: the
+        ConfigMap `kube-root-ca.crt` of a new namespace, a Secret or a claim's binding may come a
+        moment after the pod. The containers wait in ContainerCreating meanwhile. False: the pod
+        was deleted first."""
+        retry = 0
+        while not self.terminating:
+            try:
+                await self._prepare_volumes()
+                return True
+            except (ConfigError, ApiError) as exc:
+                if retry == 0:
+                    for c in self.init + self.main:
+                        c.state = {"waiting": {"reason": "ContainerCreating"}}
+                    await self.push_status()
+                    await self.event("FailedMount", f"MountVolume.SetUp failed: {exc}", "Warning")
+                retry += 1
+                if await self._terminating_within(min(2.0 ** retry, 10.0)):
+                    return False
+        return False
 
     async def _run_init(self, c_spec: dict, c: ContainerState) -> bool:
         while not self.terminating:

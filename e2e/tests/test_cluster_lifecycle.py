@@ -46,45 +46,46 @@ def test_up_env_down_lifecycle(tmp_path, cluster):
     pools = tmp_path / "pools.yaml"
     pools.write_text(SMALL_POOLS)
     up = cli(state, "up", f"--pools={pools}")
-    assert up.returncode == 0, up.stderr
-    assert up.stdout.strip() == f"export KUBECONFIG={state.resolve() / 'kubeconfig'}"
-    assert cli(state, "env").stdout == up.stdout
+    try:
+        assert up.returncode == 0, up.stderr
+        assert up.stdout.strip() == f"export KUBECONFIG={state.resolve() / 'kubeconfig'}"
+        assert cli(state, "env").stdout == up.stdout
 
-    # Idempotent: a second `up` starts nothing new.
-    small = Cluster(state, PORT_BASE)
-    before = sorted(small.our_processes())
-    again = cli(state, "up", f"--pools={pools}")
-    assert again.returncode == 0 and "already up and healthy: reusing it" in again.stderr
-    assert sorted(small.our_processes()) == before
+        # Idempotent: a second `up` starts nothing new.
+        small = Cluster(state, PORT_BASE)
+        before = sorted(small.our_processes())
+        again = cli(state, "up", f"--pools={pools}")
+        assert again.returncode == 0 and "already up and healthy: reusing it" in again.stderr
+        assert sorted(small.our_processes()) == before
 
-    # Another state dir on the same ports: refused before anything starts, the holder named.
-    other = cli(tmp_path / "other", "up", f"--pools={pools}")
-    assert other.returncode == 1 and "started" not in other.stderr
-    assert f"of the local cluster in {state.resolve()}: stop it with `python -m e2e.cluster down " \
-           f"--state-dir {state.resolve()}`" in other.stderr, other.stderr
+        # Another state dir on the same ports: refused before anything starts, the holder named.
+        other = cli(tmp_path / "other", "up", f"--pools={pools}")
+        assert other.returncode == 1 and "started" not in other.stderr
+        assert f"of the local cluster in {state.resolve()}: stop it with `python -m e2e.cluster down " \
+               f"--state-dir {state.resolve()}`" in other.stderr, other.stderr
 
-    # A cluster missing a component is a leftover: `up` stops what is left, naming it, and starts cold.
-    scheduler = int((state / "pids" / "kube-scheduler.pid").read_text())
-    os.kill(scheduler, signal.SIGKILL)
-    wait_for(lambda: not _alive(scheduler), 10, what="scheduler gone")
-    restarted = cli(state, "up", f"--pools={pools}")
-    assert restarted.returncode == 0, restarted.stderr
-    assert "processes of an earlier run" in restarted.stderr and "etcd (pid" in restarted.stderr
-    assert "cluster up with 2 nodes" in restarted.stderr
+        # A cluster missing a component is a leftover: `up` stops what is left, naming it, and starts cold.
+        scheduler = int((state / "pids" / "kube-scheduler.pid").read_text())
+        os.kill(scheduler, signal.SIGKILL)
+        wait_for(lambda: not _alive(scheduler), 10, what="scheduler gone")
+        restarted = cli(state, "up", f"--pools={pools}")
+        assert restarted.returncode == 0, restarted.stderr
+        assert "processes of an earlier run" in restarted.stderr and "etcd (pid" in restarted.stderr
+        assert "cluster up with 2 nodes" in restarted.stderr
 
-    core = client.CoreV1Api(config.new_client_from_config(config_file=str(small.kubeconfig)))
-    assert {n.metadata.name for n in core.list_node().items} == {"l4-0", "proc-0"}
-    core.create_namespaced_pod("default", client.V1Pod(
-        metadata=client.V1ObjectMeta(name="sleeper"),
-        spec=client.V1PodSpec(node_selector={"slmfleet.io/node-agent": "process"}, containers=[
-            client.V1Container(name="main", image="busybox", command=["sleep", "600"])])))
-    pod = wait_for(lambda: (p := core.read_namespaced_pod("sleeper", "default")).status.container_statuses
-                   and p.status.container_statuses[0].state.running and p, what="sleeper running")
-    assert pod.status.pod_ip.startswith("127.221.")
-    ours = small.our_processes()
-    assert len(ours) >= 7  # etcd, apiserver, controller-manager, scheduler, kwok, agent, sleep
-
-    down = cli(state, "down")
+        core = client.CoreV1Api(config.new_client_from_config(config_file=str(small.kubeconfig)))
+        assert {n.metadata.name for n in core.list_node().items} == {"l4-0", "proc-0"}
+        core.create_namespaced_pod("default", client.V1Pod(
+            metadata=client.V1ObjectMeta(name="sleeper"),
+            spec=client.V1PodSpec(node_selector={"slmfleet.io/node-agent": "process"}, containers=[
+                client.V1Container(name="main", image="busybox", command=["sleep", "600"])])))
+        pod = wait_for(lambda: (p := core.read_namespaced_pod("sleeper", "default")).status.container_statuses
+                       and p.status.container_statuses[0].state.running and p, what="sleeper running")
+        assert pod.status.pod_ip.startswith("127.221.")
+        ours = small.our_processes()
+        assert len(ours) >= 7  # etcd, apiserver, controller-manager, scheduler, kwok, agent, sleep
+    finally:
+        down = cli(state, "down")
     assert down.returncode == 0, down.stderr
     time.sleep(0.2)
     assert small.our_processes() == []

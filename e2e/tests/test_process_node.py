@@ -229,3 +229,20 @@ def test_a_missing_secret_is_waited_for_as_the_kubelet_does(core, process_nodes_
     wait_for(lambda: any(c.type == "Ready" and c.status == "True"
                          for c in core.read_namespaced_pod("needs-secret", namespace).status.conditions or []),
              60, what="the pod started once the Secret exists")
+
+
+def test_a_volume_that_cannot_be_mounted_yet_is_retried_as_the_kubelet_does(core, process_nodes_free, namespace, model_dir):
+    """A Secret volume whose Secret comes after the pod (as `kube-root-ca.crt` may in a new namespace):
+    the containers wait in ContainerCreating with a FailedMount Event, then start once it exists."""
+    pod = vllm_pod("needs-volume", model_dir())
+    pod.spec.volumes.append(client.V1Volume(name="token", secret=client.V1SecretVolumeSource(secret_name="later")))
+    pod.spec.containers[0].volume_mounts.append(client.V1VolumeMount(name="token", mount_path="/var/run/token"))
+    core.create_namespaced_pod(namespace, pod)
+    wait_for(lambda: "FailedMount" in {e.reason for e in pod_events(core, namespace, "needs-volume")}, 30,
+             what="FailedMount event")
+    [state] = core.read_namespaced_pod("needs-volume", namespace).status.container_statuses
+    assert state.state.waiting.reason == "ContainerCreating"
+    core.create_namespaced_secret(namespace, {"metadata": {"name": "later"}, "stringData": {"token": "t"}})
+    wait_for(lambda: any(c.type == "Ready" and c.status == "True"
+                         for c in core.read_namespaced_pod("needs-volume", namespace).status.conditions or []),
+             60, what="the pod started once its volume could be mounted")
