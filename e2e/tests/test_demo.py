@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from e2e.cluster import REPO
-from e2e.tests.conftest import DEMO_NAMESPACE, wait_process_nodes_free
+from e2e.tests.conftest import DEMO_NAMESPACE, delete_models, wait_process_nodes_free
 
 
 def test_demo_places_the_examples_and_serves_a_chat_completion(cluster, core, operator):
@@ -26,5 +26,6 @@ def test_demo_places_the_examples_and_serves_a_chat_completion(cluster, core, op
         assert "qwen2-5-0-5b: rollout Promoted" in out.stdout
         assert "evaluation at step 0: stable 1.0000, candidate 1.0000 on 10 cases" in out.stdout
     finally:
+        delete_models(core.api_client, DEMO_NAMESPACE)
         core.delete_namespace(DEMO_NAMESPACE)
         core.delete_persistent_volume("slmfleet-demo-weights")

@@ -15,7 +15,7 @@ from kubernetes.client.exceptions import ApiException
 
 from e2e.cluster import kubectl_binary
 from e2e.operator_proc import OperatorProcess, audit_writes
-from e2e.tests.conftest import PENDING_TIMEOUT, wait_for
+from e2e.tests.conftest import PENDING_TIMEOUT, delete_models, wait_for
 
 GROUP, VERSION, PLURAL = "slmfleet.io", "v1alpha1", "smallmodels"
 DIGEST = "sha256:" + "5e" * 32
@@ -347,5 +347,6 @@ def test_operator_watching_listed_namespaces_leaves_others_alone(operator, clust
         assert "status" not in get(crs, other, "elsewhere")
     finally:
         scoped.stop()
+        delete_models(core.api_client, other)
         core.delete_namespace(other)
         operator.start()
