@@ -325,11 +325,12 @@ class Cluster:
         if held:
             raise RuntimeError(f"cannot start the cluster in {self.dir}:\n  " + "\n  ".join(held))
 
-    def up(self, pools_file: Path) -> None:
+    def up(self, pools_file: Path, reuse: bool = True) -> None:
+        """Starts the cluster cold, or with `reuse` keeps one of this state dir that is complete."""
         t0 = time.monotonic()
         pools, octet = pools_mod.load_pools_doc(pools_file)
         nodes = pools_mod.expand(pools, octet)
-        if self.complete(pools_file):
+        if reuse and self.complete(pools_file):
             log(f"cluster in {self.dir} already up and healthy: reusing it")
             return
         self.stop_leftovers()
@@ -558,10 +559,7 @@ def _alive(pid: int) -> bool:
 
 
 def _has_env(pid: int, key: str, value: str) -> bool:
-    try:
-        return f"{key}={value}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
+    return env_value(pid, key) == value
 
 
 def processes_with_env(key: str, value: str) -> list[int]:
@@ -622,10 +620,9 @@ def port_holder(port: int) -> int | None:
     return None
 
 
-def port_holder_text(port: int) -> str:
-    """Who holds 127.0.0.1:`port`, and what to do about it."""
+def port_holder_text(port: int, others: str = "or pick other ports with --port-base or SLMFLEET_CLUSTER_PORT_BASE") -> str:
+    """Who holds 127.0.0.1:`port`, and what to do about it (`others`: how to use another port)."""
     pid = port_holder(port)
-    others = "or pick other ports with --port-base or SLMFLEET_CLUSTER_PORT_BASE"
     if pid is None:
         return f"127.0.0.1:{port} is already in use by a process this user cannot see; {others}"
     marker = env_value(pid, MARKER_ENV)

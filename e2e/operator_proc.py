@@ -71,7 +71,8 @@ class OperatorProcess:
         install(self.cluster)
         self._stop_recorded()
         if port_in_use(self.metrics_port):
-            raise RuntimeError(f"cannot start the operator: {port_holder_text(self.metrics_port)}")
+            raise RuntimeError(f"cannot start the operator: "
+                               f"{port_holder_text(self.metrics_port, 'or give it another metrics port')}")
         kubeconfig = self.cluster.user_kubeconfig(OPERATOR_USER)
         args = [
             str(Path(sys.executable).parent / "slmfleet"), "operator", "run",

@@ -177,7 +177,8 @@ class S3Server:
             self._load_credentials()
             return self
         if port_in_use(self.port):
-            raise RuntimeError(f"cannot start the MinIO of {self.dir}: {port_holder_text(self.port)}")
+            raise RuntimeError(f"cannot start the MinIO of {self.dir}: "
+                               f"{port_holder_text(self.port, 'or pick another port with --port or SLMFLEET_S3_PORT')}")
         binary = ensure_minio()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o700)

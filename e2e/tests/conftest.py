@@ -36,8 +36,7 @@ DEMO_NAMESPACE = "slmfleet-demo"
 @pytest.fixture(scope="session")
 def cluster() -> Cluster:
     c = Cluster(default_state_dir())
-    c.stop_leftovers()
-    c.up(DEFAULT_POOLS)
+    c.up(DEFAULT_POOLS, reuse=False)
     yield c
     c.down()
 
@@ -92,10 +91,7 @@ def alone(api, cluster, namespace) -> str:
     """The test's namespace, once nothing of another test is left for the operator to act on: for
     tests that count cluster-wide (a restarted operator reconciles every model it sees, and a
     deleted namespace's models keep changing state until they are gone)."""
-    deadline = time.monotonic() + 180
-    while (left := leftovers_of_other_tests(api, cluster, namespace)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, f"other tests' objects still there after 180s: {left}"
+    wait_gone(lambda: leftovers_of_other_tests(api, cluster, namespace), 180, "other tests' objects")
     return namespace
 
 
@@ -110,15 +106,20 @@ def wait_process_nodes_free(core: client.CoreV1Api, own_namespace: str | None = 
                 for p in core.list_pod_for_all_namespaces(field_selector=f"spec.nodeName={node}").items
                 if p.metadata.namespace != own_namespace]
 
-    deadline = time.monotonic() + timeout
-    while (left := others()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, f"pods of other tests still on the process nodes after {timeout:.0f}s: {left}"
+    wait_gone(others, timeout, "pods of other tests on the process nodes")
 
 
 @pytest.fixture
 def process_nodes_free(core, namespace) -> None:
     wait_process_nodes_free(core, namespace)
+
+
+def wait_gone(find: Callable[[], list[str]], timeout: float, what: str) -> None:
+    """Until `find` finds nothing; else fails naming what is still there."""
+    deadline = time.monotonic() + timeout
+    while (left := find()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"{what} still there after {timeout:.0f}s: {left}"
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 60, interval: float = 0.2, what: str = "condition"):

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from e2e.tests.conftest import wait_for
+from e2e.tests.conftest import delete_models, wait_for
 from e2e.tests.test_weights import (
     GROUP,
     QWEN_CONFIG,
@@ -115,9 +115,7 @@ class StableWatch:
 @pytest.fixture
 def cleanup(crs, core, namespace, process_nodes_free):
     yield
-    for plural in (MR_PLURAL, PLURAL):
-        for obj in crs.list_namespaced_custom_object(GROUP, VERSION, namespace, plural)["items"]:
-            crs.delete_namespaced_custom_object(GROUP, VERSION, namespace, plural, obj["metadata"]["name"])
+    delete_models(crs.api_client, namespace)
     wait_for(lambda: not core.list_namespaced_pod(namespace).items, 120, what="pods gone")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from e2e.fault_proxy import FaultProxy
-from e2e.tests.conftest import BUCKET, wait_for
+from e2e.tests.conftest import BUCKET, delete_models, wait_for
 
 GROUP, VERSION, PLURAL = "slmfleet.io", "v1alpha1", "smallmodels"
 SLMFLEET = str(Path(sys.executable).parent / "slmfleet")
@@ -147,8 +147,7 @@ def pods_of(core, namespace, name):
 def cleanup_models(crs, core, namespace, process_nodes_free):
     """Process nodes are scarce (two L4s): delete this test's models and wait for their pods to go."""
     yield
-    for obj in crs.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)["items"]:
-        crs.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, obj["metadata"]["name"])
+    delete_models(crs.api_client, namespace)
     wait_for(lambda: not core.list_namespaced_pod(namespace).items, 90, what="pods gone")
 
 
