@@ -20,7 +20,7 @@ $(INSTALLED): pyproject.toml constraints.txt
 
 venv: $(INSTALLED) ## create .venv and install slmfleet with its pinned dependencies
 
-binaries: ## build etcd, kube-apiserver, -controller-manager, -scheduler and kwok (cached in ~/.cache/slmfleet)
+binaries: ## build etcd, kube-apiserver, -controller-manager, -scheduler, kwok, MinIO, crane, helm (cached in ~/.cache/slmfleet)
 	@e2e/build-binaries.sh
 
 cluster-up: venv binaries ## start the local cluster (GPU fleet from e2e/pools/default.yaml)

@@ -4,7 +4,8 @@
 #
 #   e2e/build-binaries.sh            build whatever is missing
 #   e2e/build-binaries.sh --check    exit 0 only if every binary is cached
-#   e2e/build-binaries.sh [--check] minio    only MinIO (components: etcd kwok kubernetes minio gateway-api)
+#   e2e/build-binaries.sh [--check] minio    only MinIO (components: etcd kwok kubernetes minio gateway-api
+#                                            crane helm)
 #
 # k8s.io/kubernetes cannot be `go install`ed: its go.mod replaces the staging modules
 # (k8s.io/api, k8s.io/client-go, ...) with local directories. A shim module requires it and
@@ -14,6 +15,9 @@
 # `go install`ed at the pseudo-version of its release tag's commit (see versions.env).
 # The Gateway API CRDs (standard channel) come from the sigs.k8s.io/gateway-api module's own
 # config/crd/standard/ directory, downloaded through the module proxy; nothing is built.
+# crane (images without a Docker engine, and the loopback OCI registry) and helm are plain
+# `go install`s; helm gets the version ldflags its own Makefile stamps, or `helm version` and the
+# chart's kubeVersion checks would see v3.0.0-unreleased... defaults.
 set -euo pipefail
 
 here="$(cd "$(dirname "$0")" && pwd)"
@@ -26,6 +30,8 @@ etcd_dir="$cache/etcd-$ETCD_VERSION"
 kwok_dir="$cache/kwok-$KWOK_VERSION"
 minio_dir="$cache/minio-$MINIO_VERSION"
 gateway_dir="$cache/gateway-api-$GATEWAY_API_VERSION"
+crane_dir="$cache/crane-$CRANE_VERSION"
+helm_dir="$cache/helm-$HELM_VERSION"
 
 kube_ok() {
   local b
@@ -35,21 +41,24 @@ etcd_ok() { [[ -x "$etcd_dir/etcd" ]]; }
 kwok_ok() { [[ -x "$kwok_dir/kwok" ]]; }
 minio_ok() { [[ -x "$minio_dir/minio" ]]; }
 gateway_ok() { [[ -f "$gateway_dir/gateway.networking.k8s.io_httproutes.yaml" ]]; }
+crane_ok() { [[ -x "$crane_dir/crane" ]]; }
+helm_ok() { [[ -x "$helm_dir/helm" ]]; }
 
 check=false
 if [[ "${1:-}" == "--check" ]]; then check=true; shift; fi
 components=("$@")
-[[ ${#components[@]} -gt 0 ]] || components=(etcd kwok kubernetes minio gateway-api)
+[[ ${#components[@]} -gt 0 ]] || components=(etcd kwok kubernetes minio gateway-api crane helm)
 for c in "${components[@]}"; do
   case "$c" in
-    etcd|kwok|kubernetes|minio|gateway-api) ;;
-    *) echo "build-binaries: unknown component '$c' (etcd, kwok, kubernetes, minio, gateway-api)" >&2; exit 2 ;;
+    etcd|kwok|kubernetes|minio|gateway-api|crane|helm) ;;
+    *) echo "build-binaries: unknown component '$c' (etcd, kwok, kubernetes, minio, gateway-api, crane, helm)" >&2; exit 2 ;;
   esac
 done
 if $check; then
   for c in "${components[@]}"; do
     case "$c" in
       etcd) etcd_ok ;; kwok) kwok_ok ;; kubernetes) kube_ok ;; minio) minio_ok ;; gateway-api) gateway_ok ;;
+      crane) crane_ok ;; helm) helm_ok ;;
     esac || exit 1
   done
   exit 0
@@ -189,8 +198,31 @@ fetch_gateway_api() {
   step "gateway-api $GATEWAY_API_VERSION: done -> $gateway_dir"
 }
 
+build_crane() {
+  crane_ok && { step "crane $CRANE_VERSION cached in $crane_dir"; return; }
+  mkdir -p "$crane_dir.tmp"
+  step "crane $CRANE_VERSION: go install"
+  GOBIN="$crane_dir.tmp" run_logged "crane-$CRANE_VERSION" go install -trimpath -ldflags "-s -w" \
+    "github.com/google/go-containerregistry/cmd/crane@$CRANE_VERSION"
+  rm -rf "$crane_dir"; mv "$crane_dir.tmp" "$crane_dir"
+  step "crane $CRANE_VERSION: done -> $crane_dir"
+}
+
+build_helm() {
+  helm_ok && { step "helm $HELM_VERSION cached in $helm_dir"; return; }
+  local pkg=helm.sh/helm/v3/internal/version
+  local ld="-s -w -X $pkg.version=$HELM_VERSION -X $pkg.gitCommit=$HELM_COMMIT -X $pkg.gitTreeState=clean"
+  mkdir -p "$helm_dir.tmp"
+  step "helm $HELM_VERSION: go install (cold: a few minutes on 2 cores)"
+  GOBIN="$helm_dir.tmp" run_logged "helm-$HELM_VERSION" go install -trimpath -ldflags "$ld" \
+    "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  rm -rf "$helm_dir"; mv "$helm_dir.tmp" "$helm_dir"
+  step "helm $HELM_VERSION: done -> $helm_dir"
+}
+
 for c in "${components[@]}"; do
   case "$c" in
+    crane) build_crane ;; helm) build_helm ;;
     etcd) build_etcd ;; kwok) build_kwok ;; kubernetes) build_kube ;; minio) build_minio ;;
     gateway-api) fetch_gateway_api ;;
   esac
