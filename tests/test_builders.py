@@ -310,6 +310,15 @@ def test_pod_settings():
     assert pod["securityContext"]["fsGroup"] != 0
 
 
+def test_image_pull_secrets_reach_every_model_pod():
+    assert "imagePullSecrets" not in pod_spec(deployment())
+    config = CONFIG.model_copy(update={"image_pull_secrets": ["mirror-pull", "backup.mirror"]})
+    pod = pod_spec(deployment(config=config))
+    # The loader (init container) and vLLM both pull from the mirror the secrets are for.
+    assert pod["imagePullSecrets"] == [{"name": "mirror-pull"}, {"name": "backup.mirror"}]
+    assert pod["initContainers"][0]["image"] == LOADER_IMAGE
+
+
 def init_container(d: dict) -> dict:
     [loader] = pod_spec(d)["initContainers"]
     return loader

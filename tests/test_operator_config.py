@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from e2e.node_agent import images
-from slmfleet.api.config import OperatorConfig, parse_operator_config
+from slmfleet.api.config import CHART_COMPUTED_FIELDS, OperatorConfig, chart_values_schema, parse_operator_config
 
 REPO = Path(__file__).resolve().parents[1]
 DIGEST = "sha256:" + "0123456789abcdef" * 4
@@ -76,6 +77,36 @@ def test_a_misspelt_key_fails_instead_of_falling_back_to_a_default():
 def test_rejects_bad_values(field, value):
     with pytest.raises(ValidationError):
         OperatorConfig.model_validate({"vllmImage": f"vllm/vllm-openai@{DIGEST}", field: value})
+
+
+def test_image_pull_secrets():
+    base = {"vllmImage": f"vllm/vllm-openai@{DIGEST}", "loaderImage": f"slmfleet/slmfleet@{DIGEST}"}
+    assert OperatorConfig.model_validate(base).image_pull_secrets == []
+    config = parse_operator_config(f"vllmImage: vllm/vllm-openai@{DIGEST}\nloaderImage: slmfleet/slmfleet@{DIGEST}\n"
+                                   "imagePullSecrets: [mirror-pull, registry.example.com]\n")
+    assert config.image_pull_secrets == ["mirror-pull", "registry.example.com"]
+
+
+@pytest.mark.parametrize("secrets", [
+    ["Mirror"], ["-mirror"], ["mirror-"], ["a..b"], ["a" * 254], [""], ["mirror_pull"],
+    [f"s{i}" for i in range(17)],                      # bounded
+])
+def test_image_pull_secrets_must_be_secret_names(secrets):
+    with pytest.raises(ValidationError, match="imagePullSecrets"):
+        OperatorConfig.model_validate({"vllmImage": f"vllm/vllm-openai@{DIGEST}",
+                                       "loaderImage": f"slmfleet/slmfleet@{DIGEST}", "imagePullSecrets": secrets})
+
+
+def test_chart_values_schema_is_the_config_without_what_the_chart_computes():
+    schema = chart_values_schema()
+    assert schema["additionalProperties"] is False
+    assert set(schema["properties"]) == set(OperatorConfig.model_json_schema(by_alias=True)["properties"]) - set(
+        CHART_COMPUTED_FIELDS)
+    assert "required" not in schema  # every remaining field has a default
+    assert schema["properties"]["vllmPort"] == {
+        "default": 8000, "description": schema["properties"]["vllmPort"]["description"],
+        "maximum": 65535, "minimum": 1024, "type": "integer"}
+    assert "$ref" not in json.dumps(schema) and "title" not in json.dumps(schema)
 
 
 def test_config_is_frozen():

@@ -68,6 +68,9 @@ def build_pod_template(
         "terminationGracePeriodSeconds": 30,
         "securityContext": _pod_security_context(),
     }
+    if config.image_pull_secrets:
+        # The vLLM and loader images come from the same (possibly private) mirror as the operator's.
+        pod_spec["imagePullSecrets"] = [{"name": name} for name in config.image_pull_secrets]
     affinity = _node_affinity(placement.node_selector, spec.resources.node_selector)
     if affinity:
         pod_spec["affinity"] = affinity
