@@ -1,38 +1,120 @@
 import pytest
 
-from e2e.node_agent import images, spec
+from e2e.node_agent import images, registry, spec
 from e2e.node_agent.agent import PodIPs
 
 
-@pytest.mark.parametrize("image, repo", [
-    ("vllm/vllm-openai", "vllm/vllm-openai"),
-    ("vllm/vllm-openai:v0.11.0", "vllm/vllm-openai"),
-    ("registry.internal:5000/vllm/vllm-openai@sha256:" + "a" * 64, "vllm/vllm-openai"),
-    ("docker.io/library/busybox:1.37", "busybox"),
-    ("localhost/slmfleet/slmfleet:dev", "slmfleet/slmfleet"),
+@pytest.mark.parametrize("image, parts", [
+    ("vllm/vllm-openai", ("docker.io", "vllm/vllm-openai", "latest", None)),
+    ("vllm/vllm-openai:v0.11.0", ("docker.io", "vllm/vllm-openai", "v0.11.0", None)),
+    ("registry.internal:5000/vllm/vllm-openai@sha256:" + "a" * 64,
+     ("registry.internal:5000", "vllm/vllm-openai", None, "sha256:" + "a" * 64)),
+    ("127.0.0.1:16449/slmfleet/slmfleet:0.1.0@sha256:" + "b" * 64,
+     ("127.0.0.1:16449", "slmfleet/slmfleet", "0.1.0", "sha256:" + "b" * 64)),
+    ("busybox", ("docker.io", "library/busybox", "latest", None)),
+    ("localhost/slmfleet/slmfleet:dev", ("localhost", "slmfleet/slmfleet", "dev", None)),
 ])
-def test_repository_strips_registry_tag_and_digest(image, repo):
-    assert images.repository(image) == repo
+def test_references_parse_with_dockers_defaults(image, parts):
+    ref = registry.parse_reference(image)
+    assert (ref.registry, ref.repository, ref.tag, ref.digest) == parts
 
 
-def test_entrypoint_and_args_resolve_like_a_container_runtime():
+def test_a_malformed_digest_is_a_pull_error():
+    with pytest.raises(registry.PullError, match="invalid reference format"):
+        registry.parse_reference("127.0.0.1:5000/x@sha256:abc")
+
+
+def _pulled(repo: str, config: dict) -> images.ImageSpec:
+    ref = registry.parse_reference(f"127.0.0.1:5000/{repo}:1@sha256:" + "c" * 64)
+    return images.from_pulled(registry.PulledImage(ref, "sha256:" + "c" * 64, config))
+
+
+def test_entrypoint_and_args_resolve_like_a_container_runtime_from_the_pulled_config():
+    vllm = _pulled("slmfleet/vllm-standin-test", {"Entrypoint": ["vllm", "serve"], "User": "65532"})
     # No command: the image's ENTRYPOINT (`vllm serve`) plus args.
-    argv = images.resolve_argv("vllm/vllm-openai:v0.11.0", None, ["/models", "--port", "8000"])
+    argv = images.resolve_argv(vllm, None, ["/models", "--port", "8000"])
     assert argv == [*images.VLLM_STANDIN, "serve", "/models", "--port", "8000"]
-    # command replaces ENTRYPOINT; the old API-server module form reaches the same stand-in.
-    argv = images.resolve_argv("vllm/vllm-openai", ["python3", "-m", "vllm.entrypoints.openai.api_server"], ["--model", "/m"])
+    # command replaces ENTRYPOINT; the API-server module form reaches the same stand-in.
+    argv = images.resolve_argv(vllm, ["python3", "-m", "vllm.entrypoints.openai.api_server"], ["--model", "/m"])
     assert argv == [*images.VLLM_STANDIN, "-m", "vllm.entrypoints.openai.api_server", "--model", "/m"]
-    # busybox: no ENTRYPOINT, CMD sh; args replace CMD.
-    assert images.resolve_argv("busybox", ["sh", "-c", "exit 3"], None)[1:] == ["-c", "exit 3"]
-    # An image mirrored under an organisation prefix in a private registry still resolves.
-    assert images.resolve_argv("reg.corp/mirror/vllm/vllm-openai:v1", None, ["/m"])[-2:] == ["serve", "/m"]
+    # An image whose config says otherwise runs otherwise: the table does not decide the entrypoint.
+    other = _pulled("slmfleet/slmfleet", {"Entrypoint": ["slmfleet"], "Cmd": ["--help"]})
+    assert images.resolve_argv(other, None, None)[1:] == ["--help"]
+    assert images.resolve_argv(other, None, ["load", "x"])[1:] == ["load", "x"]
+    # busybox (preloaded): no ENTRYPOINT, CMD sh; args replace CMD.
+    busybox = images.preloaded("busybox")
+    assert busybox is not None and images.resolve_argv(busybox, ["sh", "-c", "exit 3"], None)[1:] == ["-c", "exit 3"]
+    # A mirror's organisation prefix does not hide the stand-in.
+    mirrored = _pulled("mirror/slmfleet/vllm-standin-test", {"Entrypoint": ["vllm", "serve"]})
+    assert images.resolve_argv(mirrored, None, ["/m"])[-2:] == ["serve", "/m"]
 
 
-def test_unknown_images_and_executables_fail_like_a_runtime():
-    with pytest.raises(images.ImageError, match="not in the node agent's image map"):
-        images.resolve_argv("nginx:latest", None, None)
+def test_the_image_config_gives_env_user_and_image_id():
+    image = _pulled("slmfleet/slmfleet", {"Env": ["PATH=/usr/bin", "HF_HUB_OFFLINE=1"], "User": "65532:65532"})
+    assert image.env == {"PATH": "/usr/bin", "HF_HUB_OFFLINE": "1"}
+    assert image.user == "65532:65532"
+    assert image.image_id == "127.0.0.1:5000/slmfleet/slmfleet@sha256:" + "c" * 64
+
+
+def test_only_named_preloaded_images_skip_the_pull():
+    assert images.preloaded("docker.io/library/busybox:1.37") is not None
+    assert images.preloaded("busybox@sha256:" + "d" * 64) is None  # a digest must come from a registry
+    assert images.preloaded("vllm/vllm-openai:v0.11.0") is None
+    assert images.preloaded("127.0.0.1:5000/busybox") is None
+
+
+def test_unknown_executables_fail_like_a_runtime():
+    vllm = _pulled("slmfleet/vllm-standin-test", {"Entrypoint": ["vllm", "serve"]})
     with pytest.raises(images.ExecError, match='exec: "bash": executable file not found'):
-        images.resolve_argv("vllm/vllm-openai", ["bash"], None)
+        images.resolve_argv(vllm, ["bash"], None)
+    with pytest.raises(images.ExecError, match="no command specified"):
+        images.resolve_argv(_pulled("slmfleet/slmfleet", {}), None, None)
+
+
+@pytest.mark.parametrize("user, run_as_user, root, error", [
+    ("65532:65532", None, False, None),
+    ("", None, True, None),          # no USER: root
+    ("root", None, True, None),
+    ("0", None, True, None),
+    ("nonroot", None, False, "non-numeric user (nonroot)"),
+    ("", 1000, False, None),         # the pod's runAsUser wins over the image
+    ("65532", 0, True, None),
+])
+def test_run_as_non_root_is_checked_against_the_image_user_as_the_kubelet_does(user, run_as_user, root, error):
+    is_root, message = images.runs_as_root(_pulled("slmfleet/slmfleet", {"User": user}), run_as_user)
+    assert is_root == root
+    assert (message is None) == (error is None) and (error is None or error in message)
+
+
+@pytest.mark.parametrize("image, policy", [
+    ("busybox", "Always"), ("busybox:latest", "Always"), ("busybox:1.37", "IfNotPresent"),
+    ("127.0.0.1:5000/a/b@sha256:" + "e" * 64, "IfNotPresent"), ("127.0.0.1:5000/a/b", "Always"),
+])
+def test_default_pull_policy_is_the_api_servers(image, policy):
+    assert spec.default_pull_policy(image) == policy
+
+
+def test_pull_secrets_match_the_registry_host():
+    import base64
+    import json
+    auth = base64.b64encode(b"u:p").decode()
+    secret = {".dockerconfigjson": json.dumps({"auths": {"https://127.0.0.1:5000": {"auth": auth},
+                                                         "other.example": {"username": "x", "password": "y"}}})}
+    assert registry.docker_config_auth([secret], "127.0.0.1:5000") == "Basic " + auth
+    assert registry.docker_config_auth([secret], "other.example") == "Basic " + base64.b64encode(b"x:y").decode()
+    assert registry.docker_config_auth([secret], "third.example") is None
+    assert registry.docker_config_auth([{".dockerconfigjson": "not json"}], "127.0.0.1:5000") is None
+
+
+def test_service_account_mounts_are_bind_mounted_at_their_fixed_path_only():
+    argv = ["python3", "-m", "x"]
+    assert spec.mount_namespace_argv({"/models": "/h/m"}, argv, set()) == argv
+    sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+    wrapped = spec.mount_namespace_argv({sa: "/h/token", "/models": "/h/m"}, argv, {sa})
+    assert wrapped[:5] == ["unshare", "--mount", "--propagation", "private", "sh"]
+    assert wrapped[-3:] == argv
+    assert wrapped[-5:-3] == ["/run/secrets/kubernetes.io/serviceaccount", "/h/token"]
+    assert "remount,bind,ro" in wrapped[6] and "/h/m" not in wrapped
 
 
 def test_path_map_rewrites_whole_path_components_longest_first():

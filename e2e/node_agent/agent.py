@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import signal
 import uuid
 from datetime import datetime, timezone
@@ -18,9 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from yarl import URL
 
+from e2e.node_agent import images, spec
 from e2e.node_agent.kube import ApiError, Kube
 from e2e.node_agent.pod import PodRunner
+from e2e.node_agent.registry import Registry
 
 log = logging.getLogger("node-agent")
 
@@ -61,9 +65,14 @@ class PodIPs:
 
 
 class NodeAgent:
-    def __init__(self, node: str, kubeconfig: Path, state_dir: Path, pod_cidr: str):
+    def __init__(self, node: str, kubeconfig: Path, state_dir: Path, pod_cidr: str, registry: str | None = None):
         self.node = node
         self.kube = Kube(kubeconfig)
+        endpoint = URL(self.kube.server)
+        self.api_host, self.api_port = endpoint.host or "127.0.0.1", endpoint.port or 443
+        self.registry = Registry(registry)
+        self.pulled: dict[str, images.ImageSpec] = {}  # the node's image store: reference -> pulled image
+        self.http: aiohttp.ClientSession | None = None  # registry pulls
         self.state_dir = state_dir
         self.ips = PodIPs(pod_cidr)
         self.pods: dict[str, PodRunner] = {}
@@ -232,6 +241,10 @@ class NodeAgent:
         # Probes go to pod IPs without client certificates and must not reuse pooled connections
         # across container restarts, so: no keep-alive.
         self.probes = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        self.http = aiohttp.ClientSession()
+        if os.geteuid() == 0:
+            # The mount point of each container's private /run/secrets (spec.mount_namespace_argv).
+            os.makedirs(spec.SECRETS_DIR, exist_ok=True)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
@@ -246,3 +259,4 @@ class NodeAgent:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.kube.close()
         await self.probes.close()
+        await self.http.close()

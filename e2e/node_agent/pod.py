@@ -19,6 +19,7 @@ import aiohttp
 from e2e.cluster import MARKER_ENV
 from e2e.node_agent import images, spec
 from e2e.node_agent.kube import ApiError
+from e2e.node_agent.registry import PullError, docker_config_auth, parse_reference
 
 if TYPE_CHECKING:
     from e2e.node_agent.agent import NodeAgent
@@ -41,12 +42,13 @@ class ContainerState:
     started: bool = False
     process: asyncio.subprocess.Process | None = None
     container_id: str = ""
+    image_id: str = ""  # set once the image is pulled (or found preloaded)
 
     def as_status(self) -> dict[str, Any]:
         status = {
             "name": self.name,
             "image": self.image,
-            "imageID": self.image if "@" in self.image else f"{self.image}@process",
+            "imageID": self.image_id,
             "ready": self.ready,
             "started": self.started,
             "restartCount": self.restart_count,
@@ -78,6 +80,7 @@ class PodRunner:
         self._tasks: list[asyncio.Task] = []
         self._status_lock = asyncio.Lock()
         self._volume_paths: dict[str, str] = {}
+        self._pulled: dict[str, images.ImageSpec] = {}  # container name -> its image, once pulled
         # Condition type -> (status, lastTransitionTime): the time moves only when the status does.
         self._transitions: dict[str, tuple[str, str]] = {}
 
@@ -223,17 +226,14 @@ class PodRunner:
         term_path = c_spec.get("terminationMessagePath") or spec.DEFAULT_TERMINATION_MESSAGE_PATH
         term_file = cdir / "termination-log"
         term_file.write_text("")
+        image = await self._pull(c_spec, c)
+        if image is None:
+            return None
         retry = 0
         while True:
             try:
-                env, argv, paths = await self._command(c_spec, c, term_path, term_file)
+                env, argv, paths = await self._command(c_spec, c, image, term_path, term_file)
                 break
-            except images.ImageError as exc:
-                c.state = {"waiting": {"reason": "ErrImagePull", "message": str(exc)}}
-                await self.push_status()
-                await self.event("Failed", f"Failed to pull image {c.image!r}: {exc}", "Warning")
-                await self._wait_terminating()
-                return None
             except (ConfigError, ApiError, ValueError) as exc:
                 # As the kubelet does: a Secret or ConfigMap may appear, the API may answer next time.
                 c.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
@@ -253,6 +253,7 @@ class PodRunner:
         workdir = c_spec.get("workingDir")
         cwd = paths.rewrite(workdir) if workdir else str(self.dir)
         Path(cwd).mkdir(parents=True, exist_ok=True)
+        argv = spec.mount_namespace_argv(paths.mounts, argv, self._read_only_mounts(c_spec))
         logf = open(cdir / "output.log", "ab")
         c.container_id = f"process://{self.uid}/{c.name}/{c.restart_count}"
         started_at = spec.now()
@@ -293,12 +294,18 @@ class PodRunner:
         await self.push_status()
         return code
 
-    async def _command(self, c_spec: dict, c: ContainerState, term_path: str,
+    async def _command(self, c_spec: dict, c: ContainerState, image: images.ImageSpec, term_path: str,
                        term_file: Path) -> tuple[dict[str, str], list[str], spec.PathMap]:
-        """The container's environment, argv and path map, as the pod's spec and volumes make them."""
-        env = await self._env(c_spec)
+        """The container's environment, argv and path map, as the pod's spec, its image and its
+        volumes make them."""
+        self._check_non_root(c_spec, image)
+        env = await self._env(c_spec, image)
         paths = spec.PathMap({**self._mounts(c_spec), term_path: str(term_file)})
-        argv = images.resolve_argv(c.image, [spec.expand(a, env) for a in c_spec.get("command") or []] or None,
+        if env.get("HOME") == image.env.get("HOME") and paths.host_path(env["HOME"]) is None:
+            # Without the image's file system its HOME (say /home/nonroot) is not there: the
+            # pod's own home directory stands in, unless the HOME is a volume of the pod.
+            env["HOME"] = str(self.dir / "home")
+        argv = images.resolve_argv(image, [spec.expand(a, env) for a in c_spec.get("command") or []] or None,
                                    [spec.expand(a, env) for a in c_spec["args"]] if "args" in c_spec else None)
         argv = [argv[0]] + [paths.rewrite(a) for a in argv[1:]]
         return {k: paths.rewrite(v) for k, v in env.items()}, argv, paths
@@ -399,7 +406,10 @@ class PodRunner:
                 writer.close()
                 return True
             if "exec" in probe:
-                argv = images.resolve_argv(c_spec["image"], probe["exec"]["command"], None)
+                image = self._pulled.get(c_spec["name"])
+                if image is None:
+                    return False
+                argv = images.resolve_argv(image, probe["exec"]["command"], None)
                 proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
                                                             stderr=asyncio.subprocess.DEVNULL)
                 return await asyncio.wait_for(proc.wait(), timeout) == 0
@@ -407,18 +417,116 @@ class PodRunner:
             return False
         return False
 
+    # ------------------------------------------------------------------ images
+
+    async def _pull(self, c_spec: dict, c: ContainerState) -> images.ImageSpec | None:
+        """The container's image, pulled as the kubelet pulls it: preloaded images and images
+        this node already has (unless the policy is Always) are not pulled again; a failed pull
+        shows as ErrImagePull, then ImagePullBackOff, and is retried with back-off. None: the pod
+        was deleted first."""
+        image = c.image
+        policy = c_spec.get("imagePullPolicy") or spec.default_pull_policy(image)
+        local = images.preloaded(image) or (self.agent.pulled.get(image) if policy != "Always" else None)
+        if local is not None:
+            await self.event("Pulled", f'Container image "{image}" already present on machine')
+            return self._pulled_as(c_spec, c, local)
+        if policy == "Never":
+            message = f'Container image "{image}" is not present with pull policy of Never'
+            c.state = {"waiting": {"reason": "ErrImageNeverPull", "message": message}}
+            await self.push_status()
+            await self.event("ErrImageNeverPull", message, "Warning")
+            await self._wait_terminating()
+            return None
+        failures = 0
+        while not self.terminating:
+            await self.event("Pulling", f'Pulling image "{image}"')
+            started = time.monotonic()
+            try:
+                pulled = await self.agent.registry.pull(self.agent.http, image, await self._pull_auth(image))
+            except PullError as exc:
+                failures += 1
+                c.state = {"waiting": {"reason": "ErrImagePull", "message": str(exc)}}
+                await self.push_status()
+                await self.event("Failed", f'Failed to pull image "{image}": {exc}', "Warning")
+                await self.event("Failed", "Error: ErrImagePull", "Warning")
+                if await self._terminating_within(1.0):
+                    return None
+                delay = spec.backoff_seconds(failures)
+                c.state = {"waiting": {"reason": "ImagePullBackOff",
+                                       "message": f'Back-off pulling image "{image}": ErrImagePull: {exc}'}}
+                await self.push_status()
+                await self.event("BackOff", f'Back-off pulling image "{image}"')
+                await self.event("Failed", "Error: ImagePullBackOff", "Warning")
+                if await self._terminating_within(delay):
+                    return None
+                continue
+            seconds = time.monotonic() - started
+            await self.event("Pulled", f'Successfully pulled image "{image}" in {seconds:.3f}s '
+                                       f'({seconds:.3f}s including waiting). Image size: {pulled.size} bytes.')
+            local = images.from_pulled(pulled)
+            self.agent.pulled[image] = local
+            return self._pulled_as(c_spec, c, local)
+        return None
+
+    def _pulled_as(self, c_spec: dict, c: ContainerState, image: images.ImageSpec) -> images.ImageSpec:
+        c.image_id = image.image_id
+        self._pulled[c_spec["name"]] = image
+        return image
+
+    async def _pull_auth(self, image: str) -> str | None:
+        """The credentials of the pod's imagePullSecrets for the image's registry, read as the
+        kubelet reads them: a Secret that cannot be read is reported, and the pull goes on."""
+        names = [ref.get("name", "") for ref in self.spec.get("imagePullSecrets") or []]
+        found, missing = [], []
+        for name in names:
+            try:
+                found.append(await self._config_data("secrets", name, optional=False))
+            except (ConfigError, ApiError):
+                missing.append(name)
+        if missing:
+            await self.event("FailedToRetrieveImagePullSecret",
+                             f"Unable to retrieve some image pull secrets ({', '.join(missing)}); attempting to "
+                             "pull the image may not succeed.", "Warning")
+        return docker_config_auth(found, parse_reference(image).registry)
+
+    def _check_non_root(self, c_spec: dict, image: images.ImageSpec) -> None:
+        """runAsNonRoot as the kubelet verifies it, against the image's User when the pod sets no uid."""
+        pod_sc, c_sc = self.spec.get("securityContext") or {}, c_spec.get("securityContext") or {}
+        non_root = c_sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+        if not non_root:
+            return
+        uid = c_sc.get("runAsUser", pod_sc.get("runAsUser"))
+        root, error = images.runs_as_root(image, uid)
+        if error:
+            raise ConfigError(error)
+        if root:
+            raise ConfigError("container has runAsNonRoot and image will run as root "
+                              f"(pod: \"{self.name}_{self.namespace}({self.uid})\", container: {c_spec['name']})")
+
+    @staticmethod
+    def _read_only_mounts(c_spec: dict) -> set[str]:
+        return {m["mountPath"].rstrip("/") or "/" for m in c_spec.get("volumeMounts") or [] if m.get("readOnly")}
+
     # ------------------------------------------------------------------ env and volumes
 
-    async def _env(self, c_spec: dict) -> dict[str, str]:
+    async def _env(self, c_spec: dict, image: images.ImageSpec) -> dict[str, str]:
+        # The image's Env first, then what the runtime adds, then the pod spec's: the runtime's order.
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.dir / "home"),
+            **image.env,
             "HOSTNAME": self.name,
             "LANG": "C.UTF-8",
             "PYTHONPATH": str(images.REPO),
             "PYTHONUNBUFFERED": "1",
             "SLMFLEET_POD_IP": self.ip,
+            # As the kubelet gives every container: the API server behind the `kubernetes` Service.
+            # There is no kube-proxy here, so it is the address that Service leads to.
+            "KUBERNETES_SERVICE_HOST": self.agent.api_host,
+            "KUBERNETES_SERVICE_PORT": str(self.agent.api_port),
+            "KUBERNETES_SERVICE_PORT_HTTPS": str(self.agent.api_port),
         }
+
         # The marker lets `cluster down` find pod processes even if this agent is gone.
         if MARKER_ENV in os.environ:
             env[MARKER_ENV] = os.environ[MARKER_ENV]

@@ -125,3 +125,40 @@ def pod_phase(restart_policy: str, init_failed: bool, main_states: list[dict[str
             return "Succeeded"
         return "Failed" if restart_policy == "Never" else "Running"
     return "Running"
+
+
+def default_pull_policy(image: str) -> str:
+    """The API server's default: Always for `:latest` or no tag (and no digest), else IfNotPresent."""
+    name, _, digest = image.partition("@")
+    if digest:
+        return "IfNotPresent"
+    last = name.rsplit("/", 1)[-1]
+    return "Always" if ":" not in last or last.endswith(":latest") else "IfNotPresent"
+
+
+# Client libraries read the service account token and CA from this fixed path (kubernetes'
+# in-cluster config, kopf, client-go): no argument or env var names it, so rewriting paths cannot
+# reach it. Mounts under it are bind-mounted there in a private mount namespace of the container.
+SECRETS_DIR = "/run/secrets"
+_SECRETS_PREFIXES = ("/var/run/secrets/", "/run/secrets/")
+
+
+def mount_namespace_argv(mounts: Mapping[str, str], argv: list[str], read_only: set[str]) -> list[str]:
+    """`argv` wrapped so that the mounts under /var/run/secrets are bind-mounted at their paths, in a
+    mount namespace of the container's own (a tmpfs over /run/secrets hides the host's). The
+    wrapper execs the program, so its pid and process group stay the container's."""
+    binds = [(path, host) for path, host in sorted(mounts.items()) if path.startswith(_SECRETS_PREFIXES)]
+    if not binds:
+        return argv
+    script = ["set -e", f"mount -t tmpfs -o mode=0755,size=1m slmfleet-secrets {SECRETS_DIR}"]
+    words: list[str] = []
+    for i, (path, host) in enumerate(binds):
+        target = "/run/" + path.split("/run/", 1)[1]
+        dest, src = f'"${{{i * 2 + 1}}}"', f'"${{{i * 2 + 2}}}"'
+        script.append(f"mkdir -p {dest} && mount --bind {src} {dest}")
+        if path in read_only:
+            script.append(f"mount -o remount,bind,ro {dest}")
+        words += [target, host]
+    script.append(f"shift {len(words)}")
+    script.append('exec "$@"')
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "; ".join(script), "sh", *words, *argv]
