@@ -82,7 +82,20 @@ def binaries() -> dict[str, Path]:
         "kube-scheduler": kube / "kube-scheduler",
         "kwok": cache_dir() / f"kwok-{v['KWOK_VERSION']}" / "kwok",
         "kubectl": kube / "kubectl",
+        "crane": cache_dir() / f"crane-{v['CRANE_VERSION']}" / "crane",
+        "helm": cache_dir() / f"helm-{v['HELM_VERSION']}" / "helm",
     }
+
+
+IMAGES_FILE = REPO / "build" / "images.json"
+
+
+def built_images(path: Path = IMAGES_FILE) -> dict[str, dict]:
+    """The images `make images` built (build/images.json): name -> repository, tag, digest, layout."""
+    try:
+        return json.loads(path.read_text())["images"]
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 def kubectl_binary() -> str:
@@ -121,10 +134,14 @@ class Ports:
     def kwok(self) -> int:
         return self.base + 5
 
+    @property
+    def registry(self) -> int:
+        return self.base + 6
+
     def named(self) -> dict[str, int]:
         return {"kube-apiserver": self.apiserver, "etcd client": self.etcd_client, "etcd peer": self.etcd_peer,
                 "kube-controller-manager": self.controller_manager, "kube-scheduler": self.scheduler,
-                "kwok": self.kwok}
+                "kwok": self.kwok, "registry": self.registry}
 
 
 def log(msg: str) -> None:
@@ -140,6 +157,9 @@ class Cluster:
         self.logs = self.dir / "logs"
         self.pids = self.dir / "pids"
         self.server = f"https://127.0.0.1:{self.ports.apiserver}"
+        # The cluster's image registry, the one every pull of a process node reaches (as an
+        # air-gapped cluster's mirror); plain HTTP on loopback.
+        self.registry = f"127.0.0.1:{self.ports.registry}"
         self._ssl_context: ssl.SSLContext | None = None
         self._procs: dict[str, subprocess.Popen] = {}  # started by this object: judged by the handle
 
@@ -428,6 +448,12 @@ class Cluster:
             "--node-lease-duration-seconds=40",
         ])
 
+        self._start("registry", [
+            str(bins["crane"]), "registry", "serve", f"--address={self.registry}", f"--disk={self.dir / 'registry'}",
+        ], port=p.registry)
+        self._wait("the image registry", lambda: _http_ok(f"http://{self.registry}/v2/"), 30, "registry")
+        self.push_images()
+
         self._register_nodes(nodes)
         # The Gateway API CRDs (no gateway implementation): HTTPRoute weights can be verified as objects.
         self._kubectl("apply", "--server-side", "-f", str(gateway_api_crds()))
@@ -439,6 +465,7 @@ class Cluster:
                     f"--kubeconfig={self.node_kubeconfig(node.name)}",
                     f"--state-dir={self.dir / 'nodes' / node.name}",
                     f"--pod-cidr={node.pod_cidr}",
+                    f"--registry={self.registry}",
                 ])
 
         self._wait("all nodes Ready", lambda: self._nodes_ready({n.name for n in nodes}), 120)
@@ -449,6 +476,27 @@ class Cluster:
             "nodes": [n.name for n in nodes],
         }))
         log(f"cluster up with {len(nodes)} nodes in {time.monotonic() - t0:.1f}s")
+
+    def image_ref(self, name: str, images: dict[str, dict] | None = None) -> str:
+        """`registry/repository:tag@digest` of built image `name` (slmfleet, vllm-standin) on this
+        cluster's registry."""
+        image = (images if images is not None else built_images())[name]
+        return f"{self.registry}/{image['repository']}:{image['tag']}@{image['digest']}"
+
+    def push_images(self, images: dict[str, dict] | None = None) -> None:
+        """Pushes the images `make images` built to the registry, by digest (crane keeps digests)."""
+        images = built_images() if images is None else images
+        if not images:
+            log(f"no images in {IMAGES_FILE} (run `make images`): pods of slmfleet's images will fail to pull")
+            return
+        crane = str(binaries()["crane"])
+        for name, image in sorted(images.items()):
+            ref = f"{self.registry}/{image['repository']}:{image['tag']}"
+            pushed = subprocess.run([crane, "push", image["layout"], ref], check=True, capture_output=True,
+                                    text=True).stdout.strip()
+            if not pushed.endswith("@" + image["digest"]):
+                raise RuntimeError(f"pushing {image['layout']} gave {pushed}, not the built digest {image['digest']}")
+            log(f"pushed {name} to {ref}@{image['digest']}")
 
     def _ensure_binaries(self) -> None:
         script = E2E / "build-binaries.sh"
@@ -493,7 +541,8 @@ class Cluster:
     def down(self) -> None:
         # Reverse start order: node agents first (they stop their pods' processes themselves),
         # then kwok and the controllers, the API server, and etcd last.
-        rank = {"kwok": 1, "kube-scheduler": 2, "kube-controller-manager": 2, "kube-apiserver": 3, "etcd": 4}
+        rank = {"kwok": 1, "kube-scheduler": 2, "kube-controller-manager": 2, "kube-apiserver": 3, "etcd": 4,
+                "registry": 5}
         order = sorted(self.pids.glob("*.pid"), key=lambda f: (rank.get(f.stem, 0), f.stem)) \
             if self.pids.exists() else []
         for pid_file in order:
@@ -656,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pools", type=Path, default=DEFAULT_POOLS, help="pools file (default: %(default)s)")
     parser.add_argument("--state-dir", type=Path, default=default_state_dir())
     parser.add_argument("--port-base", type=int, default=int(os.environ.get("SLMFLEET_CLUSTER_PORT_BASE", 16443)),
-                        help="kube-apiserver port; etcd and the others take the next five")
+                        help="kube-apiserver port; etcd, the others and the registry take the next six")
     args = parser.parse_args(argv)
     cluster = Cluster(args.state_dir, args.port_base)
     if args.command == "up":

@@ -16,10 +16,23 @@ import time
 import urllib.request
 from pathlib import Path
 
+import yaml
+
 from e2e.cluster import MARKER_ENV, REPO, Cluster, _alive, _has_env, _terminate, port_holder_text, port_in_use
 
 OPERATOR_USER = "slmfleet-operator"
 CONFIG = REPO / "deploy" / "operator-config.yaml"
+
+
+def write_config(cluster: Cluster) -> Path:
+    """The operator's config for this cluster: CONFIG with the images `make images` built, as
+    pushed to the cluster's registry (the vLLM stand-in's test image for vLLM)."""
+    config = yaml.safe_load(CONFIG.read_text())
+    config["vllmImage"] = cluster.image_ref("vllm-standin")
+    config["loaderImage"] = cluster.image_ref("slmfleet")
+    path = cluster.dir / "operator-config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
 
 
 def install(cluster: Cluster) -> None:
@@ -76,7 +89,7 @@ class OperatorProcess:
         kubeconfig = self.cluster.user_kubeconfig(OPERATOR_USER)
         args = [
             str(Path(sys.executable).parent / "slmfleet"), "operator", "run",
-            "--config", str(CONFIG), "--kubeconfig", str(kubeconfig),
+            "--config", str(write_config(self.cluster)), "--kubeconfig", str(kubeconfig),
             "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
         ]
         if self.pending_timeout is not None:

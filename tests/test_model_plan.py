@@ -1055,3 +1055,28 @@ def test_the_weights_volume_holds_what_the_loader_writes():
     world.reconcile(T0)
     volumes = {v["name"]: v for v in world.deployment()["spec"]["template"]["spec"]["volumes"]}
     assert volumes["weights"]["emptyDir"]["sizeLimit"] == "6Gi"  # 5 GiB plus headroom, not the 1 GiB served
+
+
+# --- image pulls -----------------------------------------------------------------------------------------------
+
+
+def test_a_pod_that_cannot_pull_its_image_degrades_the_model_naming_the_image():
+    world = World(model_body(), [gpu_node("l4-a", L4, L4_MIB, 1)])
+    world.settle(T0)
+    pod = revision_pod(world.deployment(), f"{NAME}-pod-1", node="l4-a")
+    vllm = pod["spec"]["containers"][0]
+    pod["status"]["containerStatuses"] = [{
+        "name": vllm["name"], "image": vllm["image"], "ready": False, "restartCount": 0,
+        "state": {"waiting": {"reason": "ImagePullBackOff", "message": "registry said: secret-looking text"}}}]
+    world.pods = [pod]
+    world.reconcile(at(30))
+    degraded = world.condition("Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ImagePullFailed")
+    assert vllm["image"] in degraded["message"] and "ImagePullBackOff" in degraded["message"]
+    assert "secret-looking" not in degraded["message"]  # the registry's text stays in the pod's status
+
+    # Once the image is pulled and the pod runs, the condition clears.
+    pod["status"]["containerStatuses"][0]["state"] = {"running": {"startedAt": rfc3339(at(40))}}
+    world.pods = [pod]
+    world.reconcile(at(45))
+    assert world.condition("Degraded")["status"] == "False"

@@ -11,10 +11,14 @@ from pathlib import Path
 
 from kubernetes import client, watch
 
-from e2e.cluster import process_name, processes_with_env
+from e2e.cluster import Cluster, default_state_dir, process_name, processes_with_env
 from e2e.tests.conftest import pod_events, wait_for
 
-VLLM_IMAGE = "vllm/vllm-openai@sha256:" + "ab" * 32
+
+def vllm_image() -> str:
+    """The vLLM stand-in's test image on the cluster's registry, by digest."""
+    return Cluster(default_state_dir()).image_ref("vllm-standin")
+
 PROCESS_NODE = {"slmfleet.io/node-agent": "process"}
 
 
@@ -26,7 +30,7 @@ def vllm_pod(name: str, model: Path, extra_args: list[str] | None = None) -> cli
             termination_grace_period_seconds=5,
             containers=[client.V1Container(
                 name="vllm",
-                image=VLLM_IMAGE,
+                image=vllm_image(),
                 args=["/models/current", "--served-model-name", "tiny", "--port", "8000",
                       "--max-model-len", "2048", "--gpu-memory-utilization", "0.9", *(extra_args or [])],
                 env=[client.V1EnvVar(name="HF_HUB_OFFLINE", value="1"),

@@ -259,6 +259,26 @@ def weights_verified(pods: Iterable[dict[str, Any]], revision: str) -> tuple[str
     return "Unknown", "Pending", "no loader has finished yet"
 
 
+# The kubelet's waiting reasons for an image it cannot get: another node would not help.
+IMAGE_PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName")
+
+
+def image_pull_failure(pods: Iterable[dict[str, Any]], revision: str) -> str | None:
+    """Which image the revision's pods cannot pull, if any. The image is the operator's own
+    setting (vllmImage, loaderImage), so naming it leaks nothing of a tenant's; the registry's
+    own error text stays in the pod's status."""
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("name", "")):
+        if (pod["metadata"].get("labels") or {}).get(REVISION_LABEL) != revision:
+            continue
+        status = pod.get("status") or {}
+        for c in (*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])):
+            reason = ((c.get("state") or {}).get("waiting") or {}).get("reason")
+            if reason in IMAGE_PULL_FAILURES:
+                return (f"pod {pod['metadata'].get('name')}: container {c.get('name')} cannot pull image "
+                        f"{c.get('image')} ({reason}); check that the registry has it by digest and the pull secrets")[:1000]
+    return None
+
+
 def _deployment_ready(dep: dict[str, Any] | None, desired: dict[str, Any] | None) -> bool:
     """The Deployment runs exactly the desired template and all its replicas are ready."""
     if dep is None:
@@ -637,6 +657,8 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         st.condition("Degraded", True, reason, f"revision {revision}: {rollout.failed}; revision {stable} keeps serving")
     elif deprecated is not None:
         st.condition("Degraded", True, "BaseModelDeprecated", deprecated.message)
+    elif (pull_failure := image_pull_failure(obs.pods, revision)) is not None and not desired_ready:
+        st.condition("Degraded", True, "ImagePullFailed", pull_failure)
     elif stuck and not desired_ready:
         st.condition("Degraded", True, "PodsPending", stuck)
     else:
