@@ -50,6 +50,14 @@ demo: venv binaries ## start the cluster and the operator, apply examples/smallm
 
 crds: venv ## regenerate crds/ from the pydantic models in operator/slmfleet/api
 	@$(VENV)/bin/slmfleet crds --out crds
+	@$(VENV)/bin/slmfleet chart --chart charts/slmfleet
+
+chart-schema: venv ## regenerate the chart's generated files (values.schema.json's config, files/crds/)
+	@$(VENV)/bin/slmfleet chart --chart charts/slmfleet
+
+chart: venv ## package build/charts/slmfleet-<version>.tgz, the operator image's digest from build/images.json
+	@e2e/build-binaries.sh helm
+	@$(PY) charts/package.py
 
 bench: venv binaries ## benchmarks; results go to bench/results/
 	@$(PY) -m bench.cluster_up
@@ -58,4 +66,4 @@ bench: venv binaries ## benchmarks; results go to bench/results/
 	@$(PY) -m bench.rollout_decision
 	@$(PY) -m bench.environ_race
 
-.PHONY: help venv binaries cluster-up cluster-down lint unit unit-explore test test-repeat demo crds bench
+.PHONY: help venv binaries cluster-up cluster-down lint unit unit-explore test test-repeat demo crds bench chart-schema chart

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from slmfleet import __version__
-from slmfleet.cli import crds, operator, size
+from slmfleet.cli import chart, crds, operator, size
 from slmfleet.cli import eval as eval_cli
 from slmfleet.cli import load as load_cli
 from slmfleet.cli import pin as pin_cli
@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_parser(sub)
     operator.add_parser(sub)
     crds.add_parser(sub)
+    chart.add_parser(sub)
     pin_cli.add_parser(sub)
     load_cli.add_parser(sub)
     eval_cli.add_parser(sub)
