@@ -67,9 +67,27 @@ HEADER = (
 )
 
 
-def strip(obj: dict[str, Any]) -> dict[str, Any]:
-    """The object without per-run noise, as test data."""
+# e2e namespaces end in a random suffix; captured objects are moved to this one.
+CAPTURED_NAMESPACE = "slmfleet-e2e"
+
+
+def _renamed(value: Any, old: str, new: str) -> Any:
+    if isinstance(value, str):
+        return value.replace(old, new)
+    if isinstance(value, list):
+        return [_renamed(v, old, new) for v in value]
+    if isinstance(value, dict):
+        return {k: _renamed(v, old, new) for k, v in value.items()}
+    return value
+
+
+def strip(obj: dict[str, Any], *, namespace_as: str | None = None) -> dict[str, Any]:
+    """The object without per-run noise, as test data; with `namespace_as`, its namespace renamed
+    to that wherever it appears (metadata, endpoints, messages)."""
     out = copy.deepcopy(obj)
+    namespace = (out.get("metadata") or {}).get("namespace")
+    if namespace_as and namespace and namespace != namespace_as:
+        out = _renamed(out, namespace, namespace_as)
     meta = out.get("metadata") or {}
     for key in NOISE_METADATA:
         meta.pop(key, None)
@@ -101,7 +119,7 @@ def write_health_tests(kind: str, tests: list[dict[str, Any]]) -> Path:
 
 def record(kind: str, obj: dict[str, Any], phase: str) -> tuple[Path, tuple[str, str]]:
     """Write `obj` (stripped) as testdata/<phase>.yaml and its current verdict into health_test.yaml."""
-    body = strip(obj)
+    body = strip(obj, namespace_as=CAPTURED_NAMESPACE)
     data = CHECKS / kind / "testdata" / f"{phase}.yaml"
     data.parent.mkdir(parents=True, exist_ok=True)
     data.write_text(_dump(body))

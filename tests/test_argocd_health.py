@@ -267,3 +267,42 @@ def test_each_phase_the_operator_writes_gets_the_health_it_calls_for(kind):
         if verdict[0] != EXPECTED[kind][phase]:
             wrong[phase] = verdict
     assert not wrong, wrong
+
+
+# --- e2e capture ----------------------------------------------------------------------------------------
+
+
+def test_capture_asserts_the_verdict_and_records_live_objects_only_when_asked(tmp_path, monkeypatch):
+    import shutil
+
+    from e2e import argocd_capture
+
+    checks = tmp_path / "slmfleet.io"
+    shutil.copytree(CHECKS, checks)
+    monkeypatch.setattr(argocd_capture, "CHECKS", checks)
+    live = smallmodel_phases()["serving"]
+    live = yaml.safe_load(yaml.safe_dump(live).replace(live["metadata"]["namespace"], "t-serving-1a2b3"))
+    live["metadata"].update(uid="5f0c", resourceVersion="4711", creationTimestamp="2025-06-02T08:00:00Z",
+                            managedFields=[{"manager": "kopf"}],
+                            annotations={"kopf.zalando.org/last-handled-configuration": "{}", "team": "a"})
+    written = checks / "SmallModel" / "testdata" / "serving.yaml"
+    before = written.read_text()
+
+    monkeypatch.delenv(argocd_capture.ENV, raising=False)
+    assert argocd_capture.capture("SmallModel", live, "serving")[0] == "Healthy"
+    assert written.read_text() == before, "nothing written unless asked"
+    with pytest.raises(AssertionError, match="Healthy"):
+        argocd_capture.capture("SmallModel", live, "nofit")
+    with pytest.raises(ValueError):
+        argocd_capture.capture("SmallModel", live, "sideways")
+
+    monkeypatch.setenv(argocd_capture.ENV, "1")
+    argocd_capture.capture("SmallModel", live, "serving")
+    saved = yaml.safe_load(written.read_text())
+    assert not {"uid", "resourceVersion", "creationTimestamp", "managedFields"} & set(saved["metadata"])
+    assert saved["metadata"]["annotations"] == {"team": "a"}
+    assert saved["metadata"]["namespace"] == argocd_capture.CAPTURED_NAMESPACE
+    assert "t-serving-1a2b3" not in written.read_text()
+    assert saved["status"] == yaml.safe_load(yaml.safe_dump(live["status"]).replace("t-serving-1a2b3", argocd_capture.CAPTURED_NAMESPACE))
+    results = run_health_tests(checks / "SmallModel")
+    assert len(results) == len(EXPECTED["SmallModel"]) and all(r.ok for r in results), [str(r) for r in results]
