@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 import slmfleet
-from slmfleet.api.config import parse_operator_config
+from slmfleet.api.config import MAX_IMAGE_PULL_SECRETS, NAMESPACE_PATTERN, SECRET_NAME_PATTERN, parse_operator_config
 from slmfleet.builders.labels import revision_labels
 from slmfleet.builders.pod import PORT_NAME
 from slmfleet.cli.chart import main as chart_main
@@ -181,6 +181,14 @@ def test_schema_refuses_what_the_operator_would_refuse(helm, tmp_path):
         assert result.returncode != 0 and f"at '{where}" in result.stderr, (values, result.stderr)
     replicas = json.loads((CHART / "values.schema.json").read_text())["properties"]["replicaCount"]
     assert replicas["maximum"] == 1 and "leader election" in replicas["description"].lower()
+
+
+def test_hand_written_schema_bounds_agree_with_the_operator_config():
+    properties = json.loads((CHART / "values.schema.json").read_text())["properties"]
+    secrets = properties["imagePullSecrets"]
+    assert secrets["maxItems"] == MAX_IMAGE_PULL_SECRETS
+    assert secrets["items"]["pattern"] == SECRET_NAME_PATTERN
+    assert properties["watchNamespaces"]["items"]["pattern"] == NAMESPACE_PATTERN
 
 
 # ------------------------------------------------------------------ generated files
