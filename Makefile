@@ -59,6 +59,10 @@ chart: venv ## package build/charts/slmfleet-<version>.tgz, the operator image's
 	@e2e/build-binaries.sh helm
 	@$(PY) charts/package.py
 
+images: venv ## OCI images without Docker (mmdebstrap + crane) -> build/images/, digests in build/images.json
+	@e2e/build-binaries.sh crane
+	@$(PY) -m images.build
+
 bench: venv binaries ## benchmarks; results go to bench/results/
 	@$(PY) -m bench.cluster_up
 	@$(PY) -m bench.hashing
@@ -66,4 +70,4 @@ bench: venv binaries ## benchmarks; results go to bench/results/
 	@$(PY) -m bench.rollout_decision
 	@$(PY) -m bench.environ_race
 
-.PHONY: help venv binaries cluster-up cluster-down lint unit unit-explore test test-repeat demo crds bench chart-schema chart
+.PHONY: help venv binaries cluster-up cluster-down lint unit unit-explore test test-repeat demo crds bench images chart-schema chart
