@@ -324,22 +324,28 @@ def crane_path() -> Path:
     return crane
 
 
-def chroot_run(root: Path, argv: Sequence[str], *, env: dict[str, str] | None = None,
-               userspec: str | None = None, read_only: bool = False, capture: bool = False,
-               check: bool = True) -> subprocess.CompletedProcess:
-    """Runs argv inside `root` in a private mount namespace (nothing leaks to the host's mounts):
-    /dev and /proc bound in, optionally the root itself read-only with a tmpfs on /tmp."""
+def chroot_argv(root: Path, argv: Sequence[str], *, env: dict[str, str] | None = None,
+                userspec: str | None = None, read_only: bool = False) -> list[str]:
+    """argv that runs `argv` inside `root` in a private mount namespace (nothing leaks to the
+    host's mounts): /dev and /proc bound in; with read_only, the root itself mounted read-only and
+    a fresh tmpfs on /tmp, as a pod with readOnlyRootFilesystem and an emptyDir on /tmp sees it."""
     script = ['set -e; r="$1"; shift']
     if read_only:
         script.append('mount --bind "$r" "$r"; mount -o remount,bind,ro "$r"; mount -t tmpfs -o mode=1777 tmpfs "$r/tmp"')
     script.append('mount --rbind /dev "$r/dev"; mount --rbind /proc "$r/proc"')
-    chroot = 'exec chroot' + (f' --userspec={userspec}' if userspec else '') + ' "$r" "$@"'
-    script.append(chroot)
+    script.append('exec chroot' + (f' --userspec={userspec}' if userspec else '') + ' "$r" "$@"')
     full_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/root"}
     full_env.update(env or {})
-    return _run(["unshare", "--mount", "--propagation", "private", "--", "env", "-i",
-                 *(f"{k}={v}" for k, v in full_env.items()),
-                 "sh", "-c", "; ".join(script), "chroot-run", str(root), *argv],
+    return ["unshare", "--mount", "--propagation", "private", "--", "env", "-i",
+            *(f"{k}={v}" for k, v in full_env.items()),
+            "sh", "-c", "; ".join(script), "chroot-run", str(root), *argv]
+
+
+def chroot_run(root: Path, argv: Sequence[str], *, env: dict[str, str] | None = None,
+               userspec: str | None = None, read_only: bool = False, capture: bool = False,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Runs chroot_argv(...) to completion."""
+    return _run(chroot_argv(root, argv, env=env, userspec=userspec, read_only=read_only),
                 capture_output=capture, text=True, check=check)
 
 
