@@ -212,6 +212,16 @@ build_helm() {
   helm_ok && { step "helm $HELM_VERSION cached in $helm_dir"; return; }
   local pkg=helm.sh/helm/v3/internal/version
   local ld="-s -w -X $pkg.version=$HELM_VERSION -X $pkg.gitCommit=$HELM_COMMIT -X $pkg.gitTreeState=clean"
+  # As helm's Makefile does: the Kubernetes version `helm template`/`lint` assume without a cluster
+  # is that of the client-go it is built with (unstamped, it is v1.20 and refuses kubeVersion >=1.29).
+  local gomod client_go
+  gomod="$(go mod download -json "helm.sh/helm/v3@$HELM_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')"
+  client_go="$(sed -n 's#^[[:space:]]*k8s.io/client-go v0\.\([0-9]*\)\..*#\1#p' "$gomod" | head -n1)"
+  [[ -n "$client_go" ]] || { echo "build-binaries: no k8s.io/client-go in helm's go.mod" >&2; return 1; }
+  local p
+  for p in helm.sh/helm/v3/pkg/lint/rules helm.sh/helm/v3/pkg/chartutil; do
+    ld+=" -X $p.k8sVersionMajor=1 -X $p.k8sVersionMinor=$client_go"
+  done
   mkdir -p "$helm_dir.tmp"
   step "helm $HELM_VERSION: go install (cold: a few minutes on 2 cores)"
   GOBIN="$helm_dir.tmp" run_logged "helm-$HELM_VERSION" go install -trimpath -ldflags "$ld" \

@@ -1,9 +1,12 @@
 """`make demo`: the local cluster, the operator, and example SmallModels sized to the fleet.
 
-Starts the control plane and the simulated GPU fleet, installs the CRD and the operator's RBAC,
-starts the operator (as its own RBAC user), applies examples/smallmodels/, waits for every model
-to settle, prints the placements, and sends the really-served model a chat completion at its pod
-IP. The cluster and the operator keep running afterwards.
+Starts the control plane and the simulated GPU fleet with its loopback registry (the images
+`make images` built are pushed to it), installs the operator the way a user would: `helm install`
+of the packaged chart from that registry, the operator in-cluster on a process node. Then applies
+examples/smallmodels/, waits for every model to settle, prints the placements, and sends the
+really-served model a chat completion at its pod IP. The cluster and the operator keep running
+afterwards. An operator already running for this cluster (a chart release, or the e2e tests'
+`slmfleet operator run` process) is reused.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import sys
 import time
 import urllib.request
 
+from e2e import chart_install
 from e2e.cluster import DEFAULT_POOLS, REPO, Cluster, binaries, default_state_dir, kubectl_binary, versions
 from e2e.operator_proc import OperatorProcess
 
@@ -22,7 +26,6 @@ EXAMPLES = REPO / "examples" / "smallmodels"
 ROLLOUTS = REPO / "examples" / "modelrollouts"
 SERVED = "qwen2-5-0-5b"
 NEW_WEIGHTS = "qwen2.5-0.5b-instruct-v2"
-DEMO_METRICS_PORT = 18390
 
 
 def step(msg: str) -> None:
@@ -112,11 +115,39 @@ def roll_out_new_weights(kubectl) -> int:
     return 0 if status["phase"] == "Promoted" else 1
 
 
+def install_operator(cluster: Cluster) -> str:
+    """The operator's URL: a running one reused, else the chart installed from the registry."""
+    running = OperatorProcess.running(cluster)
+    if running is not None:
+        step("Reusing the operator already running for this cluster")
+        print(f"    reusing the running operator ({running.url})")
+        return running.url
+    release = chart_install.installed(cluster)
+    if release is not None:
+        step(f"Reusing the installed chart (release {chart_install.RELEASE} in {chart_install.NAMESPACE})")
+        print(f"    reusing the running operator ({release.url}, pod {release.name})")
+        return release.url
+    step("Installing the operator from the local registry: helm install oci://… with the air-gapped values")
+    for name in sorted(chart_install.built_images()):
+        print(f"    image {cluster.image_ref(name)}")
+    package = chart_install.package_chart(cluster.dir / "charts")
+    chart = chart_install.push_chart(cluster, package)
+    chart_install.prepare_namespace(cluster, chart_install.NAMESPACE)
+    values = chart_install.values_file(cluster, cluster.dir / "demo-values.yaml")
+    chart_install.Helm(cluster).run("install", chart_install.RELEASE, chart, "--version", chart_install.chart_version(),
+                                    "--plain-http", "-n", chart_install.NAMESPACE, "-f", str(values))
+    pod = chart_install.wait_operator(cluster, timeout=180)
+    print(f"    helm install {chart_install.RELEASE} {chart} -n {chart_install.NAMESPACE} -f {values}")
+    print(f"    operator pod {pod.name} Ready at {pod.ip} ({pod.image_id})")
+    return pod.url
+
+
 def main() -> int:
     cluster = Cluster(default_state_dir())
     step("Starting the local control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok, node agents)")
     t0 = time.monotonic()
     cluster.up(DEFAULT_POOLS)
+    cluster.push_images()  # a reused cluster gets the images built since it started
     print(f"    up in {time.monotonic() - t0:.1f}s")
 
     def kubectl(*args: str, check: bool = True, input: str | None = None) -> str:
@@ -129,16 +160,12 @@ def main() -> int:
     step("The simulated GPU fleet (labels as NVIDIA GPU Feature Discovery sets them)")
     print(kubectl("get", "nodes", "-L", "nvidia.com/gpu.product,nvidia.com/gpu.count,nvidia.com/mig.strategy,slmfleet.io/node-agent"))
 
-    step("Installing the SmallModel CRD and RBAC; starting the operator")
-    operator = OperatorProcess.running(cluster)
-    if operator is None:
-        operator = OperatorProcess(cluster, metrics_port=DEMO_METRICS_PORT).start()
-        print(f"    operator started (log {operator.log_path})")
-    else:
-        print(f"    reusing the running operator ({operator.url})")
+    operator_url = install_operator(cluster)
 
     step("Applying examples/smallmodels/")
     print(kubectl("apply", "-f", str(EXAMPLES / "00-namespace.yaml")), end="")
+    # The chart passes its pull secret on to every model pod; each namespace needs its copy.
+    chart_install.apply(cluster, chart_install.pull_secret(cluster, NAMESPACE))
     print(kubectl("apply", "-f", "-", input=weights_volume()), end="")
     kubectl("wait", "-n", NAMESPACE, "--for=jsonpath={.status.phase}=Bound", "pvc/demo-weights", "--timeout=60s")
     print(kubectl("apply", "-f", str(EXAMPLES)))
@@ -185,7 +212,7 @@ def main() -> int:
     print(f"    kubectl describe sm -n {NAMESPACE} qwen2-5-14b-on-one-l4")
     print(f"    kubectl describe mr -n {NAMESPACE} {SERVED}")
     print(f"    kubectl explain smallmodel.spec.serving")
-    print(f"    curl -s {operator.url}/metrics | grep slmfleet_")
+    print(f"    curl -s {operator_url}/metrics | grep slmfleet_")
     print("    make cluster-down      # stops the operator and every cluster process, removes the state")
     return 0
 

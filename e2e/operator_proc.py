@@ -21,17 +21,22 @@ import yaml
 from e2e.cluster import MARKER_ENV, REPO, Cluster, _alive, _has_env, _terminate, port_holder_text, port_in_use
 
 OPERATOR_USER = "slmfleet-operator"
-CONFIG = REPO / "deploy" / "operator-config.yaml"
+CONFIG = REPO / "e2e" / "operator-config.yaml"
+
+
+def local_config(template: str, vllm_image: str, loader_image: str) -> str:
+    """CONFIG's text with the two image references added."""
+    config = yaml.safe_load(template)
+    config["vllmImage"] = vllm_image
+    config["loaderImage"] = loader_image
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 def write_config(cluster: Cluster) -> Path:
     """The operator's config for this cluster: CONFIG with the images `make images` built, as
     pushed to the cluster's registry (the vLLM stand-in's test image for vLLM)."""
-    config = yaml.safe_load(CONFIG.read_text())
-    config["vllmImage"] = cluster.image_ref("vllm-standin")
-    config["loaderImage"] = cluster.image_ref("slmfleet")
     path = cluster.dir / "operator-config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(local_config(CONFIG.read_text(), cluster.image_ref("vllm-standin"), cluster.image_ref("slmfleet")))
     return path
 
 

@@ -486,8 +486,12 @@ def test_vllms_parser_rejects_an_unknown_flag(capsys):
 def test_a_container_runtime_runs_vllm_serve_with_the_args():
     # Resolved as a runtime would (ENTRYPOINT + args), the pod runs `vllm serve <args>`.
     c = container(deployment())
-    argv = images.resolve_argv(c["image"], c.get("command"), c["args"])
+    # The vLLM image's config says ENTRYPOINT `vllm serve` (as vllm/vllm-openai and the test
+    # stand-in image both do); the pod gives args only.
+    vllm = images.ImageSpec(entrypoint=("vllm", "serve"), cmd=(), executables=images.STANDINS["slmfleet/vllm-standin-test"])
+    argv = images.resolve_argv(vllm, c.get("command"), c["args"])
     assert argv == [*images.VLLM_STANDIN, "serve", *c["args"]]
+    assert "command" not in c
 
 
 # ------------------------------------------------------------------ Services

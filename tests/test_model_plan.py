@@ -31,7 +31,7 @@ from slmfleet.sizing.pools import ready_nodes_from_pools_doc
 from tests.sizing_configs import QWEN2_5_0_5B, QWEN2_5_14B
 from tests.sizing_nodes import default_fleet, gpu_node, gpu_pod
 
-# As in deploy/operator-config.yaml: a well-formed pinned reference.
+# A well-formed pinned reference, as the chart renders it.
 IMAGE = "docker.io/vllm/vllm-openai:v0.11.0@sha256:ef2217d00eb6bae0b8b6fe8608bb8d8fc51a736ec59f80d56bdf31ef43a9b669"
 LOADER_IMAGE = "slmfleet/slmfleet:0.1.0@sha256:" + "c" * 64
 CONFIG = OperatorConfig.model_validate({"vllmImage": IMAGE, "loaderImage": LOADER_IMAGE})

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from e2e.node_agent import images
 from slmfleet.api.config import CHART_COMPUTED_FIELDS, OperatorConfig, chart_values_schema, parse_operator_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,8 +114,14 @@ def test_config_is_frozen():
         config.vllm_port = 9000
 
 
-def test_the_shipped_example_is_valid_and_runs_on_the_local_cluster():
-    config = parse_operator_config((REPO / "deploy" / "operator-config.yaml").read_text())
-    assert config.vllm_image.startswith("docker.io/vllm/vllm-openai:v0.11.0@sha256:")
-    # The node agent of process nodes knows the image's repository (it never pulls).
-    assert images.lookup(config.vllm_image).entrypoint == ("vllm", "serve")
+def test_the_local_clusters_config_is_valid_once_the_built_images_are_added():
+    from e2e.operator_proc import CONFIG, local_config
+
+    template = CONFIG.read_text()
+    # No image reference, so no digest anyone could copy: the built images' digests are added.
+    assert "sha256:" not in template and "Image:" not in template
+    registry = "127.0.0.1:16449"
+    config = parse_operator_config(local_config(
+        template, f"{registry}/slmfleet/vllm-standin-test:0.1.0@{DIGEST}", f"{registry}/slmfleet/slmfleet:0.1.0@{DIGEST}"))
+    assert config.vllm_image.startswith(registry) and config.loader_image.startswith(registry)
+    assert config.deprecations is not None

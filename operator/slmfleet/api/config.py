@@ -1,7 +1,7 @@
 """The operator's own settings (not a CR): read once at start-up from a YAML file.
 
 The keys are camelCase like every other Kubernetes-facing document (the Helm chart renders this
-file into a ConfigMap). Example: deploy/operator-config.yaml.
+file into a ConfigMap). Examples: the chart's `config` values, e2e/operator-config.yaml.
 """
 
 from __future__ import annotations
