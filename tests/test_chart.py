@@ -263,8 +263,10 @@ def test_the_operator_container_runs_the_real_cli(helm, tmp_path):
     [container] = pod["containers"]
     args = build_parser().parse_args(container["args"])  # the image's entrypoint is `slmfleet`
     assert args.func.__name__ == "run_operator"
-    # Probes and scrapes reach it on the pod IP.
-    assert args.metrics_host == "0.0.0.0"
+    # Probes and scrapes reach it on the pod IP, and it listens on nothing else.
+    assert args.metrics_host == "$(POD_IP)"
+    pod_ip = next(e for e in container["env"] if e["name"] == "POD_IP")
+    assert pod_ip["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     [port] = container["ports"]
     assert port == {"name": "http-metrics", "containerPort": args.metrics_port, "protocol": "TCP"}
     for probe in ("livenessProbe", "readinessProbe"):
@@ -646,3 +648,9 @@ def test_with_digest_edits_only_the_operator_images_digest():
         f'image:\n  repository: a/b\n  digest: {OPERATOR_DIGEST}  # filled\nvllm:\n  image:\n    digest: ""\n')
     with pytest.raises(package.PackageError):
         package.with_digest('vllm:\n  image:\n    digest: ""\n', OPERATOR_DIGEST)
+
+
+def test_the_operator_listens_on_every_interface_only_when_asked(helm, tmp_path):
+    docs = render(helm, tmp_path, {"metrics": {"bindAddress": "0.0.0.0"}})
+    [container] = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "--metrics-host=0.0.0.0" in container["args"]
