@@ -48,8 +48,17 @@ REPO = Path(__file__).resolve().parent.parent
 E2E = REPO / "e2e"
 DEFAULT_POOLS = E2E / "pools" / "default.yaml"
 MARKER_ENV = "SLMFLEET_CLUSTER"
-SERVICE_CIDR = "127.32.0.0/16"
-FIRST_SERVICE_IP = "127.32.0.1"
+
+
+def service_cidr(pod_octet: int) -> str:
+    """The Service CIDR: in loopback, like the pod CIDRs (127.<octet>.. and up), just below them,
+    so a second cluster with another podCIDRFirstOctet gets its own ClusterIPs too."""
+    return f"127.{pod_octet - 2}.0.0/16"
+
+
+def first_service_ip(pod_octet: int) -> str:
+    """The `kubernetes` Service's ClusterIP (the API server's certificate names it)."""
+    return f"127.{pod_octet - 2}.0.1"
 
 
 @functools.cache
@@ -221,7 +230,7 @@ class Cluster:
         path.chmod(0o600)
         return path
 
-    def _prepare(self) -> dict[str, Path]:
+    def _prepare(self, pod_octet: int) -> dict[str, Path]:
         self.dir.mkdir(parents=True, exist_ok=True)
         pki = self.pki
         pki.ensure_ca()
@@ -230,7 +239,7 @@ class Cluster:
             "kube-apiserver",
             server_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                           "kubernetes.default.svc.cluster.local"),
-            server_ips=("127.0.0.1", FIRST_SERVICE_IP),
+            server_ips=("127.0.0.1", first_service_ip(pod_octet)),
         )
         sa = pki.service_account_keys()
         admin = pki.issue("admin", "slmfleet-admin", "system:masters")
@@ -238,6 +247,8 @@ class Cluster:
         sched = pki.issue("scheduler", "system:kube-scheduler")
         # kwok acts for every simulated node at once (status, leases, pod status): it gets admin.
         kwok = pki.issue("kwok", "kwok", "system:masters")
+        # The default ClusterRoleBinding system:node-proxier binds this user: Services and endpoints.
+        proxy = pki.issue("service-proxy", "system:kube-proxy")
         configs = self.dir / "config"
         configs.mkdir(exist_ok=True)
         audit_policy = configs / "audit-policy.yaml"
@@ -261,6 +272,7 @@ class Cluster:
             "kcm": self._kubeconfig(configs / "controller-manager.kubeconfig", "kcm", kcm.cert, kcm.key),
             "sched": self._kubeconfig(configs / "scheduler.kubeconfig", "scheduler", sched.cert, sched.key),
             "kwok": self._kubeconfig(configs / "kwok.kubeconfig", "kwok", kwok.cert, kwok.key),
+            "proxy": self._kubeconfig(configs / "service-proxy.kubeconfig", "kube-proxy", proxy.cert, proxy.key),
             "audit_policy": audit_policy,
         }
 
@@ -357,7 +369,7 @@ class Cluster:
         self.check_ports_free()
         self._ensure_binaries()
         bins = binaries()
-        files = self._prepare()
+        files = self._prepare(octet)
         p = self.ports
 
         etcd_url = f"http://127.0.0.1:{p.etcd_client}"
@@ -389,7 +401,7 @@ class Cluster:
             "--authorization-mode=Node,RBAC",
             # PodSecurity is on by default; NodeRestriction confines each node agent to its node.
             "--enable-admission-plugins=NodeRestriction",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--service-cluster-ip-range={service_cidr(octet)}",
             "--service-node-port-range=30000-32767",
             f"--service-account-key-file={files['sa_pub']}",
             f"--service-account-signing-key-file={files['sa_key']}",
@@ -418,7 +430,7 @@ class Cluster:
             f"--root-ca-file={self.pki.ca.cert}",
             f"--cluster-signing-cert-file={self.pki.ca.cert}",
             f"--cluster-signing-key-file={self.pki.ca.key}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--service-cluster-ip-range={service_cidr(octet)}",
             # Pod CIDRs are set on the Node objects by this tool (127.x); no IPAM needed.
             "--allocate-node-cidrs=false",
             "--controllers=*,-node-ipam-controller",
@@ -454,6 +466,10 @@ class Cluster:
         self._wait("the image registry", lambda: _http_ok(f"http://{self.registry}/v2/"), 30, "registry")
         self.push_images()
 
+        self._start("service-proxy", [
+            sys.executable, "-m", "e2e.service_proxy", f"--kubeconfig={files['proxy']}",
+            f"--service-cidr={service_cidr(octet)}",
+        ])
         self._register_nodes(nodes)
         # The Gateway API CRDs (no gateway implementation): HTTPRoute weights can be verified as objects.
         self._kubectl("apply", "--server-side", "-f", str(gateway_api_crds()))
@@ -541,7 +557,7 @@ class Cluster:
     def down(self) -> None:
         # Reverse start order: node agents first (they stop their pods' processes themselves),
         # then kwok and the controllers, the API server, and etcd last.
-        rank = {"kwok": 1, "kube-scheduler": 2, "kube-controller-manager": 2, "kube-apiserver": 3, "etcd": 4,
+        rank = {"kwok": 1, "service-proxy": 1, "kube-scheduler": 2, "kube-controller-manager": 2, "kube-apiserver": 3, "etcd": 4,
                 "registry": 5}
         order = sorted(self.pids.glob("*.pid"), key=lambda f: (rank.get(f.stem, 0), f.stem)) \
             if self.pids.exists() else []

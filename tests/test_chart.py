@@ -556,8 +556,12 @@ def test_helm_test_pod_checks_healthz_through_the_service(helm, tmp_path):
     command = container["command"]
     assert command[:2] == ["python3", "-c"]
     service = one(docs, "Service")
-    assert command[3] == (f"http://{service['metadata']['name']}.{NAMESPACE}.svc:"
-                          f"{service['spec']['ports'][0]['port']}/healthz")
+    # Through the Service's ClusterIP, from the kubelet's service-link variables (no DNS needed);
+    # the port variable is named after the Service's port.
+    prefix = service["metadata"]["name"].upper().replace("-", "_")
+    port_name = service["spec"]["ports"][0]["name"].upper().replace("-", "_")
+    assert command[3] == f"http://$({prefix}_SERVICE_HOST):$({prefix}_SERVICE_PORT_{port_name})/healthz"
+    assert pod["spec"].get("enableServiceLinks", True)
     # The script itself, against a real server.
     server = HTTPServer(("127.0.0.1", 0), _Healthz)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

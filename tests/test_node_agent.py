@@ -178,3 +178,41 @@ def test_pod_ips_come_from_the_node_cidr_and_are_reused():
     ips.release("a")
     assert ips.allocate("c") == "127.70.0.2"
     assert ips.allocate("d", previous="127.70.0.9") == "127.70.0.9"
+
+
+def test_service_links_are_the_kubelets_variables():
+    svc = {"metadata": {"name": "slmfleet-operator"},
+           "spec": {"clusterIP": "127.62.0.9", "ports": [{"name": "http-metrics", "port": 8080, "protocol": "TCP"}]}}
+    headless = {"metadata": {"name": "db"}, "spec": {"clusterIP": "None", "ports": [{"port": 5432}]}}
+    env = spec.service_link_env([svc, headless])
+    assert env == {
+        "SLMFLEET_OPERATOR_SERVICE_HOST": "127.62.0.9",
+        "SLMFLEET_OPERATOR_SERVICE_PORT": "8080",
+        "SLMFLEET_OPERATOR_SERVICE_PORT_HTTP_METRICS": "8080",
+        "SLMFLEET_OPERATOR_PORT": "tcp://127.62.0.9:8080",
+        "SLMFLEET_OPERATOR_PORT_8080_TCP": "tcp://127.62.0.9:8080",
+        "SLMFLEET_OPERATOR_PORT_8080_TCP_PROTO": "tcp",
+        "SLMFLEET_OPERATOR_PORT_8080_TCP_PORT": "8080",
+        "SLMFLEET_OPERATOR_PORT_8080_TCP_ADDR": "127.62.0.9",
+    }
+
+
+def test_the_service_proxy_routes_cluster_ips_to_ready_endpoints_only():
+    import ipaddress
+
+    from e2e import service_proxy
+    services = [
+        {"metadata": {"name": "op", "namespace": "ns"},
+         "spec": {"clusterIP": "127.62.0.9", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]}},
+        {"metadata": {"name": "outside", "namespace": "ns"},
+         "spec": {"clusterIP": "10.0.0.1", "ports": [{"port": 80}]}},  # never listened on: not loopback
+        {"metadata": {"name": "headless", "namespace": "ns"}, "spec": {"clusterIP": "None", "ports": [{"port": 1}]}},
+    ]
+    assert service_proxy.desired_listeners(services, ipaddress.IPv4Network("127.62.0.0/16")) == {
+        ("127.62.0.9", 8080): ("ns", "op", "http")}
+    slices = [{"metadata": {"namespace": "ns", "labels": {"kubernetes.io/service-name": "op"}},
+               "ports": [{"name": "http", "port": 18080}],
+               "endpoints": [{"addresses": ["127.64.0.5"], "conditions": {"ready": True}},
+                             {"addresses": ["127.64.0.6"], "conditions": {"ready": False}}]}]
+    assert service_proxy.ready_endpoints(slices, "ns", "op", "http") == [("127.64.0.5", 18080)]
+    assert service_proxy.ready_endpoints(slices, "other", "op", "http") == []

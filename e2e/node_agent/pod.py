@@ -532,6 +532,9 @@ class PodRunner:
             env[MARKER_ENV] = os.environ[MARKER_ENV]
         (self.dir / "home").mkdir(parents=True, exist_ok=True)
         user: dict[str, str] = {}
+        if self.spec.get("enableServiceLinks", True):
+            services = await self.agent.kube.get(f"/api/v1/namespaces/{self.namespace}/services")
+            user.update(spec.service_link_env(services["items"]))
         for src in c_spec.get("envFrom") or []:
             prefix = src.get("prefix", "")
             if "configMapRef" in src:

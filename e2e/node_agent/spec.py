@@ -162,3 +162,29 @@ def mount_namespace_argv(mounts: Mapping[str, str], argv: list[str], read_only: 
     script.append(f"shift {len(words)}")
     script.append('exec "$@"')
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "; ".join(script), "sh", *words, *argv]
+
+
+def service_link_env(services: list[dict[str, Any]]) -> dict[str, str]:
+    """The Docker-links-style variables the kubelet gives a pod for each Service of its namespace
+    that has a ClusterIP (enableServiceLinks): FOO_SERVICE_HOST, FOO_SERVICE_PORT[_NAME], FOO_PORT…"""
+    env: dict[str, str] = {}
+    for svc in sorted(services, key=lambda s: s["metadata"]["name"]):
+        sp = svc.get("spec") or {}
+        ip = sp.get("clusterIP")
+        ports = sp.get("ports") or []
+        if not ip or ip == "None" or not ports:
+            continue
+        name = svc["metadata"]["name"].upper().replace("-", "_")
+        env[f"{name}_SERVICE_HOST"] = ip
+        env[f"{name}_SERVICE_PORT"] = str(ports[0]["port"])
+        for port in ports:
+            proto = port.get("protocol", "TCP").lower()
+            if port.get("name"):
+                env[f"{name}_SERVICE_PORT_{port['name'].upper().replace('-', '_')}"] = str(port["port"])
+            prefix = f"{name}_PORT_{port['port']}_{proto.upper()}"
+            env[prefix] = f"{proto}://{ip}:{port['port']}"
+            env[f"{prefix}_PROTO"] = proto
+            env[f"{prefix}_PORT"] = str(port["port"])
+            env[f"{prefix}_ADDR"] = ip
+        env[f"{name}_PORT"] = f"{ports[0].get('protocol', 'TCP').lower()}://{ip}:{ports[0]['port']}"
+    return env
