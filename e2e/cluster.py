@@ -460,6 +460,7 @@ class Cluster:
             "--node-lease-duration-seconds=40",
         ])
 
+        (self.dir / "registry").mkdir(exist_ok=True)  # crane's --disk store must exist
         self._start("registry", [
             str(bins["crane"]), "registry", "serve", f"--address={self.registry}", f"--disk={self.dir / 'registry'}",
         ], port=p.registry)
@@ -508,8 +509,10 @@ class Cluster:
         crane = str(binaries()["crane"])
         for name, image in sorted(images.items()):
             ref = f"{self.registry}/{image['repository']}:{image['tag']}"
-            pushed = subprocess.run([crane, "push", image["layout"], ref], check=True, capture_output=True,
-                                    text=True).stdout.strip()
+            out = subprocess.run([crane, "push", image["layout"], ref], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"crane push {image['layout']} {ref} failed: {out.stderr.strip()[-2000:]}")
+            pushed = out.stdout.strip()
             if not pushed.endswith("@" + image["digest"]):
                 raise RuntimeError(f"pushing {image['layout']} gave {pushed}, not the built digest {image['digest']}")
             log(f"pushed {name} to {ref}@{image['digest']}")
