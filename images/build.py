@@ -67,7 +67,7 @@ BASE_SNAPSHOT = "2026-11-30"
 # mtimes of the base and deps layers are clamped to this (and mmdebstrap's SOURCE_DATE_EPOCH).
 BASE_EPOCH = int(dt.datetime.fromisoformat(BASE_SNAPSHOT).replace(tzinfo=dt.UTC).timestamp())
 # Changes whenever the recipe below changes what the base contains.
-BASE_RECIPE = 1
+BASE_RECIPE = 3
 DPKG_EXCLUDES = (
     "path-exclude=/usr/share/man/*",
     "path-exclude=/usr/share/locale/*",
@@ -81,7 +81,7 @@ DPKG_EXCLUDES = (
 BASE_REMOVE = (
     "var/lib/apt", "var/cache/apt", "var/log/apt", "var/cache/debconf/*-old", "var/lib/dpkg/*-old",
     "var/log/*.log", "var/log/btmp", "var/log/wtmp", "var/log/lastlog", "var/log/faillog",
-    "var/cache/ldconfig/aux-cache", "etc/machine-id",
+    "var/cache/ldconfig/aux-cache", "etc/machine-id", "usr/share/info/*",
 )
 NONROOT_UID = 65532
 
@@ -244,6 +244,8 @@ def image_ref(image: dict) -> str:
 
 @dataclass(frozen=True)
 class Project:
+    """The checkout (or an export of a commit) the images are built from."""
+    root: Path
     name: str
     version: str
     license: str
@@ -253,8 +255,8 @@ class Project:
     def read(cls, root: Path = ROOT) -> Project:
         meta = tomllib.loads((root / "pyproject.toml").read_text())["project"]
         lic = meta.get("license", {})
-        return cls(meta["name"], meta["version"], lic.get("text", "") if isinstance(lic, dict) else str(lic),
-                   tuple(meta["dependencies"]))
+        return cls(Path(root).resolve(), meta["name"], meta["version"],
+                   lic.get("text", "") if isinstance(lic, dict) else str(lic), tuple(meta["dependencies"]))
 
 
 def _run(argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
@@ -262,42 +264,48 @@ def _run(argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(argv), **kw)
 
 
-def _git(*args: str) -> str:
-    return _run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+def _git(*args: str, root: Path = ROOT) -> str:
+    return _run(["git", "-C", str(root), *args], capture_output=True, text=True).stdout.strip()
 
 
 # Inputs of the images in this checkout; a change to one not yet committed marks the revision dirty.
 SOURCE_INPUTS = ("pyproject.toml", "constraints.txt", "README.md", "operator", "e2e/standin/vllm.py", "images")
 
 
-def revision() -> str:
-    """HEAD's commit, with `-dirty` when the images' inputs differ from it."""
+def revision(root: Path = ROOT) -> str:
+    """HEAD's commit, with `-dirty` when the images' inputs in the work tree differ from it;
+    outside a git checkout, `source-` and a hash of the inputs."""
     try:
-        head = _git("rev-parse", "HEAD")
-        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", *SOURCE_INPUTS)
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown-" + source_hash()[:12]
+        head = _git("rev-parse", "HEAD", root=root)
+        top = _git("rev-parse", "--show-toplevel", root=root)
+        if Path(top).resolve() != Path(root).resolve():
+            raise ValueError("not the top of a checkout")
+        dirty = _git("status", "--porcelain", "--untracked-files=no", "--", *SOURCE_INPUTS, root=root)
+    except (subprocess.CalledProcessError, FileNotFoundError, ValueError):
+        return "source-" + source_hash(root)[:16]
     return head + ("-dirty" if dirty else "")
 
 
-def source_hash() -> str:
-    """sha256 over the images' input files in this checkout (what `revision` cannot see)."""
+def source_hash(root: Path = ROOT) -> str:
+    """sha256 over the images' input files (what `revision` cannot see)."""
     h = hashlib.sha256()
     for rel in SOURCE_INPUTS:
-        p = ROOT / rel
+        p = root / rel
+        if not p.exists():
+            continue
         files = [p] if p.is_file() else sorted(x for x in p.rglob("*") if x.is_file()
                                                 and "__pycache__" not in x.parts and not x.name.endswith(".pyc"))
         for f in files:
-            h.update(str(f.relative_to(ROOT)).encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+            h.update(str(f.relative_to(root)).encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
 
 
-def app_epoch() -> int:
+def app_epoch(root: Path = ROOT) -> int:
     """SOURCE_DATE_EPOCH if set, else HEAD's commit time: the mtime of the app layers' files."""
     if os.environ.get("SOURCE_DATE_EPOCH"):
         return int(os.environ["SOURCE_DATE_EPOCH"])
     try:
-        return int(_git("log", "-1", "--format=%ct"))
+        return int(_git("log", "-1", "--format=%ct", root=root))
     except (subprocess.CalledProcessError, ValueError, FileNotFoundError):
         return BASE_EPOCH
 
@@ -378,6 +386,17 @@ def base_key() -> str:
                       "remove": BASE_REMOVE, "recipe": BASE_RECIPE, "uid": NONROOT_UID})
 
 
+def _keep_only_copyrights(doc: Path) -> None:
+    """dpkg's path filters leave empty directories and symlinks (changelogs of other packages)."""
+    for dirpath, dirnames, filenames in os.walk(doc, topdown=False):
+        for n in filenames + dirnames:
+            p = Path(dirpath) / n
+            if p.is_symlink() or (p.is_file() and n != "copyright"):
+                p.unlink()
+            elif p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
+
+
 def ensure_base() -> tuple[Path, dict]:
     """The base layer (cached): a .tar.gz and its metadata (digest, diff ID, package versions)."""
     key = base_key()
@@ -401,6 +420,7 @@ def ensure_base() -> tuple[Path, dict]:
         for pattern in BASE_REMOVE:
             for p in rootfs.glob(pattern):
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        _keep_only_copyrights(rootfs / "usr/share/doc")
         for sub in ("dev", "proc", "sys"):
             for p in (rootfs / sub).iterdir():
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
@@ -428,7 +448,7 @@ def ensure_base() -> tuple[Path, dict]:
 # Python --------------------------------------------------------------------------------------------
 
 def wheels_key(project: Project) -> str:
-    return cache_key({"constraints": (ROOT / "constraints.txt").read_text(), "deps": project.dependencies,
+    return cache_key({"constraints": (project.root / "constraints.txt").read_text(), "deps": project.dependencies,
                       "pip": PIP_VERSION, "platform": WHEEL_PLATFORMS, "python": PYTHON_VERSION})
 
 
@@ -445,7 +465,7 @@ def ensure_wheels(project: Project) -> Path:
     _run([*pip, "download", "--dest", str(tmp), "--only-binary=:all:",
           *(a for plat in WHEEL_PLATFORMS for a in ("--platform", plat)),
           "--python-version", PYTHON_VERSION, "--implementation", "cp", "--abi", "cp311",
-          "-c", str(ROOT / "constraints.txt"), *project.dependencies])
+          "-c", str(project.root / "constraints.txt"), *project.dependencies])
     _run([*pip, "download", "--dest", str(tmp), "--no-deps", f"pip=={PIP_VERSION}"])
     (tmp / ".complete").write_text("")
     shutil.rmtree(wheels, ignore_errors=True)
@@ -453,20 +473,20 @@ def ensure_wheels(project: Project) -> Path:
     return wheels
 
 
-def build_project_wheel(project: Project, out: Path) -> Path:
+def build_project_wheel(project: Project, out: Path, epoch: int) -> Path:
     """`pip wheel --no-deps` of this checkout, from a copy (an in-tree build would leave
     build/lib and egg-info behind in the checkout)."""
     with tempfile.TemporaryDirectory(prefix="slmfleet-src-") as tmp:
         src = Path(tmp) / "src"
         src.mkdir()
         for rel in ("pyproject.toml", "README.md", "constraints.txt"):
-            shutil.copy2(ROOT / rel, src / rel)
-        shutil.copytree(ROOT / "operator", src / "operator",
+            shutil.copy2(project.root / rel, src / rel)
+        shutil.copytree(project.root / "operator", src / "operator",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
         out.mkdir(parents=True, exist_ok=True)
         _run([sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet", "wheel", "--no-deps",
-              "--wheel-dir", str(out), "-c", str(ROOT / "constraints.txt"), str(src)],
-             env={**os.environ, "SOURCE_DATE_EPOCH": str(app_epoch()), "PIP_CACHE_DIR": str(CACHE / "pip")})
+              "--wheel-dir", str(out), "-c", str(project.root / "constraints.txt"), str(src)],
+             env={**os.environ, "SOURCE_DATE_EPOCH": str(epoch), "PIP_CACHE_DIR": str(CACHE / "pip")})
     (wheel,) = out.glob(f"{project.name}-{project.version}-*.whl")
     return wheel
 
@@ -483,13 +503,13 @@ def deps_key(base_meta: dict, project: Project) -> str:
 
 
 def build_python_layers(rootfs: Path, base_meta: dict, project: Project, layers_dir: Path, *,
-                        reuse_deps: bool) -> dict[str, dict]:
+                        reuse_deps: bool, epoch: int) -> dict[str, dict]:
     """Fills rootfs (the base, extracted) with the venv, the app and the stand-in, and writes
     their layers. The deps layer comes from the cache when reuse_deps and its key matches."""
     wheels = ensure_wheels(project)
     stage = rootfs / "tmp" / "wheels"
     shutil.copytree(wheels, stage)
-    shutil.copy2(ROOT / "constraints.txt", stage / "constraints.txt")
+    shutil.copy2(project.root / "constraints.txt", stage / "constraints.txt")
     layers: dict[str, dict] = {}
     os.umask(0o022)
 
@@ -516,10 +536,9 @@ def build_python_layers(rootfs: Path, base_meta: dict, project: Project, layers_
         cached.with_name(cached.name + ".tmp").replace(cached)
         cached_meta.write_text(json.dumps(layers["deps"]) + "\n")
 
-    epoch = app_epoch()
     step(f"app: slmfleet {project.version} wheel from this checkout")
     before = _tree(rootfs, VENV.strip("/"))
-    wheel = build_project_wheel(project, stage / "app")
+    wheel = build_project_wheel(project, stage / "app", epoch)
     _pip_in_root(rootfs, ["install", "--no-index", "--no-deps", "--no-compile", f"/tmp/wheels/app/{wheel.name}"])
     _pip_in_root(rootfs, ["check"])
     site = f"{VENV}/lib/python{PYTHON_VERSION}/site-packages"
@@ -530,7 +549,7 @@ def build_python_layers(rootfs: Path, base_meta: dict, project: Project, layers_
     step("vllm-standin: the stand-in module and its `vllm` launcher")
     sdir = rootfs / STANDIN_DIR.strip("/")
     sdir.mkdir(parents=True)
-    shutil.copyfile(ROOT / "e2e" / "standin" / "vllm.py", sdir / f"{STANDIN_MODULE}.py")
+    shutil.copyfile(project.root / "e2e" / "standin" / "vllm.py", sdir / f"{STANDIN_MODULE}.py")
     launcher = rootfs / "usr/local/bin/vllm"
     launcher.write_text(
         f"#!{VENV}/bin/python\n"
@@ -648,21 +667,27 @@ IMAGES = {
 }
 
 
-def build_all(out_dir: Path | str | None = None, *, reuse: bool = True) -> dict:
+def build_all(out_dir: Path | str | None = None, *, reuse: bool = True, source: Path | str | None = None,
+              revision_id: str | None = None, epoch: int | None = None) -> dict:
     """Builds both images into out_dir/images/<name>/ and writes out_dir/images.json.
 
     reuse=True: skip everything when the inputs (sources, constraints, base key, recipe) are
     unchanged since the last build into out_dir, and take the deps layer from the cache.
     reuse=False: rebuild the Python layers and the images (the base rootfs still comes from the
-    cache: it is keyed by BASE_SNAPSHOT, not by commit)."""
+    cache: it is keyed by BASE_SNAPSHOT, not by commit).
+
+    source: the tree to build from (default: this checkout, uncommitted changes included, which
+    makes the revision `<HEAD>-dirty`); an export of a commit (`git archive`) with revision_id
+    and epoch (its commit time) builds exactly that commit."""
     started = time.monotonic()
     out = Path(out_dir) if out_dir else ROOT / "build"
     out = out.resolve()
     digests = out / "images.json"
-    project = Project.read()
-    rev = revision()
+    project = Project.read(Path(source) if source else ROOT)
+    rev = revision_id or revision(project.root)
+    epoch = app_epoch(project.root) if epoch is None else int(epoch)
     crane = crane_path()
-    inputs = cache_key({"sources": source_hash(), "revision": rev, "epoch": app_epoch(), "base": base_key(),
+    inputs = cache_key({"sources": source_hash(project.root), "revision": rev, "epoch": epoch, "base": base_key(),
                         "python": PYTHON_RECIPE, "crane": str(crane), "labels_source": source_url(),
                         "build.py": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()})
     stamp = out / "images" / ".inputs"
@@ -685,7 +710,7 @@ def build_all(out_dir: Path | str | None = None, *, reuse: bool = True) -> dict:
         layers_dir.mkdir()
         step("extracting the base")
         _extract(base_layer, rootfs)
-        layers = build_python_layers(rootfs, base_meta, project, layers_dir, reuse_deps=reuse)
+        layers = build_python_layers(rootfs, base_meta, project, layers_dir, reuse_deps=reuse, epoch=epoch)
         for name in ("deps", "app", "standin"):
             step(f"layer {name}: {layers[name]['size'] / 1e6:.1f} MB compressed, {layers[name]['digest'][:19]}")
         step("assembling the images with crane on a loopback registry")
