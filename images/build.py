@@ -416,7 +416,13 @@ def ensure_base() -> tuple[Path, dict]:
                 "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr",  # usr-is-merged, not usrmerge's perl
                 f"--include={','.join(BASE_PACKAGES)}",
                 *(f"--dpkgopt={o}" for o in DPKG_EXCLUDES), SUITE, str(rootfs), MIRROR]
-        _run(argv, env={**os.environ, "SOURCE_DATE_EPOCH": str(BASE_EPOCH)})
+        log = IMAGES_CACHE / f"mmdebstrap-{key}.log"
+        with open(log, "w") as out:
+            done = _run(argv, env={**os.environ, "SOURCE_DATE_EPOCH": str(BASE_EPOCH)}, stdout=out,
+                        stderr=subprocess.STDOUT, check=False)
+        if done.returncode:
+            sys.stderr.write("".join(log.read_text().splitlines(keepends=True)[-40:]))
+            raise SystemExit(f"images: mmdebstrap failed (exit {done.returncode}); log: {log}")
         for pattern in BASE_REMOVE:
             for p in rootfs.glob(pattern):
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
