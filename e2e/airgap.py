@@ -164,16 +164,21 @@ def run(cluster: Cluster, work: Path) -> Record:
     if not images:
         raise RuntimeError("no built images (build/images.json): run `make images` first")
 
-    step(f"The mirror: the cluster's loopback registry {cluster.registry} (pushed at cluster start, by digest)")
+    step(f"The mirror: the cluster's loopback registry {cluster.registry}; the built images pushed by digest")
+    # One snapshot of build/images.json for the whole flow (a rebuild meanwhile must not mix digests).
+    work.mkdir(parents=True, exist_ok=True)
+    snapshot = work / "images.json"
+    snapshot.write_text(json.dumps({"images": images}))
+    cluster.push_images(images)
     for name, image in sorted(images.items()):
-        rec.pushed[name] = cluster.image_ref(name)
+        rec.pushed[name] = cluster.image_ref(name, images)
         say(f"{rec.pushed[name]}  ({image.get('compressedBytes', 0) / 2**20:.1f} MiB compressed)")
-    package = ci.package_chart(work / "charts")
+    package = ci.package_chart(work / "charts", snapshot)
     chart_ref = ci.push_chart(cluster, package)
     version = ci.chart_version()
 
     step("Values without a digest are refused by the chart's schema")
-    bad = ci.values_file(cluster, work / "values-no-digest.yaml")
+    bad = ci.values_file(cluster, work / "values-no-digest.yaml", images=images)
     values = yaml.safe_load(bad.read_text())
     values["image"]["digest"] = ""
     bad.write_text(yaml.safe_dump(values))
@@ -186,7 +191,7 @@ def run(cluster: Cluster, work: Path) -> Record:
 
     step(f"helm install {chart_ref} --version {version}, the operator image's digest missing from the mirror")
     ci.prepare_namespace(cluster, ci.NAMESPACE)
-    missing = ci.values_file(cluster, work / "values-missing-image.yaml", operator_digest=MISSING_DIGEST)
+    missing = ci.values_file(cluster, work / "values-missing-image.yaml", operator_digest=MISSING_DIGEST, images=images)
     helm.run("install", ci.RELEASE, chart_ref, "--version", version, "--plain-http", "-n", ci.NAMESPACE,
              "-f", str(missing))
 
@@ -202,7 +207,7 @@ def run(cluster: Cluster, work: Path) -> Record:
     say(f"{rec.missing_operator_image['pod']}: ImagePullBackOff for {rec.missing_operator_image['image']}")
 
     step("helm upgrade with the digest the mirror has: the operator runs in-cluster")
-    good = ci.values_file(cluster, work / "values.yaml")
+    good = ci.values_file(cluster, work / "values.yaml", images=images)
     helm.run("upgrade", ci.RELEASE, chart_ref, "--version", version, "--plain-http", "-n", ci.NAMESPACE, "-f", str(good))
     rec.operator = ci.wait_operator(cluster, timeout=120)
     pod = kget(cluster, "pod", "-n", ci.NAMESPACE, rec.operator.name)
@@ -226,22 +231,25 @@ def run(cluster: Cluster, work: Path) -> Record:
     say(f"the operator wrote {len(writes)} times as {', '.join(sorted(rec.operator_audit_users)) or '(nobody)'}")
 
     step("helm test")
-    out = helm.run("test", ci.RELEASE, "-n", ci.NAMESPACE, timeout=180)
+    out = helm.run("test", ci.RELEASE, "-n", ci.NAMESPACE, check=False, timeout=180)
     rec.helm_test = out.stdout
+    if out.returncode != 0:
+        raise RuntimeError(f"helm test failed: {out.stderr.strip()}\ntest pod's output:\n"
+                           + ci.container_log(cluster, ci.NAMESPACE, f"{ci.RELEASE}-test-healthz"))
     say(next((line.strip() for line in out.stdout.splitlines() if line.strip().startswith("Phase:")), out.stdout.strip()))
 
     step("helm upgrade to the next release: a changed CRD field and a new operator image digest")
     rec.model_pod_uids = ({p["metadata"]["uid"] for p in model_pods(cluster)}, set())
     base = f"{cluster.registry}/{images['slmfleet']['repository']}"
     next_version = version + "-upgrade"
-    new_ref = subprocess.run([str(binaries()["crane"]), "mutate", cluster.image_ref("slmfleet"),
+    new_ref = subprocess.run([str(binaries()["crane"]), "mutate", cluster.image_ref("slmfleet", images),
                               "--label", "io.slmfleet.test/rebuild=upgrade", "-t", f"{base}:{next_version}"],
                              check=True, capture_output=True, text=True).stdout.strip()
     new_digest = new_ref.split("@", 1)[1]
     say(f"pushed {base}:{next_version}@{new_digest}")
     upgrade_package = upgraded_chart(package, work, next_version)
     ci.push_chart(cluster, upgrade_package)
-    upgrade_values = ci.values_file(cluster, work / "values-upgrade.yaml", operator_digest=new_digest)
+    upgrade_values = ci.values_file(cluster, work / "values-upgrade.yaml", operator_digest=new_digest, images=images)
     doc = yaml.safe_load(upgrade_values.read_text())
     doc["image"]["tag"] = next_version
     upgrade_values.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -268,7 +276,7 @@ def run(cluster: Cluster, work: Path) -> Record:
 
     step("A vLLM image the mirror lacks: the SmallModel says which image, and the running revision keeps serving")
     missing_vllm = ci.values_file(cluster, work / "values-missing-vllm.yaml", operator_digest=new_digest,
-                                  vllm_digest=MISSING_DIGEST)
+                                  vllm_digest=MISSING_DIGEST, images=images)
     doc = yaml.safe_load(missing_vllm.read_text())
     doc["image"]["tag"] = next_version
     missing_vllm.write_text(yaml.safe_dump(doc, sort_keys=False))

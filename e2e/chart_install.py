@@ -90,10 +90,10 @@ def prepare_namespace(cluster: Cluster, namespace: str, restricted: bool = True)
 
 
 def values_file(cluster: Cluster, path: Path, *, operator_digest: str | None = None, vllm_digest: str | None = None,
-                extra: dict | None = None) -> Path:
+                extra: dict | None = None, images: dict[str, dict] | None = None) -> Path:
     """The air-gapped values (charts/slmfleet/ci/airgap-values.yaml) for this cluster: its registry,
     the built images' digests (from build/images.json, never typed), the operator on a process node."""
-    images = built_images()
+    images = images if images is not None else built_images()
     values = yaml.safe_load(AIRGAP_VALUES.read_text())
     values["imageRegistry"] = cluster.registry
     values["image"]["digest"] = operator_digest or images["slmfleet"]["digest"]
@@ -138,6 +138,15 @@ def wait_operator(cluster: Cluster, timeout: float = 120, image: str | None = No
     states = {p["metadata"]["name"]: [c.get("state") for c in p.get("status", {}).get("containerStatuses") or []]
               for p in pods}
     raise TimeoutError(f"no Ready operator pod after {timeout:.0f}s: {states}")
+
+
+def container_log(cluster: Cluster, namespace: str, pod: str) -> str:
+    """What a pod's containers printed, from the node agent's files (a process node serves no
+    kubelet API for `kubectl logs`)."""
+    obj = json.loads(cluster._kubectl("get", "pod", "-n", namespace, pod, "-o", "json").stdout)
+    pod_dir = cluster.dir / "nodes" / obj["spec"]["nodeName"] / "pods" / obj["metadata"]["uid"] / "containers"
+    return "\n".join(f"--- {f.parent.name}\n{f.read_text(errors='replace')[-4000:]}"
+                     for f in sorted(pod_dir.glob("*/output.log")))
 
 
 def healthz(url: str) -> int:

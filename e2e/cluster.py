@@ -247,8 +247,8 @@ class Cluster:
         sched = pki.issue("scheduler", "system:kube-scheduler")
         # kwok acts for every simulated node at once (status, leases, pod status): it gets admin.
         kwok = pki.issue("kwok", "kwok", "system:masters")
-        # The default ClusterRoleBinding system:node-proxier binds this user: Services and endpoints.
-        proxy = pki.issue("service-proxy", "system:kube-proxy")
+        # The service proxy works out endpoints from Pods (see e2e/service_proxy.py): admin, as kwok.
+        proxy = pki.issue("service-proxy", "slmfleet-service-proxy", "system:masters")
         configs = self.dir / "config"
         configs.mkdir(exist_ok=True)
         audit_policy = configs / "audit-policy.yaml"
@@ -399,6 +399,9 @@ class Cluster:
             f"--tls-private-key-file={files['serving_key']}",
             f"--client-ca-file={self.pki.ca.cert}",
             "--authorization-mode=Node,RBAC",
+            # Reach kubelets (logs, exec) by their InternalIP 127.0.0.1, never by resolving a node's
+            # name in DNS, which would ask a resolver off this machine.
+            "--kubelet-preferred-address-types=InternalIP",
             # PodSecurity is on by default; NodeRestriction confines each node agent to its node.
             "--enable-admission-plugins=NodeRestriction",
             f"--service-cluster-ip-range={service_cidr(octet)}",

@@ -2,10 +2,13 @@
 
 The service CIDR is in loopback (127.32.0.0/16), so a ClusterIP is an address this machine owns.
 For every TCP port of every Service with a ClusterIP, this proxy listens on clusterIP:port and
-splices each connection to a ready endpoint (EndpointSlices, as kube-proxy reads them), chosen
-round-robin. It runs once for the whole cluster (every process node shares the host's network),
-as the `system:kube-proxy` user, whose default ClusterRole (system:node-proxier) lets it read
-Services and EndpointSlices.
+splices each connection to a ready endpoint, chosen round-robin. It runs once for the whole
+cluster (every process node shares the host's network).
+
+The endpoints are worked out from Pods, as the endpoint-slice controller would (the selector's
+Ready pods, the target port resolved by name): the API server refuses loopback addresses in
+EndpointSlices, so the controller cannot record pod IPs of 127.x. That is why this proxy reads
+Pods, which kube-proxy never does, and runs with the cluster's admin rights as kwok does.
 
     python -m e2e.service_proxy --kubeconfig FILE --service-cidr 127.32.0.0/16
 """
@@ -46,19 +49,32 @@ def desired_listeners(services: list[dict[str, Any]], cidr: ipaddress.IPv4Networ
     return out
 
 
-def ready_endpoints(slices: list[dict[str, Any]], namespace: str, service: str, port_name: str) -> list[tuple[str, int]]:
-    """The ready (address, port) pairs of a Service port, from its EndpointSlices."""
+def ready_endpoints(service: dict[str, Any], port_name: str, pods: list[dict[str, Any]]) -> list[tuple[str, int]]:
+    """The ready (pod IP, port) pairs behind a Service port: pods of its namespace that match its
+    selector, are Ready and not terminating; a named targetPort is looked up in each pod."""
+    spec = service.get("spec") or {}
+    selector = spec.get("selector") or {}
+    port = next((p for p in spec.get("ports") or [] if (p.get("name") or "") == port_name), None)
+    if not selector or port is None:
+        return []  # no selector: endpoints are the user's to manage (and here, none)
+    target = port.get("targetPort", port["port"])
     out = []
-    for s in slices:
-        meta = s.get("metadata") or {}
-        if meta.get("namespace") != namespace or (meta.get("labels") or {}).get("kubernetes.io/service-name") != service:
+    for pod in pods:
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
+        if meta.get("namespace") != service["metadata"]["namespace"] or meta.get("deletionTimestamp"):
             continue
-        port = next((p.get("port") for p in s.get("ports") or [] if (p.get("name") or "") == port_name), None)
-        if port is None:
+        labels = meta.get("labels") or {}
+        if any(labels.get(k) != v for k, v in selector.items()) or not status.get("podIP"):
             continue
-        for ep in s.get("endpoints") or []:
-            if (ep.get("conditions") or {}).get("ready", True):
-                out += [(addr, int(port)) for addr in ep.get("addresses") or []]
+        if not any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []):
+            continue
+        if isinstance(target, int) or str(target).isdigit():
+            out.append((status["podIP"], int(target)))
+            continue
+        named = [cp["containerPort"] for c in (pod.get("spec") or {}).get("containers") or []
+                 for cp in c.get("ports") or [] if cp.get("name") == target]
+        if named:
+            out.append((status["podIP"], int(named[0])))
     return sorted(out)
 
 
@@ -68,12 +84,14 @@ class ServiceProxy:
         self.cidr = ipaddress.IPv4Network(cidr)
         self.servers: dict[Key, asyncio.base_events.Server] = {}
         self.routes: dict[Key, tuple[str, str, str]] = {}
-        self.slices: list[dict[str, Any]] = []
+        self.services: dict[tuple[str, str], dict[str, Any]] = {}
+        self.pods: list[dict[str, Any]] = []
         self._turn = itertools.count()
 
     async def sync(self) -> None:
         services = (await self.kube.get("/api/v1/services"))["items"]
-        self.slices = (await self.kube.get("/apis/discovery.k8s.io/v1/endpointslices"))["items"]
+        self.pods = (await self.kube.get("/api/v1/pods", params={"fieldSelector": "status.phase=Running"}))["items"]
+        self.services = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in services}
         wanted = desired_listeners(services, self.cidr)
         for key in set(self.servers) - set(wanted):
             self.servers.pop(key).close()
@@ -89,7 +107,8 @@ class ServiceProxy:
 
     async def _forward(self, key: Key, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         route = self.routes.get(key)
-        endpoints = ready_endpoints(self.slices, *route) if route else []
+        service = self.services.get(route[:2]) if route else None
+        endpoints = ready_endpoints(service, route[2], self.pods) if service and route else []
         if not endpoints:
             writer.close()  # as kube-proxy rejects a Service without ready endpoints
             return

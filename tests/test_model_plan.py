@@ -1080,3 +1080,20 @@ def test_a_pod_that_cannot_pull_its_image_degrades_the_model_naming_the_image():
     world.pods = [pod]
     world.reconcile(at(45))
     assert world.condition("Degraded")["status"] == "False"
+
+
+def test_a_new_loader_image_does_not_restart_a_serving_revision_but_new_revisions_get_it():
+    world = placed(World(model_body(), [gpu_node("l4-a", L4, L4_MIB, 1)]))
+    before = copy.deepcopy(world.deployment())
+    [loader] = before["spec"]["template"]["spec"]["initContainers"]
+    # The operator is upgraded: its config names a new loader image (the operator's own image).
+    new_loader = "registry.example/slmfleet/slmfleet:0.2.0@sha256:" + "9" * 64
+    world.config = world.config.model_copy(update={"loader_image": new_loader})
+    assert world.plan(at(60)).writes == 0
+    # A new revision (new weights) is built with the new loader.
+    world.body["spec"]["source"]["digest"] = "sha256:" + "7" * 64
+    world.body["metadata"]["generation"] += 1
+    world.settle(at(90))
+    new_dep = world.deployment(spec_revision(world.body))
+    assert new_dep["spec"]["template"]["spec"]["initContainers"][0]["image"] == new_loader
+    assert loader["image"] != new_loader

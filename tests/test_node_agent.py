@@ -210,9 +210,18 @@ def test_the_service_proxy_routes_cluster_ips_to_ready_endpoints_only():
     ]
     assert service_proxy.desired_listeners(services, ipaddress.IPv4Network("127.62.0.0/16")) == {
         ("127.62.0.9", 8080): ("ns", "op", "http")}
-    slices = [{"metadata": {"namespace": "ns", "labels": {"kubernetes.io/service-name": "op"}},
-               "ports": [{"name": "http", "port": 18080}],
-               "endpoints": [{"addresses": ["127.64.0.5"], "conditions": {"ready": True}},
-                             {"addresses": ["127.64.0.6"], "conditions": {"ready": False}}]}]
-    assert service_proxy.ready_endpoints(slices, "ns", "op", "http") == [("127.64.0.5", 18080)]
-    assert service_proxy.ready_endpoints(slices, "other", "op", "http") == []
+    def pod(ip: str, ready: bool, labels: dict, namespace: str = "ns", deleting: bool = False) -> dict:
+        meta = {"namespace": namespace, "labels": labels, **({"deletionTimestamp": "x"} if deleting else {})}
+        return {"metadata": meta, "spec": {"containers": [{"ports": [{"name": "http", "containerPort": 18080}]}]},
+                "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": str(ready)}]}}
+
+    op = dict(services[0], spec=dict(services[0]["spec"], selector={"app": "op"},
+                                     ports=[{"name": "http", "port": 8080, "targetPort": "http"}]))
+    pods = [pod("127.64.0.5", True, {"app": "op", "x": "y"}), pod("127.64.0.6", False, {"app": "op"}),
+            pod("127.64.0.7", True, {"app": "other"}), pod("127.64.0.8", True, {"app": "op"}, namespace="elsewhere"),
+            pod("127.64.0.9", True, {"app": "op"}, deleting=True)]
+    assert service_proxy.ready_endpoints(op, "http", pods) == [("127.64.0.5", 18080)]
+    numeric = dict(op, spec=dict(op["spec"], ports=[{"name": "http", "port": 8080, "targetPort": 9000}]))
+    assert service_proxy.ready_endpoints(numeric, "http", pods) == [("127.64.0.5", 9000)]
+    unselected = dict(op, spec={k: v for k, v in op["spec"].items() if k != "selector"})
+    assert service_proxy.ready_endpoints(unselected, "http", pods) == []

@@ -144,3 +144,19 @@ def test_the_deprecations_list_is_read_before_any_reconcile_and_a_broken_one_kee
     assert [d.base_model for d in rt.deprecations.entries] == ["org/old"], "the typo un-deprecated nothing"
     assert [(t, r) for t, r, _ in client.events] == [("Warning", "InvalidDeprecations")]
     assert "reson" in client.events[0][2]
+
+
+def test_the_slim_pod_keeps_what_says_an_image_cannot_be_pulled():
+    from slmfleet.handlers.model_plan import image_pull_failure
+    from slmfleet.handlers.operator import _slim_pod
+
+    body = {"metadata": {"name": "p", "namespace": "ns", "labels": {"slmfleet.io/revision": "r1"}},
+            "spec": {"containers": [{"name": "vllm"}]},
+            "status": {"phase": "Pending", "containerStatuses": [
+                {"name": "vllm", "image": "reg/vllm@sha256:" + "1" * 64, "imageID": "",
+                 "state": {"waiting": {"reason": "ImagePullBackOff", "message": "registry text"}}}]}}
+    slim = _slim_pod(body)  # type: ignore[arg-type]
+    assert slim["status"]["containerStatuses"] == [
+        {"name": "vllm", "image": "reg/vllm@sha256:" + "1" * 64, "state": {"waiting": {"reason": "ImagePullBackOff"}}}]
+    message = image_pull_failure([slim], "r1")
+    assert message is not None and "reg/vllm@sha256:" in message and "ImagePullBackOff" in message

@@ -18,9 +18,11 @@ def small_cluster(tmp_path, cluster):  # `cluster`: the session's images are bui
     pools = tmp_path / "pools.yaml"
     pools.write_text(airgap.POOLS)
     small = Cluster(tmp_path / "cluster", airgap.PORT_BASE)
-    small.up(pools, reuse=False)
-    yield small
-    small.down()
+    try:
+        small.up(pools, reuse=False)
+        yield small
+    finally:
+        small.down()
 
 
 def test_air_gapped_install_upgrade_and_uninstall(small_cluster, tmp_path):

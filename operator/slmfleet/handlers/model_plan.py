@@ -279,6 +279,21 @@ def image_pull_failure(pods: Iterable[dict[str, Any]], revision: str) -> str | N
     return None
 
 
+def keep_loader_image(desired: dict[str, Any], live: dict[str, Any] | None) -> dict[str, Any]:
+    """The revision's Deployment with the loader image its live version already has. The loader
+    runs once, when a pod starts, and its image is the operator's own: upgrading the operator must
+    not restart every serving model to swap a loader that has finished. New revisions (and a
+    revision's first Deployment) get the configured loader."""
+    if live is None:
+        return desired
+    running = {c.get("name"): c.get("image")
+               for c in (((live.get("spec") or {}).get("template") or {}).get("spec") or {}).get("initContainers") or []}
+    for c in desired["spec"]["template"]["spec"].get("initContainers") or []:
+        if c["name"] == LOADER_CONTAINER and running.get(LOADER_CONTAINER):
+            c["image"] = running[LOADER_CONTAINER]
+    return desired
+
+
 def _deployment_ready(dep: dict[str, Any] | None, desired: dict[str, Any] | None) -> bool:
     """The Deployment runs exactly the desired template and all its replicas are ready."""
     if dep is None:
@@ -593,7 +608,8 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
 
     try:
         disk = weights.disk_bytes if weights is not None else None
-        desired_dep = with_applied_hash(build_deployment(owner, served_spec, placement, revision, config, disk))
+        desired_dep = with_applied_hash(keep_loader_image(
+            build_deployment(owner, served_spec, placement, revision, config, disk), live))
     except UnsupportedSource as exc:
         return degraded("SourceNotSupported", str(exc), placement)
 

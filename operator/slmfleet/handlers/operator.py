@@ -202,8 +202,15 @@ def _slim_pod(body: kopf.Body) -> dict[str, Any]:
             "conditions": list(status.get("conditions") or []),
             # The weight loader's verdict lives here (exit code and termination message).
             "initContainerStatuses": [
-                {"name": c.get("name"), "state": c.get("state") or {}, "lastState": c.get("lastState") or {}}
+                {"name": c.get("name"), "image": c.get("image"), "state": c.get("state") or {},
+                 "lastState": c.get("lastState") or {}}
                 for c in status.get("initContainerStatuses") or []
+            ],
+            # Only why a container waits (an image that cannot be pulled degrades the model).
+            "containerStatuses": [
+                {"name": c.get("name"), "image": c.get("image"),
+                 "state": {"waiting": {"reason": waiting.get("reason")}} if (waiting := (c.get("state") or {}).get("waiting")) else {}}
+                for c in status.get("containerStatuses") or []
             ],
         },
     }
