@@ -38,15 +38,18 @@ unit: venv ## unit tests only (no cluster)
 unit-explore: venv ## unit tests with fresh random hypothesis examples (make test uses fixed ones)
 	@HYPOTHESIS_PROFILE=explore $(PY) -m pytest tests
 
-test: venv binaries lint ## all tests: unit, then e2e on the local control plane
+test: venv binaries lint images ## all tests: unit, then e2e on the local control plane
 	@$(PY) -m pytest
 
 N ?= 3
 test-repeat: venv binaries ## make test N times (N=3), each on a fresh clone with a cold cluster -> bench/results/flake_rate.json
 	@$(PY) -m e2e.repeat --runs $(N)
 
-demo: venv binaries ## start the cluster and the operator, apply examples/smallmodels/, show the placements
+demo: venv binaries images ## start the cluster, install the operator from the chart in its registry, apply examples/smallmodels/
 	@$(PY) -m e2e.demo
+
+airgap: venv binaries images ## the air-gapped install end to end on a small cluster of its own (chart + images from a loopback registry)
+	@$(PY) -m e2e.airgap
 
 crds: venv ## regenerate crds/ from the pydantic models in operator/slmfleet/api
 	@$(VENV)/bin/slmfleet crds --out crds
@@ -60,6 +63,8 @@ chart: venv ## package build/charts/slmfleet-<version>.tgz, the operator image's
 	@$(PY) charts/package.py
 
 images: venv ## OCI images without Docker (mmdebstrap + crane) -> build/images/, digests in build/images.json
+	@command -v mmdebstrap >/dev/null || { echo "==> [make] installing mmdebstrap (Debian package) for the image build"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap >/dev/null; }
 	@e2e/build-binaries.sh crane
 	@$(PY) -m images.build
 
@@ -70,4 +75,4 @@ bench: venv binaries ## benchmarks; results go to bench/results/
 	@$(PY) -m bench.rollout_decision
 	@$(PY) -m bench.environ_race
 
-.PHONY: help venv binaries cluster-up cluster-down lint unit unit-explore test test-repeat demo crds bench images chart-schema chart
+.PHONY: help venv binaries cluster-up cluster-down lint unit unit-explore test test-repeat demo airgap crds bench images chart-schema chart

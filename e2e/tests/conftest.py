@@ -19,7 +19,7 @@ from typing import Callable
 import pytest
 from kubernetes import client, config
 
-from e2e.cluster import DEFAULT_POOLS, Cluster, default_state_dir
+from e2e.cluster import DEFAULT_POOLS, IMAGES_FILE, Cluster, built_images, default_state_dir
 from e2e.operator_proc import OperatorProcess
 from e2e.s3 import S3Server
 
@@ -35,6 +35,8 @@ DEMO_NAMESPACE = "slmfleet-demo"
 
 @pytest.fixture(scope="session")
 def cluster() -> Cluster:
+    if not built_images():
+        pytest.fail(f"no built images in {IMAGES_FILE}: run `make images` (make test does)")
     c = Cluster(default_state_dir())
     c.up(DEFAULT_POOLS, reuse=False)
     yield c
