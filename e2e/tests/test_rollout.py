@@ -16,6 +16,7 @@ import urllib.request
 
 import pytest
 
+from e2e.argocd_capture import capture
 from e2e.tests.conftest import delete_models, wait_for
 from e2e.tests.test_weights import (
     GROUP,
@@ -164,6 +165,7 @@ def test_an_equal_candidate_is_promoted_and_a_deprecated_base_rolls_back_to_the_
         digest = change_weights(crs, s3, namespace, "eq", RIGHT, seed=2, base="org/base-v2")
         done = wait_phase(crs, namespace, "eq")
         assert done["status"]["phase"] == "Promoted", done["status"]
+        capture("ModelRollout", done, "promoted")  # Argo CD: Healthy
     assert watch.samples > 10 and watch.lowest == 1, "the stable's ready replicas never dropped"
     result = done["status"]["evaluations"][0]
     assert result["verdict"] == "Pass" and result["candidateScore"] == result["stableScore"] == "1.0000"
@@ -193,6 +195,7 @@ def test_an_equal_candidate_is_promoted_and_a_deprecated_base_rolls_back_to_the_
                 serving = m["status"]["servingRevision"]
                 return m if degraded.get("reason") == "BaseModelDeprecated" and serving == stable else None
             model = wait_for(rolled_back, 180, 0.5, "rollback to the last known good revision")
+            capture("SmallModel", model, "deprecated-base")  # Argo CD: Degraded
             assert watch.lowest == 1, "the deprecated revision served until the fallback was ready"
         assert first_digest in condition(model, "Degraded")["message"]
         dep = apps.read_namespaced_deployment(f"eq-{stable}", namespace)
@@ -218,6 +221,7 @@ def test_a_worse_candidate_is_rolled_back_and_the_stable_keeps_its_replicas(
         done = wait_phase(crs, namespace, "worse")
         decided = time.monotonic()
         assert done["status"]["phase"] == "RolledBack", done["status"]
+        capture("ModelRollout", done, "rolledback")  # Argo CD: Degraded
         candidate = done["status"]["candidateRevision"]
         wait_for(lambda: (apps.read_namespaced_deployment(f"worse-{candidate}", namespace).spec.replicas == 0),
                  10, 0.1, "candidate scaled to 0")
@@ -272,6 +276,9 @@ def test_an_operator_killed_mid_rollout_resumes_without_repeating_a_step(
                        startup_seconds=6 if phase == "Pending" else 0)
         caught = wait_phase(crs, namespace, "restart", phase)
         assert caught["status"]["phase"] == phase, caught["status"]
+        capture("ModelRollout", caught, phase.lower())  # Argo CD: Progressing, or Suspended when Paused
+        if phase == "Paused":
+            capture("SmallModel", get(crs, namespace, PLURAL, "restart"), "canary")  # the stable serves: Healthy
         operator.kill()  # SIGKILL: no chance to finish anything
         operator.start()
         done = wait_phase(crs, namespace, "restart")

@@ -13,6 +13,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from e2e.argocd_capture import capture
 from e2e.cluster import kubectl_binary
 from e2e.operator_proc import OperatorProcess, audit_writes
 from e2e.tests.conftest import PENDING_TIMEOUT, delete_models, wait_for
@@ -99,6 +100,7 @@ def events_for(core, namespace, name) -> list[str]:
 def test_small_model_is_placed_on_a_small_device_and_becomes_ready(operator, crs, core, apps, namespace):
     create(crs, namespace, model_body("qwen-small", QWEN_05B, serving={"maxModelLen": 8192, "concurrency": 4}))
     obj = wait_condition(crs, namespace, "qwen-small", "Ready", "True", "Serving")
+    capture("SmallModel", obj, "serving")  # Argo CD: Healthy
     placement = obj["status"]["placement"]
     # A 0.5B model gets a MIG slice or an L4, never a whole H100 or A100.
     assert "MIG" in placement["gpuProduct"] or placement["gpuProduct"] == "NVIDIA-L4", placement
@@ -124,8 +126,10 @@ def test_small_model_is_placed_on_a_small_device_and_becomes_ready(operator, crs
 def test_spec_change_rolls_to_a_new_revision_and_retires_the_old(operator, crs, core, apps, namespace):
     create(crs, namespace, model_body("qwen-rev", QWEN_05B, serving={"maxModelLen": 4096}))
     first = wait_condition(crs, namespace, "qwen-rev", "Ready", "True")["status"]["revision"]
-    crs.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "qwen-rev",
-                                       {"spec": {"serving": {"maxModelLen": 4096, "extraArgs": ["--enable-prefix-caching"]}}})
+    patched = crs.patch_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, "qwen-rev",
+        {"spec": {"serving": {"maxModelLen": 4096, "extraArgs": ["--enable-prefix-caching"]}}})
+    capture("SmallModel", patched, "stale-generation")  # Argo CD: Progressing until the operator catches up
     obj = wait_condition(crs, namespace, "qwen-rev", "Ready", "True", "Serving")
     second = obj["status"]["revision"]
     assert second != first
@@ -170,6 +174,7 @@ def test_model_that_fits_nowhere_is_degraded_with_actionable_reasons(operator, c
     create(crs, namespace, model_body("qwen-14b-l4", QWEN_14B, serving={"maxModelLen": 32768},
                                       resources={"gpuProducts": ["NVIDIA-L4"], "gpuCount": 1}))
     obj = wait_condition(crs, namespace, "qwen-14b-l4", "Degraded", "True", "NoFit")
+    capture("SmallModel", obj, "nofit")  # Argo CD: Degraded
     message = condition(obj, "Degraded")["message"]
     assert "needs" in message and "GiB" in message and "NVIDIA-L4" in message, message
     assert condition(obj, "Ready")["status"] == "False"
@@ -227,6 +232,7 @@ def test_pods_pending_too_long_move_to_the_next_fallback(operator, crs, core, na
                                       resources={"nodeSelector": {"slmfleet.io/pool": pool}}))
     first = wait_for(lambda: get(crs, namespace, "falls-back").get("status", {}).get("placement"), 60, what="placement")
     assert first["gpuProduct"] == "NVIDIA-L4"
+    capture("SmallModel", get(crs, namespace, "falls-back"), "pending")  # Argo CD: Progressing
     obj = wait_condition(crs, namespace, "falls-back", "Ready", "True", timeout=PENDING_TIMEOUT + 60)
     assert obj["status"]["placement"]["gpuProduct"] == "NVIDIA-L40S"
     excluded = obj["status"]["excludedPlacements"]
