@@ -30,6 +30,7 @@ import yaml
 from e2e import chart_install as ci
 from e2e.cluster import REPO, Cluster, binaries, built_images
 from e2e.operator_proc import audit_writes
+from e2e.wait import wait_for
 
 PORT_BASE = 36443
 MODELS = "airgap-models"
@@ -80,17 +81,6 @@ class Record:
     model_pod_uids: tuple[set[str], set[str]] = (set(), set())
     missing_vllm_image: dict = field(default_factory=dict)
     after_uninstall: dict[str, bool] = field(default_factory=dict)
-
-
-def wait_for(what: str, check: Callable[[], object], timeout: float = 120, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; last: {last!r}")
 
 
 def kget(cluster: Cluster, *args: str) -> dict:
@@ -203,7 +193,7 @@ def run(cluster: Cluster, work: Path) -> Record:
                     return {"pod": pod["metadata"]["name"], "image": c["image"], **waiting}
         return None
 
-    rec.missing_operator_image = wait_for("the operator pod's ImagePullBackOff", pull_backoff, 60)
+    rec.missing_operator_image = wait_for(pull_backoff, 60, what="the operator pod's ImagePullBackOff")
     say(f"{rec.missing_operator_image['pod']}: ImagePullBackOff for {rec.missing_operator_image['image']}")
 
     step("helm upgrade with the digest the mirror has: the operator runs in-cluster")
@@ -220,8 +210,8 @@ def run(cluster: Cluster, work: Path) -> Record:
     ci.apply(cluster, *objects[:2])
     cluster._kubectl("wait", "-n", MODELS, "--for=jsonpath={.status.phase}=Bound", "pvc/weights", "--timeout=60s")
     ci.apply(cluster, objects[2])
-    model = wait_for("the model Ready", lambda: (m := kget(cluster, "sm", "-n", MODELS, MODEL))
-                     and condition(m, "Ready").get("status") == "True" and m, 180)
+    model = wait_for(lambda: (m := kget(cluster, "sm", "-n", MODELS, MODEL))
+                     and condition(m, "Ready").get("status") == "True" and m, 180, 0.5, "the model Ready")
     pods = model_pods(cluster)
     ip = next(p["status"]["podIP"] for p in pods if p["status"].get("podIP"))
     rec.answer = chat(ip, "What is the capital of France?")
@@ -262,7 +252,7 @@ def run(cluster: Cluster, work: Path) -> Record:
     spec_props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     rec.crd_has_upgrade_field = UPGRADE_FIELD in spec_props
     # The new operator resyncs every model on start: give it time to (not) write.
-    wait_for("the new operator's first reconciles", lambda: ci.healthz(rec.upgraded_operator.url) == 200, 60)
+    wait_for(lambda: ci.healthz(rec.upgraded_operator.url) == 200, 60, what="the new operator healthy")
     time.sleep(8)
     _, writes = audit_writes(cluster, user=f"system:serviceaccount:{ci.NAMESPACE}:{ci.RELEASE}-operator", since_line=mark)
     rec.writes_to_models_during_upgrade = [
@@ -282,9 +272,8 @@ def run(cluster: Cluster, work: Path) -> Record:
     missing_vllm.write_text(yaml.safe_dump(doc, sort_keys=False))
     helm.run("upgrade", ci.RELEASE, chart_ref, "--version", next_version, "--plain-http", "-n", ci.NAMESPACE,
              "-f", str(missing_vllm))
-    degraded = wait_for("Degraded ImagePullFailed", lambda: (c := condition(kget(cluster, "sm", "-n", MODELS, MODEL),
-                                                                            "Degraded"))
-                        and c.get("reason") == "ImagePullFailed" and c, 180)
+    degraded = wait_for(lambda: (c := condition(kget(cluster, "sm", "-n", MODELS, MODEL), "Degraded"))
+                        and c.get("reason") == "ImagePullFailed" and c, 180, 0.5, "Degraded ImagePullFailed")
     rec.missing_vllm_image = degraded
     say(f"Degraded={degraded['status']} {degraded['reason']}: {degraded['message']}")
 

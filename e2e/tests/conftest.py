@@ -22,6 +22,7 @@ from kubernetes import client, config
 from e2e.cluster import DEFAULT_POOLS, IMAGES_FILE, Cluster, built_images, default_state_dir
 from e2e.operator_proc import OperatorProcess
 from e2e.s3 import S3Server
+from e2e.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -122,17 +123,6 @@ def wait_gone(find: Callable[[], list[str]], timeout: float, what: str) -> None:
     while (left := find()) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not left, f"{what} still there after {timeout:.0f}s: {left}"
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 60, interval: float = 0.2, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
 def pod_events(core: client.CoreV1Api, namespace: str, pod: str) -> list[client.CoreV1Event]:
