@@ -3,7 +3,8 @@
 The scripts run in the Go harness of e2e/argocd_health (gopher-lua with only the libraries Argo CD
 opens for argocd-cm health scripts). Checked here: both health_test.yaml suites; the verdict on the
 statuses the operator's own plan code writes, phase by phase (the simulated worlds of
-test_model_plan and test_rollout_plan); that argocd-cm-patch.yaml is generated from the .lua files;
+test_model_plan and test_rollout_plan); that each health.lua is generated from lib/common.lua and its
+kind's rules.lua, and argocd-cm-patch.yaml from the health.lua files;
 and that the harness really lacks the string library (a script that needs it fails there).
 """
 
@@ -27,7 +28,7 @@ from e2e.argocd_health import (
     run_script,
     script_path,
 )
-from e2e.argocd_health import cm_patch
+from e2e.argocd_health import cm_patch, scripts
 from slmfleet.api.conditions import Condition, set_condition
 from slmfleet.api.smallmodel import SmallModelStatus
 from slmfleet.handlers.rollout_plan import plan_not_governing
@@ -127,6 +128,71 @@ def test_a_changed_script_shows_as_drift(tmp_path, monkeypatch):
         (changed / kind / "health.lua").write_text(script_path(kind).read_text() + "-- edited\n")
     monkeypatch.setattr(cm_patch, "CHECKS", changed)
     assert cm_patch.render() != (CHECKS.parent / "argocd-cm-patch.yaml").read_text()
+
+
+# --- health.lua generated from lib/common.lua and <Kind>/rules.lua --------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_health_script_is_generated_from_common_and_its_rules(kind):
+    common, rules = scripts.source_paths(kind)
+    assert script_path(kind).read_text() == scripts.render(kind), "regenerate: python -m e2e.argocd_health.cm_patch"
+    generated = script_path(kind).read_text()
+    assert generated.startswith(scripts.header(kind)) and "GENERATED" in scripts.header(kind)
+    # the header, then common.lua, then the kind's rules, each whole and in that order
+    at_common = generated.index(common.read_text())
+    assert generated.index(rules.read_text(), at_common) > at_common
+
+
+def test_the_shared_helpers_are_written_once_in_common_lua():
+    declared = re.compile(r"^local\s+(?:function\s+)?(\w+)", re.M)
+    shared = set(declared.findall(scripts.source_paths(KINDS[0])[0].read_text()))
+    assert {"find", "text", "describe", "health", "current", "status", "generation", "ready"} <= shared
+    for kind in KINDS:
+        rules = scripts.source_paths(kind)[1].read_text()
+        assert "local function" not in rules, f"{kind}: helpers belong in lib/common.lua"
+        assert not shared & set(declared.findall(rules)), f"{kind}: redeclares common.lua's locals"
+
+
+def test_an_edited_source_or_health_script_shows_as_drift(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    argocd = tmp_path / "argocd"
+    shutil.copytree(CHECKS.parent, argocd)
+    monkeypatch.setattr(cm_patch, "CHECKS", argocd / "slmfleet.io")
+    assert cm_patch.main(["--check"]) == 0
+
+    # a hand edit of a generated health.lua
+    edited = argocd / "slmfleet.io" / "SmallModel" / "health.lua"
+    edited.write_text(edited.read_text() + "-- edited\n")
+    assert cm_patch.main(["--check"]) == 1
+    assert "SmallModel/health.lua is out of date" in capsys.readouterr().err
+    assert cm_patch.main([]) == 0 and cm_patch.main(["--check"]) == 0
+    assert "-- edited" not in edited.read_text()
+
+    # an edit of common.lua reaches both scripts and the patch
+    common = argocd / "lib" / "common.lua"
+    common.write_text(common.read_text().replace("waiting for the operator\")", "waiting for slmfleet\")"))
+    assert cm_patch.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert all(f"{kind}/health.lua is out of date" in err for kind in KINDS) and "argocd-cm-patch.yaml" in err
+    assert cm_patch.main([]) == 0 and cm_patch.main(["--check"]) == 0
+    for kind in KINDS:
+        script = argocd / "slmfleet.io" / kind / "health.lua"
+        assert run_script(script, {"kind": kind}) == ("Progressing", "waiting for slmfleet")
+    patch = yaml.safe_load((argocd / "argocd-cm-patch.yaml").read_text())
+    assert all("waiting for slmfleet" in v for v in patch["data"].values())
+
+
+def test_a_source_the_patch_could_not_hold_byte_for_byte_is_refused(tmp_path):
+    import shutil
+
+    argocd = tmp_path / "argocd"
+    shutil.copytree(CHECKS.parent, argocd)
+    rules = argocd / "slmfleet.io" / "ModelRollout" / "rules.lua"
+    rules.write_text(rules.read_text().replace("paused = true\n", "paused = true  \n"))
+    with pytest.raises(ValueError, match="trailing blanks"):
+        scripts.render("ModelRollout", argocd / "slmfleet.io")
 
 
 # --- the statuses the operator writes, phase by phase -------------------------------------------------

@@ -4,7 +4,8 @@
     status, message = health(live_smallmodel, "SmallModel")      # ("Healthy", "Serving: ...")
     results = run_health_tests(CHECKS / "SmallModel")           # Argo CD's health_test.yaml layout
 
-The scripts are `charts/slmfleet/argocd/slmfleet.io/<Kind>/health.lua`. They run in the Go harness
+The scripts are `charts/slmfleet/argocd/slmfleet.io/<Kind>/health.lua` (generated from
+`lib/common.lua` and `<Kind>/rules.lua` by `python -m e2e.argocd_health.cm_patch`). They run in the Go harness
 of this directory (main.go: gopher-lua v1.1.2 with only the libraries Argo CD opens for argocd-cm
 health scripts, the `obj` global built as Argo CD builds it). The harness is built with `go build`
 on first use into `~/.cache/slmfleet/argocd-health-<hash>/` (`$SLMFLEET_CACHE` overrides the
