@@ -32,7 +32,7 @@ from tests.sizing_configs import QWEN2_5_0_5B, QWEN2_5_14B
 from tests.sizing_nodes import default_fleet, gpu_node, gpu_pod
 
 # A well-formed pinned reference, as the chart renders it.
-IMAGE = "docker.io/vllm/vllm-openai:v0.11.0@sha256:ef2217d00eb6bae0b8b6fe8608bb8d8fc51a736ec59f80d56bdf31ef43a9b669"
+IMAGE = "docker.io/vllm/vllm-openai:v0.11.0@sha256:" + "5" * 64  # a test value, not the registry's digest
 LOADER_IMAGE = "slmfleet/slmfleet:0.1.0@sha256:" + "c" * 64
 CONFIG = OperatorConfig.model_validate({"vllmImage": IMAGE, "loaderImage": LOADER_IMAGE})
 FAST_PENDING = OperatorConfig.model_validate({"vllmImage": IMAGE, "loaderImage": LOADER_IMAGE, "pendingTimeoutSeconds": 10})
