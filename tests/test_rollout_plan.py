@@ -403,3 +403,67 @@ def test_an_evaluation_that_cannot_run_is_reported_held_and_retried_not_rolled_b
     world.snapshots[eid] = EvaluationSnapshot("error", "dataset unavailable", may_retry=True)
     plan = world.reconcile(at(40))
     assert plan.rollout.start is not None and plan.rollout.start.evaluation_id == eid
+
+
+def test_a_rollout_started_in_the_grace_period_still_retires_the_replaced_revision_and_then_proceeds():
+    """Two GPUs, one each for the serving revision and a canary. Promote, then change the model
+    again while the replaced revision still holds its GPU: the new candidate fits nowhere, says so
+    on the rollout, and proceeds on its own once the grace period has retired the old revision."""
+    from tests.test_model_plan import L4, L4_MIB, gpu_node, revision_pod
+
+    world = RolloutWorld(model_body(), rollout_body(steps=[{"setWeight": 100}], scaleDownDelaySeconds=60))
+    world.nodes = [gpu_node("l4-a", L4, L4_MIB, 1), gpu_node("l4-b", L4, L4_MIB, 1)]
+    where: dict[str, str] = {}
+
+    def run_pods() -> None:
+        """The scheduler and the kubelets: one pod per live Deployment, each on a free node."""
+        live = [o for (kind, _), o in world.objects.items() if kind == "Deployment" and o["spec"]["replicas"] > 0]
+        for name in list(where):
+            if ("Deployment", name) not in world.objects:
+                del where[name]
+        pods = []
+        for dep in live:
+            name = dep["metadata"]["name"]
+            free = [n["metadata"]["name"] for n in world.nodes if n["metadata"]["name"] not in where.values()]
+            if name not in where and free:
+                where[name] = free[0]
+            pods.append(revision_pod(dep, f"{name}-pod", node=where.get(name)))
+        world.pods = pods
+
+    world.settle(T0)
+    run_pods()
+    world.mark_ready()
+    world.settle(at(1))
+    first = world.status["servingRevision"]
+
+    second = new_candidate(world)
+    world.settle(at(2))
+    run_pods()
+    world.candidate_ready()
+    world.settle(at(3))
+    assert world.rollout_status["phase"] == "Promoted" and world.status["servingRevision"] == second
+    world.mark_ready(second)
+    run_pods()
+
+    third = new_candidate(world, digest=THIRD_DIGEST, base="org/base-v3")
+    world.settle(at(10))  # 7 s after the promotion: the first revision is in its grace period
+    run_pods()
+    world.settle(at(11))
+    assert ("Deployment", f"{NAME}-{first}") in world.objects
+    assert condition(world.status, "Degraded")["reason"] == "NoFit"
+    progressing = condition(world.rollout_status, "Progressing")
+    assert (progressing["status"], progressing["reason"]) == ("False", "CandidateUnschedulable")
+    assert third in progressing["message"] and "NVIDIA-L4" in progressing["message"]
+    assert "CandidateUnschedulable" in reasons(world.rollout_events)
+    plan = world.plan(at(12))
+    assert plan.requeue_after is not None and plan.requeue_after <= 52, "it looks again when the grace ends"
+
+    world.settle(at(64))  # the grace period (60 s from the promotion at 3 s) is over
+    assert ("Deployment", f"{NAME}-{first}") not in world.objects
+    run_pods()
+    world.settle(at(65))
+    assert ("Deployment", f"{NAME}-{third}") in world.objects, "the candidate is placed on the freed GPU"
+    run_pods()
+    world.candidate_ready()
+    world.settle(at(66))
+    assert world.rollout_status["phase"] == "Promoted" and world.status["servingRevision"] == third

@@ -317,6 +317,43 @@ def _revision_of_object(obj: dict[str, Any]) -> str | None:
     return (obj.get("metadata", {}).get("labels") or {}).get(REVISION_LABEL)
 
 
+def retirement_grace(history: Iterable[RevisionRecord], delay_seconds: int | None,
+                     now: dt.datetime) -> dict[str, dt.datetime]:
+    """Revisions replaced under a ModelRollout whose grace period (its scaleDownDelaySeconds from
+    when their successor started serving) is still running: revision -> when it ends. The history
+    is the clock, not the rollout that replaced them: a rollout that starts during the grace period
+    must not keep them for good."""
+    if not delay_seconds:
+        return {}
+    records = list(history)
+    grace: dict[str, dt.datetime] = {}
+    for i, record in enumerate(records):
+        if record.outcome != "Replaced":
+            continue
+        successor = next((h for h in records[i + 1:] if h.outcome != "RolledBack"), None)
+        since = _parse_time(successor.since) if successor is not None else None
+        if since is not None and now < (ends := since + dt.timedelta(seconds=delay_seconds)):
+            grace[record.revision] = ends
+    return grace
+
+
+def retirements(objects: Iterable[dict[str, Any]], keep: set[str | None], grace: dict[str, dt.datetime],
+                now: dt.datetime) -> tuple[list[Deletion], float | None]:
+    """The Deployments and Services of revisions that are neither kept nor in their grace period,
+    and when to look again for those that are."""
+    delete: list[Deletion] = []
+    requeue: float | None = None
+    for obj in objects:
+        obj_revision = _revision_of_object(obj)
+        if obj_revision is None or obj_revision in keep or obj["metadata"].get("deletionTimestamp") is not None:
+            continue
+        if obj_revision in grace:
+            requeue = _sooner(requeue, (grace[obj_revision] - now).total_seconds() + 0.5)
+            continue
+        delete.append(Deletion(obj["apiVersion"], obj["kind"], obj["metadata"]["name"], obj["metadata"].get("uid", "")))
+    return delete, requeue
+
+
 class _Status:
     """Builds the next status from the previous one, moving transition times only on change."""
 
@@ -490,11 +527,25 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
                 "sizing_inputs": inputs,
             }
         )
-        # A candidate that cannot serve for good (its weights fail their pin) fails its rollout.
+        # A candidate that cannot serve for good (its weights fail their pin) fails its rollout; one
+        # that fits nowhere says so on the rollout too.
         rollout = rollout_plan(candidate_failure=f"{reason}: {message}" if permanent else None,
-                               candidate_ready=_ready_replicas(deployments.get(revision)) > 0)
-        return dataclasses.replace(_finish(old, new, _hold_canary(rollout, placement), [], events, requeue),
-                                   rollout=rollout)
+                               candidate_ready=_ready_replicas(deployments.get(revision)) > 0,
+                               candidate_unschedulable=message if reason == "NoFit" else None)
+        # Replaced revisions retire on time whatever else fails: one that outlived its grace period
+        # may be what holds the GPUs the candidate waits for.
+        delete, retry = retirements((*obs.deployments, *obs.services), {revision, serving, stable},
+                                    grace_of(rollout, old.history), now)
+        if delete:
+            events.append(EventNote("Normal", "RevisionRetired", "removed " + ", ".join(
+                sorted({d.name for d in delete if d.kind == "Deployment"})) + ": replaced, its grace period over"))
+        return dataclasses.replace(
+            _finish(old, new, _hold_canary(rollout, placement), delete, events, _sooner(requeue, retry)),
+            rollout=rollout)
+
+    def grace_of(rollout: RolloutPlan | None, history: Iterable[RevisionRecord]) -> dict[str, dt.datetime]:
+        delay = rollout.spec.scale_down_delay_seconds if rollout is not None and rollout.spec is not None else None
+        return retirement_grace(history, delay, now)
 
     def _hold_canary(rollout: RolloutPlan | None, placement: Placement | None) -> list[dict[str, Any]]:
         """While the candidate cannot be built anew, the weight and (after a rollback) its replicas
@@ -636,29 +687,6 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
             owner, traffic, serving, revision if in_canary else None, rollout.weight if in_canary else 0, config)))
     apply = _changed(desired, (*obs.deployments, *obs.services, obs.route))
 
-    # Old revisions go once the desired one serves: a plain replacement without a gap. Under a
-    # rollout, the stable stays until the candidate is promoted, then for the rollout's grace period.
-    wanted = {(o["kind"], o["metadata"]["name"]) for o in desired}
-    keep_revisions = {revision, stable} if governed else {revision}
-    retire_at = rollout.retire_replaced_at if rollout is not None and serving == revision else None
-    delete: list[Deletion] = []
-    if serving == revision or governed:
-        for obj in (*obs.deployments, *obs.services):
-            key = (obj["kind"], obj["metadata"]["name"])
-            obj_revision = _revision_of_object(obj)
-            if key in wanted or obj["metadata"].get("deletionTimestamp") is not None:
-                continue
-            if governed and (obj_revision is None or obj_revision in keep_revisions):
-                continue
-            if retire_at is not None and now < retire_at and obj_revision is not None:
-                continue  # the replaced revision's grace period after a promotion
-            delete.append(Deletion(obj["apiVersion"], obj["kind"], obj["metadata"]["name"], obj["metadata"].get("uid", "")))
-        retired = sorted({d.name for d in delete if d.kind == "Deployment"})
-        if retired:
-            events.append(EventNote("Normal", "RevisionRetired", f"revision {serving} serves; removed {', '.join(retired)}"))
-    if retire_at is not None and now < retire_at and any(_revision_of_object(d) != revision for d in obs.deployments):
-        wait = (retire_at - now).total_seconds() + 0.5
-        requeue = wait if requeue is None else min(requeue, wait)
     if old.revision != revision:
         events.append(EventNote("Normal", "NewRevision", f"revision {revision} for digest {model.spec.source.digest[:19]}…"))
     said = find(old.conditions, "Degraded")
@@ -718,6 +746,16 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         history = [h.model_copy(update={"outcome": "Replaced"}) if h.outcome == "Serving" else h for h in history]
         history.append(RevisionRecord(outcome="Serving", **record))
     history = history[-MAX_HISTORY:]
+
+    # Old revisions go once the desired one serves: a plain replacement without a gap. Under a
+    # rollout, the stable stays until the candidate is promoted, and a replaced revision for the
+    # rollout's grace period after its successor started serving.
+    keep = {revision, serving, stable} if governed else {revision, serving}
+    delete, retry = retirements((*obs.deployments, *obs.services), keep, grace_of(rollout, history), now)
+    requeue = _sooner(requeue, retry)
+    retired = sorted({d.name for d in delete if d.kind == "Deployment"})
+    if retired:
+        events.append(EventNote("Normal", "RevisionRetired", f"revision {serving} serves; removed {', '.join(retired)}"))
 
     new = old.model_copy(
         update={

@@ -90,7 +90,6 @@ class RolloutPlan:
     start: StartEvaluation | None = None
     promoted: bool = False
     failed: str | None = None  # why the candidate was rolled back or refused (final)
-    retire_replaced_at: dt.datetime | None = None  # after a promotion: when the replaced revision may go
     requeue_after: float | None = None
     phase: str | None = None
     rollback_reason: str | None = None  # a rollback decided this time, by kind (for metrics)
@@ -144,9 +143,12 @@ def _verdict_of(result: Mapping[str, Any]) -> str:
 def plan_rollout(ro: RolloutObserved, *, owner: ModelOwner, stable: str | None, candidate: str, replicas: int,
                  candidate_ready: bool, candidate_failure: str | None, base_deprecated: str | None,
                  history: list[RevisionRecord], model_service: dict[str, Any] | None,
-                 route: dict[str, Any] | None, now: dt.datetime) -> RolloutPlan:
+                 route: dict[str, Any] | None, now: dt.datetime,
+                 candidate_unschedulable: str | None = None) -> RolloutPlan:
     """The rollout's plan. `stable` is the revision serving now (None: nothing serves yet),
     `candidate` the model's desired revision; they are equal when there is nothing to roll out.
+    `candidate_unschedulable` says why the candidate cannot be placed or scheduled, if it cannot:
+    the rollout waits for it (it proceeds on its own when capacity frees) and says so.
     `model_service` and `route` are the live objects that carry the weight: it is read back from
     them, so a weight applied before its status write was lost is recognised, not applied again."""
     meta = ro.body.get("metadata") or {}
@@ -260,6 +262,15 @@ def plan_rollout(ro: RolloutObserved, *, owner: ModelOwner, stable: str | None, 
         degraded_reason = "BaseModelDeprecated"
     elif notes and not failed:
         degraded_reason = "EvaluationError"  # it cannot run (dataset, stable): held, retried, not rolled back
+    conditions = _conditions(list(old.conditions), state.phase, text, generation, now, degraded_reason)
+    if candidate_unschedulable and state.phase == "Pending" and not candidate_ready:
+        text = f"the candidate revision {candidate} cannot be placed yet: {candidate_unschedulable}"
+        conditions = set_condition(conditions, Condition(
+            type="Progressing", status="False", reason="CandidateUnschedulable", message=text[:2000],
+            observed_generation=generation), _rfc3339(now))
+        said = next((c for c in old.conditions if c.type == "Progressing"), None)
+        if said is None or said.reason != "CandidateUnschedulable":
+            events.append(EventNote("Warning", "CandidateUnschedulable", text[:1000]))
     new = old.model_copy(update={
         **_state_fields(state),
         "observed_generation": generation,
@@ -267,11 +278,10 @@ def plan_rollout(ro: RolloutObserved, *, owner: ModelOwner, stable: str | None, 
         "evaluations": evaluations[-64:],
         "message": text[:4000],
         "retry": retry if retry else old.retry,
-        "conditions": _conditions(list(old.conditions), state.phase, text, generation, now, degraded_reason),
+        "conditions": conditions,
     })
-    retire = now + dt.timedelta(seconds=rollout.spec.scale_down_delay_seconds) if promoted else None
     plan = RolloutPlan(governed=True, weight=0 if failed else state.weight, candidate_replicas=candidate_replicas,
-                       traffic=traffic, start=start, promoted=promoted, failed=failed, retire_replaced_at=retire,
+                       traffic=traffic, start=start, promoted=promoted, failed=failed,
                        requeue_after=requeue, phase=state.phase, rollback_reason=rollback_reason,
                        spec=rollout.spec)
     return _finish(old, new, events, plan)
@@ -326,12 +336,7 @@ def _idle(ro: RolloutObserved, rollout: ModelRollout, old: ModelRolloutStatus, s
                "conditions": _conditions(list(old.conditions), "Promoted" if phase == "Promoted" else None, message,
                                          generation, now, "BaseModelDeprecated" if base_deprecated else None)}
     new = old.model_copy(update=update)
-    retire = None
-    if phase == "Promoted" and stable is not None and new.candidate_revision == stable and new.step_started_at:
-        started = dt.datetime.fromisoformat(new.step_started_at.replace("Z", "+00:00"))
-        retire = started + dt.timedelta(seconds=rollout.spec.scale_down_delay_seconds)
-    return _finish(old, new, events, RolloutPlan(governed=False, traffic=traffic, phase=phase,
-                                                 retire_replaced_at=retire, spec=rollout.spec))
+    return _finish(old, new, events, RolloutPlan(governed=False, traffic=traffic, phase=phase, spec=rollout.spec))
 
 
 def _finish(old: ModelRolloutStatus, new: ModelRolloutStatus, events: list[EventNote], plan: RolloutPlan) -> RolloutPlan:
