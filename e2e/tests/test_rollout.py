@@ -362,3 +362,34 @@ def test_replica_ratio_weights_and_a_live_error_rate_regression_roll_back(
     assert watch.lowest == 1
     wait_for(lambda: core.read_namespaced_service("errs", namespace).spec.selector.get("slmfleet.io/revision") == stable,
              15, 0.2, "the Service back on the stable")
+
+
+def test_a_rollout_started_during_the_grace_period_waits_for_capacity_and_completes(
+        operator, s3, crs, core, apps, namespace, cleanup):
+    """The two process nodes have one L4 each: the stable and one canary. Promote, change the model
+    again while the replaced revision still holds its GPU: the new candidate fits nowhere until the
+    grace period retires the replaced revision, says so on the rollout, then completes on its own."""
+    first, _ = stable_under_rollout(s3, crs, core, namespace, "again", [{"setWeight": 100}], scale_down=20)
+    change_weights(crs, s3, namespace, "again", RIGHT, seed=7, base="org/base-v1")
+    promoted = wait_phase(crs, namespace, "again")
+    assert promoted["status"]["phase"] == "Promoted", promoted["status"]
+    second = promoted["status"]["candidateRevision"]
+    assert apps.read_namespaced_deployment(f"again-{first}", namespace), "the replaced revision is in its grace period"
+
+    change_weights(crs, s3, namespace, "again", RIGHT, seed=8, base="org/base-v1")
+
+    def unschedulable():
+        status = get(crs, namespace, MR_PLURAL, "again").get("status") or {}
+        progressing = condition({"status": status}, "Progressing")
+        return status if progressing.get("reason") == "CandidateUnschedulable" else None
+    waiting = wait_for(unschedulable, 60, 0.3, "the rollout to say the candidate cannot be placed")
+    assert waiting["candidateRevision"] not in (first, second)
+    assert "NVIDIA-L4" in condition({"status": waiting}, "Progressing")["message"]
+
+    done = wait_phase(crs, namespace, "again", timeout=180)
+    assert done["status"]["phase"] == "Promoted", done["status"]
+    assert done["status"]["candidateRevision"] == waiting["candidateRevision"]
+    names = {d.metadata.name for d in apps.list_namespaced_deployment(namespace).items}
+    assert f"again-{first}" not in names
+    reasons = [r for r, _ in events_of(core, namespace, "again")]
+    assert "CandidateUnschedulable" in reasons and "RevisionRetired" in reasons
