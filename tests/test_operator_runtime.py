@@ -160,3 +160,20 @@ def test_the_slim_pod_keeps_what_says_an_image_cannot_be_pulled():
         {"name": "vllm", "image": "reg/vllm@sha256:" + "1" * 64, "state": {"waiting": {"reason": "ImagePullBackOff"}}}]
     message = image_pull_failure([slim], "r1")
     assert message is not None and "reg/vllm@sha256:" in message and "ImagePullBackOff" in message
+
+
+def test_healthz_turns_unhealthy_only_when_waiting_work_makes_no_progress():
+    config = OperatorConfig(vllm_image="vllm/vllm-openai@sha256:" + "a" * 64,
+                            loader_image="slmfleet/slmfleet@sha256:" + "b" * 64, workers=2, worker_stall_seconds=60)
+    runtime = op.Runtime(config=config, client=None)  # type: ignore[arg-type]
+    runtime.workers_alive = 2
+    runtime.last_progress = 1000.0
+    assert op.healthy(runtime, watching=True, now=5000.0), "idle is healthy however long ago the last reconcile was"
+    assert not op.healthy(runtime, watching=False, now=1001.0)
+    runtime.queue.add(("ns", "m"))
+    assert op.healthy(runtime, watching=True, now=1059.0)
+    assert not op.healthy(runtime, watching=True, now=1061.0), "work waits and nothing finished for 60 s"
+    runtime.last_progress = 1060.0  # another model's reconcile finished
+    assert op.healthy(runtime, watching=True, now=1061.0)
+    runtime.workers_alive = 1
+    assert not op.healthy(runtime, watching=True, now=1061.0), "a worker died"

@@ -40,3 +40,39 @@ def test_repeated_timers_for_a_key_fire_once_at_the_earliest_time():
     queue.add_after("b", 0.05)
     got = asyncio.run(_drain(queue, 0.4))
     assert sorted(got) == ["a", "b"]
+
+
+def test_a_key_is_never_processed_twice_at_once_and_an_add_meanwhile_is_kept():
+    async def scenario() -> list[tuple[str, str]]:
+        queue = WorkQueue()
+        trace: list[tuple[str, str]] = []
+        running: set[str] = set()
+
+        async def worker(n: int) -> None:
+            while True:
+                key = await queue.get()
+                assert key not in running, f"{key} handed to two workers at once"
+                running.add(key)
+                trace.append(("start", key))
+                if key == "a" and trace.count(("start", "a")) == 1:
+                    queue.add("a")  # an event for "a" while it is being reconciled
+                await asyncio.sleep(0.02)
+                running.discard(key)
+                trace.append(("end", key))
+                queue.done(key)
+
+        queue.add("a")
+        queue.add("b")
+        workers = [asyncio.create_task(worker(n)) for n in range(4)]
+        await asyncio.sleep(0.2)
+        for w in workers:
+            w.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        assert not queue.busy
+        return trace
+
+    trace = asyncio.run(scenario())
+    # "a" and "b" ran side by side; "a" ran a second time, after its first run ended, not during it.
+    assert trace.index(("start", "b")) < trace.index(("end", "a"))
+    starts = [i for i, t in enumerate(trace) if t == ("start", "a")]
+    assert len(starts) == 2 and trace.index(("end", "a")) < starts[1]

@@ -63,6 +63,11 @@ class OperatorConfig(CRModel):
     """Namespaces to watch; empty watches all of them."""
     vllm_port: int = Field(default=8000, ge=1024, le=65535)
     """Port vLLM listens on inside the pod and the Services expose (above 1024: pods run as non-root)."""
+    workers: int = Field(default=4, ge=1, le=64)
+    """How many models are reconciled at once (one model is never reconciled twice at once)."""
+    worker_stall_seconds: int = Field(default=300, ge=10, le=86400)
+    """/healthz turns unhealthy when models wait and no reconcile has finished for this long, so
+    that a hung operator is restarted by its liveness probe."""
     deprecations: ConfigMapRef | None = None
     """The ConfigMap listing deprecated base models (key `deprecations.yaml`; the Helm chart owns it).
     A model whose base is listed rolls back to its newest revision with a base that is not, and a

@@ -68,7 +68,8 @@ class Runtime:
     failures: dict[ModelKey, int] = field(default_factory=dict)
     conditions: dict[ModelKey, dict[str, str]] = field(default_factory=dict)
     gpus: dict[ModelKey, dict[str, int]] = field(default_factory=dict)
-    worker_alive: bool = False
+    workers_alive: int = 0
+    last_progress: float = field(default_factory=time.monotonic)  # when a reconcile last finished
     weights: WeightsReader | None = None
     nodes_seen: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # name -> last sizing view
     # Our own writes, until the watch brings them back: (kind, namespace, name) ->
@@ -657,15 +658,29 @@ async def _report_failure(runtime: Runtime, body: dict[str, Any], exc: BaseExcep
 
 
 async def worker(runtime: Runtime) -> None:
+    """One of `config.workers`: the queue hands each model to one worker at a time."""
     await runtime.indices_ready.wait()
     await runtime.deprecations_ready.wait()
-    runtime.worker_alive = True
+    runtime.workers_alive += 1
     try:
         while True:
             key = await runtime.queue.get()
-            await reconcile(runtime, key)
+            try:
+                await reconcile(runtime, key)
+            finally:
+                runtime.queue.done(key)
+                runtime.last_progress = time.monotonic()
     finally:
-        runtime.worker_alive = False
+        runtime.workers_alive -= 1
+
+
+def healthy(runtime: Runtime, watching: bool, now: float) -> bool:
+    """/healthz: the watches are up, every worker runs, and work that is waiting gets done: no
+    reconcile finishing for `workerStallSeconds` while keys wait means the workers hang, and the
+    liveness probe should restart the operator."""
+    if not watching or runtime.workers_alive < runtime.config.workers:
+        return False
+    return not runtime.queue.busy or now - runtime.last_progress < runtime.config.worker_stall_seconds
 
 
 async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str | None, metrics_host: str,
@@ -680,11 +695,15 @@ async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str 
     settings.posting.enabled = False  # Events are ours to post, through slmfleet.k8s, never kopf's log lines
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    # kopf's own calls (not the watches): a deadline, as for ours (k8s/client.py).
+    settings.networking.request_timeout = 60
+    settings.networking.connect_timeout = 10
     ready = asyncio.Event()
     kopf_stop = asyncio.Event()
-    runner = await metrics.serve(metrics_host, metrics_port, lambda: ready.is_set() and runtime.worker_alive)
+    runner = await metrics.serve(metrics_host, metrics_port,
+                                 lambda: healthy(runtime, ready.is_set(), time.monotonic()))
     tasks = [
-        asyncio.create_task(worker(runtime), name="slmfleet-worker"),
+        *(asyncio.create_task(worker(runtime), name=f"slmfleet-worker-{n}") for n in range(config.workers)),
         asyncio.create_task(runtime.queue.run_timers(), name="slmfleet-timers"),
         asyncio.create_task(watch_deprecations(runtime), name="slmfleet-deprecations"),
         asyncio.create_task(

@@ -2,9 +2,10 @@
 
 Watch events of many kinds (the model itself, its Deployments and pods, any Node, any GPU pod)
 all come down to "look at model X again". Queuing keys rather than events collapses bursts into
-one reconcile, and one worker processing keys in order keeps reconciles of one model from
-overlapping. `add_after` is the only timer: for changes that arrive without an event (a pod that
-has been Pending too long).
+one reconcile. Several workers take keys at once, but a key is handed out to one worker at a time:
+a key added while it is being processed is queued again when its worker calls `done`, so two
+reconciles of one model never overlap and no event is lost. `add_after` is the only timer: for
+changes that arrive without an event (a pod that has been Pending too long).
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ class WorkQueue:
     def __init__(self) -> None:
         self._ready: asyncio.Queue[Hashable] = asyncio.Queue()
         self._queued: set[Hashable] = set()
+        self._processing: set[Hashable] = set()
+        self._dirty: set[Hashable] = set()  # added while processing: queued again on done()
         self._delayed: list[tuple[float, int, Hashable]] = []
         self._due: dict[Hashable, float] = {}  # the earliest pending timer of each key
         self._tiebreak = itertools.count()
         self._wakeup = asyncio.Event()
 
     def add(self, key: Hashable) -> None:
-        if key not in self._queued:
+        if key in self._processing:
+            self._dirty.add(key)
+        elif key not in self._queued:
             self._queued.add(key)
             self._ready.put_nowait(key)
 
@@ -41,9 +46,22 @@ class WorkQueue:
         self._wakeup.set()
 
     async def get(self) -> Hashable:
+        """The next key, now the caller's until it calls `done(key)`."""
         key = await self._ready.get()
         self._queued.discard(key)
+        self._processing.add(key)
         return key
+
+    def done(self, key: Hashable) -> None:
+        self._processing.discard(key)
+        if key in self._dirty:
+            self._dirty.discard(key)
+            self.add(key)
+
+    @property
+    def busy(self) -> bool:
+        """Keys are waiting or being processed."""
+        return bool(self._processing) or not self._ready.empty()
 
     def __len__(self) -> int:
         return self._ready.qsize()

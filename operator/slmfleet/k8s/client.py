@@ -5,7 +5,9 @@ makes no request at all. To keep that promise for server-side apply, which is al
 even when it changes nothing, every applied object carries the hash of what was applied; an object
 whose live hash equals the desired one is not sent again.
 
-The kubernetes client is synchronous, so calls run in a worker thread.
+The kubernetes client is synchronous, so calls run in a worker thread. Every call has a
+client-side deadline and its connections TCP keepalive: a half-open connection (an API server that
+stopped answering, a dropped route) fails the call instead of hanging a worker for good.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +29,12 @@ FIELD_MANAGER = "slmfleet"
 APPLIED_HASH = "slmfleet.io/applied-hash"
 
 log = logging.getLogger(__name__)
+
+
+def urllib3_default_socket_options() -> list[tuple[int, int, int]]:
+    from urllib3.connection import HTTPConnection
+
+    return list(HTTPConnection.default_socket_options)
 
 
 def applied_hash(obj: dict[str, Any]) -> str:
@@ -64,16 +73,34 @@ def _path(api_version: str, kind: str, namespace: str, name: str | None = None, 
     return path
 
 
+# (connect, read) seconds for every call; a read is one response, which the API server gives in
+# well under a second when it is healthy.
+REQUEST_TIMEOUT = (5.0, 30.0)
+# Probe an idle connection after 30 s, every 10 s, and give it up after 3 unanswered probes.
+KEEPALIVE_OPTIONS = [
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+]
+
+
 class KubeClient:
     """Writes as field manager `slmfleet`."""
 
-    def __init__(self, kubeconfig: str | None = None) -> None:
+    def __init__(self, kubeconfig: str | None = None,
+                 request_timeout: tuple[float, float] = REQUEST_TIMEOUT) -> None:
         configuration = kubernetes.client.Configuration()
         try:
             kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         except kubernetes.config.ConfigException:
             kubernetes.config.load_incluster_config(client_configuration=configuration)
         self._api = kubernetes.client.ApiClient(configuration)
+        self._timeout = request_timeout
+        # The generated client has no setting for socket options: give them to the pool manager,
+        # which passes them to every connection it opens.
+        pool_kw = self._api.rest_client.pool_manager.connection_pool_kw
+        pool_kw["socket_options"] = [*urllib3_default_socket_options(), *KEEPALIVE_OPTIONS]
 
     def close(self) -> None:
         self._api.close()
@@ -89,6 +116,7 @@ class KubeClient:
             auth_settings=["BearerToken"],
             _preload_content=False,
             _return_http_data_only=True,
+            _request_timeout=self._timeout,
         )
         data = response.data
         return json.loads(data) if data else None
