@@ -8,6 +8,8 @@ written for a newer CRD.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
@@ -21,6 +23,6 @@ class CRModel(BaseModel):
         use_attribute_docstrings=True,
     )
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         """The camelCase dict as stored in the API server, without unset optional fields."""
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")

@@ -28,7 +28,7 @@ class PrinterColumn:
     priority: int = 0
 
     def to_wire(self) -> dict[str, Any]:
-        column = {"name": self.name, "type": self.type, "jsonPath": self.json_path, "description": self.description}
+        column: dict[str, Any] = {"name": self.name, "type": self.type, "jsonPath": self.json_path, "description": self.description}
         if self.priority:
             column["priority"] = self.priority
         return column
@@ -99,7 +99,7 @@ def _structural(node: Any, defs: dict[str, Any], *, in_status: bool) -> Any:
 
 def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
-    schema = _structural(raw, raw.get("$defs", {}), in_status=False)
+    schema: dict[str, Any] = _structural(raw, raw.get("$defs", {}), in_status=False)
     schema["properties"] = {
         "apiVersion": {"type": "string", "description": "APIVersion of this representation of the object."},
         "kind": {"type": "string", "description": "Kind of the object."},

@@ -16,6 +16,13 @@ from slmfleet.api.smallmodel import S3Settings
 KIND = "ModelRollout"
 PLURAL = "modelrollouts"
 
+Normalization = Literal["lowercase", "strip", "collapseWhitespace", "stripPunctuation", "removeArticles"]
+
+
+def _default_normalization() -> list[Normalization]:
+    return ["strip"]
+
+
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 
@@ -148,9 +155,7 @@ class Scorer(CRModel):
 
     type: Literal["exactMatch", "contains", "regex", "jsonSchema", "jsonField"]
     """Scorer kind."""
-    normalize: list[Literal["lowercase", "strip", "collapseWhitespace", "stripPunctuation", "removeArticles"]] = Field(
-        default_factory=lambda: ["strip"], max_length=5
-    )
+    normalize: list[Normalization] = Field(default_factory=_default_normalization, max_length=5)
     """Normalisation applied to the answer and the expectation before comparing."""
     pattern: str | None = Field(default=None, max_length=4096)
     """Regular expression (regex scorer); `{expected}` is replaced by the escaped expectation."""

@@ -7,7 +7,7 @@ field docstrings become `kubectl explain` text, Field constraints become OpenAPI
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
@@ -155,7 +155,7 @@ class Architecture(CRModel):
     not read from the weights). No default here, so a declared architecture never overrides what
     the weights' config.json says about fields it does not mention."""
 
-    def to_hf_config(self) -> dict:
+    def to_hf_config(self) -> dict[str, Any]:
         """The same facts under config.json's own key names."""
         config = self.model_dump(exclude_none=True)
         config["architectures"] = []

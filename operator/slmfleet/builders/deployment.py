@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from slmfleet.api.config import OperatorConfig
 from slmfleet.api.smallmodel import Placement, SmallModelSpec
 from slmfleet.builders.labels import revision_labels, selector_labels
@@ -21,7 +23,7 @@ def build_deployment(
     revision: str,
     config: OperatorConfig,
     weights_disk_bytes: int | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """The desired Deployment, for server-side apply. `weights_disk_bytes` is what the loader will
     write (the manifest's total), when known. Raises UnsupportedSource (a ValueError) when
     the weights source cannot be served yet."""
@@ -48,7 +50,7 @@ def build_deployment(
     }
 
 
-def rolling_update_strategy(replicas: int) -> dict:
+def rolling_update_strategy(replicas: int) -> dict[str, Any]:
     """How a revision's own pods are replaced when its Deployment changes in place.
 
     New weights or serving config never roll in place (they are a new revision with a canary).

@@ -22,7 +22,7 @@ class ModelOwner:
         """From a SmallModel's `metadata` as the API server returns it."""
         return cls(name=metadata["name"], namespace=metadata["namespace"], uid=metadata["uid"])
 
-    def owner_reference(self) -> dict:
+    def owner_reference(self) -> dict[str, Any]:
         # controller: true makes the SmallModel the one controller of the object (another
         # controller cannot adopt it); blockOwnerDeletion makes foreground deletion of the
         # SmallModel wait for its Deployments and Services.

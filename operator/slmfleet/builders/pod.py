@@ -8,6 +8,7 @@ namespaces.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from slmfleet.api.config import OperatorConfig
 from slmfleet.api.smallmodel import Placement, SmallModelSpec
@@ -58,9 +59,9 @@ def build_pod_template(
     revision: str,
     config: OperatorConfig,
     weights_disk_bytes: int | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """The Deployment's `spec.template`. Raises UnsupportedSource for a source it cannot load."""
-    pod_spec: dict = {
+    pod_spec: dict[str, Any] = {
         # vLLM never calls the Kubernetes API: no token in the pod.
         "automountServiceAccountToken": False,
         # Service links would add a dozen env vars per Service in the namespace, one set per model.
@@ -95,7 +96,7 @@ def _disk_bytes(placement: Placement, known: int | None) -> int | None:
 
 def _vllm_container(
     owner: ModelOwner, spec: SmallModelSpec, placement: Placement, config: OperatorConfig
-) -> dict:
+) -> dict[str, Any]:
     return {
         "name": CONTAINER_NAME,
         "image": config.vllm_image,
@@ -115,7 +116,7 @@ def _vllm_container(
     }
 
 
-def _env() -> list[dict]:
+def _env() -> list[dict[str, Any]]:
     return [
         # Air-gapped by design: weights are local and verified, nothing may be fetched or reported.
         {"name": "HF_HUB_OFFLINE", "value": "1"},
@@ -132,7 +133,7 @@ def _env() -> list[dict]:
     ]
 
 
-def _probes(config: OperatorConfig) -> dict:
+def _probes(config: OperatorConfig) -> dict[str, Any]:
     health = {"path": HEALTH_PATH, "port": PORT_NAME}
     return {
         # vLLM opens its port only after the weights are loaded and the KV cache is allocated,
@@ -159,7 +160,7 @@ def _probes(config: OperatorConfig) -> dict:
     }
 
 
-def _resources(placement: Placement) -> dict:
+def _resources(placement: Placement) -> dict[str, Any]:
     count = placement.gpu_count
     # Extended resources must have requests equal to limits. CPU and memory are requests only: a
     # memory limit would OOM-kill vLLM on a transient peak while loading weights, after minutes
@@ -174,7 +175,7 @@ def _resources(placement: Placement) -> dict:
     }
 
 
-def _node_affinity(*selectors: dict[str, str]) -> dict | None:
+def _node_affinity(*selectors: dict[str, str]) -> dict[str, Any] | None:
     """Required node affinity: every label of every selector (the placement's and the user's)."""
     pairs = sorted({(key, value) for selector in selectors for key, value in selector.items()})
     if not pairs:
@@ -189,7 +190,7 @@ def _node_affinity(*selectors: dict[str, str]) -> dict | None:
     }
 
 
-def _pod_security_context() -> dict:
+def _pod_security_context() -> dict[str, Any]:
     return {
         "runAsNonRoot": True,
         "runAsUser": RUN_AS_UID,
@@ -201,7 +202,7 @@ def _pod_security_context() -> dict:
     }
 
 
-def _container_security_context() -> dict:
+def _container_security_context() -> dict[str, Any]:
     return {
         "runAsNonRoot": True,
         "allowPrivilegeEscalation": False,
@@ -213,7 +214,7 @@ def _uses_shared_memory(placement: Placement) -> bool:
     return placement.tensor_parallel_size > 1
 
 
-def _volumes(placement: Placement) -> list[dict]:
+def _volumes(placement: Placement) -> list[dict[str, Any]]:
     volumes = [{"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": CACHE_SIZE_LIMIT}}]
     if _uses_shared_memory(placement):
         size = f"{SHM_GIB_PER_GPU * placement.gpu_count}Gi"
@@ -221,7 +222,7 @@ def _volumes(placement: Placement) -> list[dict]:
     return volumes
 
 
-def _volume_mounts(placement: Placement) -> list[dict]:
+def _volume_mounts(placement: Placement) -> list[dict[str, Any]]:
     mounts = [vllm_weights_mount(), {"name": CACHE_VOLUME, "mountPath": CACHE_DIR}]
     if _uses_shared_memory(placement):
         mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})

@@ -3,6 +3,8 @@ model's public one, which follows the serving revision."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from slmfleet.api.config import OperatorConfig
 from slmfleet.builders.labels import MODEL_LABEL, REVISION_LABEL, model_labels, revision_labels, selector_labels
 from slmfleet.builders.names import model_service_name, revision_object_name
@@ -10,7 +12,7 @@ from slmfleet.builders.owner import ModelOwner
 from slmfleet.builders.pod import PORT_NAME
 
 
-def build_revision_service(owner: ModelOwner, revision: str, config: OperatorConfig) -> dict:
+def build_revision_service(owner: ModelOwner, revision: str, config: OperatorConfig) -> dict[str, Any]:
     """ClusterIP Service `<model>-<revision>` in front of that revision's pods."""
     return _service(
         owner,
@@ -27,7 +29,7 @@ selector and replica counts implement (what a restarted operator reads back)."""
 
 
 def build_model_service(owner: ModelOwner, serving_revision: str, config: OperatorConfig,
-                        canary_revision: str | None = None, canary_weight: int = 0) -> dict:
+                        canary_revision: str | None = None, canary_weight: int = 0) -> dict[str, Any]:
     """ClusterIP Service `<model>`, the model's stable address, selecting the serving revision's pods.
 
     Promotion or rollback is a change of this selector: no new Service, no DNS change for clients.
@@ -53,7 +55,7 @@ def build_model_service(owner: ModelOwner, serving_revision: str, config: Operat
     return service
 
 
-def canary_weight_of(service: dict | None, candidate_revision: str) -> int | None:
+def canary_weight_of(service: dict[str, Any] | None, candidate_revision: str) -> int | None:
     """The canary weight a live model Service implements for `candidate_revision` (0 when it is
     about another revision or none; None without a Service)."""
     if service is None:
@@ -70,7 +72,7 @@ def model_endpoint(owner: ModelOwner, config: OperatorConfig) -> str:
     return f"http://{model_service_name(owner.name)}.{owner.namespace}.svc:{config.vllm_port}/v1"
 
 
-def _service(owner: ModelOwner, name: str, labels: dict, selector: dict, config: OperatorConfig) -> dict:
+def _service(owner: ModelOwner, name: str, labels: dict[str, Any], selector: dict[str, Any], config: OperatorConfig) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",

@@ -4,6 +4,8 @@ and owned by it; promotion and rollback only change the weights."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from slmfleet.api.config import OperatorConfig
 from slmfleet.api.modelrollout import HttpRouteTraffic
 from slmfleet.builders.labels import model_labels
@@ -14,7 +16,7 @@ HTTPROUTE_API_VERSION = "gateway.networking.k8s.io/v1"
 
 
 def build_http_route(owner: ModelOwner, traffic: HttpRouteTraffic, stable_revision: str,
-                     candidate_revision: str | None, canary_weight: int, config: OperatorConfig) -> dict:
+                     candidate_revision: str | None, canary_weight: int, config: OperatorConfig) -> dict[str, Any]:
     """Weights are percentages: stable 100 - w, candidate w. Without a candidate all traffic goes
     to the stable (a backendRef of weight 0 would still be listed, and some gateways warn on it)."""
     if not 0 <= canary_weight <= 100:
@@ -22,7 +24,7 @@ def build_http_route(owner: ModelOwner, traffic: HttpRouteTraffic, stable_revisi
     backends = [_backend(owner, stable_revision, 100 - (canary_weight if candidate_revision else 0), config)]
     if candidate_revision:
         backends.append(_backend(owner, candidate_revision, canary_weight, config))
-    spec: dict = {
+    spec: dict[str, Any] = {
         "parentRefs": [dict(sorted(ref.items())) for ref in traffic.parent_refs],
         "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}], "backendRefs": backends}],
     }
@@ -41,12 +43,12 @@ def build_http_route(owner: ModelOwner, traffic: HttpRouteTraffic, stable_revisi
     }
 
 
-def _backend(owner: ModelOwner, revision: str, weight: int, config: OperatorConfig) -> dict:
+def _backend(owner: ModelOwner, revision: str, weight: int, config: OperatorConfig) -> dict[str, Any]:
     return {"group": "", "kind": "Service", "name": revision_object_name(owner.name, revision),
             "port": config.vllm_port, "weight": weight}
 
 
-def route_weight_of(route: dict | None, owner: ModelOwner, candidate_revision: str) -> int | None:
+def route_weight_of(route: dict[str, Any] | None, owner: ModelOwner, candidate_revision: str) -> int | None:
     """The weight a live HTTPRoute gives the candidate revision's Service (0 when it has no such
     backend; None without a route)."""
     if route is None:

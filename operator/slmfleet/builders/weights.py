@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from slmfleet.api.config import OperatorConfig
 from slmfleet.api.smallmodel import WeightsSource
@@ -71,7 +72,7 @@ def weights_volume_size(weights_bytes: int | None) -> str:
     return f"{max(gib, MIN_WEIGHTS_VOLUME_GIB)}Gi"
 
 
-def weights_volumes(source: WeightsSource, weights_bytes: int | None) -> list[dict]:
+def weights_volumes(source: WeightsSource, weights_bytes: int | None) -> list[dict[str, Any]]:
     parsed = parse_source(source.uri)
     volumes = [{"name": WEIGHTS_VOLUME, "emptyDir": {"sizeLimit": weights_volume_size(weights_bytes)}}]
     if isinstance(parsed, PvcSource):
@@ -82,15 +83,15 @@ def weights_volumes(source: WeightsSource, weights_bytes: int | None) -> list[di
     return volumes
 
 
-def vllm_weights_mount() -> dict:
+def vllm_weights_mount() -> dict[str, Any]:
     return {"name": WEIGHTS_VOLUME, "mountPath": MODELS_MOUNT_PATH, "readOnly": True}
 
 
-def _s3_env(source: WeightsSource) -> list[dict]:
+def _s3_env(source: WeightsSource) -> list[dict[str, Any]]:
     s3 = source.s3
     if s3 is None:
         return []
-    env = [{"name": "AWS_DEFAULT_REGION", "value": s3.region}]
+    env: list[dict[str, Any]] = [{"name": "AWS_DEFAULT_REGION", "value": s3.region}]
     if s3.endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": s3.endpoint})
     env.append({"name": "AWS_S3_ADDRESSING_STYLE", "value": "path" if s3.path_style else "virtual"})
@@ -107,14 +108,14 @@ def _s3_env(source: WeightsSource) -> list[dict]:
     return env
 
 
-def loader_container(source: WeightsSource, config: OperatorConfig, security_context: dict) -> dict:
+def loader_container(source: WeightsSource, config: OperatorConfig, security_context: dict[str, Any]) -> dict[str, Any]:
     parsed = parse_source(source.uri)
     args = ["load", "--source", parsed.loader_source if isinstance(parsed, PvcSource) else parsed.uri,
             "--digest", source.digest, "--dest", MODEL_DIR,
             "--termination-message-path", TERMINATION_MESSAGE_PATH]
     if source.allow_pickle:
         args.append("--allow-pickle")
-    mounts = [{"name": WEIGHTS_VOLUME, "mountPath": MODELS_MOUNT_PATH}]
+    mounts: list[dict[str, Any]] = [{"name": WEIGHTS_VOLUME, "mountPath": MODELS_MOUNT_PATH}]
     if isinstance(parsed, PvcSource):
         mounts.append({"name": SOURCE_VOLUME, "mountPath": SOURCE_MOUNT_PATH, "readOnly": True})
     if source.s3 is not None and source.s3.ca_config_map is not None:

@@ -257,9 +257,10 @@ def window_stats(before: Scrape, after: Scrape, *, model: str | None = None, qua
             status = dict(labels).get("status", "")
             by_class[status[:1]] = by_class.get(status[:1], 0.0) + value
         requests = round(sum(by_class.values()))
-        errors: int | None = round(by_class.get("5", 0.0))
+        server_errors = round(by_class.get("5", 0.0))
+        errors: int | None = server_errors
         client_errors: int | None = round(by_class.get("4", 0.0))
-        error_rate = errors / requests if requests else None
+        error_rate = server_errors / requests if requests else None
     else:
         requests, errors, client_errors, error_rate = successes, None, None, None
     return WindowStats(

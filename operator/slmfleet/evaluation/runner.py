@@ -33,7 +33,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -435,7 +435,7 @@ async def open_session(concurrency: int = DEFAULT_CONCURRENCY,
 async def _batches(cases: Sequence[Case], endpoints: Sequence[Endpoint], default: Sequence[Scorer], *,
                    ends: Sequence[int], concurrency: int, timeout: float, max_tokens: int | None,
                    connection_retries: int, session: aiohttp.ClientSession | None,
-                   ) -> AsyncIterator[list[tuple[str, list[SideResult]]]]:
+                   ) -> AsyncGenerator[list[tuple[str, list[SideResult]]], None]:
     async with open_session(concurrency, session) as s:
         client = Client(s, concurrency=concurrency, timeout=timeout, max_tokens=max_tokens,
                         connection_retries=connection_retries)
@@ -453,7 +453,7 @@ async def iter_paired_batches(cases: Iterable[Case], stable: Endpoint, candidate
                               concurrency: int = DEFAULT_CONCURRENCY, timeout: float = DEFAULT_TIMEOUT,
                               max_tokens: int | None = DEFAULT_MAX_TOKENS,
                               connection_retries: int = CONNECTION_RETRIES,
-                              session: aiohttp.ClientSession | None = None) -> AsyncIterator[PairedRun]:
+                              session: aiohttp.ClientSession | None = None) -> AsyncGenerator[PairedRun, None]:
     """The cumulative PairedRun after each batch (every `batch_size` cases, or at each of `looks`,
     cumulative counts; see `batch_ends`), in case order. Breaking out of the loop stops the
     evaluation (no request is in flight between batches); close the generator
@@ -498,7 +498,7 @@ async def iter_batches(cases: Iterable[Case], endpoint: Endpoint, scorers: Itera
                        concurrency: int = DEFAULT_CONCURRENCY,
                        timeout: float = DEFAULT_TIMEOUT, max_tokens: int | None = DEFAULT_MAX_TOKENS,
                        connection_retries: int = CONNECTION_RETRIES,
-                       session: aiohttp.ClientSession | None = None) -> AsyncIterator[EvalRun]:
+                       session: aiohttp.ClientSession | None = None) -> AsyncGenerator[EvalRun, None]:
     """One endpoint: the cumulative EvalRun after each batch."""
     _check_settings(concurrency, timeout)
     cases, default = _prepare(cases, scorers)

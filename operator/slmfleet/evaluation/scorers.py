@@ -594,12 +594,12 @@ def parse_scorer_string(text: str) -> dict[str, Any]:
     text = text.strip()
     if text.startswith("{"):
         try:
-            spec = json.loads(text)
+            parsed = json.loads(text)
         except ValueError as exc:
             raise ScorerError(f"scorer {text!r} is not valid JSON: {exc}") from None
-        if not isinstance(spec, dict):
+        if not isinstance(parsed, dict):
             raise ScorerError(f"scorer {text!r} must be a JSON object")
-        return spec
+        return parsed
     kind, _, rest = text.partition(":")
     if not kind.strip():
         raise ScorerError(f"scorer {text!r} has no type")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, overload
 
 
 class SizingInputError(ValueError):
@@ -215,7 +215,14 @@ def _mapping(value: Any, name: str) -> Mapping[str, Any]:
 _MISSING = object()
 
 
-def _int(cfg: Mapping[str, Any], key: str, default: Any = _MISSING) -> Any:
+_D = TypeVar("_D")
+
+
+@overload
+def _int(cfg: Mapping[str, Any], key: str) -> int: ...
+@overload
+def _int(cfg: Mapping[str, Any], key: str, default: _D) -> int | _D: ...
+def _int(cfg: Mapping[str, Any], key: str, default: object = _MISSING) -> object:
     value = cfg.get(key)
     if value is None:
         if default is _MISSING:

@@ -179,9 +179,9 @@ def _smallest_fit(
 
 
 def _smaller_devices(chosen: Candidate, ranked: list[Candidate], eligible: Iterable[NodeGpus]) -> list[str]:
-    by_device = {}
-    for c in ranked:
-        by_device.setdefault(c.device, c)
+    by_device: dict[DeviceClass, Candidate] = {}
+    for r in ranked:
+        by_device.setdefault(r.device, r)
     out = []
     for device in sorted({n.device for n in eligible if n.free}, key=lambda d: (d.memory_bytes, d.product)):
         if device.memory_bytes >= chosen.device.memory_bytes or device == chosen.device:

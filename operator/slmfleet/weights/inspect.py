@@ -9,6 +9,7 @@ exact bytes of every tensor. The pickle policy is decided here too, before any p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any
@@ -42,7 +43,8 @@ def _get(client: Any, bucket: str, key: str, limit: int = MAX_SMALL_FILE) -> byt
     response = client.get_object(Bucket=bucket, Key=key)
     if int(response.get("ContentLength") or 0) > limit:
         raise ValueError(f"{key} is larger than {limit} bytes")
-    return response["Body"].read()
+    data: bytes = response["Body"].read()
+    return data
 
 
 def inspect_s3(client: Any, uri: str, pin: str, *, allow_pickle: bool) -> WeightsFacts:
@@ -102,7 +104,7 @@ def inspect_s3(client: Any, uri: str, pin: str, *, allow_pickle: bool) -> Weight
                 weights_bytes = 0
                 for path in shards:
                     key = location.key(path)
-                    header = read_header(lambda start, length, key=key: s3mod.read_range(client, location.bucket, key, start, length))
+                    header = read_header(functools.partial(s3mod.read_range, client, location.bucket, key))
                     weights_bytes += tensor_bytes(header)
         return WeightsFacts(digest=pin, config=config, weights_bytes=weights_bytes, files=files,
                             disk_bytes=manifest.total_size, notes=tuple(notes))

@@ -309,17 +309,18 @@ class _Loader:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="file") as pool:
             futures = [pool.submit(fn, item) for item in items]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            errors = [f.exception() for f in done if f.exception() is not None]
+            errors = [e for e in (f.exception() for f in done) if e is not None]
             if errors:
                 fetcher.abort.set()
                 wait(futures)
-                errors = [f.exception() for f in futures if f.exception() is not None]
+                errors = [e for e in (f.exception() for f in futures) if e is not None]
                 real = [e for e in errors if not isinstance(e, Aborted)]
                 raise (real or errors)[0]
             return [f.result() for f in futures]
 
     def _materialize_group(self, group: list[FileEntry], fetcher: Fetcher, bar: Progress) -> None:
         have: FileEntry | None = None
+        first: FileEntry | None
         missing: list[FileEntry] = []
         for entry in group:
             if self._in_place(entry, bar):

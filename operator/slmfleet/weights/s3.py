@@ -176,7 +176,7 @@ def read_range(client: Any, bucket: str, key: str, start: int, length: int) -> b
     resp = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
     body = resp["Body"]
     try:
-        data = body.read()
+        data: bytes = body.read()
     finally:
         body.close()
     if not resp.get("ContentRange") and resp.get("ResponseMetadata", {}).get("HTTPStatusCode") == 200:

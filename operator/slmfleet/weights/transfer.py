@@ -15,18 +15,20 @@ import errno
 import os
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError, SSLError
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from slmfleet.weights import s3
 from slmfleet.weights.errors import SourceError, Unreachable, UsageError, WeightsError
 from slmfleet.weights.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, RESERVED_NAMES, validate_path
+
+T = TypeVar("T")
 
 DEFAULT_PART_SIZE = 8 * 1024 * 1024
 DEFAULT_CONCURRENCY = 8
@@ -68,11 +70,11 @@ class RetryPolicy:
     initial_wait: float = 0.5
     max_wait: float = 20.0
 
-    def call(self, fn: Callable[..., Any], *args: Any, what: str = "",
-             log: Callable[[str], None] | None = None) -> Any:
+    def call(self, fn: Callable[..., T], *args: Any, what: str = "",
+             log: Callable[[str], None] | None = None) -> T:
         def before_sleep(state: RetryCallState) -> None:
-            if log is not None and state.outcome is not None:
-                exc = state.outcome.exception()
+            exc = state.outcome.exception() if state.outcome is not None else None
+            if log is not None and exc is not None:
                 wait = state.next_action.sleep if state.next_action else 0.0
                 log(f"retrying {what}: {s3.describe_error(exc)} "
                     f"(attempt {state.attempt_number} of {self.attempts} failed; waiting {wait:.1f} s)")
@@ -93,11 +95,11 @@ def storage_error(exc: BaseException, what: str, attempts: int) -> WeightsError:
         return exc
     if is_retryable(exc):
         return Unreachable(f"{what}: {s3.describe_error(exc)} (gave up after {attempts} attempts)")
-    if isinstance(exc, s3.SSLError):
+    if isinstance(exc, SSLError):
         return Unreachable(f"{what}: {s3.describe_error(exc)} (check the CA bundle)")
     if s3.is_credentials_error(exc):
         return SourceError(f"{what}: {s3.describe_error(exc)} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
-    if isinstance(exc, (ClientError, s3.BotoCoreError, PermissionError, FileNotFoundError, NotADirectoryError)):
+    if isinstance(exc, (ClientError, BotoCoreError, PermissionError, FileNotFoundError, NotADirectoryError)):
         return SourceError(f"{what}: {s3.describe_error(exc)}")
     if isinstance(exc, OSError):
         return SourceError(f"{what}: {exc}")
@@ -182,8 +184,9 @@ class S3Source:
         body = resp["Body"]
         try:
             if int(resp.get("ContentLength") or 0) > MAX_MANIFEST_BYTES:
-                return body.read(MAX_MANIFEST_BYTES + 1)
-            data = body.read()
+                head: bytes = body.read(MAX_MANIFEST_BYTES + 1)
+                return head
+            data: bytes = body.read()
         finally:
             body.close()
         expected = resp.get("ContentLength")
@@ -212,7 +215,7 @@ class S3Source:
             raise
         body = resp["Body"]
         try:
-            data = body.read()
+            data: bytes = body.read()
         finally:
             body.close()
         total = s3.content_range_total(resp.get("ContentRange"))
@@ -286,7 +289,7 @@ class Fetcher:
         what = f"GET {self.source.describe(path)} bytes {start}-{start + length - 1}"
         return self.retry.call(self.source.get_range, path, start, length, what=what, log=self.log)
 
-    def stream(self, path: str, start: int, end: int) -> Iterator[bytes]:
+    def stream(self, path: str, start: int, end: int) -> Generator[bytes, None, None]:
         """The bytes [start, end) of a file, in order, as chunks of at most part_size."""
         pending: deque[Future[bytes]] = deque()
         offset = start
