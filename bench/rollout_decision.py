@@ -1,4 +1,4 @@
-"""Monte-Carlo benchmark of the rollout's promote/rollback rule (`slmfleet.rollout.decision`).
+"""Monte-Carlo benchmark of the rollout's promote/rollback rule (`slmfleet.evaluation.stats`).
 
 Simulates evaluations of a candidate against the stable on a task where the stable scores 0.85
 (exact match, 0/1 per case) and runs the operator's own decision code on them look by look, with
@@ -38,7 +38,7 @@ from bisect import bisect
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from slmfleet.rollout.decision import (
+from slmfleet.evaluation.stats import (
     DEFAULT_ALPHA,
     DEFAULT_FUTILITY_CONDITIONAL_POWER,
     DEFAULT_LOOKS,

@@ -31,7 +31,7 @@ from e2e.argocd_health import (
 from e2e.argocd_health import cm_patch, scripts
 from slmfleet.api.conditions import Condition, set_condition
 from slmfleet.api.smallmodel import SmallModelStatus
-from slmfleet.handlers.rollout_plan import plan_not_governing
+from slmfleet.planning.rollout import plan_not_governing
 from slmfleet.rollout.deprecations import parse_deprecations
 from slmfleet.weights.facts import WeightsFacts
 from tests.test_model_plan import NEW_DIGEST, T0, World, at, default_fleet, fleet, model_body, no_fit_body, placed

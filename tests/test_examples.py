@@ -9,7 +9,7 @@ import yaml
 
 from slmfleet.api.modelrollout import ModelRollout
 from slmfleet.api.smallmodel import SmallModel
-from slmfleet.handlers.rollout_plan import parse_rollout
+from slmfleet.planning.rollout import parse_rollout
 from slmfleet.rollout.steps import parse_steps
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

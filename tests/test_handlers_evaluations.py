@@ -10,7 +10,7 @@ import pytest
 
 from slmfleet.api.modelrollout import Evaluation, EvaluationResult, Thresholds
 from slmfleet.evaluation import DatasetError, Endpoint, evaluate, parse_cases, parse_exposition
-from slmfleet.handlers.evaluations import (
+from slmfleet.controller.evaluations import (
     EvaluationOutcome,
     EvaluationRequest,
     Evaluations,
@@ -18,7 +18,7 @@ from slmfleet.handlers.evaluations import (
     load_cases,
     run_evaluation,
 )
-from slmfleet.rollout.decision import METHOD
+from slmfleet.evaluation.stats import METHOD
 from tests.standin_servers import free_port, standins
 
 MODEL = "qwen-test"

@@ -25,8 +25,8 @@ from slmfleet.api.smallmodel import SmallModel, SmallModelSpec
 from slmfleet.builders import revision_of
 from slmfleet.builders.labels import MODEL_LABEL, PLACEMENT_ANNOTATION, REVISION_LABEL
 from slmfleet.weights.facts import WeightsFacts
-from slmfleet.handlers.model_plan import Deletion, EventNote, Observed, Plan, hf_config, plan_model
-from slmfleet.k8s.client import APPLIED_HASH
+from slmfleet.planning.model import Deletion, EventNote, Observed, Plan, hf_config, plan_model
+from slmfleet.builders.applied_hash import APPLIED_HASH
 from slmfleet.sizing.pools import ready_nodes_from_pools_doc
 from tests.sizing_configs import QWEN2_5_0_5B, QWEN2_5_14B
 from tests.sizing_nodes import default_fleet, gpu_node, gpu_pod

@@ -7,7 +7,8 @@ import asyncio
 import pytest
 
 from slmfleet.api.config import OperatorConfig
-from slmfleet.handlers import operator as op
+from slmfleet.controller import deprecations, main, reconcile, registry
+from slmfleet.controller import runtime as op
 
 CONFIG = OperatorConfig.model_validate({
     "vllmImage": "vllm/vllm-openai@sha256:" + "a" * 64, "loaderImage": "slmfleet/slmfleet@sha256:" + "b" * 64})
@@ -38,25 +39,25 @@ def test_own_writes_replace_the_stale_cache_until_the_watch_catches_up():
     rt = runtime()
     cached = obj("Deployment", "m-r1", "1", spec={"replicas": 1})
     written = obj("Deployment", "m-r1", "2", spec={"replicas": 2})
-    rt.remember(cached, written)
-    assert rt.fresh("Deployment", "ns", [cached]) == [written]
+    rt.writes.remember(cached, written)
+    assert rt.writes.fresh("Deployment", "ns", [cached]) == [written]
     caught_up = obj("Deployment", "m-r1", "2", spec={"replicas": 2})
-    assert rt.fresh("Deployment", "ns", [caught_up]) == [caught_up]
-    assert rt.own_writes == {}
+    assert rt.writes.fresh("Deployment", "ns", [caught_up]) == [caught_up]
+    assert rt.writes.own_writes == {}
 
 
 def test_a_created_object_is_seen_before_its_watch_event_and_a_deleted_one_is_not():
     rt = runtime()
     created = obj("Service", "m", "5")
-    rt.remember(None, created)
-    assert rt.fresh("Service", "ns", [], "m") == [created]
-    assert rt.fresh("Service", "ns", [], "other") == []
+    rt.writes.remember(None, created)
+    assert rt.writes.fresh("Service", "ns", [], "m") == [created]
+    assert rt.writes.fresh("Service", "ns", [], "other") == []
     gone = obj("Service", "old", "3", uid="u9")
-    rt.deleted.add(("Service", "ns", "old", "u9", "m"))
-    rt.fresh("Service", "ns", [], "other")  # another model's reconcile must not forget it
-    assert gone not in rt.fresh("Service", "ns", [gone], "m")
-    rt.fresh("Service", "ns", [], "m")  # the watch delivered the deletion
-    assert rt.deleted == set()
+    rt.writes.deleted.add(("Service", "ns", "old", "u9", "m"))
+    rt.writes.fresh("Service", "ns", [], "other")  # another model's reconcile must not forget it
+    assert gone not in rt.writes.fresh("Service", "ns", [gone], "m")
+    rt.writes.fresh("Service", "ns", [], "m")  # the watch delivered the deletion
+    assert rt.writes.deleted == set()
 
 
 def test_two_writes_before_the_watch_catches_up_still_show_the_newest():
@@ -64,11 +65,11 @@ def test_two_writes_before_the_watch_catches_up_still_show_the_newest():
     v1 = obj("SmallModel", "m", "1")
     v2 = obj("SmallModel", "m", "2", status={"a": 1})
     v3 = obj("SmallModel", "m", "3", status={"a": 2})
-    rt.remember(v1, v2)
-    rt.remember(v2, v3)  # decided from the overlay, before the cache saw v2
-    assert rt.fresh("SmallModel", "ns", [v1], "m") == [v3]
-    assert rt.fresh("SmallModel", "ns", [v2], "m") == [v3]
-    assert rt.fresh("SmallModel", "ns", [v3], "m") == [v3] and rt.own_writes == {}
+    rt.writes.remember(v1, v2)
+    rt.writes.remember(v2, v3)  # decided from the overlay, before the cache saw v2
+    assert rt.writes.fresh("SmallModel", "ns", [v1], "m") == [v3]
+    assert rt.writes.fresh("SmallModel", "ns", [v2], "m") == [v3]
+    assert rt.writes.fresh("SmallModel", "ns", [v3], "m") == [v3] and rt.writes.own_writes == {}
 
 
 class Store(dict):
@@ -87,11 +88,11 @@ def test_a_reconcile_that_keeps_failing_says_so_in_the_status(monkeypatch):
     def boom(*_args, **_kwargs):
         raise RuntimeError("the planner broke")
 
-    monkeypatch.setattr(op, "plan_model", boom)
+    monkeypatch.setattr(reconcile, "plan_model", boom)
 
     async def run():
         for _ in range(op.REPORT_AFTER_FAILURES + 1):
-            await op.reconcile(rt, ("ns", "m"))
+            await reconcile.reconcile(rt, ("ns", "m"))
 
     asyncio.run(run())
     assert len(client.statuses) == 1, "reported once, not on every retry"
@@ -107,13 +108,13 @@ def test_node_heartbeats_are_not_changes_but_capacity_is():
     node = {"metadata": {"name": "n1", "labels": {"nvidia.com/gpu.product": "NVIDIA-L4"}},
             "status": {"allocatable": {"nvidia.com/gpu": "1"},
                        "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "t1"}]}}
-    assert op.node_changed(rt, None, node, "n1")
+    assert registry.node_changed(rt, None, node, "n1")
     node["status"]["conditions"][0]["lastHeartbeatTime"] = "t2"
-    assert not op.node_changed(rt, "MODIFIED", node, "n1")
+    assert not registry.node_changed(rt, "MODIFIED", node, "n1")
     node["status"]["allocatable"]["nvidia.com/gpu"] = "2"
-    assert op.node_changed(rt, "MODIFIED", node, "n1")
-    assert op.node_changed(rt, "DELETED", node, "n1")
-    assert not op.node_changed(rt, "DELETED", node, "n1")
+    assert registry.node_changed(rt, "MODIFIED", node, "n1")
+    assert registry.node_changed(rt, "DELETED", node, "n1")
+    assert not registry.node_changed(rt, "DELETED", node, "n1")
 
 
 def test_the_deprecations_list_is_read_before_any_reconcile_and_a_broken_one_keeps_the_last(monkeypatch):
@@ -131,10 +132,10 @@ def test_the_deprecations_list_is_read_before_any_reconcile_and_a_broken_one_kee
     config = OperatorConfig.model_validate({**CONFIG.to_wire(), "deprecations": {
         "namespace": "slmfleet-system", "name": "slmfleet-deprecations"}})
     rt = op.Runtime(config=config, client=client)
-    monkeypatch.setattr(op, "DEPRECATIONS_POLL_SECONDS", 0.01)
+    monkeypatch.setattr(deprecations, "DEPRECATIONS_POLL_SECONDS", 0.01)
 
     async def run() -> None:
-        task = asyncio.create_task(op.watch_deprecations(rt))
+        task = asyncio.create_task(deprecations.watch_deprecations(rt))
         await asyncio.wait_for(rt.deprecations_ready.wait(), 1)
         assert [d.base_model for d in rt.deprecations.entries] == ["org/old"]
         await asyncio.sleep(0.1)
@@ -147,8 +148,8 @@ def test_the_deprecations_list_is_read_before_any_reconcile_and_a_broken_one_kee
 
 
 def test_the_slim_pod_keeps_what_says_an_image_cannot_be_pulled():
-    from slmfleet.handlers.model_plan import image_pull_failure
-    from slmfleet.handlers.operator import _slim_pod
+    from slmfleet.planning.model import image_pull_failure
+    from slmfleet.controller.registry import _slim_pod
 
     body = {"metadata": {"name": "p", "namespace": "ns", "labels": {"slmfleet.io/revision": "r1"}},
             "spec": {"containers": [{"name": "vllm"}]},
@@ -168,12 +169,12 @@ def test_healthz_turns_unhealthy_only_when_waiting_work_makes_no_progress():
     runtime = op.Runtime(config=config, client=None)  # type: ignore[arg-type]
     runtime.workers_alive = 2
     runtime.last_progress = 1000.0
-    assert op.healthy(runtime, watching=True, now=5000.0), "idle is healthy however long ago the last reconcile was"
-    assert not op.healthy(runtime, watching=False, now=1001.0)
+    assert main.healthy(runtime, watching=True, now=5000.0), "idle is healthy however long ago the last reconcile was"
+    assert not main.healthy(runtime, watching=False, now=1001.0)
     runtime.queue.add(("ns", "m"))
-    assert op.healthy(runtime, watching=True, now=1059.0)
-    assert not op.healthy(runtime, watching=True, now=1061.0), "work waits and nothing finished for 60 s"
+    assert main.healthy(runtime, watching=True, now=1059.0)
+    assert not main.healthy(runtime, watching=True, now=1061.0), "work waits and nothing finished for 60 s"
     runtime.last_progress = 1060.0  # another model's reconcile finished
-    assert op.healthy(runtime, watching=True, now=1061.0)
+    assert main.healthy(runtime, watching=True, now=1061.0)
     runtime.workers_alive = 1
-    assert not op.healthy(runtime, watching=True, now=1061.0), "a worker died"
+    assert not main.healthy(runtime, watching=True, now=1061.0), "a worker died"

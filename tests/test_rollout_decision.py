@@ -7,7 +7,7 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
-from slmfleet.rollout.decision import (
+from slmfleet.evaluation.stats import (
     DEFAULT_ALPHA,
     DEFAULT_LOOKS,
     DEFAULT_MARGIN,
@@ -380,7 +380,7 @@ def test_operational_checks():
 
 def test_the_api_defaults_are_the_benchmarked_ones():
     from slmfleet.api.modelrollout import Evaluation, Thresholds
-    from slmfleet.rollout.decision import DEFAULT_MARGIN, DEFAULT_SAMPLE_SIZE
+    from slmfleet.evaluation.stats import DEFAULT_MARGIN, DEFAULT_SAMPLE_SIZE
 
     assert Thresholds().margin == DEFAULT_MARGIN
     assert Evaluation.model_fields["sample_size"].default == DEFAULT_SAMPLE_SIZE

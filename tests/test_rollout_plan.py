@@ -9,8 +9,8 @@ import datetime as dt
 from typing import Any
 
 from slmfleet.builders.service import CANARY_ANNOTATION
-from slmfleet.handlers.model_plan import Observed, plan_model
-from slmfleet.handlers.rollout_plan import EvaluationSnapshot, RolloutObserved
+from slmfleet.planning.model import Observed, plan_model
+from slmfleet.planning.rollout import EvaluationSnapshot, RolloutObserved
 from slmfleet.rollout.deprecations import parse_deprecations
 from tests.test_model_plan import (
     DIGEST,
@@ -372,7 +372,7 @@ def test_storage_down_during_a_canary_holds_the_rollout_and_a_wrong_pin_fails_it
 
 
 def test_a_rollout_that_governs_nothing_says_why_once():
-    from slmfleet.handlers.rollout_plan import plan_not_governing
+    from slmfleet.planning.rollout import plan_not_governing
 
     body = rollout_body()
     status = plan_not_governing(body, "ModelNotFound", "SmallModel models/qwen-chat does not exist", T0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from slmfleet.handlers.workqueue import WorkQueue
+from slmfleet.controller.workqueue import WorkQueue
 
 
 async def _drain(queue: WorkQueue, seconds: float) -> list[str]:

@@ -48,7 +48,7 @@ def run_operator(args: argparse.Namespace) -> int:
         # kopf authenticates from $KUBECONFIG; the write client reads the same file.
         os.environ["KUBECONFIG"] = args.kubeconfig
     # Imported here so that `slmfleet size`/`pin` do not pay for kopf's import.
-    from slmfleet.handlers.operator import run
+    from slmfleet.controller.main import run
 
     async def main() -> None:
         stop = asyncio.Event()

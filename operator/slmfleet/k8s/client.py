@@ -1,9 +1,9 @@
 """The one door to the API server for writes: server-side apply, deletes, status and Events.
 
-Reads come from kopf's watch-fed indices (handlers/), so a reconcile that finds nothing to change
+Reads come from kopf's watch-fed indices (controller/), so a reconcile that finds nothing to change
 makes no request at all. To keep that promise for server-side apply, which is always a request
-even when it changes nothing, every applied object carries the hash of what was applied; an object
-whose live hash equals the desired one is not sent again.
+even when it changes nothing, every applied object carries the hash of what was applied
+(builders/applied_hash.py); an object whose live hash equals the desired one is not sent again.
 
 The kubernetes client is synchronous, so calls run in a worker thread. Every call has a
 client-side deadline and its connections TCP keepalive: a half-open connection (an API server that
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
-import hashlib
 import json
 import logging
 import socket
@@ -26,7 +25,6 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 FIELD_MANAGER = "slmfleet"
-APPLIED_HASH = "slmfleet.io/applied-hash"
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +33,6 @@ def urllib3_default_socket_options() -> list[tuple[int, int, int]]:
     from urllib3.connection import HTTPConnection
 
     return list(HTTPConnection.default_socket_options)
-
-
-def applied_hash(obj: dict[str, Any]) -> str:
-    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def with_applied_hash(obj: dict[str, Any]) -> dict[str, Any]:
-    """`obj` with its own hash recorded in an annotation (computed before the annotation is added)."""
-    digest = applied_hash(obj)
-    metadata = dict(obj.get("metadata") or {})
-    metadata["annotations"] = {**(metadata.get("annotations") or {}), APPLIED_HASH: digest}
-    return {**obj, "metadata": metadata}
 
 
 @dataclass(frozen=True)

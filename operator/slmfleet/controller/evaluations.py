@@ -42,9 +42,9 @@ from slmfleet.evaluation.dataset import (
 from slmfleet.evaluation.metrics import Scrape, merge_buckets, quantile_from_buckets, window_stats
 from slmfleet.evaluation.runner import Endpoint, PairedRun, iter_paired_batches
 from slmfleet.evaluation.scorers import Scorer, ScorerError, build_scorers
-from slmfleet.handlers.s3_access import S3AccessError, api_failure, s3_client_for
+from slmfleet.controller.s3_access import S3AccessError, api_failure, s3_client_for
 from slmfleet.k8s.client import KubeClient
-from slmfleet.rollout.decision import (
+from slmfleet.evaluation.stats import (
     DEFAULT_MIN_REQUESTS,
     METHOD,
     Decision,

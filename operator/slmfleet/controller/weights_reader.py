@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from slmfleet.api.smallmodel import SmallModel
+from slmfleet.controller.s3_access import S3AccessError, s3_client_for
 from slmfleet.k8s.client import KubeClient
 from slmfleet.weights.facts import WeightsFacts
-from slmfleet.handlers.s3_access import S3AccessError, s3_client_for
 from slmfleet.weights.inspect import inspect_s3
 
 RETRY_SECONDS = 30.0

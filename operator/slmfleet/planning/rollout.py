@@ -36,7 +36,6 @@ from slmfleet.rollout.steps import (
     FINAL_PHASES,
     Advance,
     EvaluationObservation,
-    Nothing,
     Observations,
     Promote,
     Rollback,

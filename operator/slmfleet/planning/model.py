@@ -43,11 +43,11 @@ from slmfleet.builders import (
 )
 from slmfleet.builders.labels import PLACEMENT_ANNOTATION, REVISION_LABEL
 from slmfleet.builders.traffic import build_http_route
-from slmfleet.handlers.rollout_plan import EventNote, RolloutObserved, RolloutPlan, plan_rollout
+from slmfleet.planning.rollout import EventNote, RolloutObserved, RolloutPlan, plan_rollout
 from slmfleet.rollout.deprecations import Deprecations, HistoryEntry, last_known_good
 from slmfleet.weights import errors
 from slmfleet.weights.facts import WeightsFacts
-from slmfleet.k8s.client import APPLIED_HASH, with_applied_hash
+from slmfleet.builders.applied_hash import APPLIED_HASH, with_applied_hash
 
 GIB = 1024**3
 

@@ -1,0 +1,103 @@
+"""The operator process: kopf, the workers, the timers, the deprecations poller and /healthz."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import kopf
+
+from slmfleet.api.config import OperatorConfig
+from slmfleet.controller import metrics
+from slmfleet.controller.deprecations import watch_deprecations
+from slmfleet.controller.evaluations import Evaluations, load_cases
+from slmfleet.controller.execute import evaluation_done
+from slmfleet.controller.reconcile import reconcile
+from slmfleet.controller.registry import build_registry
+from slmfleet.controller.runtime import Runtime
+from slmfleet.controller.weights_reader import WeightsReader
+from slmfleet.k8s.client import KubeClient
+
+log = logging.getLogger("slmfleet.operator")
+
+
+async def worker(runtime: Runtime) -> None:
+    """One of `config.workers`: the queue hands each model to one worker at a time."""
+    await runtime.indices_ready.wait()
+    await runtime.deprecations_ready.wait()
+    runtime.workers_alive += 1
+    try:
+        while True:
+            key = await runtime.queue.get()
+            try:
+                await reconcile(runtime, key)
+            finally:
+                runtime.queue.done(key)
+                runtime.last_progress = time.monotonic()
+    finally:
+        runtime.workers_alive -= 1
+
+
+def healthy(runtime: Runtime, watching: bool, now: float) -> bool:
+    """/healthz: the watches are up, every worker runs, and work that is waiting gets done: no
+    reconcile finishing for `workerStallSeconds` while keys wait means the workers hang, and the
+    liveness probe should restart the operator."""
+    if not watching or runtime.workers_alive < runtime.config.workers:
+        return False
+    return not runtime.queue.busy or now - runtime.last_progress < runtime.config.worker_stall_seconds
+
+
+async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str | None, metrics_host: str,
+              metrics_port: int, stop: asyncio.Event | None = None) -> None:
+    runtime = Runtime(config=config, client=KubeClient(kubeconfig))
+    runtime.weights = WeightsReader(runtime.client)
+    runtime.evaluations = Evaluations(lambda request: load_cases(runtime.client, request),
+                                      lambda request, outcome: evaluation_done(runtime, request, outcome))
+    registry = build_registry(runtime)
+    settings = kopf.OperatorSettings()
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per watch event otherwise
+    settings.posting.enabled = False  # Events are ours to post, through slmfleet.k8s, never kopf's log lines
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    # kopf's own calls (not the watches): a deadline, as for ours (k8s/client.py).
+    settings.networking.request_timeout = 60
+    settings.networking.connect_timeout = 10
+    ready = asyncio.Event()
+    kopf_stop = asyncio.Event()
+    runner = await metrics.serve(metrics_host, metrics_port,
+                                 lambda: healthy(runtime, ready.is_set(), time.monotonic()))
+    tasks = [
+        *(asyncio.create_task(worker(runtime), name=f"slmfleet-worker-{n}") for n in range(config.workers)),
+        asyncio.create_task(runtime.queue.run_timers(), name="slmfleet-timers"),
+        asyncio.create_task(watch_deprecations(runtime), name="slmfleet-deprecations"),
+        asyncio.create_task(
+            kopf.operator(
+                registry=registry,
+                settings=settings,
+                standalone=True,
+                clusterwide=not namespaces,
+                namespaces=namespaces,
+                ready_flag=ready,
+                stop_flag=kopf_stop,
+            ),
+            name="kopf",
+        ),
+    ]
+    waiters = list(tasks)
+    if stop is not None:
+        waiters.append(asyncio.create_task(stop.wait(), name="stop"))
+    try:
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task.get_name() != "stop" and task.exception():
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        kopf_stop.set()
+        for task in waiters:
+            if task.get_name() != "kopf":
+                task.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+        await runner.cleanup()
+        await runtime.evaluations.close()
+        runtime.client.close()

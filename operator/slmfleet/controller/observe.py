@@ -1,0 +1,145 @@
+"""What a reconcile sees: the model and what it owns from the indices (with our own writes in
+place of what the watch has not brought back yet), its ModelRollout, evaluations and live metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from slmfleet.api import modelrollout
+from slmfleet.api.smallmodel import KIND, SmallModel
+from slmfleet.builders import ModelOwner, served_model_name
+from slmfleet.builders.labels import REVISION_LABEL
+from slmfleet.builders.traffic import HTTPROUTE_API_VERSION
+from slmfleet.controller.runtime import GATEWAY_RECHECK_SECONDS, LIVE_CHECK_SECONDS, ModelKey, Runtime
+from slmfleet.planning.model import Observed
+from slmfleet.planning.rollout import (
+    RETRY_ANNOTATION,
+    EvaluationSnapshot,
+    RolloutObserved,
+    parse_rollout,
+)
+from slmfleet.rollout.steps import evaluation_id
+
+log = logging.getLogger("slmfleet.operator")
+
+
+def observe(runtime: Runtime, key: ModelKey) -> Observed | None:
+    indices = runtime.indices
+    assert indices is not None
+    models = list(indices["slm_models"].get(key, ()))
+    if not models:
+        return None
+    body = runtime.writes.fresh(KIND, key[0], models, key[1])[0]
+    return Observed(
+        body=body,
+        deployments=tuple(runtime.writes.fresh("Deployment", key[0], list(indices["slm_deployments"].get(key, ())), key[1])),
+        services=tuple(runtime.writes.fresh("Service", key[0], list(indices["slm_services"].get(key, ())), key[1])),
+        pods=tuple(indices["slm_model_pods"].get(key, ())),
+        nodes=tuple(indices["slm_nodes"].get("all", ())),
+        gpu_pods=tuple(indices["slm_gpu_pods"].get("all", ())),
+    )
+
+
+def rollouts_of(runtime: Runtime, key: ModelKey) -> list[dict[str, Any]]:
+    """The ModelRollouts referencing the model, oldest first: the first governs it, others wait."""
+    assert runtime.indices is not None
+    cached = list(runtime.indices["slm_rollouts"].get(key, ()))
+    rollouts = runtime.writes.fresh(modelrollout.KIND, key[0], cached)
+    rollouts = [r for r in rollouts if (r.get("spec", {}).get("modelRef") or {}).get("name") == key[1]]
+    rollouts.sort(key=lambda r: (r["metadata"].get("creationTimestamp") or "", r["metadata"]["name"]))
+    return rollouts
+
+
+def attempt_prefix(rollout: dict[str, Any]) -> str:
+    """Background evaluations belong to one attempt of one rollout: a retry starts afresh."""
+    meta = rollout["metadata"]
+    return f"{meta.get('uid', meta['name'])}/{(meta.get('annotations') or {}).get(RETRY_ANNOTATION, '')}/"
+
+
+def evaluation_snapshots(runtime: Runtime, rollout: dict[str, Any]) -> dict[str, EvaluationSnapshot]:
+    status = rollout.get("status") or {}
+    candidate = status.get("candidateRevision")
+    if not candidate or runtime.evaluations is None:
+        return {}
+    prefix = attempt_prefix(rollout)
+    out = {}
+    for step in range(len((rollout.get("spec") or {}).get("steps") or [])):
+        eid = evaluation_id(candidate, step)
+        if runtime.evaluations.running(prefix + eid):
+            out[eid] = EvaluationSnapshot("running")
+        elif (done := runtime.evaluations.outcome(prefix + eid)) is not None:
+            age = time.monotonic() - done.finished_at
+            out[eid] = EvaluationSnapshot(done.verdict, done.reason, done.result, may_retry=age >= 30.0)
+    return out
+
+
+def ready_pod_urls(runtime: Runtime, pods: tuple[dict[str, Any], ...], revision: str | None) -> list[str]:
+    urls = []
+    for pod in sorted(pods, key=lambda p: p["metadata"].get("name") or ""):
+        status = pod.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        if (pod["metadata"].get("labels") or {}).get(REVISION_LABEL) == revision and ready and status.get("podIP") \
+                and pod["metadata"].get("deletionTimestamp") is None:
+            urls.append(f"http://{status['podIP']}:{runtime.config.vllm_port}")
+    return urls
+
+
+def _served_name(body: dict[str, Any]) -> str:
+    model = SmallModel.model_validate(body)
+    meta = body["metadata"]
+    return served_model_name(ModelOwner(meta["name"], meta["namespace"], meta.get("uid", "")), model.spec)
+
+
+async def live_regression(runtime: Runtime, key: ModelKey, rollout: dict[str, Any], obs: Observed) -> str | None:
+    """Whether the candidate's live traffic (scraped from its pods) breaches the thresholds, while
+    it gets traffic. The world changes here without an event, so it is looked at again regularly."""
+    status = rollout.get("status") or {}
+    if int(status.get("canaryWeight") or 0) <= 0 or status.get("phase") not in ("Evaluating", "Progressing", "Paused"):
+        return None
+    parsed = parse_rollout(rollout)[0]
+    candidate = status.get("candidateRevision")
+    if parsed is None or not candidate:
+        return None
+    runtime.queue.add_after(key, LIVE_CHECK_SECONDS)
+    urls = ready_pod_urls(runtime, obs.pods, candidate)
+    if not urls:
+        return None  # the step machine sees the candidate without ready replicas
+    watch = f"{attempt_prefix(rollout)}{candidate}/step-{status.get('currentStep', 0)}"
+    check = await runtime.live.check(watch, urls, _served_name(obs.body), parsed.spec.evaluation.thresholds)
+    return check.reason if check.verdict == "fail" else None
+
+
+async def gateway_api_served(runtime: Runtime) -> bool:
+    """Whether the HTTPRoute CRD is installed (checked at most once a minute)."""
+    if runtime.gateway_api is not None and time.monotonic() - runtime.gateway_api[1] < GATEWAY_RECHECK_SECONDS:
+        return runtime.gateway_api[0]
+    try:
+        served = await runtime.client.serves(HTTPROUTE_API_VERSION, "httproutes")
+    except Exception:  # noqa: BLE001 - discovery hiccup: keep the last answer
+        log.warning("could not check whether the Gateway API is installed", exc_info=True)
+        served = runtime.gateway_api[0] if runtime.gateway_api is not None else False
+    runtime.gateway_api = (served, time.monotonic())
+    return served
+
+
+async def observe_rollout(runtime: Runtime, key: ModelKey, obs: Observed, rollout: dict[str, Any] | None) -> Observed:
+    if rollout is None:
+        return obs
+    gateway = await gateway_api_served(runtime)
+    ro = RolloutObserved(body=rollout, evaluations=evaluation_snapshots(runtime, rollout),
+                         live_regression=await live_regression(runtime, key, rollout, obs), gateway_api=gateway)
+    route = None
+    if gateway and ((rollout.get("spec") or {}).get("traffic") or {}).get("httpRoute"):
+        route = await runtime.client.get(HTTPROUTE_API_VERSION, "HTTPRoute", key[0], key[1])
+    # Drop what earlier attempts or candidates of this rollout left behind.
+    uid = f"{rollout['metadata'].get('uid', rollout['metadata']['name'])}/"
+    current = attempt_prefix(rollout) + ((rollout.get("status") or {}).get("candidateRevision") or "")
+    keep = lambda id_: not id_.startswith(uid) or id_.startswith(current)  # noqa: E731
+    if runtime.evaluations is not None:
+        runtime.evaluations.forget(keep)
+    runtime.live.forget(keep)
+    runtime.eval_models = {id_: model for id_, model in runtime.eval_models.items() if keep(id_)}
+    return dataclasses.replace(obs, rollout=ro, route=route)

@@ -1,0 +1,64 @@
+"""One reconcile of one model: observe, plan (slmfleet.planning), execute; retries with back-off."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import sys
+import time
+
+from slmfleet.api.smallmodel import KIND
+from slmfleet.controller import metrics
+from slmfleet.controller.execute import _report_failure, execute, report_not_governing
+from slmfleet.controller.observe import observe, observe_rollout, rollouts_of
+from slmfleet.controller.runtime import REPORT_AFTER_FAILURES, RETRY_SECONDS, ModelKey, Runtime
+from slmfleet.planning.model import effective_body, plan_model
+
+log = logging.getLogger("slmfleet.operator")
+
+
+async def reconcile(runtime: Runtime, key: ModelKey) -> None:
+    assert runtime.indices is not None
+    started = time.monotonic()
+    obs = observe(runtime, key)
+    rollouts = rollouts_of(runtime, key)
+    if obs is None:  # deleted: owner references let the garbage collector remove what it owned
+        runtime.conditions.pop(key, None)
+        runtime.gpus.pop(key, None)
+        metrics.publish_model_gauges(runtime.conditions, runtime.gpus)
+        try:
+            await report_not_governing(runtime, key, rollouts, model_exists=False)
+        except Exception:  # noqa: BLE001 - a status note only; the next event tries again
+            log.warning("could not report on the rollouts of %s/%s", *key, exc_info=True)
+        return
+    try:
+        await report_not_governing(runtime, key, rollouts, model_exists=True)
+        now = dt.datetime.now(dt.timezone.utc)
+        obs = dataclasses.replace(obs, deprecations=runtime.deprecations)
+        if runtime.weights is not None:
+            # The weights of what is to be served: a deprecated base falls back to another digest.
+            served = effective_body(obs.body, runtime.deprecations, now)
+            obs = dataclasses.replace(obs, weights=await runtime.weights.facts(served))
+        obs = await observe_rollout(runtime, key, obs, rollouts[0] if rollouts else None)
+        plan = plan_model(obs, runtime.config, now)
+        await execute(runtime, obs, plan)
+    except Exception:
+        attempt = runtime.failures.get(key, 0)
+        runtime.failures[key] = attempt + 1
+        delay = RETRY_SECONDS[min(attempt, len(RETRY_SECONDS) - 1)]
+        log.exception("reconcile of %s/%s failed (attempt %d); retrying in %ss", *key, attempt + 1, delay)
+        metrics.RECONCILES.labels(KIND, "error").inc()
+        runtime.queue.add_after(key, delay)
+        if attempt + 1 == REPORT_AFTER_FAILURES:
+            await _report_failure(runtime, obs.body, sys.exc_info()[1])
+        return
+    finally:
+        metrics.RECONCILE_SECONDS.labels(KIND).observe(time.monotonic() - started)
+    runtime.failures.pop(key, None)
+    runtime.conditions[key] = plan.conditions
+    runtime.gpus[key] = plan.gpus
+    metrics.publish_model_gauges(runtime.conditions, runtime.gpus)
+    metrics.RECONCILES.labels(KIND, "changed" if plan.writes else "noop").inc()
+    if plan.requeue_after is not None:
+        runtime.queue.add_after(key, plan.requeue_after)

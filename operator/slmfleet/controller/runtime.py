@@ -1,0 +1,88 @@
+"""What the handlers, the workers and the background tasks share: the Runtime, and the constants
+of the controller."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from slmfleet.api import modelrollout
+from slmfleet.api.config import OperatorConfig
+from slmfleet.builders.labels import MANAGED_BY_LABEL
+from slmfleet.controller.cache import WriteCache
+from slmfleet.controller.evaluations import Evaluations, LiveWatch
+from slmfleet.controller.weights_reader import WeightsReader
+from slmfleet.controller.workqueue import WorkQueue
+from slmfleet.k8s.client import KubeClient
+from slmfleet.planning.model import LOADER_FAILURES
+from slmfleet.rollout.deprecations import Deprecations
+
+log = logging.getLogger("slmfleet.operator")
+
+
+ModelKey = tuple[str, str]  # (namespace, name)
+
+
+MANAGED = {MANAGED_BY_LABEL: "slmfleet"}
+
+
+GPU_PREFIX = "nvidia.com/"
+
+
+RETRY_SECONDS = (1, 2, 5, 10, 30, 60)
+
+
+REPORT_AFTER_FAILURES = 3
+
+
+# Verdicts against the pinned weights, from the operator's own read or a pod's loader.
+WEIGHT_FAILURES = frozenset({*LOADER_FAILURES.values(), "ManifestInvalid", "ManifestMissing"})
+
+
+@dataclass
+class Runtime:
+    """What the handlers and the worker share (kopf passes it around as the operator's memo)."""
+
+    config: OperatorConfig
+    client: KubeClient
+    queue: WorkQueue = field(default_factory=WorkQueue)
+    indices: dict[str, Any] | None = None
+    indices_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    failures: dict[ModelKey, int] = field(default_factory=dict)
+    conditions: dict[ModelKey, dict[str, str]] = field(default_factory=dict)
+    gpus: dict[ModelKey, dict[str, int]] = field(default_factory=dict)
+    workers_alive: int = 0
+    last_progress: float = field(default_factory=time.monotonic)  # when a reconcile last finished
+    weights: WeightsReader | None = None
+    nodes_seen: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # name -> last sizing view
+    evaluations: Evaluations | None = None
+    writes: WriteCache = field(default_factory=WriteCache)  # read-your-writes (cache.py)
+    live: LiveWatch = field(default_factory=LiveWatch)
+    deprecations: Deprecations = Deprecations()
+    gateway_api: tuple[bool, float] | None = None  # (served, when checked: monotonic)
+    deprecations_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    eval_models: dict[str, ModelKey] = field(default_factory=dict)  # evaluation id -> its model
+
+    def capture(self, kwargs: dict[str, Any]) -> None:
+        if self.indices is None:
+            self.indices = {name: kwargs[name] for name in INDEX_NAMES}
+            self.indices_ready.set()
+
+
+INDEX_NAMES = ("slm_models", "slm_deployments", "slm_services", "slm_model_pods", "slm_gpu_pods", "slm_nodes",
+               "slm_rollouts")
+
+
+MR_PLURAL = modelrollout.PLURAL
+
+
+GATEWAY_RECHECK_SECONDS = 60.0
+
+
+LIVE_CHECK_SECONDS = 10.0
+
+
+DEPRECATIONS_POLL_SECONDS = 5.0

@@ -1,1 +1,0 @@
-"""Thin kopf handlers: parse, call the pure layers, apply, write status."""
