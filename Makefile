@@ -29,8 +29,13 @@ cluster-up: venv binaries ## start the local cluster (GPU fleet from e2e/pools/d
 cluster-down: venv ## stop every process of the local cluster and remove its state
 	@$(PY) -m e2e.cluster down
 
-lint: venv ## layering contracts (import-linter)
+lint: venv ## layering contracts (import-linter), ruff, mypy
+	@echo "==> [make] layering contracts (import-linter)"
 	@$(VENV)/bin/lint-imports
+	@echo "==> [make] ruff check"
+	@$(VENV)/bin/ruff check --quiet
+	@echo "==> [make] mypy"
+	@$(VENV)/bin/mypy
 
 unit: venv ## unit tests only (no cluster)
 	@$(PY) -m pytest tests

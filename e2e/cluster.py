@@ -595,9 +595,9 @@ class Cluster:
 
 def _terminate(pids: list[int], grace: float) -> None:
     for pid in pids:
-        for target in (lambda: os.killpg(pid, signal.SIGTERM), lambda: os.kill(pid, signal.SIGTERM)):
+        for kill in (os.killpg, os.kill):
             try:
-                target()
+                kill(pid, signal.SIGTERM)
                 break
             except (ProcessLookupError, PermissionError):
                 continue
@@ -606,9 +606,9 @@ def _terminate(pids: list[int], grace: float) -> None:
         time.sleep(0.1)
     for pid in pids:
         if _alive(pid):
-            for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
+            for kill in (os.killpg, os.kill):
                 try:
-                    target()
+                    kill(pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
     deadline = time.monotonic() + 5

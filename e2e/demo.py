@@ -74,7 +74,7 @@ def table(models: list[dict]) -> str:
             else condition(m, "Degraded").get("reason") or ready.get("reason", "-"),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("    " + "  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    return "\n".join("    " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
 def roll_out_new_weights(kubectl) -> int:
@@ -158,7 +158,14 @@ def main() -> int:
         return out.stdout
 
     step("The simulated GPU fleet (labels as NVIDIA GPU Feature Discovery sets them)")
-    print(kubectl("get", "nodes", "-L", "nvidia.com/gpu.product,nvidia.com/gpu.count,nvidia.com/mig.strategy,slmfleet.io/node-agent"))
+    print(
+        kubectl(
+            "get",
+            "nodes",
+            "-L",
+            "nvidia.com/gpu.product,nvidia.com/gpu.count,nvidia.com/mig.strategy,slmfleet.io/node-agent",
+        )
+    )
 
     operator_url = install_operator(cluster)
 
@@ -211,7 +218,7 @@ def main() -> int:
     print(f"    kubectl get sm -n {NAMESPACE} -o wide")
     print(f"    kubectl describe sm -n {NAMESPACE} qwen2-5-14b-on-one-l4")
     print(f"    kubectl describe mr -n {NAMESPACE} {SERVED}")
-    print(f"    kubectl explain smallmodel.spec.serving")
+    print("    kubectl explain smallmodel.spec.serving")
     print(f"    curl -s {operator_url}/metrics | grep slmfleet_")
     print("    make cluster-down      # stops the operator and every cluster process, removes the state")
     return 0

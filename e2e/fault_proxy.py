@@ -262,7 +262,7 @@ class FaultProxy:
             "by_rule": {rule.name: rule.injected for rule in rules},
         }
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         self.start()
         return self
 
@@ -544,6 +544,6 @@ async def _graceful_close(writer: asyncio.StreamWriter, reader: asyncio.StreamRe
             data = await asyncio.wait_for(reader.read(_READ_SIZE), max(0.01, deadline - time.monotonic()))
             if not data:
                 break
-    except (asyncio.TimeoutError, ConnectionError, OSError):
+    except (TimeoutError, ConnectionError, OSError):
         pass
     writer.close()

@@ -42,8 +42,22 @@ def write_config(cluster: Cluster) -> Path:
 
 def install(cluster: Cluster) -> None:
     """CRDs and RBAC; idempotent. Waits until the CRDs are established."""
-    cluster._kubectl("apply", "--server-side", "--force-conflicts", "-f", str(REPO / "crds"), "-f", str(REPO / "deploy" / "rbac.yaml"))
-    cluster._kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/smallmodels.slmfleet.io", "crd/modelrollouts.slmfleet.io")
+    cluster._kubectl(
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        str(REPO / "crds"),
+        "-f",
+        str(REPO / "deploy" / "rbac.yaml"),
+    )
+    cluster._kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/smallmodels.slmfleet.io",
+        "crd/modelrollouts.slmfleet.io",
+    )
 
 
 class OperatorProcess:
@@ -65,7 +79,7 @@ class OperatorProcess:
         return cluster.dir / "operator.json"
 
     @classmethod
-    def running(cls, cluster: Cluster) -> "OperatorProcess | None":
+    def running(cls, cluster: Cluster) -> OperatorProcess | None:
         """The operator started for this cluster by anyone (demo or tests), if it is healthy."""
         try:
             state = json.loads(cls.state_file(cluster).read_text())
@@ -85,7 +99,7 @@ class OperatorProcess:
         elif _alive(pid) and _has_env(pid, MARKER_ENV, str(self.cluster.dir)):
             _terminate([pid], grace=20)
 
-    def start(self, timeout: float = 60) -> "OperatorProcess":
+    def start(self, timeout: float = 60) -> OperatorProcess:
         install(self.cluster)
         self._stop_recorded()
         if port_in_use(self.metrics_port):

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "what": "make test on fresh clones, each from a cold cluster (e2e/repeat.py)",
         "commit": head,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "runs": len(results),
         "failures": failures,

@@ -29,8 +29,19 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from e2e.cluster import (E2E, MARKER_ENV, _alive, _has_env, _terminate, cache_dir, default_state_dir,
-                         port_holder_text, port_in_use, processes_with_env, versions)
+from e2e.cluster import (
+    E2E,
+    MARKER_ENV,
+    _alive,
+    _has_env,
+    _terminate,
+    cache_dir,
+    default_state_dir,
+    port_holder_text,
+    port_in_use,
+    processes_with_env,
+    versions,
+)
 
 DEFAULT_PORT = 19000
 REGION = "us-east-1"
@@ -170,7 +181,7 @@ class S3Server:
         except (urllib.error.URLError, OSError):
             return False
 
-    def start(self, timeout: float = 60) -> "S3Server":
+    def start(self, timeout: float = 60) -> S3Server:
         """Starts MinIO (or reuses the one already running from this state dir) and waits until
         /minio/health/live answers."""
         if self.pid() and self.live():
@@ -235,7 +246,7 @@ class S3Server:
                 _terminate(leftovers, grace=5)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "S3Server":
+    def __enter__(self) -> S3Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -115,7 +115,7 @@ class ServiceProxy:
         host, port = endpoints[next(self._turn) % len(endpoints)]
         try:
             up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             writer.close()
             return
 
@@ -137,11 +137,11 @@ class ServiceProxy:
         while not stop.is_set():
             try:
                 await self.sync()
-            except (ApiError, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            except (TimeoutError, ApiError, aiohttp.ClientError, ValueError) as exc:
                 log.warning("sync failed: %r", exc)
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         for server in self.servers.values():
             server.close()

@@ -742,7 +742,7 @@ def build_all(out_dir: Path | str | None = None, *, reuse: bool = True, source: 
     doc = digests_document(images, rev)
     digests.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     stamp.write_text(inputs)
-    for name, image in doc["images"].items():
+    for image in doc["images"].values():
         step(f"{image['repository']}:{image['tag']}@{image['digest']} "
              f"({image['compressedBytes'] / 1e6:.1f} MB compressed)")
     step(f"done in {time.monotonic() - started:.0f} s -> {digests}")

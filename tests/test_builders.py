@@ -19,10 +19,10 @@ from slmfleet.builders import (
     build_model_service,
     build_revision_service,
     model_endpoint,
+    parse_source,
     revision_of,
     selector_labels,
     vllm_serve_args,
-    parse_source,
 )
 
 DIGEST = "sha256:" + "ab" * 32

@@ -161,7 +161,7 @@ def test_values_without_a_digest_fail_with_the_schemas_message(helm, tmp_path):
     assert f"at '/vllm/image/digest': '' {SCHEMA_MESSAGE}" in result.stderr
     for bad in ("sha256:abc", "latest", "sha256:" + "A" * 64, "sha512:" + "a" * 128):
         result = template(helm, tmp_path, {"vllm": {"image": {"digest": bad}}})
-        assert result.returncode != 0 and f"at '/vllm/image/digest'" in result.stderr, bad
+        assert result.returncode != 0 and "at '/vllm/image/digest'" in result.stderr, bad
     schema = json.loads((CHART / "values.schema.json").read_text())
     digest = schema["properties"]["image"]["properties"]["digest"]
     assert digest["pattern"] == "^sha256:[0-9a-f]{64}$" and "Required" in digest["description"]
@@ -407,7 +407,7 @@ def rendered_crds(docs: list[dict]) -> dict[str, dict]:
 def test_rendered_crds_are_crds_dir_plus_annotations(helm, tmp_path):
     on_disk = {yaml.safe_load(p.read_text())["metadata"]["name"]: yaml.safe_load(p.read_text())
                for p in (REPO / "crds").glob("*.yaml")}
-    for values, annotations in (
+    for values, expected_annotations in (
         ({}, {"helm.sh/resource-policy": "keep"}),
         ({"crds": {"keep": False}}, None),
         ({"crds": {"annotations": {"argocd.argoproj.io/sync-options": "ServerSideApply=true"}}},
@@ -416,7 +416,7 @@ def test_rendered_crds_are_crds_dir_plus_annotations(helm, tmp_path):
         crds = rendered_crds(render(helm, tmp_path, values))
         assert set(crds) == set(on_disk) == {"smallmodels.slmfleet.io", "modelrollouts.slmfleet.io"}
         for name, crd in crds.items():
-            assert crd["metadata"].pop("annotations", None) == annotations
+            assert crd["metadata"].pop("annotations", None) == expected_annotations
             assert crd == on_disk[name]
     assert rendered_crds(render(helm, tmp_path, {"crds": {"enabled": False}})) == {}
 
@@ -538,7 +538,7 @@ def test_network_policy(helm, tmp_path):
 # ------------------------------------------------------------------ helm test
 
 class _Healthz(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):  # http.server's name
         self.send_response(200 if self.path == "/healthz" else 404)
         self.end_headers()
         self.wfile.write(b"ok\n")

@@ -124,7 +124,7 @@ class FakeApiServer(BaseHTTPRequestHandler):
     pods: list = []
     seen: list = []
 
-    def do_GET(self):  # noqa: N802 - the http.server hook
+    def do_GET(self):  # the http.server hook
         url = urlparse(self.path)
         query = parse_qs(url.query)
         self.seen.append((url.path, query))

@@ -126,7 +126,7 @@ def test_a_restart_between_scrapes_counts_from_zero(tmp_path):
 
 def test_without_the_http_counter_the_error_rate_is_unknown(tmp_path):
     e = engine(tmp_path)
-    keep = lambda text: "\n".join(l for l in text.splitlines() if not l.startswith("http_requests"))  # noqa: E731
+    keep = lambda text: "\n".join(line for line in text.splitlines() if not line.startswith("http_requests"))  # noqa: E731
     before = parse_exposition(keep(exposition(e)))
     serve_requests(e, [0.1] * 3, ["2xx"] * 3)
     stats = window_stats(before, parse_exposition(keep(exposition(e))))

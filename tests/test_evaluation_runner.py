@@ -10,7 +10,6 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.standin_servers import free_port, standins
 from slmfleet.evaluation import (
     DatasetError,
     Endpoint,
@@ -25,6 +24,7 @@ from slmfleet.evaluation import (
     window_stats,
 )
 from slmfleet.evaluation.runner import batch_ends
+from tests.standin_servers import free_port, standins
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "qwen-test"
@@ -208,7 +208,7 @@ def test_metrics_window_around_an_evaluation(servers):
         before = [await scrape(servers[n]) for n in ("good", "failing")]
         await evaluate_paired(cases, ep(servers, "good"), ep(servers, "failing"), ["exact_match"])
         after = [await scrape(servers[n]) for n in ("good", "failing")]
-        return [window_stats(b, a, model=MODEL) for b, a in zip(before, after)]
+        return [window_stats(b, a, model=MODEL) for b, a in zip(before, after, strict=True)]
 
     good, failing = asyncio.run(go())
     assert (good.requests, good.errors, good.latency_count) == (5, 0, 5)

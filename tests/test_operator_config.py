@@ -66,7 +66,9 @@ def test_the_image_is_required():
 
 def test_a_misspelt_key_fails_instead_of_falling_back_to_a_default():
     with pytest.raises(ValidationError, match="startupTimeout"):
-        parse_operator_config(f"vllmImage: vllm/vllm-openai@{DIGEST}\nloaderImage: slmfleet/slmfleet@{DIGEST}\nstartupTimeout: 60\n")
+        parse_operator_config(
+            f"vllmImage: vllm/vllm-openai@{DIGEST}\nloaderImage: slmfleet/slmfleet@{DIGEST}\nstartupTimeout: 60\n"
+        )
 
 
 @pytest.mark.parametrize("field, value", [

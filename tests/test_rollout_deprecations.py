@@ -10,7 +10,7 @@ from slmfleet.rollout.deprecations import (
     parse_deprecations,
 )
 
-NOW = dt.datetime(2026, 11, 21, 12, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 11, 21, 12, tzinfo=dt.UTC)
 LIST = """
 deprecations:
   - baseModel: Qwen/Qwen2.5-7B-Instruct

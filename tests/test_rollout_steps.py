@@ -30,7 +30,7 @@ from slmfleet.rollout.steps import (
 )
 
 FAST = settings(max_examples=150, deadline=None)
-T0 = dt.datetime(2026, 11, 21, 10, 0, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2026, 11, 21, 10, 0, 0, tzinfo=dt.UTC)
 EXAMPLE = [
     {"evaluate": {}},
     {"setWeight": 10},
@@ -334,7 +334,7 @@ def test_a_live_regression_rolls_back_whenever_the_candidate_has_traffic(steps, 
     st.integers(0, 40),
     st.integers(0, 100),
     st.none() | st.datetimes(min_value=dt.datetime(2000, 1, 1), max_value=dt.datetime(2100, 1, 1),
-                             timezones=st.just(dt.timezone.utc)).map(lambda d: d.replace(microsecond=0)),
+                             timezones=st.just(dt.UTC)).map(lambda d: d.replace(microsecond=0)),
     st.text(alphabet="abcdef0123456789", max_size=10),
     st.text(max_size=30),
 )

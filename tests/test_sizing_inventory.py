@@ -77,7 +77,10 @@ def test_unschedulable_not_ready_and_unlabelled_nodes_contribute_nothing():
         gpu_node("down", "NVIDIA-L4", 23034, 1, ready=False),
         bare,
         no_conditions,
-        {"metadata": {"name": "cpu"}, "status": {"allocatable": {"cpu": "8"}, "conditions": [{"type": "Ready", "status": "True"}]}},
+        {
+            "metadata": {"name": "cpu"},
+            "status": {"allocatable": {"cpu": "8"}, "conditions": [{"type": "Ready", "status": "True"}]},
+        },
     ]
     assert inventory_from_nodes(nodes, []).nodes == ()
 

@@ -57,7 +57,9 @@ def test_main_requires_the_serve_subcommand(capsys):
     (["--gpu-memory-utilization", "1.2"], "within (0, 1]"),
 ])
 def test_startup_checks(tmp_path, argv, message):
-    with pytest.raises(vllm.StartupError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        vllm.StartupError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    ):
         vllm.prepare(parse(str(model(tmp_path)), *argv))
 
 

@@ -15,8 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from e2e.argocd_health import CHECKS, KINDS
-from e2e.argocd_health import scripts
+from e2e.argocd_health import CHECKS, KINDS, scripts
 
 GROUP = scripts.GROUP
 INDENT = "    "

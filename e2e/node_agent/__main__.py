@@ -9,7 +9,9 @@ from e2e.node_agent.agent import NodeAgent
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m e2e.node_agent", description="kubelet stand-in running pods as local processes")
+    parser = argparse.ArgumentParser(
+        prog="python -m e2e.node_agent", description="kubelet stand-in running pods as local processes"
+    )
     parser.add_argument("--node", required=True)
     parser.add_argument("--kubeconfig", type=Path, required=True)
     parser.add_argument("--state-dir", type=Path, required=True)

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,11 @@ KUBELET_VERSION = "v1.34.4-slmfleet-process"
 
 
 def _micro_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class PodIPs:
@@ -137,12 +137,12 @@ class NodeAgent:
                     await self.update_node_status()
                     since_status = 0
                 await self.renew_lease()
-            except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, ApiError, aiohttp.ClientError) as exc:
                 log.warning("heartbeat failed: %s", exc)
             since_status += LEASE_RENEW_S
             try:
                 await asyncio.wait_for(self._stop.wait(), LEASE_RENEW_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     # ------------------------------------------------------------------ events
@@ -162,7 +162,7 @@ class NodeAgent:
         }
         try:
             await self.kube.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body)
-        except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ApiError, aiohttp.ClientError) as exc:
             log.warning("event not recorded: %s", exc)
 
     # ------------------------------------------------------------------ pods
@@ -230,7 +230,7 @@ class NodeAgent:
                     if event["type"] == "BOOKMARK":
                         continue
                     await self.on_pod(event["type"], event["object"])
-            except (ApiError, aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            except (TimeoutError, ApiError, aiohttp.ClientError, ValueError) as exc:
                 log.warning("pod watch interrupted: %r; relisting", exc)
                 await asyncio.sleep(1)
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from e2e.node_agent.registry import PulledImage, parse_reference
 

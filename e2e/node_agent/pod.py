@@ -8,7 +8,6 @@ import base64
 import logging
 import os
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +60,7 @@ class ContainerState:
 
 
 class PodRunner:
-    def __init__(self, agent: "NodeAgent", pod: dict[str, Any], ip: str):
+    def __init__(self, agent: NodeAgent, pod: dict[str, Any], ip: str):
         self.agent = agent
         self.pod = pod
         meta = pod["metadata"]
@@ -130,7 +129,7 @@ class PodRunner:
             except ApiError as exc:
                 if exc.status not in (404, 409):
                     log.warning("pod %s/%s: status update failed: %s", self.namespace, self.name, exc)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 log.warning("pod %s/%s: status update failed: %r", self.namespace, self.name, exc)
 
     async def event(self, reason: str, message: str, kind: str = "Normal") -> None:
@@ -146,7 +145,7 @@ class PodRunner:
             await self.push_status()
             if not await self._mount_volumes():
                 return
-            for c_spec, c in zip(self.spec.get("initContainers") or [], self.init):
+            for c_spec, c in zip(self.spec.get("initContainers") or [], self.init, strict=True):
                 if not await self._run_init(c_spec, c):
                     return
             self.initialized = True
@@ -154,13 +153,13 @@ class PodRunner:
                 c.state = {"waiting": {"reason": "ContainerCreating"}}
             await self.push_status()
             supervisors = [asyncio.create_task(self._supervise(c_spec, c))
-                           for c_spec, c in zip(self.spec["containers"], self.main)]
+                           for c_spec, c in zip(self.spec["containers"], self.main, strict=True)]
             self._tasks.extend(supervisors)
             await asyncio.gather(*supervisors)
             await self.push_status()
         except asyncio.CancelledError:
             raise
-        except Exception:  # noqa: BLE001 - a bug here must show in the agent log, not vanish
+        except Exception:  # a bug here must show in the agent log, not vanish
             log.exception("pod %s/%s: runner failed", self.namespace, self.name)
 
     async def _mount_volumes(self) -> bool:
@@ -413,7 +412,7 @@ class PodRunner:
                 proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL,
                                                             stderr=asyncio.subprocess.DEVNULL)
                 return await asyncio.wait_for(proc.wait(), timeout) == 0
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError, images.ExecError, socket.error):
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError, images.ExecError):
             return False
         return False
 
@@ -552,7 +551,11 @@ class PodRunner:
                                              "hostIPs": [{"ip": "127.0.0.1"}]})
                 user[var["name"]] = spec.field_ref(pod, src["fieldRef"]["fieldPath"])
             elif "configMapKeyRef" in src or "secretKeyRef" in src:
-                kind, ref = ("configmaps", src["configMapKeyRef"]) if "configMapKeyRef" in src else ("secrets", src["secretKeyRef"])
+                kind, ref = (
+                    ("configmaps", src["configMapKeyRef"])
+                    if "configMapKeyRef" in src
+                    else ("secrets", src["secretKeyRef"])
+                )
                 data = await self._config_data(kind, ref["name"], ref.get("optional"))
                 if ref["key"] in data:
                     user[var["name"]] = data[ref["key"]]
@@ -688,7 +691,7 @@ class PodRunner:
             self._kill(p, signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), timeout=max(grace, 0.1))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             for p in procs:
                 self._kill(p, signal.SIGKILL)
             await asyncio.gather(*(p.wait() for p in procs))

@@ -5,8 +5,9 @@ restart back-off, container status dictionaries. No I/O here, so they are unit-t
 from __future__ import annotations
 
 import re
-from datetime import datetime, timezone
-from typing import Any, Mapping
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
 
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 MAX_TERMINATION_MESSAGE = 4096
@@ -83,7 +84,7 @@ def backoff_seconds(restarts: int) -> float:
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def exit_code(returncode: int) -> int:

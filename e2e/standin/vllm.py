@@ -125,7 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", "-q", choices=QUANTIZATION_METHODS)
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--max-logprobs", type=int, default=20)
-    p.add_argument("--logprobs-mode", choices=["raw_logits", "raw_logprobs", "processed_logits", "processed_logprobs"], default="raw_logprobs")
+    p.add_argument(
+        "--logprobs-mode",
+        choices=["raw_logits", "raw_logprobs", "processed_logits", "processed_logprobs"],
+        default="raw_logprobs",
+    )
     p.add_argument("--disable-sliding-window", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--disable-cascade-attn", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--skip-tokenizer-init", action=argparse.BooleanOptionalAction, default=False)
@@ -229,7 +233,7 @@ class Behaviour:
     startup_seconds: float
 
     @classmethod
-    def load(cls, model_dir: Path) -> "Behaviour":
+    def load(cls, model_dir: Path) -> Behaviour:
         path = model_dir / "standin.json"
         raw: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
         latency = raw.get("latency_ms") or {}
@@ -270,16 +274,38 @@ class Engine:
     def __post_init__(self) -> None:
         labels = ["model_name"]
         r = self.registry
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", labels, registry=r, buckets=LATENCY_BUCKETS)
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", labels, registry=r, buckets=TTFT_BUCKETS)
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            labels,
+            registry=r,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            labels,
+            registry=r,
+            buckets=TTFT_BUCKETS,
+        )
         self.running = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.", labels, registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.", labels, registry=r)
         self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels, registry=r)
-        self.success = Counter("vllm:request_success", "Count of successfully processed requests.", labels + ["finished_reason"], registry=r)
+        self.success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            labels + ["finished_reason"],
+            registry=r,
+        )
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", labels, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.", labels, registry=r)
         # vLLM's server exposes per-status HTTP counts (prometheus-fastapi-instrumentator).
-        self.http = Counter("http_requests", "Total number of requests by method, status and handler.", ["method", "status", "handler"], registry=r)
+        self.http = Counter(
+            "http_requests",
+            "Total number of requests by method, status and handler.",
+            ["method", "status", "handler"],
+            registry=r,
+        )
         name = self.served_names[0]
         for g in (self.running, self.waiting, self.kv_usage):
             g.labels(model_name=name).set(0)

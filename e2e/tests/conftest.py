@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from kubernetes import client, config
@@ -22,7 +22,6 @@ from kubernetes import client, config
 from e2e.cluster import DEFAULT_POOLS, IMAGES_FILE, Cluster, built_images, default_state_dir
 from e2e.operator_proc import OperatorProcess
 from e2e.s3 import S3Server
-from e2e.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 

@@ -112,7 +112,7 @@ def test_pull_secrets_are_read_for_every_pull_and_a_missing_one_is_reported(clus
         pod.spec.containers[0].image_pull_policy = "Always"
         core.create_namespaced_pod(namespace, pod)
     for name in ("with-secret", "missing-secret"):
-        wait_for(lambda: (c := _container(core, namespace, name)) and c.ready, what=f"{name} Ready")
+        wait_for(lambda name=name: (c := _container(core, namespace, name)) and c.ready, what=f"{name} Ready")
     reasons = {name: {(e.reason, e.message) for e in pod_events(core, namespace, name)}
                for name in ("with-secret", "missing-secret")}
     unreadable = ("FailedToRetrieveImagePullSecret", "Unable to retrieve some image pull secrets (nowhere); "

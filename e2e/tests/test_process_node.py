@@ -133,7 +133,9 @@ def test_failing_init_container_reports_exit_code_and_message_and_blocks_main(co
     assert not processes_with_pod_ip(failed.status.pod_ip)
 
 
-def test_init_container_failure_with_restart_always_backs_off_without_starting_main(core, process_nodes_free, namespace, model_dir):
+def test_init_container_failure_with_restart_always_backs_off_without_starting_main(
+    core, process_nodes_free, namespace, model_dir
+):
     pod = vllm_pod("vllm", model_dir())
     pod.spec.init_containers = [client.V1Container(
         name="loader", image="busybox", command=["sh", "-c", "echo nope > /dev/termination-log; exit 3"])]

@@ -42,7 +42,7 @@ def served(tmp_path_factory):
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
                 proc.kill()
-                raise RuntimeError("crane registry serve did not start")
+                raise RuntimeError("crane registry serve did not start") from None
             time.sleep(0.1)
     # A one-file image with a config like the project's images.
     layer = tmp_path_factory.mktemp("layer") / "layer.tar"

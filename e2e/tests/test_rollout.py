@@ -104,7 +104,7 @@ class StableWatch:
                 self.samples += 1
             self._stop.wait(0.1)
 
-    def __enter__(self) -> "StableWatch":
+    def __enter__(self) -> StableWatch:
         self._thread.start()
         return self
 

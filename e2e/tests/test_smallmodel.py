@@ -111,7 +111,7 @@ def test_small_model_is_placed_on_a_small_device_and_becomes_ready(operator, crs
     assert dep.metadata.owner_references[0].kind == "SmallModel"
     container = dep.spec.template.spec.containers[0]
     assert container.resources.limits[placement["gpuResource"]] == "1"
-    assert f"--max-model-len" in container.args and "8192" in container.args
+    assert "--max-model-len" in container.args and "8192" in container.args
     # The real scheduler put the pod on a node that has that product.
     pods = model_pods(core, namespace, "qwen-small")
     node = core.read_node(pods[0].spec.node_name)
@@ -149,10 +149,22 @@ INVALID = [
     ("zero concurrency", {"spec": {"serving": {"concurrency": 0}}}, "spec.serving.concurrency"),
     ("too many GPUs", {"spec": {"resources": {"gpuCount": 16}}}, "spec.resources.gpuCount"),
     ("utilization above cap", {"spec": {"resources": {"maxGpuMemoryUtilization": 0.99}}}, "maxGpuMemoryUtilization"),
-    ("managed vLLM flag", {"spec": {"serving": {"extraArgs": ["--tensor-parallel-size=2"]}}}, "flags the operator manages"),
+    (
+        "managed vLLM flag",
+        {"spec": {"serving": {"extraArgs": ["--tensor-parallel-size=2"]}}},
+        "flags the operator manages",
+    ),
     ("TP does not divide heads", {"spec": {"resources": {"gpuCount": 4}}}, "must divide the attention heads"),
-    ("context beyond model", {"spec": {"serving": {"maxModelLen": 65536}}}, "exceeds architecture.maxPositionEmbeddings"),
-    ("heads not multiple of KV heads", {"spec": {"architecture": {**QWEN_05B, "numKeyValueHeads": 3}}}, "multiple of numKeyValueHeads"),
+    (
+        "context beyond model",
+        {"spec": {"serving": {"maxModelLen": 65536}}},
+        "exceeds architecture.maxPositionEmbeddings",
+    ),
+    (
+        "heads not multiple of KV heads",
+        {"spec": {"architecture": {**QWEN_05B, "numKeyValueHeads": 3}}},
+        "multiple of numKeyValueHeads",
+    ),
     ("name not a DNS-1035 label", {"metadata": {"name": "9lives"}}, "DNS-1035"),
     ("bad base model", {"spec": {"baseModel": "not a repo"}}, "spec.baseModel"),
 ]

@@ -28,7 +28,12 @@ class PrinterColumn:
     priority: int = 0
 
     def to_wire(self) -> dict[str, Any]:
-        column: dict[str, Any] = {"name": self.name, "type": self.type, "jsonPath": self.json_path, "description": self.description}
+        column: dict[str, Any] = {
+            "name": self.name,
+            "type": self.type,
+            "jsonPath": self.json_path,
+            "description": self.description,
+        }
         if self.priority:
             column["priority"] = self.priority
         return column

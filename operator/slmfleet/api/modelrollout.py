@@ -161,7 +161,9 @@ class Scorer(CRModel):
     """Regular expression (regex scorer); `{expected}` is replaced by the escaped expectation."""
     field: str | None = Field(default=None, max_length=256)
     """Field path in the JSON answer (jsonField scorer), e.g. `label` or `entities[0].type`."""
-    schema_: dict[str, Any] | None = Field(default=None, alias="schema", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True})
+    schema_: dict[str, Any] | None = Field(
+        default=None, alias="schema", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
+    )
     """JSON Schema the answer must satisfy (jsonSchema scorer)."""
 
 

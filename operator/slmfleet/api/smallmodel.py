@@ -249,7 +249,9 @@ class SmallModelSpec(CRModel):
 
     source: WeightsSource
     """The weights: location and pinned manifest digest."""
-    base_model: str | None = Field(default=None, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+    base_model: str | None = Field(
+        default=None, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+    )
     """Upstream base model this one derives from (`org/name`, e.g. `Qwen/Qwen3-4B`), for deprecation."""
     architecture: Architecture | None = None
     """Declared architecture facts (config.json fields), used for sizing."""

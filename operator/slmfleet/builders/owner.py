@@ -18,7 +18,7 @@ class ModelOwner:
     uid: str
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any]) -> "ModelOwner":
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> ModelOwner:
         """From a SmallModel's `metadata` as the API server returns it."""
         return cls(name=metadata["name"], namespace=metadata["namespace"], uid=metadata["uid"])
 

@@ -72,7 +72,9 @@ def model_endpoint(owner: ModelOwner, config: OperatorConfig) -> str:
     return f"http://{model_service_name(owner.name)}.{owner.namespace}.svc:{config.vllm_port}/v1"
 
 
-def _service(owner: ModelOwner, name: str, labels: dict[str, Any], selector: dict[str, Any], config: OperatorConfig) -> dict[str, Any]:
+def _service(
+    owner: ModelOwner, name: str, labels: dict[str, Any], selector: dict[str, Any], config: OperatorConfig
+) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Service",

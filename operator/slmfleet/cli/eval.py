@@ -198,7 +198,7 @@ def render(result: PairedRun | EvalRun, endpoints: dict[str, Endpoint], header: 
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines.append("")
     for r in rows:
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from slmfleet.weights.progress import human_bytes, human_rate
 from slmfleet.weights.s3 import client_from_env
 from slmfleet.weights.transfer import DEFAULT_CONCURRENCY, DEFAULT_PART_SIZE, RetryPolicy
 
+
 def add_s3_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("S3 (flags override the AWS_* environment)")
     g.add_argument("--endpoint-url", help="custom endpoint, e.g. https://minio.internal:9000 (AWS_ENDPOINT_URL)")

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import statistics
@@ -291,7 +292,7 @@ def batch_ends(total: int, batch_size: int | None = None, looks: Sequence[int] |
         ends = list(range(batch_size, total, batch_size))
     elif looks is not None:
         looks = list(looks)
-        if not all(_positive_int(k) for k in looks) or any(b <= a for a, b in zip(looks, looks[1:])):
+        if not all(_positive_int(k) for k in looks) or any(b <= a for a, b in itertools.pairwise(looks)):
             raise ValueError(f"looks must be strictly increasing positive integers, not {looks!r}")
         ends = [k for k in looks if k < total]
     else:
@@ -444,7 +445,7 @@ async def _batches(cases: Sequence[Case], endpoints: Sequence[Endpoint], default
             batch = cases[start:end]
             start = end
             rows = await client.run_batch(batch, endpoints, default)
-            yield [(case.id, row) for case, row in zip(batch, rows)]
+            yield [(case.id, row) for case, row in zip(batch, rows, strict=True)]
 
 
 async def iter_paired_batches(cases: Iterable[Case], stable: Endpoint, candidate: Endpoint,

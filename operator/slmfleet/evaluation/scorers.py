@@ -507,7 +507,7 @@ class JsonField(Scorer):
         if isinstance(a, dict) and isinstance(b, dict):
             return a.keys() == b.keys() and all(self._equal(a[k], b[k]) for k in a)
         if isinstance(a, list) and isinstance(b, list):
-            return len(a) == len(b) and all(self._equal(x, y) for x, y in zip(a, b))
+            return len(a) == len(b) and all(self._equal(x, y) for x, y in zip(a, b, strict=True))
         if isinstance(a, (int, float)) and isinstance(b, (int, float)):
             return a == b
         return a is None and b is None

@@ -17,8 +17,9 @@ because a typo that silently un-deprecates a model is worse than a loud failure.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 

@@ -41,7 +41,7 @@ import datetime as dt
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 Phase = Literal["Pending", "Evaluating", "Progressing", "Paused", "Promoted", "RolledBack", "Failed"]
 PHASES: tuple[str, ...] = ("Pending", "Evaluating", "Progressing", "Paused", "Promoted", "RolledBack", "Failed")
@@ -75,7 +75,7 @@ class PauseStep:
     seconds: float
 
 
-Step = Union[EvaluateStep, SetWeightStep, PauseStep]
+Step = EvaluateStep | SetWeightStep | PauseStep
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -166,14 +166,14 @@ def phase_of(step: Step) -> Phase:
 def _rfc3339(moment: dt.datetime) -> str:
     if moment.tzinfo is None:
         raise ValueError("times must be timezone-aware")
-    text = moment.astimezone(dt.timezone.utc).isoformat()
+    text = moment.astimezone(dt.UTC).isoformat()
     return text.replace("+00:00", "Z")
 
 
 def _parse_time(text: str) -> dt.datetime:
     moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.timezone.utc)
+        moment = moment.replace(tzinfo=dt.UTC)
     return moment
 
 
@@ -342,7 +342,7 @@ class Nothing:
     message: str
 
 
-Action = Union[StartEvaluation, SetWeight, Wait, Advance, Promote, Rollback, Nothing]
+Action = StartEvaluation | SetWeight | Wait | Advance | Promote | Rollback | Nothing
 
 
 def _rollback(state: RolloutState, phase: Phase, reason: str) -> Rollback:

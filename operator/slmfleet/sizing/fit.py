@@ -98,7 +98,8 @@ def tensor_parallel_problem(arch: ModelArchitecture, tp: int, quantization: str 
         return f"intermediate size {arch.intermediate_size} is not divisible by TP={tp}"
     quant = effective_quantization(arch, quantization)
     if quant is not None and quant.groupwise and (arch.intermediate_size // tp) % quant.group_size:  # type: ignore[operator]
-        return f"intermediate size {arch.intermediate_size} / TP={tp} is not a multiple of the quantization group {quant.group_size}"
+        return (f"intermediate size {arch.intermediate_size} / TP={tp} is not a multiple of the quantization group "
+                f"{quant.group_size}")
     return None
 
 

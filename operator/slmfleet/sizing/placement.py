@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from math import floor
 from typing import Any
 
-from slmfleet.sizing.architecture import ModelArchitecture, SizingInputError
 from slmfleet.sizing import explain
+from slmfleet.sizing.architecture import ModelArchitecture, SizingInputError
 from slmfleet.sizing.fit import ModelFit, budget_bytes, round_context, tensor_parallel_problem
 from slmfleet.sizing.inventory import DeviceClass, Inventory, NodeGpus
 from slmfleet.sizing.memory import KV_CACHE_DTYPES, QUANTIZATIONS, SERVING_DTYPES, MemoryProfile

@@ -10,8 +10,10 @@ The dataclass is plain data so that the pure planner (model_plan.py) can take it
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
+
 
 @dataclass(frozen=True)
 class WeightsFacts:

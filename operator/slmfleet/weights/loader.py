@@ -240,7 +240,7 @@ class _Loader:
             return self.opts.retry.call(fn, what=what, log=self.log)
         except WeightsError:
             raise
-        except Exception as exc:  # noqa: BLE001 - every storage failure becomes an exit code
+        except Exception as exc:  # every storage failure becomes an exit code
             raise storage_error(exc, what, self.opts.retry.attempts) from exc
 
     def _verified_manifest(self, raw: bytes) -> Manifest:
@@ -427,7 +427,7 @@ class _Loader:
                         raise FileMismatch(path, expect, f"a shorter file ({got})", where=where) from None
                     except (Aborted, WeightsError):
                         raise
-                    except Exception as exc:  # noqa: BLE001 - storage errors after the retries
+                    except Exception as exc:  # storage errors after the retries
                         raise storage_error(exc, f"downloading {where}", self.opts.retry.attempts) from exc
                     f.write(chunk)
                     h.update(chunk)

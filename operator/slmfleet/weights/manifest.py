@@ -25,6 +25,7 @@ version, serialised canonically (keys sorted, no whitespace, UTF-8, no trailing 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -109,7 +110,7 @@ class Manifest:
     @classmethod
     def of(cls, entries: Iterable[FileEntry]) -> Manifest:
         files = tuple(sorted(entries, key=lambda e: e.path))
-        for a, b in zip(files, files[1:]):
+        for a, b in itertools.pairwise(files):
             if a.path == b.path:
                 raise ManifestError(f"file path {a.path!r} is listed twice")
         return cls(files)

@@ -92,7 +92,7 @@ def pin(uri_or_source: str | Source, *, write: bool = False, workers: int | None
                 raise WeightsError(f"cannot store a manifest at {written}")
         except WeightsError:
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise storage_error(exc, f"writing {written}", retry.attempts) from exc
     return PinResult(manifest, seconds, written, previous)
 
@@ -102,7 +102,7 @@ def _previous_digest(source: Source, retry: RetryPolicy, log: Callable[[str], No
         raw = retry.call(source.read_manifest, what=f"reading {source.describe(MANIFEST_NAME)}", log=log)
     except WeightsError:
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise storage_error(exc, f"reading {source.describe(MANIFEST_NAME)}", retry.attempts) from exc
     if raw is None:
         return None
@@ -136,7 +136,7 @@ def _manifest_of_source(source: Source, *, concurrency: int, part_size: int, ret
         listing = retry.call(source.list_files, what=what, log=log)
     except (WeightsError, ManifestError):
         raise
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise storage_error(exc, what, retry.attempts) from exc
     listing.sort(key=lambda item: -item[1])
     with Progress("hashing", sum(size for _, size in listing), enabled=progress) as bar, \
@@ -152,7 +152,7 @@ def _manifest_of_source(source: Source, *, concurrency: int, part_size: int, ret
                     bar.add(len(chunk))
             except (Aborted, WeightsError):
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise storage_error(exc, f"reading {source.describe(path)}", retry.attempts) from exc
             finally:
                 gen.close()

@@ -29,12 +29,14 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionError as BotoConnectionError,
     HTTPClientError,
     IncompleteReadError,
     NoCredentialsError,
     PartialCredentialsError,
     SSLError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
 )
 
 
