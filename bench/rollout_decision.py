@@ -141,7 +141,7 @@ def summarize(name: str, chunks: list[dict], stable: float, candidate: float, rh
         "pass_rate": round(rate, 5),
         "standard_error": round(math.sqrt(rate * (1 - rate) / simulations), 5),
         "mean_cases_used": round(sum(c["cases"] for c in chunks) / simulations, 1),
-        "stopped_at_look": [sum(col) for col in zip(*(c["stopped_at"] for c in chunks))],
+        "stopped_at_look": [sum(col) for col in zip(*(c["stopped_at"] for c in chunks), strict=True)],
         "verdict_reasons": dict(sorted(reasons.items())),
     }
 

@@ -23,12 +23,13 @@ from e2e.argocd_health import (
     CHECKS,
     KINDS,
     HealthScriptError,
+    cm_patch,
     health,
     run_health_tests,
     run_script,
     script_path,
+    scripts,
 )
-from e2e.argocd_health import cm_patch, scripts
 from slmfleet.api.conditions import Condition, set_condition
 from slmfleet.api.smallmodel import SmallModelStatus
 from slmfleet.planning.rollout import plan_not_governing
@@ -369,6 +370,7 @@ def test_capture_asserts_the_verdict_and_records_live_objects_only_when_asked(tm
     assert saved["metadata"]["annotations"] == {"team": "a"}
     assert saved["metadata"]["namespace"] == argocd_capture.CAPTURED_NAMESPACE
     assert "t-serving-1a2b3" not in written.read_text()
-    assert saved["status"] == yaml.safe_load(yaml.safe_dump(live["status"]).replace("t-serving-1a2b3", argocd_capture.CAPTURED_NAMESPACE))
+    renamed = yaml.safe_dump(live["status"]).replace("t-serving-1a2b3", argocd_capture.CAPTURED_NAMESPACE)
+    assert saved["status"] == yaml.safe_load(renamed)
     results = run_health_tests(checks / "SmallModel")
     assert len(results) == len(EXPECTED["SmallModel"]) and all(r.ok for r in results), [str(r) for r in results]

@@ -9,7 +9,6 @@ import json
 import pytest
 
 from slmfleet.api.modelrollout import Evaluation, EvaluationResult, Thresholds
-from slmfleet.evaluation import DatasetError, Endpoint, evaluate, parse_cases, parse_exposition
 from slmfleet.controller.evaluations import (
     EvaluationOutcome,
     EvaluationRequest,
@@ -18,6 +17,7 @@ from slmfleet.controller.evaluations import (
     load_cases,
     run_evaluation,
 )
+from slmfleet.evaluation import DatasetError, Endpoint, evaluate, parse_cases, parse_exposition
 from slmfleet.evaluation.stats import METHOD
 from tests.standin_servers import free_port, standins
 

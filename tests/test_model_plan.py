@@ -23,11 +23,11 @@ from pydantic.alias_generators import to_camel
 from slmfleet.api.config import OperatorConfig
 from slmfleet.api.smallmodel import SmallModel, SmallModelSpec
 from slmfleet.builders import revision_of
-from slmfleet.builders.labels import MODEL_LABEL, PLACEMENT_ANNOTATION, REVISION_LABEL
-from slmfleet.weights.facts import WeightsFacts
-from slmfleet.planning.model import Deletion, EventNote, Observed, Plan, hf_config, plan_model
 from slmfleet.builders.applied_hash import APPLIED_HASH
+from slmfleet.builders.labels import MODEL_LABEL, PLACEMENT_ANNOTATION, REVISION_LABEL
+from slmfleet.planning.model import Deletion, EventNote, Observed, Plan, hf_config, plan_model
 from slmfleet.sizing.pools import ready_nodes_from_pools_doc
+from slmfleet.weights.facts import WeightsFacts
 from tests.sizing_configs import QWEN2_5_0_5B, QWEN2_5_14B
 from tests.sizing_nodes import default_fleet, gpu_node, gpu_pod
 
@@ -44,7 +44,7 @@ DIGEST = "sha256:" + "ab" * 32
 NEW_DIGEST = "sha256:" + "cd" * 32
 GENERATION = 3  # not 1, so an observedGeneration copied from a default would show
 
-T0 = dt.datetime(2025, 6, 2, 9, 0, 0, tzinfo=dt.timezone.utc)
+T0 = dt.datetime(2025, 6, 2, 9, 0, 0, tzinfo=dt.UTC)
 
 L4 = "NVIDIA-L4"
 L4_MIB = 23034
@@ -338,7 +338,8 @@ def test_first_reconcile_applies_the_revision_and_says_it_waits_for_replicas():
     for c in status["conditions"]:
         assert c["observedGeneration"] == GENERATION
         assert c["lastTransitionTime"] == rfc3339(T0)
-    assert {k: v for k, v in plan.conditions.items() if k != "WeightsVerified"} == {"Ready": "False", "Progressing": "True", "Degraded": "False"}
+    assert {k: v for k, v in plan.conditions.items() if k != "WeightsVerified"} == {
+        "Ready": "False", "Progressing": "True", "Degraded": "False"}
     assert plan.gpus == {placement["gpuProduct"]: 1}
 
     assert set(reasons(plan)) == {"Placed", "NewRevision"}
@@ -371,7 +372,10 @@ def test_the_applied_objects_carry_the_placement():
     expressions = {(e["key"], e["values"][0]) for e in terms["nodeSelectorTerms"][0]["matchExpressions"]}
     assert expressions == set(placement["nodeSelector"].items())
 
-    assert objects[("Service", f"{NAME}-{revision}")]["spec"]["selector"] == {MODEL_LABEL: NAME, REVISION_LABEL: revision}
+    assert objects[("Service", f"{NAME}-{revision}")]["spec"]["selector"] == {
+        MODEL_LABEL: NAME,
+        REVISION_LABEL: revision,
+    }
     assert objects[("Service", NAME)]["spec"]["selector"] == {MODEL_LABEL: NAME, REVISION_LABEL: revision}
 
 
@@ -401,7 +405,11 @@ def test_a_ready_deployment_makes_the_model_ready_and_then_nothing_is_written():
     }
     assert plan.status["readyReplicas"] == 1 and plan.status["servingRevision"] == revision
     assert [(e.type, e.reason) for e in plan.events] == [("Normal", "Ready")]
-    assert {k: v for k, v in plan.conditions.items() if k != "WeightsVerified"} == {"Ready": "True", "Progressing": "False", "Degraded": "False"}
+    assert {k: v for k, v in plan.conditions.items() if k != "WeightsVerified"} == {
+        "Ready": "True",
+        "Progressing": "False",
+        "Degraded": "False",
+    }
     # Only the conditions that changed moved their transition time.
     assert world.condition("Ready")["lastTransitionTime"] == rfc3339(at(30))
     assert world.condition("Progressing")["lastTransitionTime"] == rfc3339(at(30))
@@ -413,7 +421,11 @@ def test_a_ready_deployment_makes_the_model_ready_and_then_nothing_is_written():
         assert (plan.apply, plan.delete, plan.status, plan.events) == ((), (), None, ())
         assert plan.writes == 0
         assert plan.requeue_after is None
-        assert {k: v for k, v in plan.conditions.items() if k != "WeightsVerified"} == {"Ready": "True", "Progressing": "False", "Degraded": "False"}
+        assert {k: v for k, v in plan.conditions.items() if k != "WeightsVerified"} == {
+            "Ready": "True",
+            "Progressing": "False",
+            "Degraded": "False",
+        }
     assert world.status == status_before
 
 
@@ -464,8 +476,12 @@ def test_without_mig_a_small_model_gets_an_l4():
 
 
 def no_fit_body() -> dict[str, Any]:
-    return model_body(hf_config=QWEN2_5_14B, serving={"maxModelLen": 32768},
-                      resources={"gpuProducts": [L4], "gpuCount": 1}, uri="pvc://model-store/qwen2.5-14b")
+    return model_body(
+        hf_config=QWEN2_5_14B,
+        serving={"maxModelLen": 32768},
+        resources={"gpuProducts": [L4], "gpuCount": 1},
+        uri="pvc://model-store/qwen2.5-14b",
+    )
 
 
 def test_a_model_that_fits_nowhere_is_degraded_nofit_and_nothing_is_applied():
@@ -485,7 +501,11 @@ def test_a_model_that_fits_nowhere_is_degraded_nofit_and_nothing_is_applied():
     assert [(e.type, e.reason) for e in plan.events] == [("Warning", "NoFit")]
     assert plan.events[0].message == message
     assert plan.gpus == {}
-    assert {k: v for k, v in plan.conditions.items() if k != "WeightsVerified"} == {"Degraded": "True", "Ready": "False", "Progressing": "False"}
+    assert {k: v for k, v in plan.conditions.items() if k != "WeightsVerified"} == {
+        "Degraded": "True",
+        "Ready": "False",
+        "Progressing": "False",
+    }
 
     for now in (T0, at(60), at(86400)):
         again = world.plan(now)
@@ -497,8 +517,12 @@ def test_a_model_that_fits_nowhere_is_degraded_nofit_and_nothing_is_applied():
 
 
 def test_a_node_that_fits_places_a_model_that_did_not_fit():
-    body = model_body(hf_config=QWEN2_5_14B, serving={"maxModelLen": 32768}, resources={"gpuProducts": [L4]},
-                      uri="pvc://model-store/qwen2.5-14b")
+    body = model_body(
+        hf_config=QWEN2_5_14B,
+        serving={"maxModelLen": 32768},
+        resources={"gpuProducts": [L4]},
+        uri="pvc://model-store/qwen2.5-14b",
+    )
     world = World(body, fleet("l4"))  # single-GPU L4 nodes only: 14B at 32k needs tensor parallelism
     world.settle(T0)
     assert world.condition("Degraded")["reason"] == "NoFit"
@@ -609,7 +633,10 @@ def test_a_pod_pending_past_the_timeout_moves_the_model_to_its_next_fallback():
     plan = world.plan(since + dt.timedelta(seconds=11))
     new = plan.status["placement"]
     assert (new["gpuResource"], new["gpuProduct"], new["gpuCount"]) == (
-        first_fallback["gpuResource"], first_fallback["gpuProduct"], first_fallback["gpuCount"])
+        first_fallback["gpuResource"],
+        first_fallback["gpuProduct"],
+        first_fallback["gpuCount"],
+    )
     assert f"{new['gpuResource']}|{new['gpuProduct']}|{new['gpuCount']}" == MIG_3G
 
     excluded = plan.status["excludedPlacements"]
@@ -848,9 +875,12 @@ def test_a_model_without_architecture_is_degraded_architecture_unknown():
     assert world.plan(at(60)).writes == 0
 
 
-@pytest.mark.parametrize("uri,says", [
-    ("pvc://model-store/../etc", ".."),
-])
+@pytest.mark.parametrize(
+    "uri,says",
+    [
+        ("pvc://model-store/../etc", ".."),
+    ],
+)
 def test_a_source_that_cannot_be_mounted_is_degraded_source_not_supported(uri, says):
     world = World(model_body(uri=uri), default_fleet())
     plan = world.reconcile(T0)
@@ -927,8 +957,9 @@ def test_the_same_observation_gives_the_same_plan(index):
     # Nor does the order in which the watches delivered the nodes and pods matter.
     shuffled = list(obs.nodes)
     random.Random(index).shuffle(shuffled)
-    reordered = Observed(obs.body, obs.deployments[::-1], obs.services[::-1], obs.pods[::-1], tuple(shuffled),
-                         obs.gpu_pods[::-1])
+    reordered = Observed(
+        obs.body, obs.deployments[::-1], obs.services[::-1], obs.pods[::-1], tuple(shuffled), obs.gpu_pods[::-1]
+    )
     assert plan_model(reordered, world.config, now) == first
 
 
@@ -944,9 +975,12 @@ def test_pods_waiting_for_a_claim_do_not_move_the_placement():
     assert "PlacementFallback" not in reasons(plan)
 
 
-
 def loader_status(exit_code: int, message: str = "") -> dict:
-    return {"name": "load-weights", "state": {"terminated": {"exitCode": exit_code, "message": message}}, "lastState": {}}
+    return {
+        "name": "load-weights",
+        "state": {"terminated": {"exitCode": exit_code, "message": message}},
+        "lastState": {},
+    }
 
 
 def test_weights_verified_follows_the_loader_init_containers():
@@ -973,8 +1007,11 @@ def test_weights_verified_follows_the_loader_init_containers():
 
 
 def test_weights_read_before_any_pod_decide_refusals_and_sizing():
-    facts = WeightsFacts(digest=DIGEST, problem="DigestMismatch",
-                         message="manifest at s3://m/q/ has digest sha256:11…, not the pinned sha256:22…")
+    facts = WeightsFacts(
+        digest=DIGEST,
+        problem="DigestMismatch",
+        message="manifest at s3://m/q/ has digest sha256:11…, not the pinned sha256:22…",
+    )
     world = World(model_body(), default_fleet())
     world.weights = facts
     plan = world.reconcile(T0)
@@ -1008,8 +1045,13 @@ def test_history_records_each_revision_that_served():
 def test_a_retried_loader_that_verified_everything_is_verified():
     world = placed(World(model_body(), default_fleet()), ready=False)
     pod = revision_pod(world.deployment(), f"{NAME}-pod-1")
-    pod["status"]["initContainerStatuses"] = [{"name": "load-weights", "state": {"terminated": {"exitCode": 0}},
-                                               "lastState": {"terminated": {"exitCode": 13, "message": "reset"}}}]
+    pod["status"]["initContainerStatuses"] = [
+        {
+            "name": "load-weights",
+            "state": {"terminated": {"exitCode": 0}},
+            "lastState": {"terminated": {"exitCode": 13, "message": "reset"}},
+        }
+    ]
     world.pods = [pod]
     plan = world.reconcile(at(10))
     assert weights_condition(world.status)[:2] == ("True", "Verified")
@@ -1031,20 +1073,38 @@ def test_read_config_is_not_changed_by_a_models_declared_facts():
     read = {"model_type": "gemma3", "text_config": {"hidden_size": 2560, "num_hidden_layers": 34}}
     facts = WeightsFacts(digest=DIGEST, config=read)
     declared = model_body()
-    declared["spec"]["architecture"] = {**declared["spec"].get("architecture", {}), "modelType": "gemma3",
-                                        "numHiddenLayers": 99}
+    declared["spec"]["architecture"] = {
+        **declared["spec"].get("architecture", {}),
+        "modelType": "gemma3",
+        "numHiddenLayers": 99,
+    }
     hf_config(SmallModel.model_validate(declared), facts)
     assert facts.config["text_config"]["num_hidden_layers"] == 34
 
 
 def test_declared_facts_do_not_override_the_read_dtype_with_a_default():
-    read = {"model_type": "qwen2", "num_hidden_layers": 24, "hidden_size": 896, "num_attention_heads": 14,
-            "num_key_value_heads": 2, "vocab_size": 151936, "intermediate_size": 4864,
-            "max_position_embeddings": 32768, "torch_dtype": "float32"}
+    read = {
+        "model_type": "qwen2",
+        "num_hidden_layers": 24,
+        "hidden_size": 896,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "intermediate_size": 4864,
+        "max_position_embeddings": 32768,
+        "torch_dtype": "float32",
+    }
     body = model_body()
-    body["spec"]["architecture"] = {"modelType": "qwen2", "numHiddenLayers": 24, "hiddenSize": 896,
-                                    "numAttentionHeads": 14, "numKeyValueHeads": 2, "vocabSize": 151936,
-                                    "intermediateSize": 4864, "maxPositionEmbeddings": 32768}
+    body["spec"]["architecture"] = {
+        "modelType": "qwen2",
+        "numHiddenLayers": 24,
+        "hiddenSize": 896,
+        "numAttentionHeads": 14,
+        "numKeyValueHeads": 2,
+        "vocabSize": 151936,
+        "intermediateSize": 4864,
+        "maxPositionEmbeddings": 32768,
+    }
     merged = hf_config(SmallModel.model_validate(body), WeightsFacts(digest=DIGEST, config=read))
     assert merged["torch_dtype"] == "float32"
 
@@ -1065,9 +1125,15 @@ def test_a_pod_that_cannot_pull_its_image_degrades_the_model_naming_the_image():
     world.settle(T0)
     pod = revision_pod(world.deployment(), f"{NAME}-pod-1", node="l4-a")
     vllm = pod["spec"]["containers"][0]
-    pod["status"]["containerStatuses"] = [{
-        "name": vllm["name"], "image": vllm["image"], "ready": False, "restartCount": 0,
-        "state": {"waiting": {"reason": "ImagePullBackOff", "message": "registry said: secret-looking text"}}}]
+    pod["status"]["containerStatuses"] = [
+        {
+            "name": vllm["name"],
+            "image": vllm["image"],
+            "ready": False,
+            "restartCount": 0,
+            "state": {"waiting": {"reason": "ImagePullBackOff", "message": "registry said: secret-looking text"}},
+        }
+    ]
     world.pods = [pod]
     world.reconcile(at(30))
     degraded = world.condition("Degraded")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from slmfleet.api.config import OperatorConfig
 from slmfleet.controller import deprecations, main, reconcile, registry
 from slmfleet.controller import runtime as op
@@ -148,8 +146,8 @@ def test_the_deprecations_list_is_read_before_any_reconcile_and_a_broken_one_kee
 
 
 def test_the_slim_pod_keeps_what_says_an_image_cannot_be_pulled():
-    from slmfleet.planning.model import image_pull_failure
     from slmfleet.controller.registry import _slim_pod
+    from slmfleet.planning.model import image_pull_failure
 
     body = {"metadata": {"name": "p", "namespace": "ns", "labels": {"slmfleet.io/revision": "r1"}},
             "spec": {"containers": [{"name": "vllm"}]},

@@ -1,5 +1,6 @@
 """The promote/rollback statistics: boundaries, the paired score test, sequential decisions, checks."""
 
+import itertools
 import math
 import random
 
@@ -95,10 +96,10 @@ def test_boundaries_lie_between_their_bonferroni_limits(interims, alpha):
     # P(first exit at k) = spent_k <= P(Z_k > c_k) <= P(exit by k) = alpha(t_k), hence
     # z(alpha(t_k)) <= c_k <= z(spent_k): exact bounds any correct recursion must respect
     fractions = tuple(sorted(round(f, 3) for f in set(interims))) + (1.0,)
-    assume(all(b - a > 0.02 for a, b in zip(fractions, fractions[1:])))
+    assume(all(b - a > 0.02 for a, b in itertools.pairwise(fractions)))
     bounds = spending_boundaries(fractions, alpha)
     previous = 0.0
-    for t, c in zip(fractions, bounds):
+    for t, c in zip(fractions, bounds, strict=True):
         cumulative = obrien_fleming_spending(t, alpha)
         spent = cumulative - previous
         previous = cumulative
@@ -303,7 +304,7 @@ def test_ci_contains_the_true_difference_most_of_the_time():
     rng = random.Random(20251121)
     covered = 0
     runs = 600
-    for i in range(runs):
+    for _ in range(runs):
         p_s = rng.uniform(0.6, 0.95)
         p_c = min(0.99, max(0.3, p_s + rng.uniform(-0.08, 0.05)))
         rho = rng.choice([0.3, 0.6, 0.9])

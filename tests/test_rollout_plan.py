@@ -5,11 +5,10 @@ deprecated base models and restarts (a plan made from the status alone)."""
 from __future__ import annotations
 
 import copy
-import datetime as dt
 from typing import Any
 
 from slmfleet.builders.service import CANARY_ANNOTATION
-from slmfleet.planning.model import Observed, plan_model
+from slmfleet.planning.model import Observed
 from slmfleet.planning.rollout import EvaluationSnapshot, RolloutObserved
 from slmfleet.rollout.deprecations import parse_deprecations
 from tests.test_model_plan import (

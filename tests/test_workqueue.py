@@ -16,7 +16,7 @@ async def _drain(queue: WorkQueue, seconds: float) -> list[str]:
                 got.append(await queue.get())
         try:
             await asyncio.wait_for(take(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     finally:
         timers.cancel()

@@ -20,8 +20,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("operator", help="run the operator")
     commands = parser.add_subparsers(dest="operator_command", metavar="COMMAND", required=True)
     run = commands.add_parser("run", help="watch SmallModels and reconcile them")
-    run.add_argument("--config", type=Path, required=True, help="operator config YAML (the Helm chart renders it; e2e/operator-config.yaml for the local cluster)")
-    run.add_argument("--namespace", "-n", action="append", default=[], help="watch only this namespace (repeatable); default: all")
+    run.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        help="operator config YAML (the Helm chart renders it; e2e/operator-config.yaml for the local cluster)",
+    )
+    run.add_argument(
+        "--namespace", "-n", action="append", default=[], help="watch only this namespace (repeatable); default: all"
+    )
     run.add_argument("--kubeconfig", help="kubeconfig file; default: $KUBECONFIG, ~/.kube/config, or in-cluster")
     run.add_argument("--metrics-host", default="0.0.0.0", help="address for /healthz and /metrics")
     run.add_argument("--metrics-port", type=int, default=8080)

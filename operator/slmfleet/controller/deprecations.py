@@ -47,7 +47,7 @@ async def watch_deprecations(runtime: Runtime) -> None:
                 try:
                     await runtime.client.post_event(ObjectRef("v1", "ConfigMap", ref.namespace, ref.name),
                                                     "Warning", "InvalidDeprecations", message)
-                except Exception:  # noqa: BLE001 - the log has it
+                except Exception:
                     log.warning("could not post the InvalidDeprecations Event", exc_info=True)
             last = text
             runtime.deprecations_ready.set()

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from slmfleet.api.modelrollout import Evaluation, EvaluationResult, S3Dataset, Thresholds
+from slmfleet.controller.s3_access import S3AccessError, api_failure, s3_client_for
 from slmfleet.evaluation import metrics as evaluation_metrics
 from slmfleet.evaluation.dataset import (
     Case,
@@ -42,19 +43,19 @@ from slmfleet.evaluation.dataset import (
 from slmfleet.evaluation.metrics import Scrape, merge_buckets, quantile_from_buckets, window_stats
 from slmfleet.evaluation.runner import Endpoint, PairedRun, iter_paired_batches
 from slmfleet.evaluation.scorers import Scorer, ScorerError, build_scorers
-from slmfleet.controller.s3_access import S3AccessError, api_failure, s3_client_for
-from slmfleet.k8s.client import KubeClient
 from slmfleet.evaluation.stats import (
     DEFAULT_MIN_REQUESTS,
     METHOD,
     Decision,
     OperationalCheck,
+    Verdict,
     alpha_from_confidence,
     check_operational,
     combine,
     decide,
     look_sizes,
 )
+from slmfleet.k8s.client import KubeClient
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ async def run_evaluation(request: EvaluationRequest, cases: Sequence[Case]) -> E
     alpha = alpha_from_confidence(evaluation.confidence)
     scorers = _scorers(evaluation)
     looks = look_sizes(planned)
-    final: tuple[PairedRun, Decision, str, str] | None = None
+    final: tuple[PairedRun, Decision, Verdict, str] | None = None
     async with contextlib.aclosing(iter_paired_batches(
             chosen, request.stable, request.candidate, scorers, looks=looks,
             concurrency=evaluation.concurrency, timeout=evaluation.request_timeout_seconds,
@@ -308,7 +309,7 @@ class Evaluations:
             raise
         except (DatasetError, ScorerError) as exc:
             outcome = _error(request.id, f"invalid dataset or scorers: {_describe(exc)}")
-        except Exception as exc:  # noqa: BLE001 - never an unhandled task exception
+        except Exception as exc:
             log.warning("evaluation %s failed", request.id, exc_info=True)
             outcome = _error(request.id, f"evaluation failed: {_describe(exc)}")
         finally:
@@ -319,7 +320,7 @@ class Evaluations:
                  outcome.verdict, outcome.reason)
         try:
             self._on_done(request, outcome)
-        except Exception:  # noqa: BLE001 - the outcome is stored; the handler's bug must not be lost
+        except Exception:
             log.exception("on_done of evaluation %s failed", request.id)
 
 
@@ -360,7 +361,7 @@ class LiveWatch:
                 return _describe(exc)
 
         results = await asyncio.gather(*(one(u) for u in urls))
-        scrapes = {u: r for u, r in zip(urls, results) if isinstance(r, Scrape)}
+        scrapes = {u: r for u, r in zip(urls, results, strict=True) if isinstance(r, Scrape)}
         failures = [r for r in results if isinstance(r, str)]
         return scrapes, failures
 

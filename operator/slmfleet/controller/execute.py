@@ -27,7 +27,7 @@ log = logging.getLogger("slmfleet.operator")
 async def report_not_governing(runtime: Runtime, key: ModelKey, rollouts: list[dict[str, Any]],
                                model_exists: bool) -> None:
     """Say so in the status of rollouts that govern nothing, rather than leave them silent."""
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     for index, rollout in enumerate(rollouts):
         if not model_exists:
             reason, message = "ModelNotFound", f"SmallModel {key[0]}/{key[1]} does not exist"
@@ -118,6 +118,8 @@ def start_evaluation(runtime: Runtime, obs: Observed, plan: Plan, rollout: dict[
         return
     name = _served_name(obs.body)
     meta = rollout["metadata"]
+    if stable is None or candidate is None:
+        return  # no revisions to compare yet; the next reconcile looks again
     request = EvaluationRequest(
         id=attempt_prefix(rollout) + rp.start.evaluation_id, namespace=meta["namespace"], rollout=meta["name"],
         rollout_uid=meta.get("uid", ""), step=rp.start.step, evaluation=rp.spec.evaluation,
@@ -145,7 +147,7 @@ async def _report_failure(runtime: Runtime, body: dict[str, Any], exc: BaseExcep
     """Say in the status that reconciling keeps failing, rather than failing silently in a log."""
     meta = body["metadata"]
     old = SmallModelStatus.model_validate(body.get("status") or {})
-    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     message = f"reconciling keeps failing ({type(exc).__name__}: {exc}); the operator retries with back-off"
     cond = Condition(type="Degraded", status="True", reason="ReconcileError", message=message[:1000],
                      observed_generation=meta.get("generation"))

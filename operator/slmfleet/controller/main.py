@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any, cast
 
 import kopf
 
@@ -15,7 +16,7 @@ from slmfleet.controller.evaluations import Evaluations, load_cases
 from slmfleet.controller.execute import evaluation_done
 from slmfleet.controller.reconcile import reconcile
 from slmfleet.controller.registry import build_registry
-from slmfleet.controller.runtime import Runtime
+from slmfleet.controller.runtime import ModelKey, Runtime
 from slmfleet.controller.weights_reader import WeightsReader
 from slmfleet.k8s.client import KubeClient
 
@@ -29,7 +30,7 @@ async def worker(runtime: Runtime) -> None:
     runtime.workers_alive += 1
     try:
         while True:
-            key = await runtime.queue.get()
+            key = cast(ModelKey, await runtime.queue.get())  # the queue holds model keys only
             try:
                 await reconcile(runtime, key)
             finally:
@@ -84,7 +85,7 @@ async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str 
             name="kopf",
         ),
     ]
-    waiters = list(tasks)
+    waiters: list[asyncio.Task[Any]] = list(tasks)
     if stop is not None:
         waiters.append(asyncio.create_task(stop.wait(), name="stop"))
     try:

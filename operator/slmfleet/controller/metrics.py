@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import prometheus_client as prom
 from aiohttp import web
@@ -27,21 +27,42 @@ WEIGHT_VERIFICATION_FAILURES = prom.Counter(
 )
 API_WRITES = prom.Counter("slmfleet_api_writes", "Write requests sent to the API server", ["verb"], registry=REGISTRY)
 MODELS = prom.Gauge("slmfleet_models", "SmallModels by condition type and status", ["condition", "status"], registry=REGISTRY)
-GPUS_REQUESTED = prom.Gauge("slmfleet_gpus_requested", "GPUs requested by served models, by product", ["product"], registry=REGISTRY)
+GPUS_REQUESTED = prom.Gauge(
+    "slmfleet_gpus_requested", "GPUs requested by served models, by product", ["product"], registry=REGISTRY
+)
 
-CANARY_WEIGHT = prom.Gauge("slmfleet_rollout_canary_weight", "Percent of the traffic on the candidate revision",
-                           ["namespace", "rollout"], registry=REGISTRY)
-EVALUATION_SCORE = prom.Gauge("slmfleet_evaluation_score", "Mean score of the latest evaluation, by revision and scorer",
-                              ["namespace", "rollout", "role", "revision", "scorer"], registry=REGISTRY)
-EVALUATION_VERDICTS = prom.Counter("slmfleet_evaluation_verdicts", "Evaluation verdicts (pass, fail, error)",
-                                   ["namespace", "rollout", "verdict"], registry=REGISTRY)
-ROLLBACKS = prom.Counter("slmfleet_rollbacks", "Candidates rolled back or refused, by reason",
-                         ["namespace", "rollout", "reason"], registry=REGISTRY)
-PROMOTIONS = prom.Counter("slmfleet_promotions", "Candidates promoted to stable", ["namespace", "rollout"],
-                          registry=REGISTRY)
+CANARY_WEIGHT = prom.Gauge(
+    "slmfleet_rollout_canary_weight",
+    "Percent of the traffic on the candidate revision",
+    ["namespace", "rollout"],
+    registry=REGISTRY,
+)
+EVALUATION_SCORE = prom.Gauge(
+    "slmfleet_evaluation_score",
+    "Mean score of the latest evaluation, by revision and scorer",
+    ["namespace", "rollout", "role", "revision", "scorer"],
+    registry=REGISTRY,
+)
+EVALUATION_VERDICTS = prom.Counter(
+    "slmfleet_evaluation_verdicts",
+    "Evaluation verdicts (pass, fail, error)",
+    ["namespace", "rollout", "verdict"],
+    registry=REGISTRY,
+)
+ROLLBACKS = prom.Counter(
+    "slmfleet_rollbacks",
+    "Candidates rolled back or refused, by reason",
+    ["namespace", "rollout", "reason"],
+    registry=REGISTRY,
+)
+PROMOTIONS = prom.Counter(
+    "slmfleet_promotions", "Candidates promoted to stable", ["namespace", "rollout"], registry=REGISTRY
+)
 
 
-def publish_model_gauges(conditions: dict[tuple[str, str], dict[str, str]], gpus: dict[tuple[str, str], dict[str, int]]) -> None:
+def publish_model_gauges(
+    conditions: dict[tuple[str, str], dict[str, str]], gpus: dict[tuple[str, str], dict[str, int]]
+) -> None:
     """Recompute the fleet-wide gauges from the latest per-model results."""
     counts: dict[tuple[str, str], int] = {}
     for per_model in conditions.values():
@@ -51,9 +72,9 @@ def publish_model_gauges(conditions: dict[tuple[str, str], dict[str, str]], gpus
     for (type_, status), n in counts.items():
         MODELS.labels(type_, status).set(n)
     totals: dict[str, int] = {}
-    for per_model in gpus.values():
-        for product, n in per_model.items():
-            totals[product] = totals.get(product, 0) + n
+    for gpus_of_model in gpus.values():
+        for product, count in gpus_of_model.items():
+            totals[product] = totals.get(product, 0) + count
     GPUS_REQUESTED.clear()
     for product, n in totals.items():
         GPUS_REQUESTED.labels(product).set(n)

@@ -118,7 +118,7 @@ async def gateway_api_served(runtime: Runtime) -> bool:
         return runtime.gateway_api[0]
     try:
         served = await runtime.client.serves(HTTPROUTE_API_VERSION, "httproutes")
-    except Exception:  # noqa: BLE001 - discovery hiccup: keep the last answer
+    except Exception:
         log.warning("could not check whether the Gateway API is installed", exc_info=True)
         served = runtime.gateway_api[0] if runtime.gateway_api is not None else False
     runtime.gateway_api = (served, time.monotonic())

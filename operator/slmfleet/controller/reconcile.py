@@ -29,12 +29,12 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
         metrics.publish_model_gauges(runtime.conditions, runtime.gpus)
         try:
             await report_not_governing(runtime, key, rollouts, model_exists=False)
-        except Exception:  # noqa: BLE001 - a status note only; the next event tries again
+        except Exception:
             log.warning("could not report on the rollouts of %s/%s", *key, exc_info=True)
         return
     try:
         await report_not_governing(runtime, key, rollouts, model_exists=True)
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         obs = dataclasses.replace(obs, deprecations=runtime.deprecations)
         if runtime.weights is not None:
             # The weights of what is to be served: a deprecated base falls back to another digest.

@@ -64,7 +64,9 @@ def _frees_gpus(event_type: str | None, spec: Any, status: Any) -> bool:
 
 def _slim_pod(body: kopf.Body) -> dict[str, Any]:
     meta, spec, status = body.get("metadata", {}), body.get("spec", {}), body.get("status", {})
-    containers = lambda items: [{"name": c.get("name"), "resources": c.get("resources") or {}} for c in items or []]
+    def containers(items: Any) -> list[dict[str, Any]]:
+        return [{"name": c.get("name"), "resources": c.get("resources") or {}} for c in items or []]
+
     return {
         "metadata": {
             "name": meta.get("name"),
@@ -86,14 +88,23 @@ def _slim_pod(body: kopf.Body) -> dict[str, Any]:
             "conditions": list(status.get("conditions") or []),
             # The weight loader's verdict lives here (exit code and termination message).
             "initContainerStatuses": [
-                {"name": c.get("name"), "image": c.get("image"), "state": c.get("state") or {},
-                 "lastState": c.get("lastState") or {}}
+                {
+                    "name": c.get("name"),
+                    "image": c.get("image"),
+                    "state": c.get("state") or {},
+                    "lastState": c.get("lastState") or {},
+                }
                 for c in status.get("initContainerStatuses") or []
             ],
             # Only why a container waits (an image that cannot be pulled degrades the model).
             "containerStatuses": [
-                {"name": c.get("name"), "image": c.get("image"),
-                 "state": {"waiting": {"reason": waiting.get("reason")}} if (waiting := (c.get("state") or {}).get("waiting")) else {}}
+                {
+                    "name": c.get("name"),
+                    "image": c.get("image"),
+                    "state": {"waiting": {"reason": waiting.get("reason")}}
+                    if (waiting := (c.get("state") or {}).get("waiting"))
+                    else {},
+                }
                 for c in status.get("containerStatuses") or []
             ],
         },
@@ -119,15 +130,21 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         return {(namespace, model): dict(body)} if model else None
 
     @kopf.index("apps", "v1", "deployments", labels=MANAGED, id="slm_deployments", registry=registry)
-    def slm_deployments(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[ModelKey, dict[str, Any]] | None:
+    def slm_deployments(
+        body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any
+    ) -> dict[ModelKey, dict[str, Any]] | None:
         return by_model(body, namespace, labels)
 
     @kopf.index("v1", "services", labels=MANAGED, id="slm_services", registry=registry)
-    def slm_services(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[ModelKey, dict[str, Any]] | None:
+    def slm_services(
+        body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any
+    ) -> dict[ModelKey, dict[str, Any]] | None:
         return by_model(body, namespace, labels)
 
     @kopf.index("v1", "pods", labels={MODEL_LABEL: kopf.PRESENT}, id="slm_model_pods", registry=registry)
-    def slm_model_pods(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[ModelKey, dict[str, Any]]:
+    def slm_model_pods(
+        body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any
+    ) -> dict[ModelKey, dict[str, Any]]:
         return {(namespace, labels[MODEL_LABEL]): _slim_pod(body)}
 
     @kopf.index("v1", "pods", id="slm_gpu_pods", registry=registry)
@@ -142,7 +159,9 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         return {"all": _slim_node(body, name)}
 
     @kopf.index(GROUP, VERSION, MR_PLURAL, id="slm_rollouts", registry=registry)
-    def slm_rollouts(body: kopf.Body, namespace: str, spec: kopf.Spec, **_: Any) -> dict[ModelKey, dict[str, Any]] | None:
+    def slm_rollouts(
+        body: kopf.Body, namespace: str, spec: kopf.Spec, **_: Any
+    ) -> dict[ModelKey, dict[str, Any]] | None:
         model = (spec.get("modelRef") or {}).get("name")
         return {(namespace, model): dict(body)} if model else None
 
@@ -166,8 +185,9 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
             runtime.queue.add((namespace, model))
 
     @kopf.on.event("v1", "pods", labels={MODEL_LABEL: kopf.PRESENT}, registry=registry)
-    def model_pod_event(type: str | None, namespace: str, labels: kopf.Labels, spec: kopf.Spec, status: kopf.Status,
-                        **kwargs: Any) -> None:
+    def model_pod_event(
+        type: str | None, namespace: str, labels: kopf.Labels, spec: kopf.Spec, status: kopf.Status, **kwargs: Any
+    ) -> None:
         runtime.capture(kwargs)
         runtime.queue.add((namespace, labels[MODEL_LABEL]))
         if _frees_gpus(type, spec, status):

@@ -14,7 +14,7 @@ import asyncio
 import heapq
 import itertools
 import time
-from typing import Hashable
+from collections.abc import Hashable
 
 
 class WorkQueue:
@@ -79,5 +79,5 @@ class WorkQueue:
             timeout = self._delayed[0][0] - now if self._delayed else None
             try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass

@@ -96,6 +96,7 @@ the evaluation layer measures them (`evaluation.runner` from an evaluation's own
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -179,7 +180,7 @@ def spending_boundaries(fractions: tuple[float, ...], total: float) -> tuple[flo
     On the Brownian scale W(t) = Z(t) sqrt(t) the increments are independent N(0, t_k - t_{k-1});
     the density of W on the continuation region is carried from look to look on a Simpson grid.
     """
-    if not fractions or any(b <= a for a, b in zip(fractions, fractions[1:])) or fractions[0] <= 0:
+    if not fractions or any(b <= a for a, b in itertools.pairwise(fractions)) or fractions[0] <= 0:
         raise ValueError(f"information fractions must increase from above 0: {fractions}")
     if not 0.0 < total < 1.0:
         raise ValueError(f"total must be in (0, 1), got {total}")
@@ -196,8 +197,10 @@ def spending_boundaries(fractions: tuple[float, ...], total: float) -> tuple[flo
             z = norm_isf(target) if target > 0 else math.inf
             upper_w = z * math.sqrt(t)
         else:
-            def crossing(u: float) -> float:
-                return sum(m * norm_sf((u - x) / sd_step) for x, m in zip(points, mass))
+            # Bound now: used right below, within this look (bugbear cannot tell).
+            def crossing(u: float, points: list[float] = points, mass: list[float] = mass,
+                         sd_step: float = sd_step) -> float:
+                return sum(m * norm_sf((u - x) / sd_step) for x, m in zip(points, mass, strict=True))
 
             if target <= 1e-300:
                 upper_w = math.inf
@@ -228,13 +231,13 @@ def spending_boundaries(fractions: tuple[float, ...], total: float) -> tuple[flo
             dens = []
             for y in new_points:
                 acc = 0.0
-                for x, m in zip(points, mass):
+                for x, m in zip(points, mass, strict=True):
                     u = (y - x) * inv
                     if -12.0 < u < 12.0:
                         acc += m * math.exp(-0.5 * u * u)
                 dens.append(acc * inv * _INV_SQRT_2PI)
         points = new_points
-        mass = [w * g for w, g in zip(weights, dens)]
+        mass = [w * g for w, g in zip(weights, dens, strict=True)]
         prev_t = t
     return tuple(bounds)
 
@@ -300,7 +303,7 @@ class PairedSummary:
             raise ValueError(
                 f"paired scores differ in length: {len(stable_scores)} stable, {len(candidate_scores)} candidate")
         counts: dict[float, int] = {}
-        for i, (s, c) in enumerate(zip(stable_scores, candidate_scores)):
+        for i, (s, c) in enumerate(zip(stable_scores, candidate_scores, strict=True)):
             for name, v in (("stable", s), ("candidate", c)):
                 if not 0.0 <= v <= 1.0:  # also rejects NaN
                     raise ValueError(f"{name} score of pair #{i} is {v!r}, not in [0, 1]")

@@ -115,7 +115,7 @@ class KubeClient:
 
     async def delete(self, ref: ObjectRef) -> None:
         path = _path(ref.api_version, ref.kind, ref.namespace, ref.name)
-        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
         if ref.uid:
             body["preconditions"] = {"uid": ref.uid}
         try:
@@ -160,7 +160,7 @@ class KubeClient:
         return dict(obj.get("data") or {})
 
     async def post_event(self, ref: ObjectRef, type_: str, reason: str, message: str) -> None:
-        now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         event = {
             "apiVersion": "events.k8s.io/v1",
             "kind": "Event",

@@ -14,8 +14,9 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -41,13 +42,13 @@ from slmfleet.builders import (
     model_endpoint,
     revision_of,
 )
+from slmfleet.builders.applied_hash import APPLIED_HASH, with_applied_hash
 from slmfleet.builders.labels import PLACEMENT_ANNOTATION, REVISION_LABEL
 from slmfleet.builders.traffic import build_http_route
 from slmfleet.planning.rollout import EventNote, RolloutObserved, RolloutPlan, plan_rollout
 from slmfleet.rollout.deprecations import Deprecations, HistoryEntry, last_known_good
 from slmfleet.weights import errors
 from slmfleet.weights.facts import WeightsFacts
-from slmfleet.builders.applied_hash import APPLIED_HASH, with_applied_hash
 
 GIB = 1024**3
 
@@ -97,13 +98,13 @@ class Plan:
 
 
 def _rfc3339(now: dt.datetime) -> str:
-    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _parse_time(value: str | None) -> dt.datetime | None:
     if not value:
         return None
-    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
+    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
 
 
 def _gib(n: int | float) -> str:
@@ -306,7 +307,7 @@ def _deployment_ready(dep: dict[str, Any] | None, desired: dict[str, Any] | None
     if status.get("observedGeneration", 0) < meta.get("generation", 0):
         return False
     replicas = spec.get("replicas", 1)
-    return (
+    return bool(
         status.get("updatedReplicas", 0) >= replicas
         and status.get("readyReplicas", 0) >= replicas
         and status.get("replicas", 0) == replicas
@@ -461,13 +462,24 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         model = SmallModel.model_validate(body)
     except ValidationError as exc:
         # The CRD schema rejects almost everything; this covers objects stored before a schema change.
-        old = SmallModelStatus.model_validate(body.get("status") or {}) if isinstance(body.get("status"), dict) else SmallModelStatus()
+        old = (
+            SmallModelStatus.model_validate(body.get("status") or {})
+            if isinstance(body.get("status"), dict)
+            else SmallModelStatus()
+        )
         st = _Status(old, generation, now)
         message = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
         st.condition("Degraded", True, "InvalidSpec", message)
         st.condition("Ready", False, "InvalidSpec", message)
         st.condition("Progressing", False, "InvalidSpec", "fix the spec")
-        return _finish(old, old.model_copy(update={"conditions": st.conditions, "observed_generation": generation}), [], [], [], None)
+        return _finish(
+            old,
+            old.model_copy(update={"conditions": st.conditions, "observed_generation": generation}),
+            [],
+            [],
+            [],
+            None,
+        )
 
     old = model.status
     owner = ModelOwner(name=name, namespace=namespace, uid=meta.get("uid", ""))
@@ -489,19 +501,30 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
     replicas = model.spec.serving.replicas
 
     # The revision serving now, if it served (the stable a rollout compares with).
-    stable = old.serving_revision if old.serving_revision in deployments and any(
-        h.revision == old.serving_revision for h in old.history) else None
+    stable = (
+        old.serving_revision
+        if old.serving_revision in deployments and any(h.revision == old.serving_revision for h in old.history)
+        else None
+    )
 
     def rollout_plan(**kwargs: Any) -> RolloutPlan | None:
         if obs.rollout is None:
             return None
         forced = deprecated is not None and revision != revision_of(spec_model.spec)
         candidate = stable if forced and stable else revision
-        args: dict[str, Any] = dict(owner=owner, stable=stable, candidate=candidate, replicas=replicas,
-                                    candidate_ready=False, candidate_failure=None,
-                                    base_deprecated=deprecated.message if deprecated else None,
-                                    history=list(old.history), route=obs.route, now=now,
-                                    model_service=next((o for o in obs.services if o["metadata"]["name"] == name), None))
+        args: dict[str, Any] = dict(
+            owner=owner,
+            stable=stable,
+            candidate=candidate,
+            replicas=replicas,
+            candidate_ready=False,
+            candidate_failure=None,
+            base_deprecated=deprecated.message if deprecated else None,
+            history=list(old.history),
+            route=obs.route,
+            now=now,
+            model_service=next((o for o in obs.services if o["metadata"]["name"] == name), None),
+        )
         return plan_rollout(obs.rollout, **(args | kwargs))
 
     def degraded(reason: str, message: str, placement: Placement | None = None, permanent: bool = False) -> Plan:
@@ -529,19 +552,30 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         )
         # A candidate that cannot serve for good (its weights fail their pin) fails its rollout; one
         # that fits nowhere says so on the rollout too.
-        rollout = rollout_plan(candidate_failure=f"{reason}: {message}" if permanent else None,
-                               candidate_ready=_ready_replicas(deployments.get(revision)) > 0,
-                               candidate_unschedulable=message if reason == "NoFit" else None)
+        rollout = rollout_plan(
+            candidate_failure=f"{reason}: {message}" if permanent else None,
+            candidate_ready=_ready_replicas(deployments.get(revision)) > 0,
+            candidate_unschedulable=message if reason == "NoFit" else None,
+        )
         # Replaced revisions retire on time whatever else fails: one that outlived its grace period
         # may be what holds the GPUs the candidate waits for.
-        delete, retry = retirements((*obs.deployments, *obs.services), {revision, serving, stable},
-                                    grace_of(rollout, old.history), now)
+        delete, retry = retirements(
+            (*obs.deployments, *obs.services), {revision, serving, stable}, grace_of(rollout, old.history), now
+        )
         if delete:
-            events.append(EventNote("Normal", "RevisionRetired", "removed " + ", ".join(
-                sorted({d.name for d in delete if d.kind == "Deployment"})) + ": replaced, its grace period over"))
+            events.append(
+                EventNote(
+                    "Normal",
+                    "RevisionRetired",
+                    "removed "
+                    + ", ".join(sorted({d.name for d in delete if d.kind == "Deployment"}))
+                    + ": replaced, its grace period over",
+                )
+            )
         return dataclasses.replace(
             _finish(old, new, _hold_canary(rollout, placement), delete, events, _sooner(requeue, retry)),
-            rollout=rollout)
+            rollout=rollout,
+        )
 
     def grace_of(rollout: RolloutPlan | None, history: Iterable[RevisionRecord]) -> dict[str, dt.datetime]:
         delay = rollout.spec.scale_down_delay_seconds if rollout is not None and rollout.spec is not None else None
@@ -552,11 +586,21 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         are still the rollout's to set: a candidate that fails its pin mid-canary loses its traffic."""
         if rollout is None or not rollout.governed or stable is None:
             return []
-        desired = [with_applied_hash(build_model_service(
-            owner, stable, config, canary_revision=None if rollout.traffic else revision, canary_weight=rollout.weight))]
+        desired = [
+            with_applied_hash(
+                build_model_service(
+                    owner,
+                    stable,
+                    config,
+                    canary_revision=None if rollout.traffic else revision,
+                    canary_weight=rollout.weight,
+                )
+            )
+        ]
         if rollout.traffic is not None:
-            desired.append(with_applied_hash(
-                build_http_route(owner, rollout.traffic, stable, revision, rollout.weight, config)))
+            desired.append(
+                with_applied_hash(build_http_route(owner, rollout.traffic, stable, revision, rollout.weight, config))
+            )
         if rollout.failed and revision in deployments and placement is not None:
             # Where it was placed, at 0: the same builder, so the next plan sees what it expects.
             at_zero = model.spec.model_copy(update={"serving": model.spec.serving.model_copy(update={"replicas": 0})})
@@ -587,7 +631,9 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
 
     # The desired revision's own pods hold what it was placed on; an older revision's pods hold
     # GPUs until it is retired, so they count as used.
-    own_pods = {p["metadata"]["uid"] for p in obs.pods if (p["metadata"].get("labels") or {}).get(REVISION_LABEL) == revision}
+    own_pods = {
+        p["metadata"]["uid"] for p in obs.pods if (p["metadata"].get("labels") or {}).get(REVISION_LABEL) == revision
+    }
     inventory = sizing.inventory_from_nodes(
         obs.nodes, obs.gpu_pods, exclude_pods=lambda p: p.get("metadata", {}).get("uid") in own_pods
     )
@@ -643,52 +689,76 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
                 where = f"staying on {placement.summary}" if stuck else f"moved to {placement.summary}"
                 events.append(EventNote("Warning", "PlacementFallback", f"{moved_reason}; {where}"))
             elif old.placement is None or old.placement.key != placement.key:
-                events.append(EventNote("Normal", "Placed", f"{placement.summary}: " + "; ".join(placement.reasons[:2])))
+                events.append(
+                    EventNote("Normal", "Placed", f"{placement.summary}: " + "; ".join(placement.reasons[:2]))
+                )
 
     # A ModelRollout governs the move from the stable revision to this one: it decides the canary
     # weight, the candidate's replicas, promotion and rollback.
     candidate_failure = verified[2] if verified[0] == "False" else None
     live = deployments.get(revision)
     rollout = rollout_plan(candidate_ready=_ready_replicas(live) > 0, candidate_failure=candidate_failure)
-    governed = rollout is not None and rollout.governed
-    promoted = governed and rollout.promoted
+    # The rollout's decisions, or none (a model without a ModelRollout): RolloutPlan() governs nothing.
+    ro = rollout if rollout is not None else RolloutPlan()
+    governed = ro.governed
+    promoted = governed and ro.promoted
     served_spec = model.spec
     if governed:
-        served_spec = model.spec.model_copy(update={
-            "serving": model.spec.serving.model_copy(update={"replicas": rollout.candidate_replicas})})
+        served_spec = model.spec.model_copy(
+            update={"serving": model.spec.serving.model_copy(update={"replicas": ro.candidate_replicas})}
+        )
 
     try:
         disk = weights.disk_bytes if weights is not None else None
-        desired_dep = with_applied_hash(keep_loader_image(
-            build_deployment(owner, served_spec, placement, revision, config, disk), live))
+        desired_dep = with_applied_hash(
+            keep_loader_image(build_deployment(owner, served_spec, placement, revision, config, disk), live)
+        )
     except UnsupportedSource as exc:
         return degraded("SourceNotSupported", str(exc), placement)
 
     desired_ready = _deployment_ready(live, desired_dep)
-    previous = old.serving_revision if old.serving_revision in deployments and old.serving_revision != revision else None
+    previous = (
+        old.serving_revision if old.serving_revision in deployments and old.serving_revision != revision else None
+    )
     if previous is not None:
         served = any(h.revision == previous for h in old.history)
         has_ready = int((deployments[previous].get("status") or {}).get("readyReplicas", 0)) > 0
         if not (served or has_ready):
             previous = None  # it never served: nothing to keep, and its GPUs are better freed now
     if governed:
-        serving = revision if promoted else stable
+        serving = revision if promoted or stable is None else stable  # governed: there is a stable
     else:
         serving = revision if desired_ready or previous is None else previous
 
     desired = [desired_dep, with_applied_hash(build_revision_service(owner, revision, config))]
-    traffic = rollout.traffic if rollout is not None else None
+    traffic = ro.traffic
     canary = governed and not promoted and traffic is None
-    desired.append(with_applied_hash(build_model_service(
-        owner, serving, config, canary_revision=revision if canary else None, canary_weight=rollout.weight if canary else 0)))
+    desired.append(
+        with_applied_hash(
+            build_model_service(
+                owner,
+                serving,
+                config,
+                canary_revision=revision if canary else None,
+                canary_weight=ro.weight if canary else 0,
+            )
+        )
+    )
     if traffic is not None:
         in_canary = governed and not promoted
-        desired.append(with_applied_hash(build_http_route(
-            owner, traffic, serving, revision if in_canary else None, rollout.weight if in_canary else 0, config)))
+        desired.append(
+            with_applied_hash(
+                build_http_route(
+                    owner, traffic, serving, revision if in_canary else None, ro.weight if in_canary else 0, config
+                )
+            )
+        )
     apply = _changed(desired, (*obs.deployments, *obs.services, obs.route))
 
     if old.revision != revision:
-        events.append(EventNote("Normal", "NewRevision", f"revision {revision} for digest {model.spec.source.digest[:19]}…"))
+        events.append(
+            EventNote("Normal", "NewRevision", f"revision {revision} for digest {model.spec.source.digest[:19]}…")
+        )
     said = find(old.conditions, "Degraded")
     if deprecated is not None and (said is None or said.message != deprecated.message):
         events.append(EventNote("Warning", "BaseModelDeprecated", deprecated.message))
@@ -696,9 +766,11 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
     dep_status = (live or {}).get("status") or {}
     ready_replicas = int(dep_status.get("readyReplicas", 0)) if live else 0
     stable_ready = _ready_replicas(deployments.get(stable)) if stable else 0
-    if governed and rollout.failed:
+    if governed and ro.failed:
         reason = "BaseModelDeprecated" if deprecated is not None else "RolloutFailed"
-        st.condition("Degraded", True, reason, f"revision {revision}: {rollout.failed}; revision {stable} keeps serving")
+        st.condition(
+            "Degraded", True, reason, f"revision {revision}: {ro.failed}; revision {stable} keeps serving"
+        )
     elif deprecated is not None:
         st.condition("Degraded", True, "BaseModelDeprecated", deprecated.message)
     elif (pull_failure := image_pull_failure(obs.pods, revision)) is not None and not desired_ready:
@@ -708,19 +780,32 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
     else:
         st.condition("Degraded", False, "AsExpected", f"placed on {placement.summary}")
     if governed and not promoted:
-        st.condition("Ready", stable_ready > 0, "ServingPreviousRevision" if rollout.failed else "Serving",
-                     f"revision {stable} serves ({stable_ready} ready)")
-        if rollout.failed:
+        st.condition(
+            "Ready",
+            stable_ready > 0,
+            "ServingPreviousRevision" if ro.failed else "Serving",
+            f"revision {stable} serves ({stable_ready} ready)",
+        )
+        if ro.failed:
             st.condition("Progressing", False, "RolloutFailed", f"revision {revision} was rolled back")
         else:
-            st.condition("Progressing", True, "Canary",
-                         f"rollout of revision {revision}: {rollout.phase}, {rollout.weight}% of the traffic, "
-                         f"{ready_replicas} candidate replicas ready")
+            st.condition(
+                "Progressing",
+                True,
+                "Canary",
+                f"rollout of revision {revision}: {ro.phase}, {ro.weight}% of the traffic, "
+                f"{ready_replicas} candidate replicas ready",
+            )
     elif replicas == 0:
         st.condition("Ready", False, "ScaledToZero", "serving.replicas is 0")
         st.condition("Progressing", False, "Complete", f"revision {revision} is scaled to zero")
     elif desired_ready:
-        st.condition("Ready", True, "Serving", f"revision {revision}: {ready_replicas}/{replicas} replicas ready on {placement.summary}")
+        st.condition(
+            "Ready",
+            True,
+            "Serving",
+            f"revision {revision}: {ready_replicas}/{replicas} replicas ready on {placement.summary}",
+        )
         st.condition("Progressing", False, "Complete", f"revision {revision} is fully rolled out")
     else:
         waiting = f"revision {revision}: {ready_replicas}/{replicas} replicas ready on {placement.summary}"
@@ -733,13 +818,21 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         st.condition("Progressing", True, "RollingOut", waiting)
 
     history = list(old.history)
-    record = dict(revision=revision, digest=model.spec.source.digest, uri=model.spec.source.uri,
-                  base_model=model.spec.base_model, since=st.now)
+    record = dict(
+        revision=revision,
+        digest=model.spec.source.digest,
+        uri=model.spec.source.uri,
+        base_model=model.spec.base_model,
+        since=st.now,
+    )
     if promoted and (not history or history[-1].revision != revision or history[-1].outcome != "Promoted"):
-        history = [h.model_copy(update={"outcome": "Replaced"}) if h.outcome == "Serving" else h
-                   for h in history if h.revision != revision]
+        history = [
+            h.model_copy(update={"outcome": "Replaced"}) if h.outcome == "Serving" else h
+            for h in history
+            if h.revision != revision
+        ]
         history.append(RevisionRecord(outcome="Promoted", **record))
-    elif governed and rollout.failed and not any(h.revision == revision and h.outcome == "RolledBack" for h in history):
+    elif governed and ro.failed and not any(h.revision == revision and h.outcome == "RolledBack" for h in history):
         history = [h for h in history if h.revision != revision]
         history.append(RevisionRecord(outcome="RolledBack", **record))
     elif not governed and desired_ready and serving == revision and (not history or history[-1].revision != revision):
@@ -750,12 +843,14 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
     # Old revisions go once the desired one serves: a plain replacement without a gap. Under a
     # rollout, the stable stays until the candidate is promoted, and a replaced revision for the
     # rollout's grace period after its successor started serving.
-    keep = {revision, serving, stable} if governed else {revision, serving}
+    keep: set[str | None] = {revision, serving, stable} if governed else {revision, serving}
     delete, retry = retirements((*obs.deployments, *obs.services), keep, grace_of(rollout, history), now)
     requeue = _sooner(requeue, retry)
     retired = sorted({d.name for d in delete if d.kind == "Deployment"})
     if retired:
-        events.append(EventNote("Normal", "RevisionRetired", f"revision {serving} serves; removed {', '.join(retired)}"))
+        events.append(
+            EventNote("Normal", "RevisionRetired", f"revision {serving} serves; removed {', '.join(retired)}")
+        )
 
     new = old.model_copy(
         update={
@@ -774,14 +869,14 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         }
     )
     plan = _finish(old, new, apply, delete, events, requeue)
-    candidate_gpus = rollout.candidate_replicas if governed and not promoted else 0
+    candidate_gpus = ro.candidate_replicas if governed and not promoted else 0
     serving_gpus = replicas
     return Plan(
         apply=plan.apply,
         delete=plan.delete,
         status=plan.status,
         events=plan.events,
-        requeue_after=_sooner(plan.requeue_after, rollout.requeue_after if rollout else None),
+        requeue_after=_sooner(plan.requeue_after, ro.requeue_after),
         gpus={placement.gpu_product: placement.gpu_count * (candidate_gpus + serving_gpus)},
         conditions=plan.conditions,
         rollout=rollout,
@@ -790,10 +885,16 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
 
 def _changed(desired: list[dict[str, Any]], live: Iterable[dict[str, Any] | None]) -> list[dict[str, Any]]:
     """The desired objects whose live version was applied from something else (by applied hash)."""
-    hashes = {(o["kind"], o["metadata"]["name"]): (o["metadata"].get("annotations") or {}).get(APPLIED_HASH)
-              for o in live if o is not None}
-    return [o for o in desired
-            if hashes.get((o["kind"], o["metadata"]["name"])) != o["metadata"]["annotations"][APPLIED_HASH]]
+    hashes = {
+        (o["kind"], o["metadata"]["name"]): (o["metadata"].get("annotations") or {}).get(APPLIED_HASH)
+        for o in live
+        if o is not None
+    }
+    return [
+        o
+        for o in desired
+        if hashes.get((o["kind"], o["metadata"]["name"])) != o["metadata"]["annotations"][APPLIED_HASH]
+    ]
 
 
 def _sooner(a: float | None, b: float | None) -> float | None:
@@ -818,4 +919,3 @@ def _finish(
         requeue_after=requeue,
         conditions={c.type: c.status for c in new.conditions},
     )
-

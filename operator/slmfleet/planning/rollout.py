@@ -116,7 +116,7 @@ def parse_rollout(body: Mapping[str, Any]) -> tuple[ModelRollout | None, str]:
 
 
 def _rfc3339(now: dt.datetime) -> str:
-    return now.astimezone(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _conditions(old: list[Condition], phase: str | None, message: str, generation: int, now: dt.datetime,
