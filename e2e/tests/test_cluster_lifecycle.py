@@ -20,7 +20,7 @@ from kubernetes import client, config
 
 from e2e import cluster as cluster_mod
 from e2e.cluster import MARKER_ENV, REPO, Cluster, _alive, port_in_use
-from e2e.tests.conftest import wait_for
+from e2e.wait import wait_for
 
 SMALL_POOLS = textwrap.dedent("""
     podCIDRFirstOctet: 220

@@ -9,8 +9,9 @@ import uuid
 
 from kubernetes import client
 
-from e2e.tests.conftest import delete_models, wait_for
+from e2e.tests.conftest import delete_models
 from e2e.tests.test_smallmodel import QWEN_05B, create, get, model_body
+from e2e.wait import wait_for
 
 
 class Tarpit:

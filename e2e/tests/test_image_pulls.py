@@ -10,8 +10,9 @@ import subprocess
 from kubernetes import client
 
 from e2e.cluster import binaries, built_images
-from e2e.tests.conftest import pod_events, wait_for
+from e2e.tests.conftest import pod_events
 from e2e.tests.test_process_node import PROCESS_NODE, vllm_pod
+from e2e.wait import wait_for
 
 MISSING_DIGEST = "sha256:" + "0" * 64
 

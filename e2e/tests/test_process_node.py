@@ -12,7 +12,8 @@ from pathlib import Path
 from kubernetes import client, watch
 
 from e2e.cluster import Cluster, default_state_dir, process_name, processes_with_env
-from e2e.tests.conftest import pod_events, wait_for
+from e2e.tests.conftest import pod_events
+from e2e.wait import wait_for
 
 
 def vllm_image() -> str:

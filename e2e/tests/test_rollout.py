@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 
 from e2e.argocd_capture import capture
-from e2e.tests.conftest import delete_models, wait_for
+from e2e.tests.conftest import delete_models
 from e2e.tests.test_weights import (
     GROUP,
     QWEN_CONFIG,
@@ -29,6 +29,7 @@ from e2e.tests.test_weights import (
     safetensors_file,
     upload,
 )
+from e2e.wait import wait_for
 
 PLURAL = "smallmodels"
 MR_PLURAL = "modelrollouts"

@@ -3,7 +3,8 @@ allocatable resources."""
 
 from kubernetes import client
 
-from e2e.tests.conftest import pod_events, wait_for
+from e2e.tests.conftest import pod_events
+from e2e.wait import wait_for
 
 
 def gpu_pod(name: str, resources: dict[str, str], node_selector: dict[str, str] | None = None) -> client.V1Pod:

@@ -16,7 +16,8 @@ from kubernetes.client.exceptions import ApiException
 from e2e.argocd_capture import capture
 from e2e.cluster import kubectl_binary
 from e2e.operator_proc import OperatorProcess, audit_writes
-from e2e.tests.conftest import PENDING_TIMEOUT, delete_models, wait_for
+from e2e.tests.conftest import PENDING_TIMEOUT, delete_models
+from e2e.wait import wait_for
 
 GROUP, VERSION, PLURAL = "slmfleet.io", "v1alpha1", "smallmodels"
 DIGEST = "sha256:" + "5e" * 32

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from e2e.fault_proxy import FaultProxy
-from e2e.tests.conftest import BUCKET, delete_models, wait_for
+from e2e.tests.conftest import BUCKET, delete_models
+from e2e.wait import wait_for
 
 GROUP, VERSION, PLURAL = "slmfleet.io", "v1alpha1", "smallmodels"
 SLMFLEET = str(Path(sys.executable).parent / "slmfleet")
