@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import yaml
 
 from e2e import chart_install as ci
 from e2e.cluster import REPO, Cluster, binaries, built_images
-from e2e.operator_proc import audit_writes
+from e2e.operator_proc import audit_writes, reconciles
 from e2e.wait import wait_for
 
 PORT_BASE = 36443
@@ -250,9 +249,10 @@ def run(cluster: Cluster, work: Path) -> Record:
     crd = kget(cluster, "crd", "smallmodels.slmfleet.io")
     spec_props = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     rec.crd_has_upgrade_field = UPGRADE_FIELD in spec_props
-    # The new operator resyncs every model on start: give it time to (not) write.
-    wait_for(lambda: ci.healthz(rec.upgraded_operator.url) == 200, 60, what="the new operator healthy")
-    time.sleep(8)
+    # The new operator resyncs every model on start: once it has reconciled the model, any write
+    # it was going to make is in the audit log.
+    url = rec.upgraded_operator.url
+    wait_for(lambda: ci.healthz(url) == 200 and reconciles(url) >= 1, 60, 0.5, "the new operator's resync")
     _, writes = audit_writes(cluster, user=f"system:serviceaccount:{ci.NAMESPACE}:{ci.RELEASE}-operator", since_line=mark)
     rec.writes_to_models_during_upgrade = [
         f"{w['verb']} {w['objectRef'].get('resource')}/{w['objectRef'].get('subresource', '')} {w['objectRef'].get('name')}"

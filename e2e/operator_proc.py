@@ -137,18 +137,10 @@ class OperatorProcess:
             return False
 
     def metrics(self) -> dict[str, float]:
-        """Samples of /metrics as {'name{labels}': value}."""
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                samples[key] = float(value)
-        return samples
+        return metrics(self.url)
 
     def reconciles(self) -> float:
-        return sum(v for k, v in self.metrics().items() if k.startswith("slmfleet_reconciles_total"))
+        return reconciles(self.url)
 
     def stop(self, timeout: float = 20) -> None:
         if self.proc is None:
@@ -171,6 +163,23 @@ class OperatorProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def metrics(url: str) -> dict[str, float]:
+    """Samples of an operator's /metrics as {'name{labels}': value}."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def reconciles(url: str) -> float:
+    """How many reconciles the operator at `url` has finished, whatever their outcome."""
+    return sum(v for k, v in metrics(url).items() if k.startswith("slmfleet_reconciles_total"))
 
 
 def audit_writes(cluster: Cluster, user: str = OPERATOR_USER, since_line: int = 0) -> tuple[int, list[dict]]:

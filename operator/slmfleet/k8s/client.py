@@ -23,16 +23,11 @@ from typing import Any
 
 import kubernetes
 from kubernetes.client.exceptions import ApiException
+from urllib3.connection import HTTPConnection
 
 FIELD_MANAGER = "slmfleet"
 
 log = logging.getLogger(__name__)
-
-
-def urllib3_default_socket_options() -> list[tuple[int, int, int]]:
-    from urllib3.connection import HTTPConnection
-
-    return list(HTTPConnection.default_socket_options)
 
 
 @dataclass(frozen=True)
@@ -85,7 +80,7 @@ class KubeClient:
         # The generated client has no setting for socket options: give them to the pool manager,
         # which passes them to every connection it opens.
         pool_kw = self._api.rest_client.pool_manager.connection_pool_kw
-        pool_kw["socket_options"] = [*urllib3_default_socket_options(), *KEEPALIVE_OPTIONS]
+        pool_kw["socket_options"] = [*HTTPConnection.default_socket_options, *KEEPALIVE_OPTIONS]
 
     def close(self) -> None:
         self._api.close()

@@ -1,0 +1,60 @@
+"""The API client gives up on an API server that stops answering, instead of hanging a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+
+import pytest
+import yaml
+
+from slmfleet.k8s.client import KubeClient
+
+
+@pytest.fixture
+def silent_server():
+    """Accepts TCP connections on loopback and never answers (a stopped API server)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(sock.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield sock.getsockname()[1]
+    sock.close()
+    for conn in held:
+        conn.close()
+
+
+def kubeconfig(tmp_path, port: int) -> str:
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+    }))
+    return str(path)
+
+
+def test_connections_have_tcp_keepalive(tmp_path, silent_server):
+    client = KubeClient(kubeconfig(tmp_path, silent_server))
+    options = client._api.rest_client.pool_manager.connection_pool_kw["socket_options"]
+    assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in options
+    assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) in options  # urllib3's own default is kept
+
+
+def test_a_call_to_a_server_that_never_answers_fails_at_its_deadline(tmp_path, silent_server):
+    client = KubeClient(kubeconfig(tmp_path, silent_server), request_timeout=(1.0, 1.0))
+    # The client's own read timeout must end the call; a hang ends in wait_for's TimeoutError,
+    # whose empty message does not match.
+    with pytest.raises(Exception, match="(?i)read timed out"):
+        asyncio.run(asyncio.wait_for(client.get("v1", "Service", "ns", "svc"), 60))
