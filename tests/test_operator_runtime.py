@@ -170,9 +170,30 @@ def test_healthz_turns_unhealthy_only_when_waiting_work_makes_no_progress():
     assert main.healthy(runtime, watching=True, now=5000.0), "idle is healthy however long ago the last reconcile was"
     assert not main.healthy(runtime, watching=False, now=1001.0)
     runtime.queue.add(("ns", "m"))
+    runtime.queue.busy_since = 1000.0  # work arrived at the idle queue then (monotonic clock of the test)
     assert main.healthy(runtime, watching=True, now=1059.0)
     assert not main.healthy(runtime, watching=True, now=1061.0), "work waits and nothing finished for 60 s"
     runtime.last_progress = 1060.0  # another model's reconcile finished
     assert main.healthy(runtime, watching=True, now=1061.0)
     runtime.workers_alive = 1
     assert not main.healthy(runtime, watching=True, now=1061.0), "a worker died"
+
+
+def test_work_arriving_after_a_long_idle_time_is_not_a_stall():
+    config = OperatorConfig(vllm_image="vllm/vllm-openai@sha256:" + "a" * 64,
+                            loader_image="slmfleet/slmfleet@sha256:" + "b" * 64, workers=1, worker_stall_seconds=60)
+    runtime = op.Runtime(config=config, client=None)  # type: ignore[arg-type]
+    runtime.workers_alive = 1
+    runtime.last_progress = 1000.0  # the last reconcile, long ago: the cluster was quiet since
+    runtime.queue.add(("ns", "m"))
+    arrived = runtime.queue.busy_since
+    assert arrived is not None and arrived > 1000.0
+    assert main.healthy(runtime, watching=True, now=arrived + 30)
+    assert not main.healthy(runtime, watching=True, now=arrived + 61), "no progress for 60 s since it arrived"
+
+    async def process() -> None:
+        key = await runtime.queue.get()
+        runtime.queue.done(key)
+
+    asyncio.run(process())
+    assert not runtime.queue.busy and runtime.queue.busy_since is None

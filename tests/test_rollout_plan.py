@@ -466,3 +466,9 @@ def test_a_rollout_started_in_the_grace_period_still_retires_the_replaced_revisi
     world.candidate_ready()
     world.settle(at(66))
     assert world.rollout_status["phase"] == "Promoted" and world.status["servingRevision"] == third
+    # The second revision, promoted once and now replaced by a promotion, gets its grace period too.
+    assert ("Deployment", f"{NAME}-{second}") in world.objects
+    world.settle(at(100))
+    assert ("Deployment", f"{NAME}-{second}") in world.objects
+    world.settle(at(127))  # 60 s after the third revision was promoted (at 66)
+    assert ("Deployment", f"{NAME}-{second}") not in world.objects

@@ -46,7 +46,12 @@ def healthy(runtime: Runtime, watching: bool, now: float) -> bool:
     liveness probe should restart the operator."""
     if not watching or runtime.workers_alive < runtime.config.workers:
         return False
-    return not runtime.queue.busy or now - runtime.last_progress < runtime.config.worker_stall_seconds
+    queue = runtime.queue
+    if not queue.busy:
+        return True
+    # Progress is counted from the last finished reconcile, or from when work arrived at an idle queue.
+    since = max(runtime.last_progress, queue.busy_since or runtime.last_progress)
+    return now - since < runtime.config.worker_stall_seconds
 
 
 async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str | None, metrics_host: str,

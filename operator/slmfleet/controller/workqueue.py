@@ -23,6 +23,7 @@ class WorkQueue:
         self._queued: set[Hashable] = set()
         self._processing: set[Hashable] = set()
         self._dirty: set[Hashable] = set()  # added while processing: queued again on done()
+        self.busy_since: float | None = None  # when the queue last went from idle to busy (monotonic)
         self._delayed: list[tuple[float, int, Hashable]] = []
         self._due: dict[Hashable, float] = {}  # the earliest pending timer of each key
         self._tiebreak = itertools.count()
@@ -32,6 +33,8 @@ class WorkQueue:
         if key in self._processing:
             self._dirty.add(key)
         elif key not in self._queued:
+            if not self.busy:
+                self.busy_since = time.monotonic()
             self._queued.add(key)
             self._ready.put_nowait(key)
 
@@ -57,14 +60,13 @@ class WorkQueue:
         if key in self._dirty:
             self._dirty.discard(key)
             self.add(key)
+        if not self.busy:
+            self.busy_since = None
 
     @property
     def busy(self) -> bool:
         """Keys are waiting or being processed."""
         return bool(self._processing) or not self._ready.empty()
-
-    def __len__(self) -> int:
-        return self._ready.qsize()
 
     async def run_timers(self) -> None:
         """Moves delayed keys to the ready queue when they are due; runs until cancelled."""

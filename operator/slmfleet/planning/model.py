@@ -45,6 +45,7 @@ from slmfleet.builders import (
 from slmfleet.builders.applied_hash import APPLIED_HASH, with_applied_hash
 from slmfleet.builders.labels import PLACEMENT_ANNOTATION, REVISION_LABEL
 from slmfleet.builders.traffic import build_http_route
+from slmfleet.builders.weights import LOADER_CONTAINER
 from slmfleet.planning.rollout import EventNote, RolloutObserved, RolloutPlan, plan_rollout
 from slmfleet.rollout.deprecations import Deprecations, HistoryEntry, last_known_good
 from slmfleet.weights import errors
@@ -227,7 +228,6 @@ LOADER_FAILURES = {
     errors.EXIT_UNREACHABLE: "StorageUnreachable",
     errors.EXIT_SOURCE_ERROR: "StorageDenied",
 }
-LOADER_CONTAINER = "load-weights"
 
 
 def weights_verified(pods: Iterable[dict[str, Any]], revision: str) -> tuple[str, str, str]:
@@ -329,13 +329,26 @@ def retirement_grace(history: Iterable[RevisionRecord], delay_seconds: int | Non
     records = list(history)
     grace: dict[str, dt.datetime] = {}
     for i, record in enumerate(records):
-        if record.outcome != "Replaced":
-            continue
+        if record.outcome == "RolledBack":
+            continue  # it never served
+        # Replaced by a promotion (a promoted revision too, when a later rollout promotes another):
+        # the grace period is for going back. A revision replaced by a deprecation's fallback goes.
         successor = next((h for h in records[i + 1:] if h.outcome != "RolledBack"), None)
-        since = _parse_time(successor.since) if successor is not None else None
+        if successor is None or successor.outcome != "Promoted":
+            continue
+        since = _parse_time(successor.since)
         if since is not None and now < (ends := since + dt.timedelta(seconds=delay_seconds)):
             grace[record.revision] = ends
     return grace
+
+
+def retired_events(delete: Iterable[Deletion], serving: str | None) -> list[EventNote]:
+    """The Event for the revisions a plan retires (by their Deployments), if any."""
+    names = sorted({d.name for d in delete if d.kind == "Deployment"})
+    if not names:
+        return []
+    who = f"revision {serving} serves" if serving else "no revision serves"
+    return [EventNote("Normal", "RevisionRetired", f"{who}; removed {', '.join(names)}")]
 
 
 def retirements(objects: Iterable[dict[str, Any]], keep: set[str | None], grace: dict[str, dt.datetime],
@@ -562,16 +575,7 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         delete, retry = retirements(
             (*obs.deployments, *obs.services), {revision, serving, stable}, grace_of(rollout, old.history), now
         )
-        if delete:
-            events.append(
-                EventNote(
-                    "Normal",
-                    "RevisionRetired",
-                    "removed "
-                    + ", ".join(sorted({d.name for d in delete if d.kind == "Deployment"}))
-                    + ": replaced, its grace period over",
-                )
-            )
+        events.extend(retired_events(delete, serving))
         return dataclasses.replace(
             _finish(old, new, _hold_canary(rollout, placement), delete, events, _sooner(requeue, retry)),
             rollout=rollout,
@@ -846,11 +850,7 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
     keep: set[str | None] = {revision, serving, stable} if governed else {revision, serving}
     delete, retry = retirements((*obs.deployments, *obs.services), keep, grace_of(rollout, history), now)
     requeue = _sooner(requeue, retry)
-    retired = sorted({d.name for d in delete if d.kind == "Deployment"})
-    if retired:
-        events.append(
-            EventNote("Normal", "RevisionRetired", f"revision {serving} serves; removed {', '.join(retired)}")
-        )
+    events.extend(retired_events(delete, serving))
 
     new = old.model_copy(
         update={
