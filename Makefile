@@ -56,9 +56,9 @@ demo: venv binaries images ## start the cluster, install the operator from the c
 airgap: venv binaries images ## the air-gapped install end to end on a small cluster of its own (chart + images from a loopback registry)
 	@$(PY) -m e2e.airgap
 
-crds: venv ## regenerate crds/ from the pydantic models in operator/slmfleet/api
+crds: venv ## regenerate crds/ from the pydantic models in operator/slmfleet/api (and the chart's copies)
 	@$(VENV)/bin/slmfleet crds --out crds
-	@$(VENV)/bin/slmfleet chart --chart charts/slmfleet
+	@$(MAKE) --no-print-directory chart-schema
 
 chart-schema: venv ## regenerate the chart's generated files (values.schema.json's config, files/crds/)
 	@$(VENV)/bin/slmfleet chart --chart charts/slmfleet

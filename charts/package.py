@@ -43,7 +43,9 @@ def default_helm() -> Path:
         for line in HELM_VERSION_FILE.read_text().splitlines()
         if line.startswith("HELM_VERSION=")
     )
-    return Path.home() / ".cache" / "slmfleet" / f"helm-{version}" / "helm"
+    # Where e2e/build-binaries.sh puts it: $SLMFLEET_CACHE, by default ~/.cache/slmfleet.
+    cache = Path(os.environ.get("SLMFLEET_CACHE", Path.home() / ".cache" / "slmfleet"))
+    return cache / f"helm-{version}" / "helm"
 
 
 def operator_image(images_json: Path) -> dict[str, str]:

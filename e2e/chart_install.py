@@ -14,13 +14,12 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from e2e.cluster import IMAGES_FILE, REPO, Cluster, binaries, built_images
+from e2e.cluster import IMAGES_FILE, REPO, Cluster, binaries, built_images, urlopen
 
 RELEASE = "slmfleet"
 NAMESPACE = "slmfleet-system"
@@ -82,15 +81,15 @@ def apply(cluster: Cluster, *objects: dict) -> None:
                      input=json.dumps({"apiVersion": "v1", "kind": "List", "items": list(objects)}))
 
 
-def prepare_namespace(cluster: Cluster, namespace: str, restricted: bool = True) -> None:
+def prepare_namespace(cluster: Cluster, namespace: str) -> None:
     """A namespace (Pod Security `restricted` enforced) with the mirror's pull secret."""
-    labels = {"pod-security.kubernetes.io/enforce": "restricted"} if restricted else {}
+    labels = {"pod-security.kubernetes.io/enforce": "restricted"}
     apply(cluster, {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": labels}},
           pull_secret(cluster, namespace))
 
 
 def values_file(cluster: Cluster, path: Path, *, operator_digest: str | None = None, vllm_digest: str | None = None,
-                extra: dict | None = None, images: dict[str, dict] | None = None) -> Path:
+                images: dict[str, dict] | None = None) -> Path:
     """The air-gapped values (charts/slmfleet/ci/airgap-values.yaml) for this cluster: its registry,
     the built images' digests (from build/images.json, never typed), the operator on a process node."""
     images = images if images is not None else built_images()
@@ -99,7 +98,6 @@ def values_file(cluster: Cluster, path: Path, *, operator_digest: str | None = N
     values["image"]["digest"] = operator_digest or images["slmfleet"]["digest"]
     values["vllm"]["image"]["digest"] = vllm_digest or images["vllm-standin"]["digest"]
     values["nodeSelector"] = dict(PROCESS_NODE)
-    values.update(extra or {})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(values, sort_keys=False))
     return path
@@ -151,7 +149,7 @@ def container_log(cluster: Cluster, namespace: str, pod: str) -> str:
 
 def healthz(url: str) -> int:
     try:
-        with urllib.request.urlopen(f"{url}/healthz", timeout=3) as resp:
+        with urlopen(f"{url}/healthz", timeout=3) as resp:
             return resp.status
     except OSError:
         return 0

@@ -43,6 +43,7 @@ import yaml
 
 from e2e import pools as pools_mod
 from e2e.pki import LocalPKI
+from images.build import image_ref, read_digests
 
 REPO = Path(__file__).resolve().parent.parent
 E2E = REPO / "e2e"
@@ -100,11 +101,11 @@ IMAGES_FILE = REPO / "build" / "images.json"
 
 
 def built_images(path: Path = IMAGES_FILE) -> dict[str, dict]:
-    """The images `make images` built (build/images.json): name -> repository, tag, digest, layout."""
-    try:
-        return json.loads(path.read_text())["images"]
-    except (OSError, ValueError, KeyError):
+    """The images `make images` built (build/images.json, checked by the build's own reader):
+    name -> repository, tag, digest, layout. Empty when nothing was built yet."""
+    if not path.exists():
         return {}
+    return read_digests(path)["images"]
 
 
 def kubectl_binary() -> str:
@@ -501,7 +502,7 @@ class Cluster:
         """`registry/repository:tag@digest` of built image `name` (slmfleet, vllm-standin) on this
         cluster's registry."""
         image = (images if images is not None else built_images())[name]
-        return f"{self.registry}/{image['repository']}:{image['tag']}@{image['digest']}"
+        return f"{self.registry}/{image_ref(image)}"
 
     def push_images(self, images: dict[str, dict] | None = None) -> None:
         """Pushes the images `make images` built to the registry, by digest (crane keeps digests)."""
@@ -709,9 +710,19 @@ def port_in_use(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+# Every HTTP request of the e2e code goes to a loopback address: never through an HTTP(S)_PROXY
+# the environment may name, which would send it off this machine.
+_LOOPBACK_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def urlopen(url: str | urllib.request.Request, timeout: float):
+    """urllib's urlopen without proxies (see _LOOPBACK_OPENER)."""
+    return _LOOPBACK_OPENER.open(url, timeout=timeout)
+
+
 def _http_ok(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        with urlopen(url, timeout=2) as resp:
             return resp.status == 200
     except (urllib.error.URLError, OSError):
         return False

@@ -18,7 +18,7 @@ import time
 import urllib.request
 
 from e2e import chart_install
-from e2e.cluster import DEFAULT_POOLS, REPO, Cluster, binaries, default_state_dir, kubectl_binary, versions
+from e2e.cluster import DEFAULT_POOLS, REPO, Cluster, binaries, default_state_dir, kubectl_binary, urlopen, versions
 from e2e.operator_proc import OperatorProcess
 
 NAMESPACE = "slmfleet-demo"
@@ -205,7 +205,7 @@ def main() -> int:
         f"http://{ip}:8000/v1/chat/completions",
         data=json.dumps({"model": "qwen2.5-0.5b-instruct", "messages": [{"role": "user", "content": question}]}).encode(),
         headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as resp:
+    with urlopen(req, timeout=10) as resp:
         answer = json.loads(resp.read())
     print(f"    {answer['model']} answered: {answer['choices'][0]['message']['content']!r}")
 

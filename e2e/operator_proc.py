@@ -13,12 +13,21 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 
-from e2e.cluster import MARKER_ENV, REPO, Cluster, _alive, _has_env, _terminate, port_holder_text, port_in_use
+from e2e.cluster import (
+    MARKER_ENV,
+    REPO,
+    Cluster,
+    _alive,
+    _has_env,
+    _terminate,
+    port_holder_text,
+    port_in_use,
+    urlopen,
+)
 
 OPERATOR_USER = "slmfleet-operator"
 CONFIG = REPO / "e2e" / "operator-config.yaml"
@@ -131,7 +140,7 @@ class OperatorProcess:
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as resp:
+            with urlopen(f"{self.url}/healthz", timeout=2) as resp:
                 return resp.status == 200
         except OSError:
             return False
@@ -167,7 +176,7 @@ class OperatorProcess:
 
 def metrics(url: str) -> dict[str, float]:
     """Samples of an operator's /metrics as {'name{labels}': value}."""
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+    with urlopen(f"{url}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     samples = {}
     for line in text.splitlines():
@@ -182,8 +191,8 @@ def reconciles(url: str) -> float:
     return sum(v for k, v in metrics(url).items() if k.startswith("slmfleet_reconciles_total"))
 
 
-def audit_writes(cluster: Cluster, user: str = OPERATOR_USER, since_line: int = 0) -> tuple[int, list[dict]]:
-    """(lines in the audit log, write entries made by `user` after line `since_line`)."""
+def audit_writes(cluster: Cluster, user: str | None = OPERATOR_USER, since_line: int = 0) -> tuple[int, list[dict]]:
+    """(lines in the audit log, write entries made by `user` (None: by anyone) after line `since_line`)."""
     path = cluster.dir / "audit.log"
     lines = path.read_text().splitlines() if path.exists() else []
     entries = []
@@ -192,6 +201,6 @@ def audit_writes(cluster: Cluster, user: str = OPERATOR_USER, since_line: int = 
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if entry.get("user", {}).get("username") == user and entry.get("stage") == "ResponseComplete":
+        if user in (None, entry.get("user", {}).get("username")) and entry.get("stage") == "ResponseComplete":
             entries.append(entry)
     return len(lines), entries

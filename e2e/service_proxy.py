@@ -1,6 +1,6 @@
 """The local cluster's kube-proxy: Service ClusterIPs answer, as on a real node.
 
-The service CIDR is in loopback (127.32.0.0/16), so a ClusterIP is an address this machine owns.
+The service CIDR is in loopback (127.x.0.0/16), so a ClusterIP is an address this machine owns.
 For every TCP port of every Service with a ClusterIP, this proxy listens on clusterIP:port and
 splices each connection to a ready endpoint, chosen round-robin. It runs once for the whole
 cluster (every process node shares the host's network).
@@ -10,7 +10,7 @@ Ready pods, the target port resolved by name): the API server refuses loopback a
 EndpointSlices, so the controller cannot record pod IPs of 127.x. That is why this proxy reads
 Pods, which kube-proxy never does, and runs with the cluster's admin rights as kwok does.
 
-    python -m e2e.service_proxy --kubeconfig FILE --service-cidr 127.32.0.0/16
+    python -m e2e.service_proxy --kubeconfig FILE --service-cidr 127.62.0.0/16
 """
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ def ready_endpoints(service: dict[str, Any], port_name: str, pods: list[dict[str
         labels = meta.get("labels") or {}
         if any(labels.get(k) != v for k, v in selector.items()) or not status.get("podIP"):
             continue
+        if not ipaddress.ip_address(status["podIP"]).is_loopback:
+            continue  # the local cluster's pods are on loopback; never dial anything else
         if not any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []):
             continue
         if isinstance(target, int) or str(target).isdigit():
@@ -80,8 +82,10 @@ def ready_endpoints(service: dict[str, Any], port_name: str, pods: list[dict[str
 
 class ServiceProxy:
     def __init__(self, kubeconfig: Path, cidr: str):
-        self.kube = Kube(kubeconfig)
         self.cidr = ipaddress.IPv4Network(cidr)
+        if not self.cidr.is_loopback:
+            raise ValueError(f"the service CIDR must be in loopback, not {cidr}")
+        self.kube = Kube(kubeconfig)
         self.servers: dict[Key, asyncio.base_events.Server] = {}
         self.routes: dict[Key, tuple[str, str, str]] = {}
         self.services: dict[tuple[str, str], dict[str, Any]] = {}

@@ -225,3 +225,18 @@ def test_the_service_proxy_routes_cluster_ips_to_ready_endpoints_only():
     assert service_proxy.ready_endpoints(numeric, "http", pods) == [("127.64.0.5", 9000)]
     unselected = dict(op, spec={k: v for k, v in op["spec"].items() if k != "selector"})
     assert service_proxy.ready_endpoints(unselected, "http", pods) == []
+
+
+def test_the_local_cluster_never_dials_off_loopback():
+    from e2e import service_proxy
+    with pytest.raises(ValueError, match="loopback"):
+        registry.Registry("10.1.2.3:5000")
+    with pytest.raises(ValueError, match="loopback"):
+        service_proxy.ServiceProxy.__init__(object.__new__(service_proxy.ServiceProxy), __file__, "10.96.0.0/12")
+    svc = {"metadata": {"name": "op", "namespace": "ns"},
+           "spec": {"clusterIP": "127.62.0.9", "selector": {"app": "op"}, "ports": [{"name": "h", "port": 80}]}}
+    pod = {"metadata": {"namespace": "ns", "labels": {"app": "op"}}, "spec": {},
+           "status": {"podIP": "10.0.0.5", "conditions": [{"type": "Ready", "status": "True"}]}}
+    assert service_proxy.ready_endpoints(svc, "h", [pod]) == []
+    pod["status"]["podIP"] = "127.64.0.5"
+    assert service_proxy.ready_endpoints(svc, "h", [pod]) == [("127.64.0.5", 80)]

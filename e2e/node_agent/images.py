@@ -14,6 +14,7 @@ vLLM stand-in), found by the image's repository.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from collections.abc import Mapping
@@ -73,10 +74,6 @@ PRELOADED: dict[str, ImageSpec] = {
 }
 
 
-class ImageError(Exception):
-    """The image is not one this node can run (a pull error on a real node)."""
-
-
 class ExecError(Exception):
     """The resolved executable does not exist in the image (a runtime start error)."""
 
@@ -87,8 +84,7 @@ def preloaded(image: str) -> ImageSpec | None:
     if ref.registry != "docker.io" or ref.digest:
         return None
     spec = PRELOADED.get(ref.repository)
-    return None if spec is None else ImageSpec(spec.entrypoint, spec.cmd, spec.executables, spec.env, spec.user,
-                                               image_id=f"docker.io/{ref.repository}:{ref.tag}@preloaded")
+    return None if spec is None else dataclasses.replace(spec, image_id=f"docker.io/{ref.repository}:{ref.tag}@preloaded")
 
 
 def from_pulled(pulled: PulledImage) -> ImageSpec:

@@ -252,7 +252,8 @@ class PodRunner:
         workdir = c_spec.get("workingDir")
         cwd = paths.rewrite(workdir) if workdir else str(self.dir)
         Path(cwd).mkdir(parents=True, exist_ok=True)
-        argv = spec.mount_namespace_argv(paths.mounts, argv, self._read_only_mounts(c_spec))
+        if os.geteuid() == 0:  # mount namespaces need root; without them the fixed path stays unmounted
+            argv = spec.mount_namespace_argv(paths.mounts, argv, self._read_only_mounts(c_spec))
         logf = open(cdir / "output.log", "ab")
         c.container_id = f"process://{self.uid}/{c.name}/{c.restart_count}"
         started_at = spec.now()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import json
 import re
 from collections.abc import Mapping
@@ -136,6 +137,8 @@ class Registry:
     """The one registry this node can reach, on loopback."""
 
     def __init__(self, host: str | None):
+        if host is not None and not ipaddress.ip_address(host.rsplit(":", 1)[0]).is_loopback:
+            raise ValueError(f"the node's registry must be on loopback, not {host}")
         self.host = host  # "127.0.0.1:16449", or None: no registry at all
 
     def reachable(self, ref: Reference) -> bool:
@@ -181,7 +184,9 @@ class Registry:
     @staticmethod
     async def _get(session: aiohttp.ClientSession, url: str, headers: dict[str, str], image: str) -> bytes:
         try:
-            async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=30)) as resp:
+            # No redirects: a registry could otherwise send the node off loopback (e.g. to blob storage).
+            async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=30),
+                                   allow_redirects=False) as resp:
                 body = await resp.read()
                 if resp.status == 404:
                     raise PullError(f'failed to pull and unpack image "{image}": failed to resolve reference '

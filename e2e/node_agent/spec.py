@@ -130,11 +130,10 @@ def pod_phase(restart_policy: str, init_failed: bool, main_states: list[dict[str
 
 def default_pull_policy(image: str) -> str:
     """The API server's default: Always for `:latest` or no tag (and no digest), else IfNotPresent."""
-    name, _, digest = image.partition("@")
-    if digest:
-        return "IfNotPresent"
-    last = name.rsplit("/", 1)[-1]
-    return "Always" if ":" not in last or last.endswith(":latest") else "IfNotPresent"
+    from e2e.node_agent.registry import parse_reference
+
+    ref = parse_reference(image)
+    return "Always" if ref.digest is None and ref.tag == "latest" else "IfNotPresent"
 
 
 # Client libraries read the service account token and CA from this fixed path (kubernetes'

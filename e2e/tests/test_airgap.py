@@ -50,10 +50,11 @@ def test_air_gapped_install_upgrade_and_uninstall(small_cluster, tmp_path):
     assert rec.upgraded_operator.image_id != rec.operator.image_id
     assert rec.crd_has_upgrade_field
     assert rec.writes_to_models_during_upgrade == []
-    assert rec.model_pod_uids[0] and rec.model_pod_uids[0] == rec.model_pod_uids[1]
+    assert rec.pods_before_upgrade and rec.pods_before_upgrade == rec.pods_after_upgrade
 
     # A vLLM image missing from the mirror: Degraded, naming the image.
     assert rec.missing_vllm_image["status"] == "True"
     assert f"@{airgap.MISSING_DIGEST}" in rec.missing_vllm_image["message"]
+    assert rec.answer_while_degraded == "Paris", "the running revision keeps serving"
 
     assert rec.after_uninstall == {"crds": True, "smallmodel": True, "operator pods": False}

@@ -10,13 +10,12 @@ import socket
 import subprocess
 import tarfile
 import time
-import urllib.request
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from e2e.cluster import binaries
+from e2e.cluster import binaries, urlopen
 from e2e.node_agent import images, registry, spec
 
 
@@ -37,7 +36,7 @@ def served(tmp_path_factory):
     deadline = time.monotonic() + 20
     while True:
         try:
-            urllib.request.urlopen(f"http://{host}/v2/", timeout=1)
+            urlopen(f"http://{host}/v2/", timeout=1)
             break
         except OSError:
             if time.monotonic() > deadline or proc.poll() is not None:
@@ -77,7 +76,7 @@ def test_an_image_is_pulled_by_digest_and_its_config_is_what_was_pushed(served):
     assert pulled.entrypoint == ("slmfleet",) and pulled.cmd == ("--help",)
     assert pulled.user == "65532:65532" and pulled.env["HF_HUB_OFFLINE"] == "1"
     assert pulled.image_id == f"{host}/test/slmfleet/slmfleet@{digest}"
-    # The tag resolves to the same manifest; credentials are sent and ignored by an open registry.
+    # The tag resolves to the same manifest; an open registry takes a pull with credentials too.
     assert _pull(host, f"{host}/test/slmfleet/slmfleet:1", auth="Basic dTpw").digest == digest
     # What the node runs comes from that config: entrypoint, then the local stand-in for it.
     local = images.from_pulled(pulled)
