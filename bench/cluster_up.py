@@ -28,7 +28,7 @@ def main() -> int:
     ups, downs = [], []
     for i in range(RUNS):
         state = Path(tempfile.mkdtemp(prefix="slmfleet-bench-")) / "cluster"
-        cluster = Cluster(state, port_base=36443)
+        cluster = Cluster(state, port_base=28443)
         t0 = time.monotonic()
         try:
             cluster.up(pools_doc)

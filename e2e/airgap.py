@@ -30,7 +30,7 @@ from e2e.cluster import REPO, Cluster, binaries, built_images, urlopen
 from e2e.operator_proc import audit_writes, reconciles
 from e2e.wait import wait_for
 
-PORT_BASE = 36443
+PORT_BASE = 27443
 MODELS = "airgap-models"
 MODEL = "qwen2-5-0-5b"
 MISSING_DIGEST = "sha256:" + "0" * 64

@@ -114,6 +114,14 @@ def kubectl_binary() -> str:
     return str(built) if built.exists() else "kubectl"
 
 
+def ephemeral_port_range(path: Path = Path("/proc/sys/net/ipv4/ip_local_port_range")) -> tuple[int, int]:
+    try:
+        low, high = path.read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 @dataclass(frozen=True)
 class Ports:
     """All ports derive from one base so a second cluster can run beside the first."""
@@ -147,6 +155,14 @@ class Ports:
     @property
     def registry(self) -> int:
         return self.base + 6
+
+    def __post_init__(self) -> None:
+        # The kernel hands ports of this range to outgoing connections at any moment, so a
+        # listener there can lose its port between the free-port check and its own bind.
+        low, high = ephemeral_port_range()
+        if self.base <= high and self.base + 6 >= low:
+            raise ValueError(f"port base {self.base} reaches into the ephemeral port range {low}-{high} "
+                             "(net.ipv4.ip_local_port_range): pick a base whose 7 ports lie below or above it")
 
     def named(self) -> dict[str, int]:
         return {"kube-apiserver": self.apiserver, "etcd client": self.etcd_client, "etcd peer": self.etcd_peer,
