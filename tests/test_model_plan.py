@@ -11,6 +11,7 @@ ready, a node joins, a pod stays Pending, the spec is edited) and look at the ne
 from __future__ import annotations
 
 import copy
+import dataclasses
 import datetime as dt
 import itertools
 import random
@@ -25,7 +26,9 @@ from slmfleet.api.smallmodel import SmallModel, SmallModelSpec
 from slmfleet.builders import revision_of
 from slmfleet.builders.applied_hash import APPLIED_HASH
 from slmfleet.builders.labels import MODEL_LABEL, PLACEMENT_ANNOTATION, REVISION_LABEL
-from slmfleet.planning.model import Deletion, EventNote, Observed, Plan, hf_config, plan_model
+from slmfleet.planning.common import Deletion, EventNote
+from slmfleet.planning.model import Observed, Plan, plan_model
+from slmfleet.planning.placement import hf_config
 from slmfleet.sizing.pools import ready_nodes_from_pools_doc
 from slmfleet.weights.facts import WeightsFacts
 from tests.sizing_configs import QWEN2_5_0_5B, QWEN2_5_14B
@@ -174,8 +177,8 @@ class World:
 
     def observe(self) -> Observed:
         live = sorted(self.objects.items())
-        return Observed(
-            body=copy.deepcopy(self.body),
+        return Observed.of(
+            copy.deepcopy(self.body),
             deployments=tuple(copy.deepcopy(o) for (kind, _), o in live if kind == "Deployment"),
             services=tuple(copy.deepcopy(o) for (kind, _), o in live if kind == "Service"),
             pods=tuple(copy.deepcopy(p) for p in self.pods),
@@ -957,9 +960,8 @@ def test_the_same_observation_gives_the_same_plan(index):
     # Nor does the order in which the watches delivered the nodes and pods matter.
     shuffled = list(obs.nodes)
     random.Random(index).shuffle(shuffled)
-    reordered = Observed(
-        obs.body, obs.deployments[::-1], obs.services[::-1], obs.pods[::-1], tuple(shuffled), obs.gpu_pods[::-1]
-    )
+    reordered = dataclasses.replace(obs, deployments=obs.deployments[::-1], services=obs.services[::-1],
+                                    pods=obs.pods[::-1], nodes=tuple(shuffled), gpu_pods=obs.gpu_pods[::-1])
     assert plan_model(reordered, world.config, now) == first
 
 
@@ -1138,8 +1140,15 @@ def test_a_pod_that_cannot_pull_its_image_degrades_the_model_naming_the_image():
     world.reconcile(at(30))
     degraded = world.condition("Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "ImagePullFailed")
-    assert vllm["image"] in degraded["message"] and "ImagePullBackOff" in degraded["message"]
+    assert vllm["image"] in degraded["message"] and "cannot pull" in degraded["message"]
     assert "secret-looking" not in degraded["message"]  # the registry's text stays in the pod's status
+
+    # The kubelet alternates ErrImagePull and ImagePullBackOff while it backs off: one state, no
+    # status rewrite per attempt.
+    for reason in ("ErrImagePull", "ImagePullBackOff", "ErrImagePull"):
+        pod["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": reason}}
+        world.pods = [pod]
+        assert world.plan(at(31)).writes == 0
 
     # Once the image is pulled and the pod runs, the condition clears.
     pod["status"]["containerStatuses"][0]["state"] = {"running": {"startedAt": rfc3339(at(40))}}

@@ -69,7 +69,7 @@ class RolloutWorld(World):
     def observe(self) -> Observed:
         obs = super().observe()
         # applied_weight is left out: the plan reads it back from the model Service or the route
-        ro = RolloutObserved(body=copy.deepcopy(self.rollout), evaluations=dict(self.snapshots),
+        ro = RolloutObserved.of(copy.deepcopy(self.rollout), evaluations=dict(self.snapshots),
                              live_regression=self.live_regression, gateway_api=self.gateway_api)
         return Observed(**{**obs.__dict__, "rollout": ro, "route": copy.deepcopy(self.route),
                            "deprecations": self.deprecations})

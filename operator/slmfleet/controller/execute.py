@@ -12,14 +12,13 @@ from slmfleet.api.conditions import Condition, set_condition
 from slmfleet.api.smallmodel import GROUP, KIND, VERSION, SmallModelStatus
 from slmfleet.controller import metrics
 from slmfleet.controller.evaluations import EvaluationOutcome, EvaluationRequest
-from slmfleet.controller.observe import _served_name, attempt_prefix, ready_pod_urls
+from slmfleet.controller.observe import attempt_prefix, ready_pod_urls, served_name
 from slmfleet.controller.runtime import WEIGHT_FAILURES, ModelKey, Runtime
 from slmfleet.evaluation.runner import Endpoint
 from slmfleet.k8s.client import ObjectRef
+from slmfleet.planning.common import InvalidSpec
 from slmfleet.planning.model import Observed, Plan
-from slmfleet.planning.rollout import (
-    plan_not_governing,
-)
+from slmfleet.planning.rollout import plan_not_governing
 
 log = logging.getLogger("slmfleet.operator")
 
@@ -116,10 +115,10 @@ def start_evaluation(runtime: Runtime, obs: Observed, plan: Plan, rollout: dict[
     if not stable_urls or not candidate_urls:
         runtime.queue.add_after(key, 2.0)  # the pods' IPs are not in the cache yet
         return
-    name = _served_name(obs.body)
     meta = rollout["metadata"]
-    if stable is None or candidate is None:
+    if stable is None or candidate is None or isinstance(obs.model, InvalidSpec):
         return  # no revisions to compare yet; the next reconcile looks again
+    name = served_name(obs.model, obs.body)
     request = EvaluationRequest(
         id=attempt_prefix(rollout) + rp.start.evaluation_id, namespace=meta["namespace"], rollout=meta["name"],
         rollout_uid=meta.get("uid", ""), step=rp.start.step, evaluation=rp.spec.evaluation,

@@ -14,13 +14,9 @@ from slmfleet.builders import ModelOwner, served_model_name
 from slmfleet.builders.labels import REVISION_LABEL
 from slmfleet.builders.traffic import HTTPROUTE_API_VERSION
 from slmfleet.controller.runtime import GATEWAY_RECHECK_SECONDS, LIVE_CHECK_SECONDS, ModelKey, Runtime
+from slmfleet.planning.common import InvalidSpec
 from slmfleet.planning.model import Observed
-from slmfleet.planning.rollout import (
-    RETRY_ANNOTATION,
-    EvaluationSnapshot,
-    RolloutObserved,
-    parse_rollout,
-)
+from slmfleet.planning.rollout import RETRY_ANNOTATION, EvaluationSnapshot, RolloutObserved
 from slmfleet.rollout.steps import evaluation_id
 
 log = logging.getLogger("slmfleet.operator")
@@ -33,8 +29,8 @@ def observe(runtime: Runtime, key: ModelKey) -> Observed | None:
     if not models:
         return None
     body = runtime.writes.fresh(KIND, key[0], models, key[1])[0]
-    return Observed(
-        body=body,
+    return Observed.of(
+        body,
         deployments=tuple(runtime.writes.fresh("Deployment", key[0], list(indices["slm_deployments"].get(key, ())), key[1])),
         services=tuple(runtime.writes.fresh("Service", key[0], list(indices["slm_services"].get(key, ())), key[1])),
         pods=tuple(indices["slm_model_pods"].get(key, ())),
@@ -87,28 +83,28 @@ def ready_pod_urls(runtime: Runtime, pods: tuple[dict[str, Any], ...], revision:
     return urls
 
 
-def _served_name(body: dict[str, Any]) -> str:
-    model = SmallModel.model_validate(body)
+def served_name(model: SmallModel, body: dict[str, Any]) -> str:
     meta = body["metadata"]
     return served_model_name(ModelOwner(meta["name"], meta["namespace"], meta.get("uid", "")), model.spec)
 
 
-async def live_regression(runtime: Runtime, key: ModelKey, rollout: dict[str, Any], obs: Observed) -> str | None:
+async def live_regression(runtime: Runtime, key: ModelKey, ro: RolloutObserved, obs: Observed) -> str | None:
     """Whether the candidate's live traffic (scraped from its pods) breaches the thresholds, while
     it gets traffic. The world changes here without an event, so it is looked at again regularly."""
+    rollout = ro.body
     status = rollout.get("status") or {}
     if int(status.get("canaryWeight") or 0) <= 0 or status.get("phase") not in ("Evaluating", "Progressing", "Paused"):
         return None
-    parsed = parse_rollout(rollout)[0]
+    parsed, model = ro.rollout, obs.model
     candidate = status.get("candidateRevision")
-    if parsed is None or not candidate:
+    if isinstance(parsed, InvalidSpec) or isinstance(model, InvalidSpec) or not candidate:
         return None
     runtime.queue.add_after(key, LIVE_CHECK_SECONDS)
     urls = ready_pod_urls(runtime, obs.pods, candidate)
     if not urls:
         return None  # the step machine sees the candidate without ready replicas
     watch = f"{attempt_prefix(rollout)}{candidate}/step-{status.get('currentStep', 0)}"
-    check = await runtime.live.check(watch, urls, _served_name(obs.body), parsed.spec.evaluation.thresholds)
+    check = await runtime.live.check(watch, urls, served_name(model, obs.body), parsed.spec.evaluation.thresholds)
     return check.reason if check.verdict == "fail" else None
 
 
@@ -129,8 +125,8 @@ async def observe_rollout(runtime: Runtime, key: ModelKey, obs: Observed, rollou
     if rollout is None:
         return obs
     gateway = await gateway_api_served(runtime)
-    ro = RolloutObserved(body=rollout, evaluations=evaluation_snapshots(runtime, rollout),
-                         live_regression=await live_regression(runtime, key, rollout, obs), gateway_api=gateway)
+    ro = RolloutObserved.of(rollout, evaluations=evaluation_snapshots(runtime, rollout), gateway_api=gateway)
+    ro = dataclasses.replace(ro, live_regression=await live_regression(runtime, key, ro, obs))
     route = None
     if gateway and ((rollout.get("spec") or {}).get("traffic") or {}).get("httpRoute"):
         route = await runtime.client.get(HTTPROUTE_API_VERSION, "HTTPRoute", key[0], key[1])

@@ -13,7 +13,9 @@ from slmfleet.controller import metrics
 from slmfleet.controller.execute import _report_failure, execute, report_not_governing
 from slmfleet.controller.observe import observe, observe_rollout, rollouts_of
 from slmfleet.controller.runtime import REPORT_AFTER_FAILURES, RETRY_SECONDS, ModelKey, Runtime
-from slmfleet.planning.model import effective_body, plan_model
+from slmfleet.planning.common import InvalidSpec
+from slmfleet.planning.deprecation import served_model
+from slmfleet.planning.model import plan_model
 
 log = logging.getLogger("slmfleet.operator")
 
@@ -36,10 +38,10 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
         await report_not_governing(runtime, key, rollouts, model_exists=True)
         now = dt.datetime.now(dt.UTC)
         obs = dataclasses.replace(obs, deprecations=runtime.deprecations)
-        if runtime.weights is not None:
+        if runtime.weights is not None and not isinstance(obs.model, InvalidSpec):
             # The weights of what is to be served: a deprecated base falls back to another digest.
-            served = effective_body(obs.body, runtime.deprecations, now)
-            obs = dataclasses.replace(obs, weights=await runtime.weights.facts(served))
+            served = served_model(obs.model, runtime.deprecations, now)
+            obs = dataclasses.replace(obs, weights=await runtime.weights.facts(key[0], served))
         obs = await observe_rollout(runtime, key, obs, rollouts[0] if rollouts else None)
         plan = plan_model(obs, runtime.config, now)
         await execute(runtime, obs, plan)

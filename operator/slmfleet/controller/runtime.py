@@ -17,7 +17,7 @@ from slmfleet.controller.evaluations import Evaluations, LiveWatch
 from slmfleet.controller.weights_reader import WeightsReader
 from slmfleet.controller.workqueue import WorkQueue
 from slmfleet.k8s.client import KubeClient
-from slmfleet.planning.model import LOADER_FAILURES
+from slmfleet.planning.status import LOADER_FAILURES
 from slmfleet.rollout.deprecations import Deprecations
 
 log = logging.getLogger("slmfleet.operator")

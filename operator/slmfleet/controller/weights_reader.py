@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from slmfleet.api.smallmodel import SmallModel
 from slmfleet.controller.s3_access import S3AccessError, s3_client_for
@@ -34,22 +33,18 @@ class WeightsReader:
     client: KubeClient
     cache: dict[tuple[str, str], tuple[float, WeightsFacts]] = field(default_factory=dict)
 
-    async def facts(self, body: dict[str, Any]) -> WeightsFacts | None:
-        try:
-            model = SmallModel.model_validate(body)
-        except ValueError:
-            return None  # the planner reports the invalid spec
+    async def facts(self, namespace: str, model: SmallModel) -> WeightsFacts | None:
         source = model.spec.source
         if not source.uri.startswith("s3://"):
             return None  # PVC contents are only visible to the pods; the loader checks them there
         # Per namespace and settings: another namespace's credentials must not vouch for this one.
-        key = (body["metadata"]["namespace"], source.model_dump_json())
+        key = (namespace, source.model_dump_json())
         cached = self.cache.get(key)
         if cached:
             ttl = RETRY_SECONDS if cached[1].problem in HEALING else RECHECK_SECONDS
             if cached[1].problem in FINAL or time.monotonic() - cached[0] < ttl:
                 return cached[1]
-        facts = await self._read(body["metadata"]["namespace"], model)
+        facts = await self._read(namespace, model)
         if facts.problem in HEALING:
             facts = replace(facts, transient=True)
         self.cache[key] = (time.monotonic(), facts)

@@ -29,9 +29,11 @@ from slmfleet.api.modelrollout import (
     ModelRolloutStatus,
 )
 from slmfleet.api.smallmodel import RevisionRecord
+from slmfleet.api.timestamps import rfc3339
 from slmfleet.builders.owner import ModelOwner
 from slmfleet.builders.service import canary_weight_of
 from slmfleet.builders.traffic import replica_ratio_replicas, route_weight_of
+from slmfleet.planning.common import EventNote, InvalidSpec, validation_message
 from slmfleet.rollout.steps import (
     FINAL_PHASES,
     Advance,
@@ -52,13 +54,6 @@ MAX_ACTIONS = 64  # more than any spec's steps: the machine never loops, this on
 
 
 @dataclass(frozen=True)
-class EventNote:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
 class EvaluationSnapshot:
     """What the operator's background evaluations know of one evaluation (by its id)."""
 
@@ -71,11 +66,39 @@ class EvaluationSnapshot:
 @dataclass(frozen=True)
 class RolloutObserved:
     body: dict[str, Any]  # the ModelRollout
+    rollout: ModelRollout | InvalidSpec  # the body, parsed once
     # By evaluation id, of the current attempt only: the operator keys its background evaluations by
     # the retry annotation's value too, so a retried rollout sees none of the last attempt's.
     evaluations: Mapping[str, EvaluationSnapshot] = field(default_factory=dict)
     live_regression: str | None = None  # the candidate's live p95 / error rate breaches a threshold
     gateway_api: bool = False  # the HTTPRoute CRD is served
+
+    @classmethod
+    def of(cls, body: dict[str, Any], **observed: Any) -> RolloutObserved:
+        parsed, invalid = parse_rollout(body)
+        return cls(body, parsed if parsed is not None else InvalidSpec(invalid), **observed)
+
+
+@dataclass(frozen=True)
+class RolloutInputs:
+    """What the model's plan tells the rollout's: the two revisions and how the candidate does."""
+
+    owner: ModelOwner
+    stable: str | None  # the revision serving now (None: nothing serves yet)
+    candidate: str  # the model's desired revision; equal to `stable` when there is nothing to roll out
+    replicas: int
+    history: tuple[RevisionRecord, ...]
+    # The live objects that carry the weight: it is read back from them, so a weight applied
+    # before its status write was lost is recognised, not applied again.
+    model_service: dict[str, Any] | None
+    route: dict[str, Any] | None
+    now: dt.datetime
+    candidate_ready: bool = False
+    candidate_failure: str | None = None  # why the candidate cannot serve, for good
+    base_deprecated: str | None = None  # the deprecation's message
+    # Why the candidate cannot be placed or scheduled, if it cannot: the rollout waits for it (it
+    # proceeds on its own when capacity frees) and says so.
+    candidate_unschedulable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,11 +135,7 @@ def parse_rollout(body: Mapping[str, Any]) -> tuple[ModelRollout | None, str]:
     try:
         return ModelRollout.model_validate(dict(body)), ""
     except ValidationError as exc:
-        return None, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:5])
-
-
-def _rfc3339(now: dt.datetime) -> str:
-    return now.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return None, validation_message(exc)
 
 
 def _conditions(old: list[Condition], phase: str | None, message: str, generation: int, now: dt.datetime,
@@ -124,7 +143,7 @@ def _conditions(old: list[Condition], phase: str | None, message: str, generatio
     moving = phase in ("Pending", "Evaluating", "Progressing", "Paused")
     failed = phase in ("RolledBack", "Failed") or degraded_reason is not None
     conds = list(old)
-    stamp = _rfc3339(now)
+    stamp = rfc3339(now)
     for type_, status, reason in (
         ("Ready", not moving and not failed, phase or "Idle"),
         ("Progressing", moving, phase or "Idle"),
@@ -139,26 +158,21 @@ def _verdict_of(result: Mapping[str, Any]) -> str:
     return "pass" if result.get("verdict") == "Pass" else "fail"
 
 
-def plan_rollout(ro: RolloutObserved, *, owner: ModelOwner, stable: str | None, candidate: str, replicas: int,
-                 candidate_ready: bool, candidate_failure: str | None, base_deprecated: str | None,
-                 history: list[RevisionRecord], model_service: dict[str, Any] | None,
-                 route: dict[str, Any] | None, now: dt.datetime,
-                 candidate_unschedulable: str | None = None) -> RolloutPlan:
-    """The rollout's plan. `stable` is the revision serving now (None: nothing serves yet),
-    `candidate` the model's desired revision; they are equal when there is nothing to roll out.
-    `candidate_unschedulable` says why the candidate cannot be placed or scheduled, if it cannot:
-    the rollout waits for it (it proceeds on its own when capacity frees) and says so.
-    `model_service` and `route` are the live objects that carry the weight: it is read back from
-    them, so a weight applied before its status write was lost is recognised, not applied again."""
+def plan_rollout(ro: RolloutObserved, inputs: RolloutInputs) -> RolloutPlan:
+    """The rollout's plan for its model's two revisions, as far as the step machine goes now."""
     meta = ro.body.get("metadata") or {}
     generation = int(meta.get("generation", 1))
-    rollout, invalid = parse_rollout(ro.body)
+    now = inputs.now
     raw_status = ro.body.get("status") if isinstance(ro.body.get("status"), dict) else {}
-    old = ModelRolloutStatus.model_validate(raw_status or {}) if rollout is None else rollout.status
-    if rollout is None:
+    if isinstance(ro.rollout, InvalidSpec):
+        invalid = ro.rollout.message
+        old = ModelRolloutStatus.model_validate(raw_status or {})
         conds = _conditions(list(old.conditions), None, invalid, generation, now, "InvalidSpec")
         new = old.model_copy(update={"observed_generation": generation, "conditions": conds, "message": invalid})
         return _finish(old, new, [EventNote("Warning", "InvalidSpec", invalid)], RolloutPlan())
+    rollout = ro.rollout
+    old = rollout.status
+    stable, candidate, history = inputs.stable, inputs.candidate, inputs.history
 
     traffic = rollout.spec.traffic.http_route if ro.gateway_api else None
     mode_note = ""
@@ -166,7 +180,7 @@ def plan_rollout(ro: RolloutObserved, *, owner: ModelOwner, stable: str | None, 
         mode_note = " (traffic.httpRoute is set but the Gateway API CRDs are not installed: using the replica ratio)"
 
     if stable is None or candidate == stable:
-        return _idle(ro, rollout, old, stable, candidate, generation, now, traffic, base_deprecated)
+        return _idle(ro, rollout, old, stable, candidate, generation, now, traffic, inputs.base_deprecated)
 
     state = RolloutState.from_status(raw_status if old.candidate_revision == candidate else None, revision=candidate)
     evaluations = list(old.evaluations) if old.candidate_revision == candidate else []
@@ -204,7 +218,8 @@ def plan_rollout(ro: RolloutObserved, *, owner: ModelOwner, stable: str | None, 
         return EvaluationObservation(eid, None), None
 
     notes: list[str] = []
-    applied = route_weight_of(route, owner, candidate) if traffic else canary_weight_of(model_service, candidate)
+    applied = (route_weight_of(inputs.route, inputs.owner, candidate) if traffic
+               else canary_weight_of(inputs.model_service, candidate))
     start: StartEvaluation | None = None
     requeue: float | None = None
     promoted = False
@@ -213,8 +228,8 @@ def plan_rollout(ro: RolloutObserved, *, owner: ModelOwner, stable: str | None, 
     steps = rollout.spec.steps
     for _ in range(MAX_ACTIONS):
         seen, retry_in = observe_evaluation(state)
-        obs = Observations(candidate_ready=candidate_ready, evaluation=seen, live_regression=ro.live_regression,
-                           candidate_failure=candidate_failure, base_deprecated=base_deprecated,
+        obs = Observations(candidate_ready=inputs.candidate_ready, evaluation=seen, live_regression=ro.live_regression,
+                           candidate_failure=inputs.candidate_failure, base_deprecated=inputs.base_deprecated,
                            applied_weight=applied, promoted=False)
         action = next_action(steps, state, obs, now)
         message = action.message
@@ -248,25 +263,25 @@ def plan_rollout(ro: RolloutObserved, *, owner: ModelOwner, stable: str | None, 
 
     failed = state.reason if state.phase in ("RolledBack", "Failed") else None
     if state.phase == "Promoted":
-        candidate_replicas = replicas
+        candidate_replicas = inputs.replicas
     elif failed:
         candidate_replicas = 0
     elif traffic:
-        candidate_replicas = max(replicas, 1)
+        candidate_replicas = max(inputs.replicas, 1)
     else:
-        candidate_replicas = replica_ratio_replicas(replicas, state.weight)
+        candidate_replicas = replica_ratio_replicas(inputs.replicas, state.weight)
     text = (failed or message) + ("; " + "; ".join(notes) if notes else "") + mode_note
     degraded_reason = None
-    if failed and base_deprecated:
+    if failed and inputs.base_deprecated:
         degraded_reason = "BaseModelDeprecated"
     elif notes and not failed:
         degraded_reason = "EvaluationError"  # it cannot run (dataset, stable): held, retried, not rolled back
     conditions = _conditions(list(old.conditions), state.phase, text, generation, now, degraded_reason)
-    if candidate_unschedulable and state.phase == "Pending" and not candidate_ready:
-        text = f"the candidate revision {candidate} cannot be placed yet: {candidate_unschedulable}"
+    if inputs.candidate_unschedulable and state.phase == "Pending" and not inputs.candidate_ready:
+        text = f"the candidate revision {candidate} cannot be placed yet: {inputs.candidate_unschedulable}"
         conditions = set_condition(conditions, Condition(
             type="Progressing", status="False", reason="CandidateUnschedulable", message=text[:2000],
-            observed_generation=generation), _rfc3339(now))
+            observed_generation=generation), rfc3339(now))
         said = next((c for c in old.conditions if c.type == "Progressing"), None)
         if said is None or said.reason != "CandidateUnschedulable":
             events.append(EventNote("Warning", "CandidateUnschedulable", text[:1000]))

@@ -43,6 +43,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
+from slmfleet.api.timestamps import parse_rfc3339, rfc3339
+
 Phase = Literal["Pending", "Evaluating", "Progressing", "Paused", "Promoted", "RolledBack", "Failed"]
 PHASES: tuple[str, ...] = ("Pending", "Evaluating", "Progressing", "Paused", "Promoted", "RolledBack", "Failed")
 FINAL_PHASES = frozenset({"Promoted", "RolledBack", "Failed"})
@@ -163,20 +165,6 @@ def phase_of(step: Step) -> Phase:
 # State and observations
 
 
-def _rfc3339(moment: dt.datetime) -> str:
-    if moment.tzinfo is None:
-        raise ValueError("times must be timezone-aware")
-    text = moment.astimezone(dt.UTC).isoformat()
-    return text.replace("+00:00", "Z")
-
-
-def _parse_time(text: str) -> dt.datetime:
-    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    return moment
-
-
 @dataclass(frozen=True)
 class RolloutState:
     """What the rollout has done so far: everything `next_action` needs, all of it in status."""
@@ -203,7 +191,7 @@ class RolloutState:
         """The ModelRollout status fields this state lives in."""
         status: dict[str, Any] = {"phase": self.phase, "currentStep": self.step, "canaryWeight": self.weight}
         if self.step_started is not None:
-            status["stepStartedAt"] = _rfc3339(self.step_started)
+            status["stepStartedAt"] = rfc3339(self.step_started)
         if self.revision:
             status["candidateRevision"] = self.revision
         if self.reason:
@@ -222,7 +210,7 @@ class RolloutState:
             phase=phase,
             step=int(status.get("currentStep") or 0),
             weight=int(status.get("canaryWeight") or 0),
-            step_started=_parse_time(started) if started else None,
+            step_started=parse_rfc3339(started),
             revision=status.get("candidateRevision") or revision,
             reason=(status.get("message") or "") if phase in ("RolledBack", "Failed") else "",
         )
@@ -435,7 +423,7 @@ def next_action(steps: Iterable[Step | Mapping[str, Any] | Any], state: RolloutS
         if now >= until:
             return _enter(steps, state, state.step + 1, now, f"paused {step.seconds:g}s")
         return Wait(until, replace(state, phase="Paused", step_started=started),
-                    f"step {state.step}: paused at {state.weight}% until {_rfc3339(until)}")
+                    f"step {state.step}: paused at {state.weight}% until {rfc3339(until)}")
 
     evaluating = replace(state, phase="Evaluating")
     if seen is not None and seen.verdict == "pass":

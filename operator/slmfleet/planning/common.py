@@ -1,0 +1,103 @@
+"""What the planners share: parsing a CR once, reading owned objects, the applied-hash diff."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from slmfleet.api.smallmodel import SmallModel
+from slmfleet.builders.applied_hash import APPLIED_HASH
+from slmfleet.builders.labels import REVISION_LABEL
+
+
+@dataclass(frozen=True)
+class InvalidSpec:
+    """A CR the schema let through that the operator's model refuses (stored before a schema
+    change, or a rule only the model checks): what is wrong, field by field."""
+
+    message: str
+
+
+def validation_message(exc: ValidationError, limit: int = 5) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:limit])
+
+
+def parse_model(body: dict[str, Any]) -> SmallModel | InvalidSpec:
+    try:
+        return SmallModel.model_validate(body)
+    except ValidationError as exc:
+        return InvalidSpec(validation_message(exc))
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why the model cannot get what its spec asks for, as its Degraded condition says it.
+    `permanent`: retrying does not help (the weights fail their pin), so a rollout of it fails."""
+
+    reason: str
+    message: str
+    permanent: bool = False
+
+
+@dataclass(frozen=True)
+class EventNote:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Deletion:
+    api_version: str
+    kind: str
+    name: str
+    uid: str
+
+
+def revision_of_object(obj: dict[str, Any]) -> str | None:
+    return (obj.get("metadata", {}).get("labels") or {}).get(REVISION_LABEL)
+
+
+def ready_replicas(dep: dict[str, Any] | None) -> int:
+    return int(((dep or {}).get("status") or {}).get("readyReplicas", 0))
+
+
+def deployment_ready(dep: dict[str, Any] | None, desired: dict[str, Any] | None) -> bool:
+    """The Deployment runs exactly the desired template (any, without one) and all its replicas
+    are ready."""
+    if dep is None:
+        return False
+    meta, spec, status = dep.get("metadata", {}), dep.get("spec", {}), dep.get("status") or {}
+    if desired is not None and (meta.get("annotations") or {}).get(APPLIED_HASH) != (
+        desired["metadata"]["annotations"][APPLIED_HASH]
+    ):
+        return False
+    if status.get("observedGeneration", 0) < meta.get("generation", 0):
+        return False
+    replicas = spec.get("replicas", 1)
+    return bool(
+        status.get("updatedReplicas", 0) >= replicas
+        and status.get("readyReplicas", 0) >= replicas
+        and status.get("replicas", 0) == replicas
+    )
+
+
+def changed(desired: Iterable[dict[str, Any]], live: Iterable[dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """The desired objects whose live version was applied from something else (by applied hash)."""
+    hashes = {
+        (o["kind"], o["metadata"]["name"]): (o["metadata"].get("annotations") or {}).get(APPLIED_HASH)
+        for o in live
+        if o is not None
+    }
+    return [
+        o
+        for o in desired
+        if hashes.get((o["kind"], o["metadata"]["name"])) != o["metadata"]["annotations"][APPLIED_HASH]
+    ]
+
+
+def sooner(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)

@@ -1,0 +1,236 @@
+"""Where a model runs: the sizing request from its spec and weights, and the placement it keeps,
+moves from (pods Pending too long) or gets anew."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from slmfleet import sizing
+from slmfleet.api.smallmodel import (
+    ExcludedPlacement,
+    FallbackPlacement,
+    MemoryBreakdown,
+    Placement,
+    SmallModel,
+    SmallModelStatus,
+)
+from slmfleet.api.timestamps import parse_rfc3339
+from slmfleet.builders.labels import PLACEMENT_ANNOTATION, REVISION_LABEL
+from slmfleet.planning.common import EventNote, Failure, deployment_ready
+from slmfleet.weights.facts import WeightsFacts
+
+
+def to_api_placement(chosen: sizing.Placement, profile: sizing.MemoryProfile, reasons: Iterable[str]) -> Placement:
+    return Placement(
+        gpu_resource=chosen.gpu_resource,
+        gpu_product=chosen.gpu_product,
+        gpu_count=chosen.gpu_count,
+        tensor_parallel_size=chosen.tensor_parallel_size,
+        gpu_memory_utilization=f"{chosen.gpu_memory_utilization:.2f}",
+        max_model_len=chosen.max_model_len,
+        max_num_seqs=chosen.max_num_seqs,
+        max_num_batched_tokens=chosen.max_num_batched_tokens,
+        device_memory_bytes=chosen.device_memory_bytes,
+        node_selector=dict(chosen.node_selector),
+        memory=MemoryBreakdown(
+            weights_bytes=profile.weights_bytes,
+            kv_bytes_per_token=profile.kv_bytes_per_token,
+            kv_cache_bytes=profile.kv_cache_bytes,
+            overhead_bytes=profile.overhead_bytes,
+            total_bytes=profile.total_bytes,
+        ),
+        summary=f"{chosen.gpu_product} x{chosen.gpu_count}",
+        reasons=list(reasons),
+    )
+
+
+def _fallback(p: sizing.Placement) -> FallbackPlacement:
+    return FallbackPlacement(
+        gpu_resource=p.gpu_resource, gpu_product=p.gpu_product, gpu_count=p.gpu_count, max_model_len=p.max_model_len
+    )
+
+
+def hf_config(model: SmallModel, weights: WeightsFacts | None) -> dict[str, Any] | None:
+    """config.json as the weights have it, with the facts declared in the spec taking precedence."""
+    declared = model.spec.architecture.to_hf_config() if model.spec.architecture else None
+    # A deep copy: the facts are cached and shared by every model with the same weights.
+    read = copy.deepcopy(dict(weights.config)) if weights is not None and weights.config is not None else None
+    if read is None:
+        return declared
+    if declared:
+        declared.pop("architectures", None)
+        text = read.get("text_config") if isinstance(read.get("text_config"), dict) else None
+        (text if text is not None else read).update(declared)
+    return read
+
+
+def sizing_request(model: SmallModel, excluded: Iterable[str], weights: WeightsFacts | None = None) -> sizing.SizingRequest:
+    spec = model.spec
+    config = hf_config(model, weights)
+    assert config is not None
+    return sizing.SizingRequest(
+        architecture=sizing.ModelArchitecture.from_hf_config(config),
+        exact_weights_bytes=weights.weights_bytes if weights is not None else None,
+        dtype=spec.serving.dtype,
+        quantization=spec.serving.quantization,
+        kv_cache_dtype=spec.serving.kv_cache_dtype,
+        max_model_len=spec.serving.max_model_len,
+        concurrency=spec.serving.concurrency,
+        allowed_products=tuple(spec.resources.gpu_products),
+        gpu_count=spec.resources.gpu_count,
+        allow_mig=spec.resources.allow_mig,
+        max_gpu_memory_utilization=spec.resources.max_gpu_memory_utilization,
+        node_selector=dict(spec.resources.node_selector),
+        excluded=frozenset(excluded),
+    )
+
+
+def sizing_inputs(model: SmallModel) -> str:
+    """A hash of everything sizing reads from the spec (not replicas, names or extra flags)."""
+    spec = model.spec
+    serving = spec.serving.model_dump(exclude={"replicas", "served_model_name", "extra_args"})
+    facts = {
+        "architecture": spec.architecture.model_dump() if spec.architecture else None,
+        "serving": serving,
+        "resources": spec.resources.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def inventory_for(nodes: Iterable[dict[str, Any]], gpu_pods: Iterable[dict[str, Any]],
+                  model_pods: Iterable[dict[str, Any]], revision: str) -> sizing.Inventory:
+    """The GPUs free for the revision: its own pods hold what it was placed on, so they do not
+    count; an older revision's pods hold GPUs until it is retired, so they do."""
+    own = {p["metadata"]["uid"] for p in model_pods if (p["metadata"].get("labels") or {}).get(REVISION_LABEL) == revision}
+    return sizing.inventory_from_nodes(nodes, gpu_pods, exclude_pods=lambda p: p.get("metadata", {}).get("uid") in own)
+
+
+def _still_fits(placement: Placement, inventory: sizing.Inventory) -> bool:
+    """Whether some node still has the placement's devices free (this model's own pods not counted)."""
+    return any(
+        n.device.resource == placement.gpu_resource
+        and n.device.product == placement.gpu_product
+        and n.free >= placement.gpu_count
+        for n in inventory.nodes
+    )
+
+
+def _pending_since(pods: Iterable[dict[str, Any]], revision: str, placement: Placement) -> tuple[dt.datetime, str] | None:
+    """When the oldest unschedulable pod of the revision and placement became unschedulable, and why."""
+    oldest: tuple[dt.datetime, str] | None = None
+    for pod in pods:
+        meta = pod.get("metadata", {})
+        if (meta.get("labels") or {}).get(REVISION_LABEL) != revision:
+            continue
+        if (meta.get("annotations") or {}).get(PLACEMENT_ANNOTATION) != placement.key:
+            continue
+        if (pod.get("status") or {}).get("phase") != "Pending" or (pod.get("spec") or {}).get("nodeName"):
+            continue
+        for cond in (pod.get("status") or {}).get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+                if "PersistentVolumeClaim" in (cond.get("message") or ""):
+                    continue  # a claim not bound yet: another GPU would not help
+                since = parse_rfc3339(cond.get("lastTransitionTime")) or parse_rfc3339(meta.get("creationTimestamp"))
+                if since and (oldest is None or since < oldest[0]):
+                    oldest = (since, cond.get("message") or cond.get("reason") or "Unschedulable")
+    return oldest
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    """What choosing a placement reads: the model as served, where it was, and its pods."""
+
+    model: SmallModel
+    old: SmallModelStatus
+    revision: str
+    resize: bool  # the revision or what sizing reads changed: place anew
+    excluded: tuple[ExcludedPlacement, ...]  # placements given up on (pods stayed Pending)
+    weights: WeightsFacts | None
+    inventory: sizing.Inventory
+    live: dict[str, Any] | None  # the revision's Deployment
+    pods: tuple[dict[str, Any], ...]  # the model's pods
+    pending_timeout_seconds: int
+    now: dt.datetime
+
+
+@dataclass(frozen=True)
+class PlacementDecision:
+    placement: Placement | None  # None: `failure` says why
+    failure: Failure | None = None
+    fallbacks: tuple[FallbackPlacement, ...] = ()
+    excluded: tuple[ExcludedPlacement, ...] = ()
+    events: tuple[EventNote, ...] = ()
+    requeue_after: float | None = None  # when the pods' Pending time runs out
+    stuck: str = ""  # staying on a placement whose pods stay Pending everywhere: why
+
+
+def choose_placement(req: PlacementRequest) -> PlacementDecision:
+    """Keep a working placement (re-sizing on every inventory change would churn pods); give it up
+    when its pods stay Pending past the timeout or it no longer fits before serving; else size anew."""
+    kept, excluded, moved_reason, requeue = _keep_placement(req)
+    if kept is not None:
+        return PlacementDecision(kept, fallbacks=tuple(req.old.fallbacks), excluded=excluded, requeue_after=requeue)
+    try:
+        request = sizing_request(req.model, [e.key for e in excluded], req.weights)
+    except sizing.SizingInputError as exc:
+        return PlacementDecision(None, Failure("InvalidArchitecture", str(exc)), excluded=excluded, requeue_after=requeue)
+    result = sizing.plan_placement(request, req.inventory)
+    stuck = ""
+    if result.placement is None and excluded:
+        # Every placement that fits has had Pending pods. Giving up would strand the model on a
+        # transient cause (a claim binding late, a drained node), so stay on the best one and say so.
+        best = sizing.plan_placement(dataclasses.replace(request, excluded=frozenset()), req.inventory)
+        if best.placement is not None:
+            result = best
+            stuck = (f"pods stayed Pending on every placement that fits ({', '.join(e.key for e in excluded)}); "
+                     f"staying on {best.placement.gpu_product} x{best.placement.gpu_count}. Last: {excluded[-1].reason}")
+    if result.placement is None:
+        events = (EventNote("Warning", "PlacementFallback", f"{moved_reason}; no other placement fits"),) if moved_reason else ()
+        return PlacementDecision(None, Failure("NoFit", result.message), excluded=excluded, events=events,
+                                 requeue_after=requeue)
+    placement = to_api_placement(result.placement, result.profile, result.reasons)
+    return PlacementDecision(placement, fallbacks=tuple(_fallback(f) for f in result.fallbacks), excluded=excluded,
+                             events=_placed_events(req, placement, moved_reason, stuck), requeue_after=requeue,
+                             stuck=stuck)
+
+
+def _keep_placement(req: PlacementRequest) -> tuple[Placement | None, tuple[ExcludedPlacement, ...], str, float | None]:
+    """The placement kept (None: size anew), the placements given up on, why the kept one was
+    given up (if it was), and when its pods' Pending time runs out."""
+    placement = req.old.placement if not req.resize else None
+    if placement is None:
+        return None, req.excluded, "", None
+    serving_there = deployment_ready(req.live, None)
+    if placement.key in {e.key for e in req.excluded}:
+        # Given up on earlier, unless its pods got scheduled after all and are serving there.
+        return (placement if serving_there else None), req.excluded, "", None
+    pending = _pending_since(req.pods, req.revision, placement)
+    if pending is not None:
+        waited = (req.now - pending[0]).total_seconds()
+        if waited < req.pending_timeout_seconds:
+            return placement, req.excluded, "", req.pending_timeout_seconds - waited + 1
+        moved = (f"pods stayed Pending for {int(waited)}s on {placement.summary} "
+                 f"(limit {req.pending_timeout_seconds}s): {pending[1]}")
+        return None, (*req.excluded, ExcludedPlacement(key=placement.key, reason=moved)), moved, None
+    if not _still_fits(placement, req.inventory) and not serving_there:
+        return None, req.excluded, "", None
+    return placement, req.excluded, "", None
+
+
+def _placed_events(req: PlacementRequest, placement: Placement, moved_reason: str, stuck: str) -> tuple[EventNote, ...]:
+    old = req.old.placement
+    if old is not None and old.key == placement.key and not req.resize:
+        return ()
+    if moved_reason:
+        where = f"staying on {placement.summary}" if stuck else f"moved to {placement.summary}"
+        return (EventNote("Warning", "PlacementFallback", f"{moved_reason}; {where}"),)
+    if old is None or old.key != placement.key:
+        return (EventNote("Normal", "Placed", f"{placement.summary}: " + "; ".join(placement.reasons[:2])),)
+    return ()

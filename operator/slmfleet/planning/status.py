@@ -1,0 +1,137 @@
+"""The SmallModel's status: conditions from what its pods and Deployments say, the Events their
+changes deserve, and the revision history."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from typing import Any
+
+from slmfleet.api.conditions import Condition, find, set_condition
+from slmfleet.api.smallmodel import MAX_HISTORY, RevisionRecord, SmallModelStatus
+from slmfleet.api.timestamps import rfc3339
+from slmfleet.builders.labels import REVISION_LABEL
+from slmfleet.builders.weights import LOADER_CONTAINER
+from slmfleet.planning.common import EventNote
+from slmfleet.weights import errors
+
+
+class StatusDraft:
+    """Builds the next conditions from the previous ones, moving transition times only on change."""
+
+    def __init__(self, old: SmallModelStatus, generation: int, now: dt.datetime) -> None:
+        self.generation = generation
+        self.now = rfc3339(now)
+        self.conditions = list(old.conditions)
+
+    def condition(self, type_: str, status: bool | str, reason: str, message: str) -> None:
+        new = Condition(
+            type=type_,
+            status=status if isinstance(status, str) else ("True" if status else "False"),
+            reason=reason,
+            message=message,
+            observed_generation=self.generation,
+        )
+        self.conditions = set_condition(self.conditions, new, self.now)
+
+
+def changed_condition_events(old: list[Condition], new: list[Condition]) -> list[EventNote]:
+    """An Event for every condition that turned bad or good, or changed its reason."""
+    events = []
+    degraded = find(new, "Degraded")
+    for cond in new:
+        before = find(old, cond.type)
+        if before is not None and (before.status, before.reason) == (cond.status, cond.reason):
+            continue
+        if cond.type == "Degraded" and cond.status == "True":
+            events.append(EventNote("Warning", cond.reason, cond.message))
+        elif cond.type == "WeightsVerified" and cond.status == "False":
+            if degraded is None or (degraded.status, degraded.reason) != ("True", cond.reason):
+                events.append(EventNote("Warning", cond.reason, cond.message))
+        elif cond.type == "WeightsVerified" and cond.status == "True":
+            events.append(EventNote("Normal", "WeightsVerified", cond.message))
+        elif cond.type == "Ready" and cond.status == "True":
+            events.append(EventNote("Normal", "Ready", cond.message))
+    return events
+
+
+# `slmfleet load` exit codes (weights/loader.py) -> WeightsVerified reasons.
+LOADER_FAILURES = {
+    errors.EXIT_DIGEST_MISMATCH: "DigestMismatch",
+    errors.EXIT_FILE_MISMATCH: "FileMismatch",
+    errors.EXIT_REFUSED_FORMAT: "PickleRefused",
+    errors.EXIT_UNREACHABLE: "StorageUnreachable",
+    errors.EXIT_SOURCE_ERROR: "StorageDenied",
+}
+
+
+def _revision_pods(pods: Iterable[dict[str, Any]], revision: str) -> list[dict[str, Any]]:
+    return [p for p in sorted(pods, key=lambda p: p["metadata"].get("name", ""))
+            if (p["metadata"].get("labels") or {}).get(REVISION_LABEL) == revision]
+
+
+def weights_verified(pods: Iterable[dict[str, Any]], revision: str) -> tuple[str, str, str]:
+    """WeightsVerified from the loader init containers of the revision's pods: a failure anywhere
+    is news (a file changed under the pin), otherwise one success is enough."""
+    success = None
+    for pod in _revision_pods(pods, revision):
+        for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            if status.get("name") != LOADER_CONTAINER:
+                continue
+            current = (status.get("state") or {}).get("terminated")
+            states = [status.get("state") or {}]
+            if not (current and int(current.get("exitCode", 1)) == 0):
+                states.append(status.get("lastState") or {})  # an earlier failure, not yet retried well
+            for state in states:
+                done = state.get("terminated")
+                if not done:
+                    continue
+                code = int(done.get("exitCode", 0))
+                if code == 0:
+                    success = success or f"pod {pod['metadata'].get('name')} loaded and verified every file of the manifest"
+                else:
+                    reason = LOADER_FAILURES.get(code, "LoadFailed")
+                    message = (done.get("message") or "").strip() or f"the loader exited with {code}"
+                    return "False", reason, f"pod {pod['metadata'].get('name')}: {message}"[:2000]
+    if success:
+        return "True", "Verified", success
+    return "Unknown", "Pending", "no loader has finished yet"
+
+
+# The kubelet's waiting reasons for an image it cannot get: another node would not help.
+IMAGE_PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName")
+
+
+def image_pull_failure(pods: Iterable[dict[str, Any]], revision: str) -> str | None:
+    """Which image the revision's pods cannot pull, if any. The image is the operator's own
+    setting (vllmImage, loaderImage), so naming it leaks nothing of a tenant's; the registry's
+    own error text stays in the pod's status. The kubelet alternates ErrImagePull and
+    ImagePullBackOff while it backs off: both read as one state, so the status is not rewritten
+    on every attempt."""
+    for pod in _revision_pods(pods, revision):
+        status = pod.get("status") or {}
+        for c in (*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])):
+            reason = ((c.get("state") or {}).get("waiting") or {}).get("reason")
+            if reason in IMAGE_PULL_FAILURES:
+                return (f"pod {pod['metadata'].get('name')}: container {c.get('name')} cannot pull image "
+                        f"{c.get('image')}; check that the registry has it by digest and the pull secrets")[:1000]
+    return None
+
+
+def next_history(history: Iterable[RevisionRecord], record: RevisionRecord, *, promoted: bool, rolled_back: bool,
+                 now_serving: bool) -> list[RevisionRecord]:
+    """The history with `record`'s revision as it now stands: promoted by a rollout, rolled back
+    by one, or serving after a plain replacement; the one it replaces becomes Replaced."""
+    out = list(history)
+    revision = record.revision
+    if promoted and (not out or out[-1].revision != revision or out[-1].outcome != "Promoted"):
+        out = [h.model_copy(update={"outcome": "Replaced"}) if h.outcome == "Serving" else h
+               for h in out if h.revision != revision]
+        out.append(record.model_copy(update={"outcome": "Promoted"}))
+    elif rolled_back and not any(h.revision == revision and h.outcome == "RolledBack" for h in out):
+        out = [h for h in out if h.revision != revision]
+        out.append(record.model_copy(update={"outcome": "RolledBack"}))
+    elif now_serving and (not out or out[-1].revision != revision):
+        out = [h.model_copy(update={"outcome": "Replaced"}) if h.outcome == "Serving" else h for h in out]
+        out.append(record.model_copy(update={"outcome": "Serving"}))
+    return out[-MAX_HISTORY:]
