@@ -472,3 +472,23 @@ def test_a_rollout_started_in_the_grace_period_still_retires_the_replaced_revisi
     assert ("Deployment", f"{NAME}-{second}") in world.objects
     world.settle(at(127))  # 60 s after the third revision was promoted (at 66)
     assert ("Deployment", f"{NAME}-{second}") not in world.objects
+
+
+def test_a_rolled_back_candidate_held_while_its_storage_is_down_keeps_the_same_zero_replica_deployment():
+    """The held canary builds the candidate's Deployment at 0 the way the rollback did (the disk
+    size the weights gave, the loader image it runs): the two paths do not rewrite each other."""
+    from slmfleet.weights.facts import WeightsFacts
+
+    world, stable = stable_world()
+    world.weights = WeightsFacts(digest=NEW_DIGEST, disk_bytes=7 * 1024**3)
+    candidate = new_candidate(world)
+    world.settle(at(1))
+    world.candidate_ready()
+    world.settle(at(2))
+    world.finish("Fail")
+    world.settle(at(3))
+    assert world.rollout_status["phase"] == "RolledBack"
+    assert world.deployment(candidate)["spec"]["replicas"] == 0
+    world.weights = WeightsFacts(digest=NEW_DIGEST, problem="StorageUnreachable", message="S3 is down", transient=True)
+    plan = world.plan(at(4))
+    assert [o["kind"] for o in plan.apply if o["kind"] == "Deployment"] == []

@@ -261,8 +261,10 @@ def _hold_canary(s: Subject, rollout: RolloutPlan | None, placement: Placement |
         return []
     target = s.target()
     desired = traffic_objects(target, s.stable, s.revision, rollout.weight, rollout.traffic)
-    if rollout.failed and s.revision in s.deployments and placement is not None:
-        # Where it was placed, at 0: the same builder, so the next plan sees what it expects.
+    live = s.deployments.get(s.revision)
+    if rollout.failed and live is not None and (live.get("spec") or {}).get("replicas", 1) != 0 and placement is not None:
+        # Where it was placed, at 0: the same builder, so the next plan sees what it expects. One
+        # already at 0 stays as it is: what the weights' read would add to it is unknown here.
         try:
             desired.append(target.deployment(placement, replicas=0))
         except UnsupportedSource:

@@ -163,142 +163,181 @@ def plan_rollout(ro: RolloutObserved, inputs: RolloutInputs) -> RolloutPlan:
     meta = ro.body.get("metadata") or {}
     generation = int(meta.get("generation", 1))
     now = inputs.now
-    raw_status = ro.body.get("status") if isinstance(ro.body.get("status"), dict) else {}
     if isinstance(ro.rollout, InvalidSpec):
+        raw_status = ro.body.get("status") if isinstance(ro.body.get("status"), dict) else {}
         invalid = ro.rollout.message
         old = ModelRolloutStatus.model_validate(raw_status or {})
         conds = _conditions(list(old.conditions), None, invalid, generation, now, "InvalidSpec")
         new = old.model_copy(update={"observed_generation": generation, "conditions": conds, "message": invalid})
         return _finish(old, new, [EventNote("Warning", "InvalidSpec", invalid)], RolloutPlan())
     rollout = ro.rollout
-    old = rollout.status
-    stable, candidate, history = inputs.stable, inputs.candidate, inputs.history
-
     traffic = rollout.spec.traffic.http_route if ro.gateway_api else None
-    mode_note = ""
-    if rollout.spec.traffic.http_route is not None and traffic is None:
-        mode_note = " (traffic.httpRoute is set but the Gateway API CRDs are not installed: using the replica ratio)"
+    if inputs.stable is None or inputs.candidate == inputs.stable:
+        return _idle(ro, rollout, rollout.status, inputs.stable, inputs.candidate, generation, now, traffic,
+                     inputs.base_deprecated)
+    run = _resume(ro, rollout, inputs)
+    _run_steps(run, ro, rollout, inputs, traffic)
+    return _governed_plan(run, ro, rollout, inputs, traffic, generation)
 
-    if stable is None or candidate == stable:
-        return _idle(ro, rollout, old, stable, candidate, generation, now, traffic, inputs.base_deprecated)
 
-    state = RolloutState.from_status(raw_status if old.candidate_revision == candidate else None, revision=candidate)
-    evaluations = list(old.evaluations) if old.candidate_revision == candidate else []
-    events: list[EventNote] = []
-    retry = (meta.get("annotations") or {}).get(RETRY_ANNOTATION)
+@dataclass
+class _Run:
+    """One pass of the step machine over a rollout in flight: where it started, where it is, and
+    what it recorded on the way."""
+
+    state: RolloutState
+    before: RolloutState  # where the status left it
+    fresh: bool  # the status is about another candidate (or none): a new rollout
+    retry: str | None  # the retry annotation's value
+    evaluations: list[EvaluationResult]
+    events: list[EventNote] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # evaluations that could not run
+    message: str = ""
+    start: StartEvaluation | None = None
+    requeue: float | None = None
+    promoted: bool = False
+    rollback_reason: str | None = None
+
+
+def _resume(ro: RolloutObserved, rollout: ModelRollout, inputs: RolloutInputs) -> _Run:
+    """Where the status says the rollout of this candidate is; a new value of the retry annotation
+    starts a failed (or new) rollout afresh, and a candidate rolled back before stays rolled back."""
+    old, candidate = rollout.status, inputs.candidate
+    raw_status = ro.body.get("status") if isinstance(ro.body.get("status"), dict) else None
     fresh = old.candidate_revision != candidate
+    state = RolloutState.from_status(None if fresh else raw_status, revision=candidate)
+    evaluations = [] if fresh else list(old.evaluations)
+    events: list[EventNote] = []
+    retry = ((ro.body.get("metadata") or {}).get("annotations") or {}).get(RETRY_ANNOTATION)
     if retry and retry != old.retry and (state.phase in ("RolledBack", "Failed") or fresh):
         if not fresh:
             events.append(EventNote("Normal", "Retry", f"{RETRY_ANNOTATION}={retry}: rolling revision {candidate} out again"))
         state, evaluations, fresh = RolloutState(revision=candidate), [], False
-    elif fresh and any(h.revision == candidate and h.outcome == "RolledBack" for h in history):
+    elif fresh and any(h.revision == candidate and h.outcome == "RolledBack" for h in inputs.history):
         state = RolloutState(phase="RolledBack", revision=candidate,
                              reason=f"revision {candidate} was rolled back before; set the {RETRY_ANNOTATION} "
                                     "annotation to a new value to roll it out again")
-    before = state
+    return _Run(state=state, before=state, fresh=fresh, retry=retry, evaluations=evaluations, events=events)
 
-    def observe_evaluation(current: RolloutState) -> tuple[EvaluationObservation | None, float | None]:
-        eid = evaluation_id(current.revision, current.step)
-        recorded = next((e for e in evaluations if e.step == current.step), None)
-        if recorded is not None:
-            return EvaluationObservation(eid, "pass" if recorded.verdict == "Pass" else "fail", recorded.reason), None
-        snap = ro.evaluations.get(eid)
-        if snap is None:
-            return None, None
-        if snap.state in ("pass", "fail") and snap.result is not None:
-            result = EvaluationResult.model_validate({**snap.result, "step": current.step})
-            evaluations.append(result)
-            kind, reason = ("Normal", "EvaluationPassed") if snap.state == "pass" else ("Warning", "EvaluationFailed")
-            events.append(EventNote(kind, reason, f"step {current.step}: candidate {result.candidate_score} vs stable "
+
+def _observe_evaluation(run: _Run, ro: RolloutObserved) -> tuple[EvaluationObservation | None, float | None]:
+    """The evaluation of the current step as the machine sees it: recorded in the status, just
+    finished in the background (then recorded now), running, or unable to run."""
+    current = run.state
+    eid = evaluation_id(current.revision, current.step)
+    recorded = next((e for e in run.evaluations if e.step == current.step), None)
+    if recorded is not None:
+        return EvaluationObservation(eid, "pass" if recorded.verdict == "Pass" else "fail", recorded.reason), None
+    snap = ro.evaluations.get(eid)
+    if snap is None:
+        return None, None
+    if snap.state in ("pass", "fail") and snap.result is not None:
+        result = EvaluationResult.model_validate({**snap.result, "step": current.step})
+        run.evaluations.append(result)
+        kind, reason = ("Normal", "EvaluationPassed") if snap.state == "pass" else ("Warning", "EvaluationFailed")
+        run.events.append(EventNote(kind, reason, f"step {current.step}: candidate {result.candidate_score} vs stable "
                                                   f"{result.stable_score} on {result.n} cases: {result.reason}"))
-            return EvaluationObservation(eid, snap.state, snap.reason), None
-        if snap.state == "error":
-            notes.append(f"evaluation {eid} could not run: {snap.reason}")
-            return (None, None) if snap.may_retry else (EvaluationObservation(eid, None), 30.0)
-        return EvaluationObservation(eid, None), None
+        return EvaluationObservation(eid, snap.state, snap.reason), None
+    if snap.state == "error":
+        run.notes.append(f"evaluation {eid} could not run: {snap.reason}")
+        return (None, None) if snap.may_retry else (EvaluationObservation(eid, None), 30.0)
+    return EvaluationObservation(eid, None), None
 
-    notes: list[str] = []
+
+def _run_steps(run: _Run, ro: RolloutObserved, rollout: ModelRollout, inputs: RolloutInputs,
+               traffic: HttpRouteTraffic | None) -> None:
+    """Take the machine's actions until one waits: weights and step starts go on at once (the
+    model's plan implements them in the same reconcile); an evaluation, a promotion, a rollback or
+    a pause ends the pass."""
+    candidate = inputs.candidate
     applied = (route_weight_of(inputs.route, inputs.owner, candidate) if traffic
                else canary_weight_of(inputs.model_service, candidate))
-    start: StartEvaluation | None = None
-    requeue: float | None = None
-    promoted = False
-    rollback_reason: str | None = None
-    message = ""
-    steps = rollout.spec.steps
+    before = run.before
     for _ in range(MAX_ACTIONS):
-        seen, retry_in = observe_evaluation(state)
+        seen, retry_in = _observe_evaluation(run, ro)
         obs = Observations(candidate_ready=inputs.candidate_ready, evaluation=seen, live_regression=ro.live_regression,
                            candidate_failure=inputs.candidate_failure, base_deprecated=inputs.base_deprecated,
                            applied_weight=applied, promoted=False)
-        action = next_action(steps, state, obs, now)
-        message = action.message
+        action = next_action(rollout.spec.steps, run.state, obs, inputs.now)
+        run.message = action.message
         if isinstance(action, (Advance, SetWeight)):
-            events.append(EventNote("Normal", "CanaryWeight" if isinstance(action, SetWeight) else "StepStarted",
-                                    action.message))
+            run.events.append(EventNote("Normal", "CanaryWeight" if isinstance(action, SetWeight) else "StepStarted",
+                                        action.message))
             if isinstance(action, SetWeight):
                 applied = action.weight
-            state = action.state
+            run.state = action.state
             continue
         if isinstance(action, StartEvaluation):
-            start = action
-            if (before.phase, before.step) != (action.state.phase, action.state.step) or fresh:
-                events.append(EventNote("Normal", "EvaluationStarted", action.message))
+            run.start = action
+            if (before.phase, before.step) != (action.state.phase, action.state.step) or run.fresh:
+                run.events.append(EventNote("Normal", "EvaluationStarted", action.message))
         elif isinstance(action, Promote):
-            promoted = True
+            run.promoted = True
             if before.phase != "Promoted":
-                events.append(EventNote("Normal", "Promoted", action.message))
+                run.events.append(EventNote("Normal", "Promoted", action.message))
         elif isinstance(action, Rollback):
-            applied = 0
             if before.phase not in FINAL_PHASES:
-                rollback_reason = rollback_kind(action.reason)
+                run.rollback_reason = rollback_kind(action.reason)
             if before.phase not in FINAL_PHASES or before.weight != 0:
-                events.append(EventNote("Warning", "RolledBack" if action.state.phase == "RolledBack" else "Failed",
-                                        action.message))
+                run.events.append(EventNote("Warning", "RolledBack" if action.state.phase == "RolledBack" else "Failed",
+                                            action.message))
         elif isinstance(action, Wait):
-            requeue = max(0.5, (action.until - now).total_seconds())
-        state = action.state
-        requeue = retry_in if requeue is None else requeue
-        break
+            run.requeue = max(0.5, (action.until - inputs.now).total_seconds())
+        run.state = action.state
+        run.requeue = retry_in if run.requeue is None else run.requeue
+        return
 
-    failed = state.reason if state.phase in ("RolledBack", "Failed") else None
+
+def _candidate_replicas(state: RolloutState, replicas: int, traffic: HttpRouteTraffic | None) -> int:
+    """Promoted: all of them; rolled back: none; by route: at least one to take the route's share;
+    by the replica ratio: the share of the replicas the weight asks for."""
     if state.phase == "Promoted":
-        candidate_replicas = inputs.replicas
-    elif failed:
-        candidate_replicas = 0
-    elif traffic:
-        candidate_replicas = max(inputs.replicas, 1)
-    else:
-        candidate_replicas = replica_ratio_replicas(inputs.replicas, state.weight)
-    text = (failed or message) + ("; " + "; ".join(notes) if notes else "") + mode_note
+        return replicas
+    if state.phase in ("RolledBack", "Failed"):
+        return 0
+    if traffic:
+        return max(replicas, 1)
+    return replica_ratio_replicas(replicas, state.weight)
+
+
+def _governed_plan(run: _Run, ro: RolloutObserved, rollout: ModelRollout, inputs: RolloutInputs,
+                   traffic: HttpRouteTraffic | None, generation: int) -> RolloutPlan:
+    """The plan and status of a rollout in flight, from where the pass ended."""
+    old, state, now = rollout.status, run.state, inputs.now
+    failed = state.reason if state.phase in ("RolledBack", "Failed") else None
+    mode_note = ""
+    if rollout.spec.traffic.http_route is not None and traffic is None:
+        mode_note = " (traffic.httpRoute is set but the Gateway API CRDs are not installed: using the replica ratio)"
+    text = (failed or run.message) + ("; " + "; ".join(run.notes) if run.notes else "") + mode_note
     degraded_reason = None
     if failed and inputs.base_deprecated:
         degraded_reason = "BaseModelDeprecated"
-    elif notes and not failed:
+    elif run.notes and not failed:
         degraded_reason = "EvaluationError"  # it cannot run (dataset, stable): held, retried, not rolled back
     conditions = _conditions(list(old.conditions), state.phase, text, generation, now, degraded_reason)
     if inputs.candidate_unschedulable and state.phase == "Pending" and not inputs.candidate_ready:
-        text = f"the candidate revision {candidate} cannot be placed yet: {inputs.candidate_unschedulable}"
+        text = f"the candidate revision {inputs.candidate} cannot be placed yet: {inputs.candidate_unschedulable}"
         conditions = set_condition(conditions, Condition(
             type="Progressing", status="False", reason="CandidateUnschedulable", message=text[:2000],
             observed_generation=generation), rfc3339(now))
         said = next((c for c in old.conditions if c.type == "Progressing"), None)
         if said is None or said.reason != "CandidateUnschedulable":
-            events.append(EventNote("Warning", "CandidateUnschedulable", text[:1000]))
+            run.events.append(EventNote("Warning", "CandidateUnschedulable", text[:1000]))
     new = old.model_copy(update={
         **_state_fields(state),
         "observed_generation": generation,
-        "stable_revision": stable,
-        "evaluations": evaluations[-64:],
+        "stable_revision": inputs.stable,
+        "evaluations": run.evaluations[-64:],
         "message": text[:4000],
-        "retry": retry if retry else old.retry,
+        "retry": run.retry if run.retry else old.retry,
         "conditions": conditions,
     })
-    plan = RolloutPlan(governed=True, weight=0 if failed else state.weight, candidate_replicas=candidate_replicas,
-                       traffic=traffic, start=start, promoted=promoted, failed=failed,
-                       requeue_after=requeue, phase=state.phase, rollback_reason=rollback_reason,
+    plan = RolloutPlan(governed=True, weight=0 if failed else state.weight,
+                       candidate_replicas=_candidate_replicas(state, inputs.replicas, traffic),
+                       traffic=traffic, start=run.start, promoted=run.promoted, failed=failed,
+                       requeue_after=run.requeue, phase=state.phase, rollback_reason=run.rollback_reason,
                        spec=rollout.spec)
-    return _finish(old, new, events, plan)
+    return _finish(old, new, run.events, plan)
 
 
 def _state_fields(state: RolloutState) -> dict[str, Any]:
