@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -220,8 +222,10 @@ async def run_evaluation(request: EvaluationRequest, cases: Sequence[Case]) -> E
                 unreachable = _stable_unreachable(request, run)
                 if unreachable:
                     return _error(request.id, unreachable)
-            decision = decide(run.stable_scores(), run.candidate_scores(), margin=thresholds.margin,
-                              alpha=alpha, planned_n=planned, minimum_score=thresholds.min_score)
+            # The group-sequential statistics are numeric work: off the event loop.
+            decision = await asyncio.to_thread(
+                functools.partial(decide, run.stable_scores(), run.candidate_scores(), margin=thresholds.margin,
+                                  alpha=alpha, planned_n=planned, minimum_score=thresholds.min_score))
             operational = _operational(run, thresholds, planned)
             verdict, reason = combine(decision, operational)
             if operational.verdict == "fail":
@@ -241,6 +245,15 @@ async def run_evaluation(request: EvaluationRequest, cases: Sequence[Case]) -> E
     )
 
 
+def evaluation_deadline(request: EvaluationRequest) -> float:
+    """An overall limit on one evaluation: every case of the sample asked of both revisions at
+    the request timeout, `concurrency` at a time, with as much again to spare. An evaluation that
+    hangs past it ends as an error (held and retried, never a rollback)."""
+    evaluation = request.evaluation
+    rounds = math.ceil(request.sample_size / evaluation.concurrency)
+    return 60.0 + 2 * 2 * rounds * evaluation.request_timeout_seconds
+
+
 # ---------------------------------------------------------------------------------------------
 # The background evaluations
 
@@ -250,8 +263,10 @@ class Evaluations:
 
     def __init__(self, load_cases: Callable[[EvaluationRequest], Awaitable[list[Case]]],
                  on_done: Callable[[EvaluationRequest, EvaluationOutcome], None], *,
-                 retry_errors_after: float = RETRY_ERRORS_AFTER) -> None:
+                 retry_errors_after: float = RETRY_ERRORS_AFTER,
+                 deadline: Callable[[EvaluationRequest], float] = evaluation_deadline) -> None:
         self._load_cases = load_cases
+        self._deadline = deadline
         self._on_done = on_done
         self.retry_errors_after = retry_errors_after
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -304,7 +319,11 @@ class Evaluations:
             except Exception as exc:  # noqa: BLE001 - a dataset that cannot be read is an "error"
                 outcome = _error(request.id, f"dataset unavailable: {_describe(exc)}")
             else:
-                outcome = await run_evaluation(request, cases)
+                deadline = self._deadline(request)
+                try:
+                    outcome = await asyncio.wait_for(run_evaluation(request, cases), deadline)
+                except TimeoutError:
+                    outcome = _error(request.id, f"the evaluation did not finish within {deadline:.0f}s")
         except asyncio.CancelledError:
             raise
         except (DatasetError, ScorerError) as exc:

@@ -57,7 +57,7 @@ def healthy(runtime: Runtime, watching: bool, now: float) -> bool:
 async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str | None, metrics_host: str,
               metrics_port: int, stop: asyncio.Event | None = None) -> None:
     runtime = Runtime(config=config, client=KubeClient(kubeconfig))
-    runtime.weights = WeightsReader(runtime.client)
+    runtime.weights = WeightsReader(runtime.client, runtime.queue.add)
     runtime.evaluations = Evaluations(lambda request: load_cases(runtime.client, request),
                                       lambda request, outcome: evaluation_done(runtime, request, outcome))
     registry = build_registry(runtime)
@@ -106,4 +106,6 @@ async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str 
         await asyncio.gather(*waiters, return_exceptions=True)
         await runner.cleanup()
         await runtime.evaluations.close()
+        await runtime.weights.close()
+        await runtime.live_reads.close()
         runtime.client.close()

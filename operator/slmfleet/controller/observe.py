@@ -13,6 +13,7 @@ from slmfleet.api.smallmodel import KIND, SmallModel
 from slmfleet.builders import ModelOwner, served_model_name
 from slmfleet.builders.labels import REVISION_LABEL
 from slmfleet.builders.traffic import HTTPROUTE_API_VERSION
+from slmfleet.controller.evaluations import LiveCheck
 from slmfleet.controller.runtime import GATEWAY_RECHECK_SECONDS, LIVE_CHECK_SECONDS, ModelKey, Runtime
 from slmfleet.planning.common import InvalidSpec
 from slmfleet.planning.model import Observed
@@ -88,9 +89,11 @@ def served_name(model: SmallModel, body: dict[str, Any]) -> str:
     return served_model_name(ModelOwner(meta["name"], meta["namespace"], meta.get("uid", "")), model.spec)
 
 
-async def live_regression(runtime: Runtime, key: ModelKey, ro: RolloutObserved, obs: Observed) -> str | None:
+def live_regression(runtime: Runtime, key: ModelKey, ro: RolloutObserved, obs: Observed) -> str | None:
     """Whether the candidate's live traffic (scraped from its pods) breaches the thresholds, while
-    it gets traffic. The world changes here without an event, so it is looked at again regularly."""
+    it gets traffic, by the last scrape. The world changes here without an event, so the pods are
+    scraped again every LIVE_CHECK_SECONDS, in the background: a pod that does not answer holds
+    no worker."""
     rollout = ro.body
     status = rollout.get("status") or {}
     if int(status.get("canaryWeight") or 0) <= 0 or status.get("phase") not in ("Evaluating", "Progressing", "Paused"):
@@ -104,8 +107,14 @@ async def live_regression(runtime: Runtime, key: ModelKey, ro: RolloutObserved, 
     if not urls:
         return None  # the step machine sees the candidate without ready replicas
     watch = f"{attempt_prefix(rollout)}{candidate}/step-{status.get('currentStep', 0)}"
-    check = await runtime.live.check(watch, urls, served_name(model, obs.body), parsed.spec.evaluation.thresholds)
-    return check.reason if check.verdict == "fail" else None
+    last = runtime.live_reads.result(watch)
+    if last is None or time.monotonic() - last[0] >= LIVE_CHECK_SECONDS:
+        name, thresholds = served_name(model, obs.body), parsed.spec.evaluation.thresholds
+        runtime.live_reads.start(watch, key, lambda: runtime.live.check(watch, urls, name, thresholds),
+                                 lambda deadline: LiveCheck("insufficient", 0, None, None,
+                                                            f"the candidate pods' /metrics gave no answer within "
+                                                            f"{deadline:.0f}s"))
+    return last[1].reason if last is not None and last[1].verdict == "fail" else None
 
 
 async def gateway_api_served(runtime: Runtime) -> bool:
@@ -126,7 +135,7 @@ async def observe_rollout(runtime: Runtime, key: ModelKey, obs: Observed, rollou
         return obs
     gateway = await gateway_api_served(runtime)
     ro = RolloutObserved.of(rollout, evaluations=evaluation_snapshots(runtime, rollout), gateway_api=gateway)
-    ro = dataclasses.replace(ro, live_regression=await live_regression(runtime, key, ro, obs))
+    ro = dataclasses.replace(ro, live_regression=live_regression(runtime, key, ro, obs))
     route = None
     if gateway and ((rollout.get("spec") or {}).get("traffic") or {}).get("httpRoute"):
         route = await runtime.client.get(HTTPROUTE_API_VERSION, "HTTPRoute", key[0], key[1])
@@ -137,5 +146,6 @@ async def observe_rollout(runtime: Runtime, key: ModelKey, obs: Observed, rollou
     if runtime.evaluations is not None:
         runtime.evaluations.forget(keep)
     runtime.live.forget(keep)
+    runtime.live_reads.forget(keep)
     runtime.eval_models = {id_: model for id_, model in runtime.eval_models.items() if keep(id_)}
     return dataclasses.replace(obs, rollout=ro, route=route)

@@ -41,7 +41,7 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
         if runtime.weights is not None and not isinstance(obs.model, InvalidSpec):
             # The weights of what is to be served: a deprecated base falls back to another digest.
             served = served_model(obs.model, runtime.deprecations, now)
-            obs = dataclasses.replace(obs, weights=await runtime.weights.facts(key[0], served))
+            obs = dataclasses.replace(obs, weights=runtime.weights.facts(key[0], served, key))
         obs = await observe_rollout(runtime, key, obs, rollouts[0] if rollouts else None)
         plan = plan_model(obs, runtime.config, now)
         await execute(runtime, obs, plan)

@@ -12,8 +12,9 @@ from typing import Any
 from slmfleet.api import modelrollout
 from slmfleet.api.config import OperatorConfig
 from slmfleet.builders.labels import MANAGED_BY_LABEL
+from slmfleet.controller.background import BackgroundReads
 from slmfleet.controller.cache import WriteCache
-from slmfleet.controller.evaluations import Evaluations, LiveWatch
+from slmfleet.controller.evaluations import Evaluations, LiveCheck, LiveWatch
 from slmfleet.controller.weights_reader import WeightsReader
 from slmfleet.controller.workqueue import WorkQueue
 from slmfleet.k8s.client import KubeClient
@@ -65,6 +66,10 @@ class Runtime:
     gateway_api: tuple[bool, float] | None = None  # (served, when checked: monotonic)
     deprecations_ready: asyncio.Event = field(default_factory=asyncio.Event)
     eval_models: dict[str, ModelKey] = field(default_factory=dict)  # evaluation id -> its model
+    live_reads: BackgroundReads[LiveCheck] = field(init=False)  # the live scrapes, off the workers
+
+    def __post_init__(self) -> None:
+        self.live_reads = BackgroundReads(self.queue.add, LIVE_SCRAPE_DEADLINE_SECONDS, "live metrics scrape")
 
     def capture(self, kwargs: dict[str, Any]) -> None:
         if self.indices is None:
@@ -83,6 +88,10 @@ GATEWAY_RECHECK_SECONDS = 60.0
 
 
 LIVE_CHECK_SECONDS = 10.0
+
+
+# Every candidate pod's /metrics, scraped at once (each scrape has its own shorter timeout).
+LIVE_SCRAPE_DEADLINE_SECONDS = 30.0
 
 
 DEPRECATIONS_POLL_SECONDS = 5.0

@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import logging
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,8 @@ def _path(api_version: str, kind: str, namespace: str, name: str | None = None, 
 # well under a second when it is healthy.
 REQUEST_TIMEOUT = (5.0, 30.0)
 # Probe an idle connection after 30 s, every 10 s, and give it up after 3 unanswered probes.
+API_THREADS = 16  # above the workers' default of 4, each with one call at a time, and the background readers'
+
 KEEPALIVE_OPTIONS = [
     (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
     (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30),
@@ -81,9 +84,16 @@ class KubeClient:
         # which passes them to every connection it opens.
         pool_kw = self._api.rest_client.pool_manager.connection_pool_kw
         pool_kw["socket_options"] = [*HTTPConnection.default_socket_options, *KEEPALIVE_OPTIONS]
+        self._threads = ThreadPoolExecutor(API_THREADS, thread_name_prefix="slmfleet-api")
 
     def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
         self._api.close()
+
+    async def _in_thread(self, *call: Any) -> Any:
+        """The blocking client on threads of its own: nothing else the operator runs on threads
+        (storage reads, evaluation datasets) can keep an API call waiting for one."""
+        return await asyncio.get_running_loop().run_in_executor(self._threads, lambda: self._call(*call))
 
     def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
               query: list[tuple[str, str]] | None = None) -> Any:
@@ -106,7 +116,7 @@ class KubeClient:
         meta = obj["metadata"]
         path = _path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
         query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
-        return await asyncio.to_thread(self._call, "PATCH", path, obj, "application/apply-patch+yaml", query)
+        return await self._in_thread("PATCH", path, obj, "application/apply-patch+yaml", query)
 
     async def delete(self, ref: ObjectRef) -> None:
         path = _path(ref.api_version, ref.kind, ref.namespace, ref.name)
@@ -114,7 +124,7 @@ class KubeClient:
         if ref.uid:
             body["preconditions"] = {"uid": ref.uid}
         try:
-            await asyncio.to_thread(self._call, "DELETE", path, body)
+            await self._in_thread("DELETE", path, body)
         except ApiException as exc:
             if exc.status not in (404, 409):  # already gone, or replaced by a new object of that name
                 raise
@@ -124,12 +134,12 @@ class KubeClient:
         path = _path(ref.api_version, ref.kind, ref.namespace, ref.name, "status")
         # "add" replaces an existing member (RFC 6902), and also works when there is no status yet.
         patch = [{"op": "add", "path": "/status", "value": status}]
-        return await asyncio.to_thread(self._call, "PATCH", path, patch, "application/json-patch+json")
+        return await self._in_thread("PATCH", path, patch, "application/json-patch+json")
 
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
         try:
-            return await asyncio.to_thread(self._call, "GET", _path(api_version, kind, namespace, name))
+            return await self._in_thread("GET", _path(api_version, kind, namespace, name))
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -138,7 +148,7 @@ class KubeClient:
     async def serves(self, api_version: str, plural: str) -> bool:
         """Whether the API server serves `plural` in `api_version` (e.g. whether a CRD is installed)."""
         try:
-            found = await asyncio.to_thread(self._call, "GET", f"/apis/{api_version}")
+            found = await self._in_thread("GET", f"/apis/{api_version}")
         except ApiException as exc:
             if exc.status == 404:
                 return False
@@ -147,11 +157,11 @@ class KubeClient:
 
     async def read_secret(self, namespace: str, name: str) -> dict[str, str]:
         """The Secret's data, decoded. Callers must keep the values out of logs, status and Events."""
-        obj = await asyncio.to_thread(self._call, "GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
+        obj = await self._in_thread("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
         return {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
 
     async def read_config_map(self, namespace: str, name: str) -> dict[str, str]:
-        obj = await asyncio.to_thread(self._call, "GET", f"/api/v1/namespaces/{namespace}/configmaps/{name}")
+        obj = await self._in_thread("GET", f"/api/v1/namespaces/{namespace}/configmaps/{name}")
         return dict(obj.get("data") or {})
 
     async def post_event(self, ref: ObjectRef, type_: str, reason: str, message: str) -> None:
@@ -177,6 +187,6 @@ class KubeClient:
         }
         path = f"/apis/events.k8s.io/v1/namespaces/{ref.namespace}/events"
         try:
-            await asyncio.to_thread(self._call, "POST", path, event)
+            await self._in_thread("POST", path, event)
         except ApiException as exc:  # an Event is best effort; the status already says it all
             log.warning("could not post event %s for %s/%s: %s", reason, ref.namespace, ref.name, exc.reason)

@@ -34,12 +34,13 @@ def parse_model(body: dict[str, Any]) -> SmallModel | InvalidSpec:
 
 @dataclass(frozen=True)
 class Failure:
-    """Why the model cannot get what its spec asks for, as its Degraded condition says it.
+    """Why the model cannot get what its spec asks for (yet), as its conditions say it.
     `permanent`: retrying does not help (the weights fail their pin), so a rollout of it fails."""
 
     reason: str
     message: str
     permanent: bool = False
+    degraded: bool = True  # False: a wait that is part of the work (the weights being read)
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,7 @@ from slmfleet.planning.status import (
     weights_verified,
 )
 from slmfleet.rollout.deprecations import Deprecations
-from slmfleet.weights.facts import WeightsFacts
+from slmfleet.weights.facts import WeightsFacts, WeightsReading
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class Observed:
     pods: tuple[dict[str, Any], ...] = ()  # this model's pods
     nodes: tuple[dict[str, Any], ...] = ()
     gpu_pods: tuple[dict[str, Any], ...] = ()  # every pod in the cluster that requests GPUs
-    weights: WeightsFacts | None = None  # read from the source before any pod (S3 sources)
+    weights: WeightsFacts | WeightsReading | None = None  # read from the source before any pod (S3 sources)
     rollout: RolloutObserved | None = None  # the ModelRollout governing this model, if any
     route: dict[str, Any] | None = None  # the model's live HTTPRoute (HTTPRoute traffic only)
     deprecations: Deprecations = Deprecations()
@@ -117,8 +117,13 @@ class Subject:
     def replicas(self) -> int:
         return self.model.spec.serving.replicas
 
+    @property
+    def weights(self) -> WeightsFacts | None:
+        """What the operator's own read of the source found (None: not read, or not yet)."""
+        return self.obs.weights if isinstance(self.obs.weights, WeightsFacts) else None
+
     def target(self) -> Target:
-        disk = self.obs.weights.disk_bytes if self.obs.weights is not None else None
+        disk = self.weights.disk_bytes if self.weights is not None else None
         return Target(self.owner, self.model.spec, self.revision, self.config, disk, self.deployments.get(self.revision))
 
 
@@ -141,15 +146,15 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
     s = _subject(obs, obs.model, config, now)
     draft = Draft(StatusDraft(s.old, s.generation, now), () if s.resize else tuple(s.old.excluded_placements))
     if s.deprecated is not None and s.deprecated.target is None:
-        return _plan_degraded(s, draft, Failure("BaseModelDeprecated", s.deprecated.message))
+        return _plan_blocked(s, draft, Failure("BaseModelDeprecated", s.deprecated.message))
     verified = weights_verified(obs.pods, s.revision)
     if (blocked := _check_weights(s, draft, verified)) is not None:
-        return _plan_degraded(s, draft, blocked)
-    if hf_config(s.model, obs.weights) is None:
-        return _plan_degraded(s, draft, Failure("ArchitectureUnknown", ARCHITECTURE_UNKNOWN))
+        return _plan_blocked(s, draft, blocked)
+    if hf_config(s.model, s.weights) is None:
+        return _plan_blocked(s, draft, Failure("ArchitectureUnknown", ARCHITECTURE_UNKNOWN))
     decision = choose_placement(PlacementRequest(
         model=s.model, old=s.old, revision=s.revision, resize=s.resize, excluded=draft.excluded,
-        weights=obs.weights, inventory=inventory_for(obs.nodes, obs.gpu_pods, obs.pods, s.revision),
+        weights=s.weights, inventory=inventory_for(obs.nodes, obs.gpu_pods, obs.pods, s.revision),
         live=s.deployments.get(s.revision), pods=obs.pods, pending_timeout_seconds=config.pending_timeout_seconds,
         now=now))
     draft.excluded = decision.excluded
@@ -157,7 +162,7 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
     draft.look_again_in(decision.requeue_after)
     if decision.placement is None:
         assert decision.failure is not None
-        return _plan_degraded(s, draft, decision.failure)
+        return _plan_blocked(s, draft, decision.failure)
     return _plan_placed(s, draft, decision.placement, decision.fallbacks, decision.stuck, verified)
 
 
@@ -187,10 +192,13 @@ def _subject(obs: Observed, spec_model: SmallModel, config: OperatorConfig, now:
 
 
 def _check_weights(s: Subject, draft: Draft, verified: tuple[str, str, str]) -> Failure | None:
-    """WeightsVerified, from the operator's own read of the source and the loaders' verdicts; a
-    read that failed blocks the model (and is read again later: the storage may come back, or the
-    user may fix what is stored)."""
+    """WeightsVerified, from the operator's own read of the source and the loaders' verdicts. The
+    model waits for a first read to end; one that failed blocks it (and is read again later: the
+    storage may come back, or the user may fix what is stored)."""
     weights = s.obs.weights
+    if isinstance(weights, WeightsReading):
+        draft.status.condition("WeightsVerified", "Unknown", "Reading", weights.message)
+        return Failure("ReadingWeights", weights.message, degraded=False)
     if weights is None or not weights.problem:
         draft.status.condition("WeightsVerified", *verified)
         return None
@@ -226,17 +234,18 @@ def _retire(s: Subject, draft: Draft, keep: set[str | None], rollout: RolloutPla
     return delete
 
 
-def _plan_degraded(s: Subject, draft: Draft, failure: Failure, placement: Placement | None = None) -> Plan:
-    """The model cannot get what its spec asks for: say why, keep serving what serves, and let a
-    rollout hold its canary. Replaced revisions still retire on time: one that outlived its grace
+def _plan_blocked(s: Subject, draft: Draft, failure: Failure, placement: Placement | None = None) -> Plan:
+    """The model cannot get what its spec asks for, or not yet: say why, keep serving what serves,
+    and let a rollout hold its canary. Replaced revisions still retire on time: one that outlived its grace
     period may be what holds the GPUs the candidate waits for."""
     serving = s.old.serving_revision if s.old.serving_revision in s.deployments else None
     st = draft.status
-    st.condition("Degraded", True, failure.reason, failure.message)
+    if failure.degraded:
+        st.condition("Degraded", True, failure.reason, failure.message)
     st.condition("Ready", serving is not None and deployment_ready(s.deployments.get(serving), None),
                  "ServingPreviousRevision" if serving else failure.reason,
                  f"revision {serving} keeps serving" if serving else failure.message)
-    st.condition("Progressing", False, failure.reason, failure.message)
+    st.condition("Progressing", not failure.degraded, failure.reason, failure.message)
     if placement is None and s.revision in s.deployments and s.old.revision == s.revision:
         placement = s.old.placement  # its Deployment still runs there
     new = s.old.model_copy(update={
@@ -285,7 +294,7 @@ def _plan_placed(s: Subject, draft: Draft, placement: Placement, fallbacks: tupl
     try:
         deployment = target.deployment(placement, ro.candidate_replicas if ro.governed else None)
     except UnsupportedSource as exc:
-        return _plan_degraded(s, draft, Failure("SourceNotSupported", str(exc)), placement)
+        return _plan_blocked(s, draft, Failure("SourceNotSupported", str(exc)), placement)
     desired_ready = deployment_ready(live, deployment)
     serving = _serving_revision(s, ro, desired_ready)
     desired = [deployment, target.revision_service(),

@@ -27,3 +27,10 @@ class WeightsFacts:
     transient: bool = False  # worth retrying (storage unreachable), as opposed to a verdict on the bytes
     notes: tuple[str, ...] = field(default=())
 
+
+
+@dataclass(frozen=True)
+class WeightsReading:
+    """The operator is reading the weights from their source for the first time: nothing is known yet."""
+
+    message: str = "reading the manifest, config.json and the safetensors headers from the source"
