@@ -256,8 +256,8 @@ def test_a_live_regression_during_a_traffic_step_rolls_back():
     assert replicas(world, candidate) == 0 and selector(world)["slmfleet.io/revision"] == stable
 
 
-def test_a_rolled_back_revision_is_not_retried_until_the_retry_annotation_asks():
-    world, stable = stable_world()
+def rolled_back(world: RolloutWorld) -> str:
+    """A new candidate, ready, whose first evaluation failed: rolled back."""
     candidate = new_candidate(world)
     world.settle(at(1))
     world.candidate_ready()
@@ -265,6 +265,12 @@ def test_a_rolled_back_revision_is_not_retried_until_the_retry_annotation_asks()
     world.finish("Fail")
     world.settle(at(3))
     assert world.rollout_status["phase"] == "RolledBack"
+    return candidate
+
+
+def test_a_rolled_back_revision_is_not_retried_until_the_retry_annotation_asks():
+    world, stable = stable_world()
+    candidate = rolled_back(world)
     # the spec moves on, then back to the failed revision: it is not rolled out again
     new_candidate(world, THIRD_DIGEST)
     world.settle(at(4))
@@ -481,13 +487,7 @@ def test_a_rolled_back_candidate_held_while_its_storage_is_down_keeps_the_same_z
 
     world, stable = stable_world()
     world.weights = WeightsFacts(digest=NEW_DIGEST, disk_bytes=7 * 1024**3)
-    candidate = new_candidate(world)
-    world.settle(at(1))
-    world.candidate_ready()
-    world.settle(at(2))
-    world.finish("Fail")
-    world.settle(at(3))
-    assert world.rollout_status["phase"] == "RolledBack"
+    candidate = rolled_back(world)
     assert world.deployment(candidate)["spec"]["replicas"] == 0
     world.weights = WeightsFacts(digest=NEW_DIGEST, problem="StorageUnreachable", message="S3 is down", transient=True)
     plan = world.plan(at(4))

@@ -69,8 +69,13 @@ class BackgroundReads(Generic[T]):
             self._askers.pop(key, None)
 
     async def close(self) -> None:
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
+
+
+async def cancel_all(tasks: dict[str, asyncio.Task[None]]) -> None:
+    """Cancel the tasks (and forget them), then wait for them to end."""
+    running = list(tasks.values())
+    tasks.clear()
+    for task in running:
+        task.cancel()
+    await asyncio.gather(*running, return_exceptions=True)

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from slmfleet.api.modelrollout import Evaluation, EvaluationResult, S3Dataset, Thresholds
+from slmfleet.controller.background import cancel_all
 from slmfleet.controller.s3_access import S3AccessError, api_failure, s3_client_for
 from slmfleet.evaluation import metrics as evaluation_metrics
 from slmfleet.evaluation.dataset import (
@@ -306,11 +307,7 @@ class Evaluations:
 
     async def close(self) -> None:
         """Cancel every running evaluation and wait for them to end."""
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(self._tasks)
 
     async def _run(self, request: EvaluationRequest) -> None:
         try:
