@@ -82,6 +82,12 @@ def test_a_model_whose_storage_never_answers_does_not_delay_another_tenants_mode
         # second model did not wait for it.
         assert Tarpit.still_open(tarpit.held[0])
         assert not (get(crs, namespace, "stuck").get("status") or {}).get("placement")
+        # Nor did the first model's own reconcile wait: the read runs in the background, and its
+        # status says so while the connection hangs.
+        reading = [c for c in (get(crs, namespace, "stuck").get("status") or {}).get("conditions") or []
+                   if c["type"] == "WeightsVerified"]
+        assert [(c["status"], c["reason"]) for c in reading] == [("Unknown", "Reading")]
+        assert Tarpit.still_open(tarpit.held[0])
     finally:
         delete_models(crs.api_client, other)
         core.delete_namespace(other, grace_period_seconds=0)
