@@ -112,6 +112,8 @@ def _slim_pod(body: kopf.Body) -> dict[str, Any]:
 
 
 def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
+    """The operator's kopf handlers: indices (its view of the world) and event handlers (which
+    model to look at again)."""
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
@@ -120,7 +122,12 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         # write client does.
         return kopf.login_via_client(**kwargs)
 
-    # Indices: the operator's view of the world.
+    _register_indices(registry)
+    _register_events(registry, runtime)
+    return registry
+
+
+def _register_indices(registry: kopf.OperatorRegistry) -> None:
     @kopf.index(GROUP, VERSION, PLURAL, id="slm_models", registry=registry)
     def slm_models(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[ModelKey, dict[str, Any]]:
         return {(namespace, name): dict(body)}
@@ -165,13 +172,14 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         model = (spec.get("modelRef") or {}).get("name")
         return {(namespace, model): dict(body)} if model else None
 
+
+def _register_events(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
     @kopf.on.event(GROUP, VERSION, MR_PLURAL, registry=registry)
     def rollout_event(namespace: str, spec: kopf.Spec, **kwargs: Any) -> None:
         runtime.capture(kwargs)
         if model := (spec.get("modelRef") or {}).get("name"):
             runtime.queue.add((namespace, model))
 
-    # Events: which model to look at again.
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     def model_event(namespace: str, name: str, **kwargs: Any) -> None:
         runtime.capture(kwargs)
@@ -206,8 +214,6 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         runtime.capture(kwargs)
         if _frees_gpus(type, spec, status):
             _enqueue_unsettled(runtime)
-
-    return registry
 
 
 def _enqueue_unsettled(runtime: Runtime) -> None:

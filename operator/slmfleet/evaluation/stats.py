@@ -180,6 +180,8 @@ def spending_boundaries(fractions: tuple[float, ...], total: float) -> tuple[flo
     On the Brownian scale W(t) = Z(t) sqrt(t) the increments are independent N(0, t_k - t_{k-1});
     the density of W on the continuation region is carried from look to look on a Simpson grid.
     """
+    # Long on purpose: one numerical recursion (the density carried from look to look), kept whole
+    # so that its invariants can be read and checked in one place.
     if not fractions or any(b <= a for a, b in itertools.pairwise(fractions)) or fractions[0] <= 0:
         raise ValueError(f"information fractions must increase from above 0: {fractions}")
     if not 0.0 < total < 1.0:
@@ -550,6 +552,8 @@ def decide_summary(summary: PairedSummary, *, margin: float = DEFAULT_MARGIN, al
                    futility_conditional_power: float = DEFAULT_FUTILITY_CONDITIONAL_POWER) -> Decision:
     """The decision for a summary of exactly a look's cases, or fewer than the first look (see
     `decide` for the rule). Raises ValueError for any other count."""
+    # One function on purpose: the rule is a sequence of checks on one summary (parameters, the
+    # look, the boundaries, futility), each reading what the previous one computed.
     _check_parameters(margin, alpha, planned_n, looks, minimum_score, futility_conditional_power)
     plan = look_plan(planned_n, looks, alpha)
     n = summary.n

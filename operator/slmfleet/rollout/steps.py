@@ -358,6 +358,8 @@ def _describe(step: Step) -> str:
 def next_action(steps: Iterable[Step | Mapping[str, Any] | Any], state: RolloutState, observations: Observations,
                 now: dt.datetime) -> Action:
     """The next thing to do. Pure and deterministic; see the module docstring for the rules."""
+    # Long on purpose: one rule per phase, in the order the module docstring gives them, so the
+    # whole machine reads top to bottom in one place (as Argo Rollouts' rolloutCanary does).
     steps = parse_steps(steps)
     obs = observations
     if state.phase == "Promoted":

@@ -48,66 +48,18 @@ def _get(client: Any, bucket: str, key: str, limit: int = MAX_SMALL_FILE) -> byt
 
 
 def inspect_s3(client: Any, uri: str, pin: str, *, allow_pickle: bool) -> WeightsFacts:
+    """The facts of the pinned weights at `uri`: the manifest checked against the pin, then
+    config.json (checked against the manifest) and the weights' exact size; or the problem."""
     location = s3mod.S3Location.parse(uri)
     where = location.uri()
     try:
-        try:
-            raw = _get(client, location.bucket, location.key(MANIFEST_NAME), MAX_MANIFEST_BYTES)
-        except ClientError as exc:
-            if s3mod.is_not_found(exc):
-                return WeightsFacts(
-                    digest=pin, problem="ManifestMissing",
-                    message=f"{where} has no {MANIFEST_NAME}; run `slmfleet pin {where} --write` and pin its digest",
-                )
-            raise
-        try:
-            manifest = Manifest.parse(raw)
-        except ManifestError as exc:
-            return WeightsFacts(digest=pin, problem="ManifestInvalid", message=f"{where}{MANIFEST_NAME}: {exc}")
-        if manifest.digest != pin:
-            return WeightsFacts(
-                digest=pin, problem="DigestMismatch",
-                message=f"the manifest at {where} has digest {manifest.digest}, not the pinned {pin}; "
-                "nothing was downloaded",
-            )
-        files = tuple(e.path for e in manifest.files)
-        pickles = pickle_files(files)
-        if pickles and not allow_pickle:
-            return WeightsFacts(
-                digest=pin, files=files, problem="PickleRefused",
-                message=f"pickle files can run code when loaded and are refused: {', '.join(pickles[:5])}; "
-                "convert them to safetensors, or set spec.source.allowPickle: true to accept the risk",
-            )
-        entries = manifest.by_path
-        notes: list[str] = []
-
-        def small(path: str) -> bytes | None:
-            if path not in entries:
-                return None
-            data = _get(client, location.bucket, location.key(path))
-            if hashlib.sha256(data).hexdigest() != entries[path].sha256:
-                raise _Tampered(path)
-            return data
-
-        config = None
-        if (data := small("config.json")) is not None:
-            config = json.loads(data)
-        else:
-            notes.append("no config.json in the manifest")
-        weights_bytes = None
-        if (data := small(INDEX_NAME)) is not None:
-            total = (json.loads(data).get("metadata") or {}).get("total_size")
-            weights_bytes = int(total) if total else None
-        if weights_bytes is None:
-            shards = [p for p in files if p.endswith(".safetensors")]
-            if shards:
-                weights_bytes = 0
-                for path in shards:
-                    key = location.key(path)
-                    header = read_header(functools.partial(s3mod.read_range, client, location.bucket, key))
-                    weights_bytes += tensor_bytes(header)
-        return WeightsFacts(digest=pin, config=config, weights_bytes=weights_bytes, files=files,
-                            disk_bytes=manifest.total_size, notes=tuple(notes))
+        manifest = _pinned_manifest(client, location, pin, allow_pickle)
+        if isinstance(manifest, WeightsFacts):
+            return manifest  # the problem
+        config, weights_bytes, notes = _sizes(client, location, manifest)
+        return WeightsFacts(digest=pin, config=config, weights_bytes=weights_bytes,
+                            files=tuple(e.path for e in manifest.files), disk_bytes=manifest.total_size,
+                            notes=tuple(notes))
     except _Tampered as exc:
         return WeightsFacts(
             digest=pin, problem="FileMismatch",
@@ -119,6 +71,70 @@ def inspect_s3(client: Any, uri: str, pin: str, *, allow_pickle: bool) -> Weight
         transient = not isinstance(exc, ClientError) or s3mod.is_retryable(exc)
         return WeightsFacts(digest=pin, problem="StorageUnreachable" if transient else "StorageDenied",
                             message=f"{where}: {s3mod.describe_error(exc)}", transient=transient)
+
+
+def _pinned_manifest(client: Any, location: s3mod.S3Location, pin: str, allow_pickle: bool) -> Manifest | WeightsFacts:
+    """The manifest at the location if it is the pinned one and names no refused file; else the problem."""
+    where = location.uri()
+    try:
+        raw = _get(client, location.bucket, location.key(MANIFEST_NAME), MAX_MANIFEST_BYTES)
+    except ClientError as exc:
+        if s3mod.is_not_found(exc):
+            return WeightsFacts(
+                digest=pin, problem="ManifestMissing",
+                message=f"{where} has no {MANIFEST_NAME}; run `slmfleet pin {where} --write` and pin its digest",
+            )
+        raise
+    try:
+        manifest = Manifest.parse(raw)
+    except ManifestError as exc:
+        return WeightsFacts(digest=pin, problem="ManifestInvalid", message=f"{where}{MANIFEST_NAME}: {exc}")
+    if manifest.digest != pin:
+        return WeightsFacts(
+            digest=pin, problem="DigestMismatch",
+            message=f"the manifest at {where} has digest {manifest.digest}, not the pinned {pin}; "
+            "nothing was downloaded",
+        )
+    files = tuple(e.path for e in manifest.files)
+    pickles = pickle_files(files)
+    if pickles and not allow_pickle:
+        return WeightsFacts(
+            digest=pin, files=files, problem="PickleRefused",
+            message=f"pickle files can run code when loaded and are refused: {', '.join(pickles[:5])}; "
+            "convert them to safetensors, or set spec.source.allowPickle: true to accept the risk",
+        )
+    return manifest
+
+
+def _sizes(client: Any, location: s3mod.S3Location, manifest: Manifest) -> tuple[Any, int | None, list[str]]:
+    """config.json and the weights' exact size (from the index, else every shard's header)."""
+    entries = manifest.by_path
+    notes: list[str] = []
+
+    def small(path: str) -> bytes | None:
+        if path not in entries:
+            return None
+        data = _get(client, location.bucket, location.key(path))
+        if hashlib.sha256(data).hexdigest() != entries[path].sha256:
+            raise _Tampered(path)
+        return data
+
+    config = None
+    if (data := small("config.json")) is not None:
+        config = json.loads(data)
+    else:
+        notes.append("no config.json in the manifest")
+    weights_bytes = None
+    if (data := small(INDEX_NAME)) is not None:
+        total = (json.loads(data).get("metadata") or {}).get("total_size")
+        weights_bytes = int(total) if total else None
+    shards = [e.path for e in manifest.files if e.path.endswith(".safetensors")]
+    if weights_bytes is None and shards:
+        weights_bytes = 0
+        for path in shards:
+            header = read_header(functools.partial(s3mod.read_range, client, location.bucket, location.key(path)))
+            weights_bytes += tensor_bytes(header)
+    return config, weights_bytes, notes
 
 
 class _Tampered(Exception):
