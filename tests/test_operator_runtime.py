@@ -197,3 +197,54 @@ def test_work_arriving_after_a_long_idle_time_is_not_a_stall():
 
     asyncio.run(process())
     assert not runtime.queue.busy and runtime.queue.busy_since is None
+
+
+def test_a_deprecations_configmap_or_key_that_disappears_keeps_the_last_list_and_says_so(monkeypatch):
+    class NotFound(Exception):
+        status = 404
+
+    class Sequence(FakeClient):
+        """Each read returns the next answer (the last repeats): a text, {} (no key) or NotFound."""
+
+        def __init__(self, answers):
+            super().__init__()
+            self.answers = list(answers)
+
+        async def read_config_map(self, namespace, name):
+            answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+            if answer is NotFound:
+                raise NotFound()
+            return answer if isinstance(answer, dict) else {"deprecations.yaml": answer}
+
+    good = "deprecations:\n- baseModel: org/old\n  reason: withdrawn\n"
+    config = OperatorConfig.model_validate({**CONFIG.to_wire(), "deprecations": {
+        "namespace": "slmfleet-system", "name": "slmfleet-deprecations"}})
+    monkeypatch.setattr(deprecations, "DEPRECATIONS_POLL_SECONDS", 0.01)
+
+    def run(client) -> op.Runtime:
+        rt = op.Runtime(config=config, client=client)
+
+        async def go() -> None:
+            task = asyncio.create_task(deprecations.watch_deprecations(rt))
+            await asyncio.wait_for(rt.deprecations_ready.wait(), 1)
+            await asyncio.sleep(0.15)
+            task.cancel()
+
+        asyncio.run(go())
+        return rt
+
+    # Deleted, then its key renamed: the list stays, one Warning for the disappearance.
+    client = Sequence([good, NotFound, NotFound, {"renamed.yaml": good}])
+    rt = run(client)
+    assert [d.base_model for d in rt.deprecations.entries] == ["org/old"], "a deletion un-deprecated nothing"
+    assert [(t, r) for t, r, _ in client.events] == [("Warning", "DeprecationsMissing")]
+    assert "keeps the previous list (1 deprecated base model)" in client.events[0][2]
+
+    # Written again: read again.
+    client = Sequence([good, NotFound, "deprecations:\n- baseModel: org/other\n  reason: licence\n"])
+    assert [d.base_model for d in run(client).deprecations.entries] == ["org/other"]
+
+    # Never there: nothing to keep, nothing deprecated, and the operator starts.
+    client = Sequence([NotFound])
+    rt = run(client)
+    assert rt.deprecations.entries == () and rt.deprecations_ready.is_set() and client.events == []

@@ -37,6 +37,13 @@ def test_lookup_is_case_insensitive_and_respects_dates():
     ("deprecations: [{baseModel: a/b, after: soon}]", "date"),
     ("models: []", "single key"),
     ("deprecations: {a: b}", "list"),
+    ("deprecations: [{baseModel: '/'}]", "org/name"),
+    ("deprecations: [{baseModel: 'Qwen/Qwen3-4B '}]", "org/name"),
+    ("deprecations: [{baseModel: ' Qwen/Qwen3-4B'}]", "org/name"),
+    ("deprecations: [{baseModel: 'Qwen//Qwen3-4B'}]", "org/name"),
+    ("deprecations: [{baseModel: 42}]", "org/name"),
+    ("deprecations: [{baseModel: a/b, reason: ''}]", "reason"),
+    ("deprecations: [{baseModel: a/b, reason: [x]}]", "reason"),
 ])
 def test_mistakes_are_loud(text, message):
     with pytest.raises(DeprecationsError, match=message):

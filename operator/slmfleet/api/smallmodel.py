@@ -20,6 +20,8 @@ KIND = "SmallModel"
 PLURAL = "smallmodels"
 
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+# `org/name`, as on model hubs: spec.baseModel and the deprecations list must spell it alike.
+BASE_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 # A model's Deployments are named <model>-<10-char revision>, and Service names must be DNS-1035
 # labels of at most 63 characters, hence the limit on SmallModel names.
 MAX_NAME_LENGTH = 52
@@ -250,7 +252,7 @@ class SmallModelSpec(CRModel):
     source: WeightsSource
     """The weights: location and pinned manifest digest."""
     base_model: str | None = Field(
-        default=None, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+        default=None, max_length=256, pattern=BASE_MODEL_PATTERN
     )
     """Upstream base model this one derives from (`org/name`, e.g. `Qwen/Qwen3-4B`), for deprecation."""
     architecture: Architecture | None = None

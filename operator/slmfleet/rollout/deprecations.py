@@ -17,14 +17,26 @@ because a typo that silently un-deprecates a model is worse than a loud failure.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
+from slmfleet.api.smallmodel import BASE_MODEL_PATTERN
+
 DATA_KEY = "deprecations.yaml"
 _KEYS = {"baseModel", "reason", "after"}
+_BASE_MODEL = re.compile(BASE_MODEL_PATTERN)
+MAX_BASE_MODEL_LENGTH = 256
+MAX_REASON_LENGTH = 512
+
+
+def _shown(value: Any) -> str:
+    """A bad value as an error may show it: quoted, bounded."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class DeprecationsError(ValueError):
@@ -75,13 +87,18 @@ def parse_deprecations(text: str | None) -> Deprecations:
         if unknown:
             raise DeprecationsError(f"{where}: unknown keys {sorted(unknown)} (allowed: {sorted(_KEYS)})")
         base = item.get("baseModel")
-        if not isinstance(base, str) or "/" not in base:
-            raise DeprecationsError(f"{where}: baseModel must be 'org/name'")
+        # As strict as spec.baseModel: an entry no model can match (a stray space, a bare '/')
+        # would silently deprecate nothing.
+        if not isinstance(base, str) or len(base) > MAX_BASE_MODEL_LENGTH or not _BASE_MODEL.fullmatch(base):
+            raise DeprecationsError(f"{where}: baseModel must be 'org/name' as in spec.baseModel "
+                                    f"(letters, digits, '.', '_', '-'), not {_shown(base)}")
         if base.lower() in seen:
             raise DeprecationsError(f"{where}: {base} is listed twice")
         seen.add(base.lower())
-        entries.append(Deprecation(base_model=base, reason=str(item.get("reason") or "deprecated"),
-                                   after=_date(item.get("after"), where)))
+        reason = item.get("reason", "deprecated")
+        if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON_LENGTH:
+            raise DeprecationsError(f"{where}: reason must be a non-empty string of at most {MAX_REASON_LENGTH} characters")
+        entries.append(Deprecation(base_model=base, reason=reason.strip(), after=_date(item.get("after"), where)))
     return Deprecations(tuple(entries))
 
 
