@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from slmfleet.api.config import S3EndpointRule
 from slmfleet.api.smallmodel import SmallModel
 from slmfleet.controller import weights_reader
 from slmfleet.controller.background import BackgroundReads
@@ -95,7 +96,7 @@ def test_the_weights_reader_answers_at_once_and_reads_in_the_background(monkeypa
         release.wait(10)
         return WeightsFacts(digest="sha256:x")
 
-    async def no_credentials(client, namespace, s3):
+    async def no_credentials(client, namespace, s3, endpoints):
         return object()
 
     monkeypatch.setattr(weights_reader, "inspect_s3", inspect_hangs)
@@ -177,3 +178,30 @@ async def _inline_cases(req):
     from slmfleet.controller.evaluations import load_cases
 
     return await load_cases(None, req)  # inline: no API calls
+
+
+def test_an_endpoint_off_the_allow_list_is_a_final_verdict_and_blocks_the_model():
+    """Refused before a connection: no Secret read, no storage contacted; the model gets no pods
+    (they would send the Secret to that endpoint too)."""
+    queued: list[object] = []
+    model = s3_model("http://127.0.0.1:9")
+
+    async def go() -> WeightsFacts | WeightsReading | None:
+        reader = weights_reader.WeightsReader(None, queued.append, [S3EndpointRule(host="minio.storage.svc")])  # type: ignore[arg-type]
+        assert isinstance(reader.facts("ns", model, ("ns", "m")), WeightsReading)
+        [key] = reader.reads._tasks
+        await settle(reader.reads, key)
+        facts = reader.facts("ns", model, ("ns", "m"))
+        assert not reader.reads.running(key), "a final verdict is not read again"
+        await reader.close()
+        return facts
+
+    facts = asyncio.run(go())
+    assert isinstance(facts, WeightsFacts)
+    assert (facts.problem, facts.transient) == ("EndpointNotAllowed", False)
+    assert "minio.storage.svc" in facts.message and "127.0.0.1" not in facts.message
+    world = World(model_body(), [gpu_node("l4-a", L4, L4_MIB, 1)])
+    world.weights = facts
+    plan = world.reconcile()
+    assert [o for o in plan.apply if o["kind"] == "Deployment"] == []
+    assert world.condition("Degraded")["reason"] == "EndpointNotAllowed"

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import pytest
 
+from slmfleet.api.config import S3EndpointRule
 from slmfleet.api.modelrollout import Evaluation, EvaluationResult, Thresholds
 from slmfleet.controller.evaluations import (
     EvaluationOutcome,
@@ -19,6 +21,7 @@ from slmfleet.controller.evaluations import (
 )
 from slmfleet.evaluation import DatasetError, Endpoint, evaluate, parse_cases, parse_exposition
 from slmfleet.evaluation.stats import METHOD
+from slmfleet.k8s.client import SecretObject
 from tests.standin_servers import free_port, standins
 
 MODEL = "qwen-test"
@@ -236,9 +239,13 @@ def test_forget_cancels_running_tasks_and_drops_outcomes(servers):
 
 
 class FakeClient:
-    def __init__(self, config_maps=None, secrets=None):
+    """Secrets are labelled as S3 credentials unless `labels` says otherwise."""
+
+    def __init__(self, config_maps=None, secrets=None, labels=None, annotations=None):
         self.config_maps = config_maps or {}
         self.secrets = secrets or {}
+        self.labels = {"slmfleet.io/s3-credentials": "true"} if labels is None else labels
+        self.annotations = annotations or {}
 
     async def read_config_map(self, namespace, name):
         try:
@@ -246,8 +253,8 @@ class FakeClient:
         except KeyError:
             raise LookupError("Not Found") from None
 
-    async def read_secret(self, namespace, name):
-        return self.secrets[(namespace, name)]
+    async def read_secret_object(self, namespace, name):
+        return SecretObject(self.secrets[(namespace, name)], dict(self.labels), dict(self.annotations))
 
 
 def test_load_cases_inline(servers):
@@ -273,9 +280,45 @@ def test_load_cases_s3_secret_missing_key_names_no_value(servers):
     req = request(servers, "equal", spec=spec)
     client = FakeClient(secrets={("ns", "creds"): {"AWS_ACCESS_KEY_ID": "AKIA-SECRET-ID"}})
     with pytest.raises(DatasetError) as info:
-        asyncio.run(load_cases(client, req))
+        asyncio.run(load_cases(client, req, AWS))
     assert "Secret ns/creds" in str(info.value) and "AWS_SECRET_ACCESS_KEY" in str(info.value)
     assert "AKIA-SECRET-ID" not in str(info.value)
+
+
+AWS = (S3EndpointRule(host="*.amazonaws.com"),)
+
+
+def test_an_s3_dataset_on_an_endpoint_the_platform_did_not_allow_is_refused_before_any_connection(servers):
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.settimeout(0.2)
+    port = listener.getsockname()[1]
+    try:
+        for rules, http in (((), False), (AWS, False), ((S3EndpointRule(host="127.0.0.1"),), True)):
+            spec = evaluation(dataset={"s3": {"uri": "s3://bucket/cases.jsonl",
+                                              "s3": {"endpoint": f"http://127.0.0.1:{port}"}}})
+            with pytest.raises(DatasetError, match="s3Endpoints") as info:
+                asyncio.run(load_cases(FakeClient(), request(servers, "equal", spec=spec), rules))
+            assert ("plain http" in str(info.value)) == http
+            with pytest.raises(TimeoutError):
+                listener.accept()  # nothing connected
+    finally:
+        listener.close()
+
+
+def test_only_a_secret_that_opted_in_is_sent_and_only_to_the_hosts_it_names(servers):
+    spec = evaluation(dataset={"s3": {"uri": "s3://bucket/cases.jsonl",
+                                      "s3": {"credentialsSecret": {"name": "db-password"}}}})
+    req = request(servers, "equal", spec=spec)
+    values = {"AWS_ACCESS_KEY_ID": "MARKER-ID", "AWS_SECRET_ACCESS_KEY": "MARKER-SECRET"}
+    for client, why in ((FakeClient(secrets={("ns", "db-password"): values}, labels={}), "not labelled"),
+                        (FakeClient(secrets={("ns", "db-password"): values},
+                                    annotations={"slmfleet.io/s3-endpoints": "minio.storage.svc, *.example.com"}),
+                         "does not allow this endpoint")):
+        with pytest.raises(DatasetError, match=why) as info:
+            asyncio.run(load_cases(client, req, AWS))
+        assert "MARKER" not in str(info.value)
 
 
 def test_load_cases_checks_expectations_against_the_scorers(servers):

@@ -168,6 +168,8 @@ def apps(api) -> client.AppsV1Api:
 
 
 BUCKET = "models"
+# A Secret that says it holds S3 credentials: the operator sends no other (OperatorConfig.s3Endpoints).
+S3_CREDENTIALS_META = {"name": "s3-creds", "labels": {"slmfleet.io/s3-credentials": "true"}}
 S3_PORT = 19000
 
 

@@ -9,7 +9,7 @@ import uuid
 
 from kubernetes import client
 
-from e2e.tests.conftest import delete_models
+from e2e.tests.conftest import S3_CREDENTIALS_META, delete_models
 from e2e.tests.test_smallmodel import QWEN_05B, create, get, model_body
 from e2e.wait import wait_for
 
@@ -62,7 +62,7 @@ def test_a_model_whose_storage_never_answers_does_not_delay_another_tenants_mode
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=other)))
     tarpit = Tarpit()
     try:
-        core.create_namespaced_secret(namespace, {"metadata": {"name": "s3-creds"}, "stringData": {
+        core.create_namespaced_secret(namespace, {"metadata": S3_CREDENTIALS_META, "stringData": {
             "AWS_ACCESS_KEY_ID": "tenant-a", "AWS_SECRET_ACCESS_KEY": "tenant-a-secret"}})
         stuck = model_body("stuck")
         stuck["spec"]["source"] = {"uri": "s3://models/stuck/", "digest": "sha256:" + "1" * 64,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from e2e.fault_proxy import FaultProxy
-from e2e.tests.conftest import BUCKET, delete_models
+from e2e.tests.conftest import BUCKET, S3_CREDENTIALS_META, delete_models
 from e2e.wait import wait_for
 
 GROUP, VERSION, PLURAL = "slmfleet.io", "v1alpha1", "smallmodels"
@@ -92,7 +92,7 @@ def model_files(weights: bytes | None = None, pickle: bool = False) -> dict[str,
 
 
 def credentials_secret(core, namespace, s3) -> str:
-    core.create_namespaced_secret(namespace, {"metadata": {"name": "s3-creds"}, "stringData": {
+    core.create_namespaced_secret(namespace, {"metadata": S3_CREDENTIALS_META, "stringData": {
         "AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}})
     return "s3-creds"
 

@@ -33,6 +33,35 @@ class ConfigMapRef(CRModel):
     """Its name."""
 
 
+# An exact host name (RFC 1123), `*.` and a domain (any name under it), or an IPv4 address.
+S3_HOST_PATTERN = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+MAX_S3_ENDPOINT_RULES = 64
+
+
+class S3EndpointRule(CRModel):
+    """An S3 endpoint tenants may name in `spec.source.s3.endpoint` or an evaluation dataset's
+    `s3.endpoint`; a source without an endpoint (AWS) is `s3.<region>.amazonaws.com`."""
+
+    model_config = CRModel.model_config | {"extra": "forbid"}
+
+    host: str = Field(max_length=253, pattern=S3_HOST_PATTERN)
+    """The host: exact (`minio.storage.svc`, `10.0.0.5`) or `*.` and a domain (`*.amazonaws.com`
+    matches every name under it, not the domain itself)."""
+    port: int | None = Field(default=None, ge=1, le=65535)
+    """The port; any when unset."""
+    allow_http: bool = False
+    """Whether plain `http://` (credentials and weights unencrypted) is allowed to this host."""
+
+    def admits(self, scheme: str, host: str, port: int) -> bool:
+        if scheme == "http" and not self.allow_http:
+            return False
+        if self.port is not None and port != self.port:
+            return False
+        if self.host.startswith("*."):
+            return host.endswith(self.host[1:]) and len(host) > len(self.host) - 1
+        return host == self.host
+
+
 class OperatorConfig(CRModel):
     """Settings of one operator installation."""
 
@@ -68,6 +97,16 @@ class OperatorConfig(CRModel):
     worker_stall_seconds: int = Field(default=300, ge=10, le=86400)
     """/healthz turns unhealthy when models wait and no reconcile has finished for this long, so
     that a hung operator is restarted by its liveness probe."""
+    s3_endpoints: list[S3EndpointRule] = Field(default_factory=list, max_length=MAX_S3_ENDPOINT_RULES)
+    """The S3 endpoints tenants may use, for weights and evaluation datasets. Any other endpoint
+    is refused before a connection is made (`EndpointNotAllowed`); empty: no S3 source is allowed.
+    A Secret given as S3 credentials must also carry the label `slmfleet.io/s3-credentials: "true"`,
+    and may narrow the hosts it is sent to with the annotation `slmfleet.io/s3-endpoints`
+    (comma-separated hosts or `*.domain` patterns)."""
+    deprecations: ConfigMapRef | None = None
+    """The ConfigMap listing deprecated base models (key `deprecations.yaml`; the Helm chart owns it).
+    A model whose base is listed rolls back to its newest revision with a base that is not, and a
+    rollout to a listed base is refused. None: nothing is deprecated."""
     deprecations: ConfigMapRef | None = None
     """The ConfigMap listing deprecated base models (key `deprecations.yaml`; the Helm chart owns it).
     A model whose base is listed rolls back to its newest revision with a base that is not, and a

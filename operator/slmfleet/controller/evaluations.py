@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from slmfleet.api.config import S3EndpointRule
 from slmfleet.api.modelrollout import Evaluation, EvaluationResult, S3Dataset, Thresholds
 from slmfleet.controller.background import cancel_all
 from slmfleet.controller.s3_access import S3AccessError, api_failure, s3_client_for
@@ -106,9 +107,10 @@ def _error(request_id: str, reason: str) -> EvaluationOutcome:
 # Cases
 
 
-async def _s3_dataset_client(client: KubeClient, namespace: str, dataset: S3Dataset) -> Any:
+async def _s3_dataset_client(client: KubeClient, namespace: str, dataset: S3Dataset,
+                             endpoints: Sequence[S3EndpointRule]) -> Any:
     try:
-        return await s3_client_for(client, namespace, dataset.s3)
+        return await s3_client_for(client, namespace, dataset.s3, endpoints)
     except S3AccessError as exc:
         raise DatasetError(str(exc)) from None
 
@@ -117,10 +119,11 @@ def _scorers(evaluation: Evaluation) -> tuple[Scorer, ...]:
     return build_scorers(s.model_dump(by_alias=True, exclude_none=True) for s in evaluation.scorers)
 
 
-async def load_cases(client: KubeClient, request: EvaluationRequest) -> list[Case]:
+async def load_cases(client: KubeClient, request: EvaluationRequest,
+                     endpoints: Sequence[S3EndpointRule] = ()) -> list[Case]:
     """The evaluation's cases from its dataset: inline, a ConfigMap key (JSONL) or an S3 JSONL
-    object. Every expectation is checked against the scorers. Raises DatasetError (or ScorerError)
-    with where the problem is."""
+    object (its endpoint on the platform's allow-list, `endpoints`). Every expectation is checked
+    against the scorers. Raises DatasetError (or ScorerError) with where the problem is."""
     evaluation = request.evaluation
     dataset = evaluation.dataset
     scorers = _scorers(evaluation)
@@ -139,7 +142,7 @@ async def load_cases(client: KubeClient, request: EvaluationRequest) -> list[Cas
             raise DatasetError(f"{source} has no key {ref.key!r}")
         return parse_jsonl(data[ref.key], f"{source} key {ref.key}", default_scorers=scorers)
     if dataset.s3 is not None:
-        s3 = await _s3_dataset_client(client, namespace, dataset.s3)
+        s3 = await _s3_dataset_client(client, namespace, dataset.s3, endpoints)
         return await asyncio.to_thread(load_s3_jsonl, s3, dataset.s3.uri, default_scorers=scorers)
     raise DatasetError("the dataset has none of inline, configMap, s3")
 

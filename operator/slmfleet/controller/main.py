@@ -57,8 +57,8 @@ def healthy(runtime: Runtime, watching: bool, now: float) -> bool:
 async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str | None, metrics_host: str,
               metrics_port: int, stop: asyncio.Event | None = None) -> None:
     runtime = Runtime(config=config, client=KubeClient(kubeconfig))
-    runtime.weights = WeightsReader(runtime.client, runtime.queue.add)
-    runtime.evaluations = Evaluations(lambda request: load_cases(runtime.client, request),
+    runtime.weights = WeightsReader(runtime.client, runtime.queue.add, config.s3_endpoints)
+    runtime.evaluations = Evaluations(lambda request: load_cases(runtime.client, request, config.s3_endpoints),
                                       lambda request, outcome: evaluation_done(runtime, request, outcome))
     registry = build_registry(runtime)
     settings = kopf.OperatorSettings()

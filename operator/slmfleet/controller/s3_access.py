@@ -5,10 +5,14 @@ evaluations (a ModelRollout's dataset) read S3 the same way. Secret values go to
 from __future__ import annotations
 
 import hashlib
+import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from slmfleet.api.config import S3_HOST_PATTERN, S3EndpointRule
 from slmfleet.api.smallmodel import S3Settings
 from slmfleet.k8s.client import KubeClient
 from slmfleet.weights.inspect import s3_client
@@ -17,7 +21,52 @@ _CA_DIR: Path | None = None
 
 
 class S3AccessError(Exception):
-    """The Secret or the CA ConfigMap could not be read; the message names no secret value."""
+    """The S3 settings may not be used, or the Secret or the CA ConfigMap could not be read; the
+    message names no secret value. `reason` is the condition reason."""
+
+    def __init__(self, message: str, reason: str = "CredentialsUnavailable") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+CREDENTIALS_LABEL = "slmfleet.io/s3-credentials"
+ENDPOINTS_ANNOTATION = "slmfleet.io/s3-endpoints"
+MAX_ANNOTATED_HOSTS = 32
+
+
+def endpoint_of(s3: S3Settings | None) -> tuple[str, str, int]:
+    """Scheme, host and port the settings send requests to (AWS's regional endpoint without one)."""
+    if s3 is None or s3.endpoint is None:
+        return "https", f"s3.{s3.region if s3 else 'us-east-1'}.amazonaws.com", 443
+    parts = urlsplit(s3.endpoint)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def endpoint_refusal(s3: S3Settings | None, rules: Sequence[S3EndpointRule]) -> str | None:
+    """Why the platform's allow-list refuses the settings' endpoint; None when a rule admits it.
+    The message names the rule, not the tenant's endpoint (it is in the spec already)."""
+    try:
+        scheme, host, port = endpoint_of(s3)
+    except ValueError:
+        return "the S3 endpoint is not a valid URL"
+    if any(rule.admits(scheme, host, port) for rule in rules):
+        return None
+    if not rules:
+        return "the operator's s3Endpoints allow-list is empty: the platform team has allowed no S3 endpoint"
+    plain = " over plain http" if scheme == "http" and any(r.admits("https", host, port) for r in rules) else ""
+    return (f"the S3 endpoint is not on the operator's s3Endpoints allow-list{plain}; allowed hosts: "
+            + ", ".join(sorted({r.host for r in rules}))[:500])
+
+
+def _secret_admits(annotations: dict[str, str], host: str) -> bool:
+    """Whether the Secret's own endpoint annotation (if any) lets it be sent to `host`."""
+    listed = annotations.get(ENDPOINTS_ANNOTATION)
+    if listed is None:
+        return True
+    patterns = [p.strip().lower() for p in listed.split(",")][:MAX_ANNOTATED_HOSTS]
+    return any(S3EndpointRule.model_validate({"host": p, "allowHttp": True}).admits("https", host, 443)
+               for p in patterns if p and re.fullmatch(S3_HOST_PATTERN, p))
 
 
 def api_failure(exc: BaseException) -> str:
@@ -42,14 +91,30 @@ def _ca_file(pem: str) -> str:
     return str(path)
 
 
-async def s3_client_for(client: KubeClient, namespace: str, s3: S3Settings | None) -> Any:
+async def s3_client_for(client: KubeClient, namespace: str, s3: S3Settings | None,
+                        rules: Sequence[S3EndpointRule]) -> Any:
+    """A client for the settings, if the platform allows their endpoint and the Secret they name
+    opted in to being S3 credentials (for that endpoint). Raises S3AccessError before any
+    connection to the endpoint otherwise."""
+    refusal = endpoint_refusal(s3, rules)
+    if refusal is not None:
+        raise S3AccessError(refusal, "EndpointNotAllowed")
     access_key = secret_key = ca_bundle = None
     if s3 is not None and s3.credentials_secret is not None:
         ref = s3.credentials_secret
         try:
-            data = await client.read_secret(namespace, ref.name)
-            access_key, secret_key = data[ref.access_key_id_key], data[ref.secret_access_key_key]
+            secret = await client.read_secret_object(namespace, ref.name)
         except Exception as exc:  # noqa: BLE001 - any failure means: no credentials (yet)
+            raise S3AccessError(f"Secret {namespace}/{ref.name}: {api_failure(exc)}") from None
+        if secret.labels.get(CREDENTIALS_LABEL) != "true":
+            raise S3AccessError(f"Secret {namespace}/{ref.name} is not labelled {CREDENTIALS_LABEL}=true: only a "
+                                "Secret that says it holds S3 credentials is sent to S3", "CredentialsNotAllowed")
+        if not _secret_admits(secret.annotations, endpoint_of(s3)[1]):
+            raise S3AccessError(f"Secret {namespace}/{ref.name} does not allow this endpoint (its "
+                                f"{ENDPOINTS_ANNOTATION} annotation)", "CredentialsNotAllowed")
+        try:
+            access_key, secret_key = secret.data[ref.access_key_id_key], secret.data[ref.secret_access_key_key]
+        except KeyError as exc:
             raise S3AccessError(f"Secret {namespace}/{ref.name}: {api_failure(exc)}") from None
     if s3 is not None and s3.ca_config_map is not None:
         ref_ca = s3.ca_config_map

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+from slmfleet.api.config import S3EndpointRule
 from slmfleet.api.smallmodel import SmallModel
 from slmfleet.controller.background import BackgroundReads
 from slmfleet.controller.s3_access import S3AccessError, s3_client_for
@@ -31,15 +32,18 @@ RECHECK_SECONDS = 300.0
 # The whole read (manifest, config.json, every safetensors header), past the client's own retries.
 READ_DEADLINE_SECONDS = 120.0
 READ_THREADS = 8
-HEALING = frozenset({"StorageUnreachable", "StorageDenied", "CredentialsUnavailable"})
-# Verdicts on the pinned bytes themselves: a pin names exactly these bytes, they cannot change.
-FINAL = frozenset({None, "PickleRefused"})
+# A Secret not created or labelled yet heals when someone does; access denied may be granted.
+HEALING = frozenset({"StorageUnreachable", "StorageDenied", "CredentialsUnavailable", "CredentialsNotAllowed"})
+# Verdicts on the pinned bytes themselves (a pin names exactly these bytes, they cannot change),
+# and the allow-list's (the operator's config changes only with a restart).
+FINAL = frozenset({None, "PickleRefused", "EndpointNotAllowed"})
 
 
 class WeightsReader:
     def __init__(self, client: KubeClient, requeue: Callable[[Hashable], None],
-                 deadline_seconds: float = READ_DEADLINE_SECONDS) -> None:
+                 endpoints: Sequence[S3EndpointRule] = (), deadline_seconds: float = READ_DEADLINE_SECONDS) -> None:
         self.client = client
+        self.endpoints = tuple(endpoints)  # the platform's allow-list (OperatorConfig.s3Endpoints)
         self.reads: BackgroundReads[WeightsFacts] = BackgroundReads(requeue, deadline_seconds, "weights read")
         self._threads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="slmfleet-s3")
 
@@ -66,9 +70,10 @@ class WeightsReader:
     async def _read(self, namespace: str, model: SmallModel) -> WeightsFacts:
         source = model.spec.source
         try:
-            client = await s3_client_for(self.client, namespace, source.s3)
+            client = await s3_client_for(self.client, namespace, source.s3, self.endpoints)
         except S3AccessError as exc:
-            return WeightsFacts(digest=source.digest, problem="CredentialsUnavailable", message=str(exc), transient=True)
+            return WeightsFacts(digest=source.digest, problem=exc.reason, message=str(exc),
+                                transient=exc.reason in HEALING)
         facts = await asyncio.get_running_loop().run_in_executor(
             self._threads, lambda: inspect_s3(client, source.uri, source.digest, allow_pickle=source.allow_pickle))
         return replace(facts, transient=True) if facts.problem in HEALING else facts

@@ -68,6 +68,13 @@ KEEPALIVE_OPTIONS = [
 ]
 
 
+@dataclass(frozen=True)
+class SecretObject:
+    data: dict[str, str]  # decoded values: never into logs, status or Events
+    labels: dict[str, str]
+    annotations: dict[str, str]
+
+
 class KubeClient:
     """Writes as field manager `slmfleet`."""
 
@@ -155,10 +162,13 @@ class KubeClient:
             raise
         return any(r.get("name") == plural for r in (found or {}).get("resources") or [])
 
-    async def read_secret(self, namespace: str, name: str) -> dict[str, str]:
-        """The Secret's data, decoded. Callers must keep the values out of logs, status and Events."""
+    async def read_secret_object(self, namespace: str, name: str) -> SecretObject:
+        """The Secret's data (decoded), labels and annotations. Callers must keep the values out of
+        logs, status and Events."""
         obj = await self._in_thread("GET", f"/api/v1/namespaces/{namespace}/secrets/{name}")
-        return {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
+        meta = obj.get("metadata") or {}
+        return SecretObject(data={k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()},
+                            labels=dict(meta.get("labels") or {}), annotations=dict(meta.get("annotations") or {}))
 
     async def read_config_map(self, namespace: str, name: str) -> dict[str, str]:
         obj = await self._in_thread("GET", f"/api/v1/namespaces/{namespace}/configmaps/{name}")
