@@ -33,19 +33,22 @@ OPERATOR_USER = "slmfleet-operator"
 CONFIG = REPO / "e2e" / "operator-config.yaml"
 
 
-def local_config(template: str, vllm_image: str, loader_image: str) -> str:
-    """CONFIG's text with the two image references added."""
+def local_config(template: str, vllm_image: str, loader_image: str, overrides: dict | None = None) -> str:
+    """CONFIG's text with the two image references added, and `overrides` (top-level keys of the
+    config file, e.g. {"workerStallSeconds": 10}) in place of the template's."""
     config = yaml.safe_load(template)
     config["vllmImage"] = vllm_image
     config["loaderImage"] = loader_image
+    config.update(overrides or {})
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def write_config(cluster: Cluster) -> Path:
+def write_config(cluster: Cluster, overrides: dict | None = None) -> Path:
     """The operator's config for this cluster: CONFIG with the images `make images` built, as
-    pushed to the cluster's registry (the vLLM stand-in's test image for vLLM)."""
+    pushed to the cluster's registry (the vLLM stand-in's test image for vLLM), and `overrides`."""
     path = cluster.dir / "operator-config.yaml"
-    path.write_text(local_config(CONFIG.read_text(), cluster.image_ref("vllm-standin"), cluster.image_ref("slmfleet")))
+    path.write_text(local_config(CONFIG.read_text(), cluster.image_ref("vllm-standin"), cluster.image_ref("slmfleet"),
+                                 overrides))
     return path
 
 
@@ -71,11 +74,12 @@ def install(cluster: Cluster) -> None:
 
 class OperatorProcess:
     def __init__(self, cluster: Cluster, *, metrics_port: int, pending_timeout: int | None = None,
-                 namespaces: tuple[str, ...] = ()) -> None:
+                 namespaces: tuple[str, ...] = (), config_overrides: dict | None = None) -> None:
         self.cluster = cluster
         self.metrics_port = metrics_port
         self.pending_timeout = pending_timeout
         self.namespaces = namespaces
+        self.config_overrides = config_overrides  # top-level keys of the config file (write_config)
         self.log_path = cluster.dir / "logs" / f"operator-{metrics_port}.log"
         self.proc: subprocess.Popen | None = None
 
@@ -117,7 +121,7 @@ class OperatorProcess:
         kubeconfig = self.cluster.user_kubeconfig(OPERATOR_USER)
         args = [
             str(Path(sys.executable).parent / "slmfleet"), "operator", "run",
-            "--config", str(write_config(self.cluster)), "--kubeconfig", str(kubeconfig),
+            "--config", str(write_config(self.cluster, self.config_overrides)), "--kubeconfig", str(kubeconfig),
             "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
         ]
         if self.pending_timeout is not None:
