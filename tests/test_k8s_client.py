@@ -58,3 +58,30 @@ def test_a_call_to_a_server_that_never_answers_fails_at_its_deadline(tmp_path, s
     # whose empty message does not match.
     with pytest.raises(Exception, match="(?i)read timed out"):
         asyncio.run(asyncio.wait_for(client.get("v1", "Service", "ns", "svc"), 60))
+
+
+def test_a_timed_out_get_is_not_retried_inside_the_call(tmp_path):
+    """urllib3 retries a GET after a read timeout three times by default: four deadlines in one
+    call. The work queue retries reconciles itself, so a call makes one request."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(sock.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        client = KubeClient(kubeconfig(tmp_path, sock.getsockname()[1]), request_timeout=(1.0, 0.3))
+        with pytest.raises(Exception, match="(?i)read timed out"):
+            asyncio.run(asyncio.wait_for(client.get("v1", "Service", "ns", "svc"), 60))
+        assert len(held) == 1
+    finally:
+        sock.close()
+        for conn in held:
+            conn.close()

@@ -248,3 +248,64 @@ def test_a_deprecations_configmap_or_key_that_disappears_keeps_the_last_list_and
     client = Sequence([NotFound])
     rt = run(client)
     assert rt.deprecations.entries == () and rt.deprecations_ready.is_set() and client.events == []
+
+
+def test_a_model_named_like_an_object_of_another_owner_leaves_it_untouched_and_says_conflict():
+    from tests.test_model_plan import L4, L4_MIB, gpu_node, model_body
+
+    class Cluster(FakeClient):
+        def __init__(self) -> None:
+            super().__init__()
+            self.applied: list[tuple[str, str]] = []
+            self.foreign = {"metadata": {"name": "qwen-chat", "namespace": "models", "uid": "pg",
+                                         "ownerReferences": [{"uid": "someone-else", "controller": True}]}}
+
+        async def get(self, api_version, kind, namespace, name):
+            return self.foreign if (kind, name) == ("Service", "qwen-chat") and self.foreign else None
+
+        async def apply(self, body):
+            self.applied.append((body["kind"], body["metadata"]["name"]))
+            return body
+
+        async def patch_status(self, ref, status):
+            self.statuses.append(status)
+            return {**body, "status": status}
+
+    body = model_body()
+    client = Cluster()
+    rt = runtime(client)
+    rt.indices = {name: Store() for name in op.INDEX_NAMES}
+    rt.indices["slm_models"][("models", "qwen-chat")] = [body]
+    rt.indices["slm_nodes"]["all"] = [gpu_node("l4-a", L4, L4_MIB, 1)]
+    rt.weights = None
+    key = ("models", "qwen-chat")
+
+    asyncio.run(reconcile.reconcile(rt, key))
+    assert client.applied == [], "nothing of the model applied beside the foreign Service"
+    assert rt.conflicts[key] == ("Service", "qwen-chat")
+
+    asyncio.run(reconcile.reconcile(rt, key))
+    assert client.applied == []
+    [cond] = [c for c in client.statuses[-1]["conditions"] if c["type"] == "Degraded"]
+    assert (cond["status"], cond["reason"]) == ("True", "Conflict") and "Service qwen-chat" in cond["message"]
+    assert ("Warning", "Conflict") in [(t, r) for t, r, _ in client.events]
+
+    client.foreign = None  # its owner removed it: the model goes ahead
+    asyncio.run(reconcile.reconcile(rt, key))
+    assert key not in rt.conflicts
+    assert ("Service", "qwen-chat") in client.applied and any(k == "Deployment" for k, _ in client.applied)
+
+
+def test_without_a_deprecations_configmap_the_watcher_is_ready_and_keeps_running():
+    """A task of the operator that ends stops the operator: with nothing to watch, it waits."""
+    rt = runtime()
+
+    async def go() -> bool:
+        task = asyncio.create_task(deprecations.watch_deprecations(rt))
+        await asyncio.wait_for(rt.deprecations_ready.wait(), 1)
+        await asyncio.sleep(0.1)
+        running = not task.done()
+        task.cancel()
+        return running
+
+    assert asyncio.run(go())

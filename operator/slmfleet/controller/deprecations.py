@@ -24,7 +24,7 @@ async def watch_deprecations(runtime: Runtime) -> None:
     ref = runtime.config.deprecations
     if ref is None:
         runtime.deprecations_ready.set()
-        return
+        await asyncio.Event().wait()  # nothing to watch; a task that ended would stop the operator
     last: object = None  # what the last read saw: text, _GONE, or None before the first
     while True:
         seen = await _read(runtime, ref)

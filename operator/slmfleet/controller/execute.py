@@ -42,6 +42,31 @@ async def report_not_governing(runtime: Runtime, key: ModelKey, rollouts: list[d
             await runtime.client.post_event(_rollout_ref(rollout), "Warning", reason, message)
 
 
+class ForeignObject(Exception):
+    """An object the plan would apply exists and is not the model's: the operator leaves it alone."""
+
+    def __init__(self, kind: str, name: str) -> None:
+        super().__init__(f"{kind} {name}")
+        self.kind, self.name = kind, name
+
+
+def owned_by(obj: dict[str, Any] | None, uid: str) -> bool:
+    """Whether the model (by uid) is the object's controller."""
+    refs = ((obj or {}).get("metadata") or {}).get("ownerReferences") or []
+    return any(r.get("uid") == uid and r.get("controller") for r in refs)
+
+
+async def _refuse_foreign(runtime: Runtime, model: ObjectRef, obj: dict[str, Any], seen: dict[str, Any] | None) -> None:
+    """Raise ForeignObject unless the object is new or already the model's. One the watches have
+    not shown is read first: a Service or HTTPRoute of the same name may belong to someone else
+    (forced server-side apply would take it over, and the model's deletion would delete it)."""
+    current = seen
+    if current is None:
+        current = await runtime.client.get(obj["apiVersion"], obj["kind"], model.namespace, obj["metadata"]["name"])
+    if current is not None and not owned_by(current, model.uid):
+        raise ForeignObject(obj["kind"], obj["metadata"]["name"])
+
+
 def _rollout_ref(rollout: dict[str, Any]) -> ObjectRef:
     meta = rollout["metadata"]
     return ObjectRef(f"{GROUP}/{VERSION}", modelrollout.KIND, meta["namespace"], meta["name"], meta.get("uid", ""))
@@ -61,6 +86,8 @@ async def execute(runtime: Runtime, obs: Observed, plan: Plan) -> None:
     live = {(o["kind"], o["metadata"]["name"]): o for o in (*obs.deployments, *obs.services)}
     if obs.route is not None:
         live[("HTTPRoute", obs.route["metadata"]["name"])] = obs.route
+    for obj in plan.apply:  # all of them first: nothing of the model's goes up beside a foreign object
+        await _refuse_foreign(runtime, ref, obj, live.get((obj["kind"], obj["metadata"]["name"])))
     for obj in plan.apply:
         applied = await runtime.client.apply(obj)
         if obj["kind"] != "HTTPRoute":  # routes are read fresh, not cached

@@ -9,15 +9,31 @@ import sys
 import time
 
 from slmfleet.api.smallmodel import KIND
+from slmfleet.builders.traffic import HTTPROUTE_API_VERSION
 from slmfleet.controller import metrics
-from slmfleet.controller.execute import _report_failure, execute, report_not_governing
+from slmfleet.controller.execute import ForeignObject, _report_failure, execute, owned_by, report_not_governing
 from slmfleet.controller.observe import observe, observe_rollout, rollouts_of
 from slmfleet.controller.runtime import REPORT_AFTER_FAILURES, RETRY_SECONDS, ModelKey, Runtime
 from slmfleet.planning.common import InvalidSpec
 from slmfleet.planning.deprecation import served_model
-from slmfleet.planning.model import plan_model
+from slmfleet.planning.model import Observed, plan_model
 
 log = logging.getLogger("slmfleet.operator")
+
+
+async def still_in_conflict(runtime: Runtime, key: ModelKey, obs: Observed) -> str | None:
+    """The object of another owner the model's names collide with, if it is still there. Foreign
+    objects are not watched: the plan looks again regularly."""
+    found = runtime.conflicts.get(key)
+    if found is None:
+        return None
+    kind, name = found
+    api_version = HTTPROUTE_API_VERSION if kind == "HTTPRoute" else "apps/v1" if kind == "Deployment" else "v1"
+    current = await runtime.client.get(api_version, kind, key[0], name)
+    if current is None or owned_by(current, obs.body["metadata"].get("uid", "")):
+        runtime.conflicts.pop(key, None)
+        return None
+    return f"{kind} {name}"
 
 
 async def reconcile(runtime: Runtime, key: ModelKey) -> None:
@@ -27,6 +43,7 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
     rollouts = rollouts_of(runtime, key)
     if obs is None:  # deleted: owner references let the garbage collector remove what it owned
         runtime.conditions.pop(key, None)
+        runtime.conflicts.pop(key, None)
         runtime.gpus.pop(key, None)
         metrics.publish_model_gauges(runtime.conditions, runtime.gpus)
         try:
@@ -43,8 +60,15 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
             served = served_model(obs.model, runtime.deprecations, now)
             obs = dataclasses.replace(obs, weights=runtime.weights.facts(key[0], served, key))
         obs = await observe_rollout(runtime, key, obs, rollouts[0] if rollouts else None)
+        obs = dataclasses.replace(obs, conflict=await still_in_conflict(runtime, key, obs))
         plan = plan_model(obs, runtime.config, now)
         await execute(runtime, obs, plan)
+    except ForeignObject as exc:
+        # Planned again at once, knowing: the model says Degraded/Conflict and applies nothing.
+        log.warning("%s/%s: %s exists and is not this SmallModel's; leaving it untouched", *key, exc)
+        runtime.conflicts[key] = (exc.kind, exc.name)
+        runtime.queue.add_after(key, 0.1)
+        return
     except Exception:
         attempt = runtime.failures.get(key, 0)
         runtime.failures[key] = attempt + 1

@@ -25,6 +25,7 @@ from typing import Any
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 from urllib3.connection import HTTPConnection
+from urllib3.util.retry import Retry
 
 FIELD_MANAGER = "slmfleet"
 
@@ -85,6 +86,10 @@ class KubeClient:
             kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
         except kubernetes.config.ConfigException:
             kubernetes.config.load_incluster_config(client_configuration=configuration)
+        # No retries inside a call: urllib3's default (3) multiplies every timeout by four for a GET;
+        # the work queue retries the reconcile with back-off instead. One reconnect is kept for a
+        # pooled connection the server closed.
+        configuration.retries = Retry(total=1, connect=1, read=0, status=0, redirect=0, other=0)
         self._api = kubernetes.client.ApiClient(configuration)
         self._timeout = request_timeout
         # The generated client has no setting for socket options: give them to the pool manager,

@@ -68,6 +68,7 @@ class Observed:
     rollout: RolloutObserved | None = None  # the ModelRollout governing this model, if any
     route: dict[str, Any] | None = None  # the model's live HTTPRoute (HTTPRoute traffic only)
     deprecations: Deprecations = Deprecations()
+    conflict: str | None = None  # "<Kind> <name>": an object of another owner the model's names collide with
 
     @classmethod
     def of(cls, body: dict[str, Any], **observed: Any) -> Observed:
@@ -145,6 +146,11 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         return _plan_invalid(obs, obs.model.message, now)
     s = _subject(obs, obs.model, config, now)
     draft = Draft(StatusDraft(s.old, s.generation, now), () if s.resize else tuple(s.old.excluded_placements))
+    if obs.conflict is not None:
+        draft.look_again_in(CONFLICT_RECHECK_SECONDS)  # foreign objects are not watched
+        return _plan_blocked(s, draft, Failure("Conflict", f"{obs.conflict} already exists and is not this SmallModel's; "
+                                                           "the operator leaves it untouched: rename the SmallModel "
+                                                           "or remove that object"))
     if s.deprecated is not None and s.deprecated.target is None:
         return _plan_blocked(s, draft, Failure("BaseModelDeprecated", s.deprecated.message))
     verified = weights_verified(obs.pods, s.revision)
@@ -165,6 +171,8 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         return _plan_blocked(s, draft, decision.failure)
     return _plan_placed(s, draft, decision.placement, decision.fallbacks, decision.stuck, verified)
 
+
+CONFLICT_RECHECK_SECONDS = 30.0
 
 ARCHITECTURE_UNKNOWN = (
     "the model's config.json could not be read and spec.architecture is not declared; declare the "
@@ -260,7 +268,9 @@ def _plan_blocked(s: Subject, draft: Draft, failure: Failure, placement: Placeme
         candidate_failure=f"{failure.reason}: {failure.message}" if failure.permanent else None,
         candidate_unschedulable=failure.message if failure.reason == "NoFit" else None)
     delete = _retire(s, draft, {s.revision, serving, s.stable}, rollout, list(s.old.history), serving)
-    return replace(_finish(s.old, new, _hold_canary(s, rollout, placement), delete, draft), rollout=rollout)
+    # Nothing is applied next to another owner's object: the model's names are not its own yet.
+    apply = [] if failure.reason == "Conflict" else _hold_canary(s, rollout, placement)
+    return replace(_finish(s.old, new, apply, delete, draft), rollout=rollout)
 
 
 def _hold_canary(s: Subject, rollout: RolloutPlan | None, placement: Placement | None) -> list[dict[str, Any]]:
