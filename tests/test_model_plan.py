@@ -1172,3 +1172,56 @@ def test_a_new_loader_image_does_not_restart_a_serving_revision_but_new_revision
     new_dep = world.deployment(spec_revision(world.body))
     assert new_dep["spec"]["template"]["spec"]["initContainers"][0]["image"] == new_loader
     assert loader["image"] != new_loader
+
+
+# --- extraArgs: the tenant allow-list of vLLM flags ------------------------------------------------------------
+
+
+def test_a_refused_vllm_flag_degrades_the_model_and_makes_no_deployment():
+    body = model_body(serving={"extraArgs": ["--enable-prefix-caching", "--load-format", "dummy", "--quantiz=awq"]})
+    world = World(body, default_fleet())
+    plan = world.reconcile(T0)
+    assert ("Deployment", f"{NAME}-{spec_revision(body)}") not in applied(plan)
+    assert not any(kind == "Deployment" for kind, _ in world.kinds_and_names())
+    degraded = world.condition("Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "ExtraArgsRefused")
+    assert "--load-format (never allowed for tenants)" in degraded["message"]
+    assert "--quantiz (abbreviates --quantization, which is set by the operator)" in degraded["message"]
+    assert "dummy" not in degraded["message"] and "awq" not in degraded["message"]  # names, never values
+    assert "--enable-prefix-caching" not in degraded["message"]
+    assert summary(world.status)["Ready"] == ("False", "ExtraArgsRefused")
+    assert "ExtraArgsRefused" in reasons(plan)
+    assert world.plan(at(60)).writes == 0  # said once
+
+
+def test_a_serving_model_keeps_its_revision_when_an_edit_adds_a_refused_flag():
+    world = placed(World(model_body(), [gpu_node("l4-a", L4, L4_MIB, 1)]))
+    serving = world.status["servingRevision"]
+    world.edit_spec(lambda spec: spec.setdefault("serving", {}).update(
+        {"extraArgs": ["--otlp-traces-endpoint=http://collector.elsewhere:4317"]}))
+    world.settle(at(60))
+    assert {name for kind, name in world.kinds_and_names() if kind == "Deployment"} == {f"{NAME}-{serving}"}
+    assert summary(world.status)["Ready"] == ("True", "ServingPreviousRevision")
+    degraded = world.condition("Degraded")
+    assert degraded["reason"] == "ExtraArgsRefused" and "--otlp-traces-endpoint" in degraded["message"]
+    assert "collector.elsewhere" not in degraded["message"]
+    # Dropping the flag serves the spec again.
+    world.edit_spec(lambda spec: spec["serving"].update({"extraArgs": ["--enable-prefix-caching"]}))
+    world.settle(at(120))
+    assert world.condition("Degraded")["reason"] != "ExtraArgsRefused"
+    assert "--enable-prefix-caching" in world.deployment()["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_the_platform_extends_the_flags_tenants_may_pass():
+    body = model_body(serving={"extraArgs": ["--enable-lora", "--max-loras", "2", "--enable-prefix"]})
+    refused = World(body, default_fleet())
+    refused.reconcile(T0)
+    assert refused.condition("Degraded")["reason"] == "ExtraArgsRefused"
+    assert "--enable-lora (not on the allow-list)" in refused.condition("Degraded")["message"]
+
+    extended = CONFIG.model_copy(update={"tenant_vllm_flags": ["--enable-lora", "--max-loras"]})
+    world = World(body, default_fleet(), extended)
+    world.settle(T0)
+    args = world.deployment()["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[1:5] == ["--enable-lora", "--max-loras", "2", "--enable-prefix"]
+    assert world.condition("Degraded")["reason"] != "ExtraArgsRefused"

@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from slmfleet.api.base import CRModel
+from slmfleet.api.vllm_flags import extension_problem
 
 # A reference that ends in a digest: `[registry/]repository[:tag]@sha256:<64 hex>`. Tags move;
 # digests do not, and air-gapped installs mirror images by digest.
@@ -20,6 +21,9 @@ NAMESPACE_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # A Secret's name is a DNS subdomain (RFC 1123): lowercase labels joined by dots, 253 at most.
 SECRET_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 MAX_IMAGE_PULL_SECRETS = 16
+# A vLLM flag's full name, as OperatorConfig's `tenantVllmFlags` lists them.
+TENANT_FLAG_PATTERN = r"^--[a-z0-9][a-z0-9-]*$"
+MAX_TENANT_VLLM_FLAGS = 64
 
 
 class ConfigMapRef(CRModel):
@@ -107,10 +111,21 @@ class OperatorConfig(CRModel):
     """The ConfigMap listing deprecated base models (key `deprecations.yaml`; the Helm chart owns it).
     A model whose base is listed rolls back to its newest revision with a base that is not, and a
     rollout to a listed base is refused. None: nothing is deprecated."""
-    deprecations: ConfigMapRef | None = None
-    """The ConfigMap listing deprecated base models (key `deprecations.yaml`; the Helm chart owns it).
-    A model whose base is listed rolls back to its newest revision with a base that is not, and a
-    rollout to a listed base is refused. None: nothing is deprecated."""
+    tenant_vllm_flags: list[Annotated[str, Field(max_length=64, pattern=TENANT_FLAG_PATTERN)]] = Field(
+        default_factory=list, max_length=MAX_TENANT_VLLM_FLAGS
+    )
+    """vLLM flags tenants may pass in a SmallModel's `spec.serving.extraArgs` beyond the built-in
+    allow-list (see `kubectl explain smallmodel.spec.serving.extraArgs`), full names such as
+    `--enable-lora`. A flag the operator manages or that no tenant may set (the ones the CRD refuses,
+    or a beginning of one) is refused here. A model with any other flag is Degraded (`ExtraArgsRefused`)."""
+
+    @field_validator("tenant_vllm_flags")
+    @classmethod
+    def _allowable_flags(cls, flags: list[str]) -> list[str]:
+        problems = [f"{flag}: {problem}" for flag in flags if (problem := extension_problem(flag)) is not None]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return flags
 
 
 def parse_operator_config(text: str) -> OperatorConfig:

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from slmfleet.api.base import CRModel
 from slmfleet.api.conditions import Condition
+from slmfleet.api.vllm_flags import FORBIDDEN_VLLM_FLAGS, TENANT_VLLM_FLAGS
 
 GROUP = "slmfleet.io"
 VERSION = "v1alpha1"
@@ -25,22 +26,6 @@ BASE_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 # A model's Deployments are named <model>-<10-char revision>, and Service names must be DNS-1035
 # labels of at most 63 characters, hence the limit on SmallModel names.
 MAX_NAME_LENGTH = 52
-
-# vLLM flags the operator sets itself; passing them through extraArgs would contradict the placement.
-MANAGED_VLLM_FLAGS = (
-    "--model",
-    "--host",
-    "--port",
-    "--served-model-name",
-    "--tensor-parallel-size",
-    "--gpu-memory-utilization",
-    "--max-model-len",
-    "--max-num-seqs",
-    "--max-num-batched-tokens",
-    "--dtype",
-    "--quantization",
-    "--kv-cache-dtype",
-)
 
 Dtype = Literal["auto", "bfloat16", "float16"]
 CheckpointDtype = Literal["bfloat16", "float16", "float32"]
@@ -164,6 +149,18 @@ class Architecture(CRModel):
         return config
 
 
+EXTRA_ARGS_DESCRIPTION = (
+    "Additional `vllm serve` arguments: flags (`--name`, `--name value`, `--name=value`) and their values. "
+    "Tenants may set only these flags, or an abbreviation that vLLM's parser reads as exactly one of them: "
+    + ", ".join(TENANT_VLLM_FLAGS)
+    + ". The platform team may allow more (OperatorConfig `tenantVllmFlags`). The API server refuses the flags "
+    "the operator manages and those no configuration allows, and every abbreviation of them: "
+    + ", ".join(FORBIDDEN_VLLM_FLAGS)
+    + ". Any other flag makes the model Degraded (reason ExtraArgsRefused) and no Deployment is made for its "
+    "revision."
+)
+
+
 class Serving(CRModel):
     """How vLLM serves the model. Changing any of these fields starts a new revision."""
 
@@ -171,10 +168,13 @@ class Serving(CRModel):
         "json_schema_extra": {
             "x-kubernetes-validations": [
                 {
-                    "rule": "!has(self.extraArgs) || self.extraArgs.all(a, "
-                    + " && ".join(f"!(a == '{f}' || a.startsWith('{f}='))" for f in MANAGED_VLLM_FLAGS)
-                    + ")",
-                    "message": "extraArgs must not set flags the operator manages: " + ", ".join(MANAGED_VLLM_FLAGS),
+                    # A flag's name (before any `=`) must not begin a forbidden flag: that refuses
+                    # the flag and every abbreviation vLLM's parser would read as it.
+                    "rule": "!has(self.extraArgs) || self.extraArgs.all(a, !a.startsWith('--') || !["
+                    + ", ".join(f"'{f}'" for f in FORBIDDEN_VLLM_FLAGS)
+                    + "].exists(f, f.startsWith(a.indexOf('=') < 0 ? a : a.substring(0, a.indexOf('=')))))",
+                    "message": "extraArgs must not set, or abbreviate, flags the operator manages or that no "
+                    "tenant may set (see kubectl explain smallmodel.spec.serving.extraArgs)",
                 },
             ]
         }
@@ -199,10 +199,8 @@ class Serving(CRModel):
     replicas: int = Field(default=1, ge=0, le=64)
     """vLLM replicas of the serving revision."""
     extra_args: list[Annotated[str, Field(max_length=256, pattern=r"^--[a-z0-9][a-z0-9-]*(=.*)?$|^[^-].*$")]] = Field(
-        default_factory=list, max_length=32
+        default_factory=list, max_length=32, description=EXTRA_ARGS_DESCRIPTION
     )
-    """Additional `vllm serve` arguments, e.g. `--enable-prefix-caching`. Flags the operator
-    manages (placement, model, port) are rejected."""
 
 
 class Resources(CRModel):

@@ -7,9 +7,9 @@ unit-tested without a cluster; `controller.execute` carries the plan out. Level-
 observation always gives the same plan, and a world that already matches gives an empty one.
 
 The plan is a short pipeline: see what the model is (`_subject`), stop at what blocks it (a
-deprecated base with nothing to fall back to, weights that fail their pin, no architecture, no
-placement), then let the rollout decide the candidate's share, build the desired objects, say
-what serves, record the history and retire what is no longer needed.
+deprecated base with nothing to fall back to, vLLM flags a tenant may not pass, weights that fail
+their pin, no architecture, no placement), then let the rollout decide the candidate's share,
+build the desired objects, say what serves, record the history and retire what is no longer needed.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from slmfleet.planning.common import (
 )
 from slmfleet.planning.deprecation import Deprecated, deprecated_base, serve_record
 from slmfleet.planning.desired import Target, traffic_objects
+from slmfleet.planning.extra_args import extra_args_refused
 from slmfleet.planning.placement import PlacementRequest, choose_placement, hf_config, inventory_for, sizing_inputs
 from slmfleet.planning.retire import retire
 from slmfleet.planning.rollout import RolloutInputs, RolloutObserved, RolloutPlan, plan_rollout
@@ -153,6 +154,8 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
                                                            "or remove that object"))
     if s.deprecated is not None and s.deprecated.target is None:
         return _plan_blocked(s, draft, Failure("BaseModelDeprecated", s.deprecated.message))
+    if (refused := extra_args_refused(s.model.spec.serving, config)) is not None:
+        return _plan_blocked(s, draft, refused)
     verified = weights_verified(obs.pods, s.revision)
     if (blocked := _check_weights(s, draft, verified)) is not None:
         return _plan_blocked(s, draft, blocked)
