@@ -25,6 +25,7 @@ async def watch_deprecations(runtime: Runtime) -> None:
     if ref is None:
         runtime.deprecations_ready.set()
         await asyncio.Event().wait()  # nothing to watch; a task that ended would stop the operator
+        return  # not reached (the wait never ends): tells mypy that `ref` is set below
     last: object = None  # what the last read saw: text, _GONE, or None before the first
     while True:
         seen = await _read(runtime, ref)
