@@ -309,3 +309,23 @@ def test_without_a_deprecations_configmap_the_watcher_is_ready_and_keeps_running
         return running
 
     assert asyncio.run(go())
+
+
+def test_evaluations_and_scrapes_go_only_to_pods_of_the_revisions_deployment():
+    from slmfleet.controller.observe import ready_pod_urls
+    from slmfleet.controller.registry import _slim_pod
+
+    def pod(name: str, ip: str, owner: str | None, host_network: bool = False) -> dict:
+        refs = [{"kind": "ReplicaSet", "name": owner, "controller": True, "uid": "x"}] if owner else []
+        return _slim_pod({  # type: ignore[arg-type]
+            "metadata": {"name": name, "namespace": "ns", "ownerReferences": refs,
+                         "labels": {"slmfleet.io/model": "m", "slmfleet.io/revision": "r1"}},
+            "spec": {"containers": [{"name": "vllm"}], "hostNetwork": host_network},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": "True"}]}})
+
+    pods = (pod("m-r1-abc-1", "127.64.0.2", "m-r1-abc"),
+            pod("forged", "127.64.0.3", None),  # the tenant's own pod with the model's labels
+            pod("other-rs", "127.64.0.4", "someone-else-123"),
+            pod("host", "127.64.0.5", "m-r1-abc", host_network=True))
+    assert ready_pod_urls(runtime(), pods, "r1") == ["http://127.64.0.2:8000"]
+    assert ready_pod_urls(runtime(), pods, None) == []

@@ -11,7 +11,8 @@ from typing import Any
 from slmfleet.api import modelrollout
 from slmfleet.api.smallmodel import KIND, SmallModel
 from slmfleet.builders import ModelOwner, served_model_name
-from slmfleet.builders.labels import REVISION_LABEL
+from slmfleet.builders.labels import MODEL_LABEL, REVISION_LABEL
+from slmfleet.builders.names import revision_object_name
 from slmfleet.builders.traffic import HTTPROUTE_API_VERSION
 from slmfleet.controller.evaluations import LiveCheck
 from slmfleet.controller.runtime import GATEWAY_RECHECK_SECONDS, LIVE_CHECK_SECONDS, ModelKey, Runtime
@@ -74,14 +75,30 @@ def evaluation_snapshots(runtime: Runtime, rollout: dict[str, Any]) -> dict[str,
 
 
 def ready_pod_urls(runtime: Runtime, pods: tuple[dict[str, Any], ...], revision: str | None) -> list[str]:
+    """The URLs of the revision's ready pods that its Deployment runs: the operator sends
+    evaluations and scrapes nowhere else (a tenant's own pod with the same labels, or one on the
+    host's network, would point them at another address)."""
     urls = []
     for pod in sorted(pods, key=lambda p: p["metadata"].get("name") or ""):
         status = pod.get("status") or {}
         ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
-        if (pod["metadata"].get("labels") or {}).get(REVISION_LABEL) == revision and ready and status.get("podIP") \
-                and pod["metadata"].get("deletionTimestamp") is None:
+        if revision is not None and ready and status.get("podIP") and pod["metadata"].get("deletionTimestamp") is None \
+                and runs_revision(pod, revision):
             urls.append(f"http://{status['podIP']}:{runtime.config.vllm_port}")
     return urls
+
+
+def runs_revision(pod: dict[str, Any], revision: str) -> bool:
+    """Whether the pod is one of the revision's Deployment's: its labels, and a ReplicaSet of that
+    Deployment as its controller, and the pod network (not the host's)."""
+    meta = pod["metadata"]
+    labels = meta.get("labels") or {}
+    model = labels.get(MODEL_LABEL)
+    if labels.get(REVISION_LABEL) != revision or not model or (pod.get("spec") or {}).get("hostNetwork"):
+        return False
+    prefix = revision_object_name(model, revision) + "-"
+    return any(r.get("kind") == "ReplicaSet" and str(r.get("name") or "").startswith(prefix)
+               for r in meta.get("ownerReferences") or [] if r.get("controller"))
 
 
 def served_name(model: SmallModel, body: dict[str, Any]) -> str:

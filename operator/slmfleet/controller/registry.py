@@ -76,9 +76,13 @@ def _slim_pod(body: kopf.Body) -> dict[str, Any]:
             "annotations": {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith("slmfleet.io/")},
             "creationTimestamp": meta.get("creationTimestamp"),
             "deletionTimestamp": meta.get("deletionTimestamp"),
+            # Who controls it: a pod the operator talks to must be its Deployment's (observe.py).
+            "ownerReferences": [{"kind": r.get("kind"), "name": r.get("name"), "controller": True}
+                                for r in meta.get("ownerReferences") or [] if r.get("controller")],
         },
         "spec": {
             "nodeName": spec.get("nodeName"),
+            "hostNetwork": bool(spec.get("hostNetwork")),
             "containers": containers(spec.get("containers")),
             "initContainers": containers(spec.get("initContainers")),
         },
