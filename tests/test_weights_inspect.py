@@ -106,3 +106,19 @@ def test_without_a_secret_the_operator_reads_anonymously_never_with_its_own_iden
     keyed = s3_client(**common, access_key_id="AKIAEXAMPLE", secret_access_key="secret")
     assert keyed.meta.config.signature_version is not UNSIGNED
     assert keyed._request_signer._credentials.access_key == "AKIAEXAMPLE"
+
+
+def test_a_storage_error_shows_no_remote_text():
+    """An endpoint may echo the signed request (access key id included) in its error message:
+    only a code that looks like one and the HTTP status reach status, Events and logs."""
+    from botocore.exceptions import ClientError
+
+    from slmfleet.weights.s3 import describe_error
+
+    echoed = ClientError({"Error": {"Code": "AccessDenied", "Message": "Credential=MARKER-AKID/2026 denied"},
+                          "ResponseMetadata": {"HTTPStatusCode": 403}}, "GetObject")
+    assert describe_error(echoed) == "AccessDenied (HTTP 403)"
+    odd = ClientError({"Error": {"Code": "<MARKER-AKID> please", "Message": "x"},
+                       "ResponseMetadata": {"HTTPStatusCode": 400}}, "GetObject")
+    assert describe_error(odd) == "error (HTTP 400)"
+    assert len(describe_error(RuntimeError("x" * 10_000))) <= 300

@@ -27,7 +27,6 @@ import boto3
 from botocore import UNSIGNED
 from botocore.config import Config
 from botocore.exceptions import (
-    BotoCoreError,
     ClientError,
     HTTPClientError,
     IncompleteReadError,
@@ -251,13 +250,19 @@ def is_credentials_error(exc: BaseException) -> bool:
     return isinstance(exc, (NoCredentialsError, PartialCredentialsError))
 
 
+_ERROR_CODE = re.compile(r"[A-Za-z][A-Za-z0-9.]{0,63}")
+MAX_ERROR_TEXT = 300
+
+
 def describe_error(exc: BaseException) -> str:
-    """A one-line account of a storage error, without request headers or credentials."""
+    """A one-line account of a storage error, without request headers or credentials. The
+    server's own error message is left out: it is remote text (an endpoint may echo the signed
+    request, access key id included), so only its error code, if it looks like one, and the HTTP
+    status are kept. This text reaches status, Events, logs and termination messages."""
     if isinstance(exc, ClientError):
-        err = exc.response.get("Error", {})
+        code = str(exc.response.get("Error", {}).get("Code") or "")
         status = http_status(exc)
-        msg = err.get("Message") or ""
-        return f"{err.get('Code', 'error')}{f' (HTTP {status})' if status else ''}{f': {msg}' if msg else ''}"
-    if isinstance(exc, BotoCoreError):
-        return f"{type(exc).__name__}: {exc}"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        shown = code if _ERROR_CODE.fullmatch(code) else "error"
+        return f"{shown}{f' (HTTP {status})' if status else ''}"
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return " ".join(text.split())[:MAX_ERROR_TEXT]
