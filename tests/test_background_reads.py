@@ -205,3 +205,18 @@ def test_an_endpoint_off_the_allow_list_is_a_final_verdict_and_blocks_the_model(
     plan = world.reconcile()
     assert [o for o in plan.apply if o["kind"] == "Deployment"] == []
     assert world.condition("Degraded")["reason"] == "EndpointNotAllowed"
+
+
+def test_results_are_bounded_the_oldest_go_first():
+    async def go() -> BackgroundReads[int]:
+        reads: BackgroundReads[int] = BackgroundReads(lambda key: None, 5.0, "test read", max_results=3)
+        for i in range(5):
+            async def read(i: int = i) -> int:
+                return i
+
+            reads.start(f"k{i}", "m", read, lambda d: -1)
+            await settle(reads, f"k{i}")
+        return reads
+
+    reads = asyncio.run(go())
+    assert [reads.result(f"k{i}") is not None for i in range(5)] == [False, False, True, True, True]

@@ -329,3 +329,29 @@ def test_evaluations_and_scrapes_go_only_to_pods_of_the_revisions_deployment():
             pod("host", "127.64.0.5", "m-r1-abc", host_network=True))
     assert ready_pod_urls(runtime(), pods, "r1") == ["http://127.64.0.2:8000"]
     assert ready_pod_urls(runtime(), pods, None) == []
+
+
+def test_a_rollout_that_stops_governing_takes_its_series_and_background_work_along():
+    from slmfleet.controller import metrics, observe
+
+    def series(metric) -> set[tuple[str, ...]]:
+        return set(metric._metrics)
+
+    metrics.CANARY_WEIGHT.labels("ns", "r").set(10)
+    metrics.EVALUATION_SCORE.labels("ns", "r", "candidate", "rev-old", "exact").set(0.5)
+    metrics.EVALUATION_SCORE.labels("ns", "r", "candidate", "rev-new", "exact").set(0.7)
+    metrics.EVALUATION_SCORE.labels("ns", "other", "candidate", "rev-x", "exact").set(0.9)
+    metrics.forget_rollout("ns", "r", keep_revisions=frozenset({"rev-new"}))
+    assert ("ns", "r", "candidate", "rev-old", "exact") not in series(metrics.EVALUATION_SCORE)
+    assert ("ns", "r", "candidate", "rev-new", "exact") in series(metrics.EVALUATION_SCORE)
+    assert ("ns", "r") in series(metrics.CANARY_WEIGHT)
+
+    rt = runtime()
+    rt.governing[("ns", "m")] = ("ns", "r", "uid-r")
+    rt.eval_models = {"uid-r/1/rev-new/step-0": ("ns", "m"), "uid-q/1/rev/step-0": ("ns", "n")}
+    observe.forget_rollout(rt, ("ns", "m"))
+    assert rt.eval_models == {"uid-q/1/rev/step-0": ("ns", "n")}
+    assert ("ns", "r") not in series(metrics.CANARY_WEIGHT)
+    assert not [k for k in series(metrics.EVALUATION_SCORE) if k[:2] == ("ns", "r")]
+    assert ("ns", "other", "candidate", "rev-x", "exact") in series(metrics.EVALUATION_SCORE)
+    assert ("ns", "m") not in rt.governing

@@ -14,9 +14,14 @@ log = logging.getLogger("slmfleet.operator")
 
 T = TypeVar("T")
 
+# Results are kept until replaced or forgotten; past this many, the oldest go (read again if asked).
+MAX_RESULTS = 4096
+
 
 class BackgroundReads(Generic[T]):
-    def __init__(self, requeue: Callable[[Hashable], None], deadline_seconds: float, what: str) -> None:
+    def __init__(self, requeue: Callable[[Hashable], None], deadline_seconds: float, what: str,
+                 max_results: int = MAX_RESULTS) -> None:
+        self.max_results = max_results
         self._requeue = requeue
         self.deadline_seconds = deadline_seconds
         self.what = what  # for the log: "weights read", "live metrics scrape"
@@ -51,7 +56,10 @@ class BackgroundReads(Generic[T]):
             log.warning("%s %s failed", self.what, key, exc_info=True)
             self._ended(key)
             return
+        self._results.pop(key, None)
         self._results[key] = (time.monotonic(), value)
+        while len(self._results) > self.max_results:  # the oldest result goes first
+            del self._results[next(iter(self._results))]
         self._ended(key)
 
     def _ended(self, key: str) -> None:

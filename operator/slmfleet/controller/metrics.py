@@ -60,6 +60,24 @@ PROMOTIONS = prom.Counter(
 )
 
 
+ROLLOUT_SERIES = (CANARY_WEIGHT, EVALUATION_SCORE, EVALUATION_VERDICTS, ROLLBACKS, PROMOTIONS)
+
+
+def forget_rollout(namespace: str, rollout: str, keep_revisions: frozenset[str] = frozenset()) -> None:
+    """Drop the series of a rollout that governs nothing any more (all of them), or those of its
+    revisions other than `keep_revisions` (its scores), so /metrics does not grow with every
+    rollout and revision there ever was."""
+    for metric in ROLLOUT_SERIES:
+        # prometheus_client has no public way to list a metric's children: its own attributes.
+        names = metric._labelnames
+        for labels in [dict(zip(names, values, strict=True)) for values in list(metric._metrics)]:
+            if (labels["namespace"], labels["rollout"]) != (namespace, rollout):
+                continue
+            if keep_revisions and ("revision" not in labels or labels["revision"] in keep_revisions):
+                continue
+            metric.remove(*(labels[n] for n in names))
+
+
 def publish_model_gauges(
     conditions: dict[tuple[str, str], dict[str, str]], gpus: dict[tuple[str, str], dict[str, int]]
 ) -> None:

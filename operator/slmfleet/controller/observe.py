@@ -14,6 +14,7 @@ from slmfleet.builders import ModelOwner, served_model_name
 from slmfleet.builders.labels import MODEL_LABEL, REVISION_LABEL
 from slmfleet.builders.names import revision_object_name
 from slmfleet.builders.traffic import HTTPROUTE_API_VERSION
+from slmfleet.controller import metrics
 from slmfleet.controller.evaluations import LiveCheck
 from slmfleet.controller.runtime import GATEWAY_RECHECK_SECONDS, LIVE_CHECK_SECONDS, ModelKey, Runtime
 from slmfleet.planning.common import InvalidSpec
@@ -149,6 +150,7 @@ async def gateway_api_served(runtime: Runtime) -> bool:
 
 async def observe_rollout(runtime: Runtime, key: ModelKey, obs: Observed, rollout: dict[str, Any] | None) -> Observed:
     if rollout is None:
+        forget_rollout(runtime, key)
         return obs
     gateway = await gateway_api_served(runtime)
     ro = RolloutObserved.of(rollout, evaluations=evaluation_snapshots(runtime, rollout), gateway_api=gateway)
@@ -156,13 +158,36 @@ async def observe_rollout(runtime: Runtime, key: ModelKey, obs: Observed, rollou
     route = None
     if gateway and ((rollout.get("spec") or {}).get("traffic") or {}).get("httpRoute"):
         route = await runtime.client.get(HTTPROUTE_API_VERSION, "HTTPRoute", key[0], key[1])
+    meta, status = rollout["metadata"], rollout.get("status") or {}
+    if (meta["namespace"], meta["name"], meta.get("uid", meta["name"])) != runtime.governing.get(key):
+        forget_rollout(runtime, key)  # another rollout governed the model before this one
+    runtime.governing[key] = (meta["namespace"], meta["name"], meta.get("uid", meta["name"]))
     # Drop what earlier attempts or candidates of this rollout left behind.
-    uid = f"{rollout['metadata'].get('uid', rollout['metadata']['name'])}/"
-    current = attempt_prefix(rollout) + ((rollout.get("status") or {}).get("candidateRevision") or "")
-    keep = lambda id_: not id_.startswith(uid) or id_.startswith(current)  # noqa: E731
+    current = attempt_prefix(rollout) + (status.get("candidateRevision") or "")
+    _forget_ids(runtime, f"{meta.get('uid', meta['name'])}/", keep_prefix=current)
+    revisions = frozenset(r for r in (status.get("stableRevision"), status.get("candidateRevision")) if r)
+    metrics.forget_rollout(meta["namespace"], meta["name"], keep_revisions=revisions or frozenset({""}))
+    return dataclasses.replace(obs, rollout=ro, route=route)
+
+
+def forget_rollout(runtime: Runtime, key: ModelKey) -> None:
+    """The rollout that governed the model governs it no more (deleted, or the model is): its
+    evaluations, live baselines and scrapes, and its /metrics series go."""
+    gone = runtime.governing.pop(key, None)
+    if gone is None:
+        return
+    namespace, name, uid = gone
+    _forget_ids(runtime, f"{uid}/")
+    metrics.forget_rollout(namespace, name)
+
+
+def _forget_ids(runtime: Runtime, prefix: str, keep_prefix: str | None = None) -> None:
+    """Forget the background work whose id starts with `prefix`, except what starts with `keep_prefix`."""
+    def keep(id_: str) -> bool:
+        return not id_.startswith(prefix) or (keep_prefix is not None and id_.startswith(keep_prefix))
+
     if runtime.evaluations is not None:
         runtime.evaluations.forget(keep)
     runtime.live.forget(keep)
     runtime.live_reads.forget(keep)
     runtime.eval_models = {id_: model for id_, model in runtime.eval_models.items() if keep(id_)}
-    return dataclasses.replace(obs, rollout=ro, route=route)

@@ -12,7 +12,7 @@ from slmfleet.api.smallmodel import KIND
 from slmfleet.builders.traffic import HTTPROUTE_API_VERSION
 from slmfleet.controller import metrics
 from slmfleet.controller.execute import ForeignObject, _report_failure, execute, owned_by, report_not_governing
-from slmfleet.controller.observe import observe, observe_rollout, rollouts_of
+from slmfleet.controller.observe import forget_rollout, observe, observe_rollout, rollouts_of
 from slmfleet.controller.runtime import REPORT_AFTER_FAILURES, RETRY_SECONDS, ModelKey, Runtime
 from slmfleet.planning.common import InvalidSpec
 from slmfleet.planning.deprecation import served_model
@@ -32,6 +32,7 @@ async def still_in_conflict(runtime: Runtime, key: ModelKey, obs: Observed) -> s
     current = await runtime.client.get(api_version, kind, key[0], name)
     if current is None or owned_by(current, obs.body["metadata"].get("uid", "")):
         runtime.conflicts.pop(key, None)
+        forget_rollout(runtime, key)
         return None
     return f"{kind} {name}"
 

@@ -67,6 +67,7 @@ class Runtime:
     deprecations_ready: asyncio.Event = field(default_factory=asyncio.Event)
     eval_models: dict[str, ModelKey] = field(default_factory=dict)  # evaluation id -> its model
     conflicts: dict[ModelKey, tuple[str, str]] = field(default_factory=dict)  # model -> foreign (kind, name)
+    governing: dict[ModelKey, tuple[str, str, str]] = field(default_factory=dict)  # model -> its rollout (ns, name, uid)
     live_reads: BackgroundReads[LiveCheck] = field(init=False)  # the live scrapes, off the workers
 
     def __post_init__(self) -> None:
