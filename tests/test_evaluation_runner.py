@@ -70,7 +70,7 @@ SCORERS = ["exact_match", "exact_match:lowercase=true"]
 def test_paired_scores_and_latency(servers):
     cases = parse_cases(CASES)
     run = asyncio.run(evaluate_paired(cases, ep(servers, "good"), ep(servers, "bad"), SCORERS,
-                                      concurrency=2, timeout=10))
+                                      concurrency=2, timeout=10, keep_text=True))
     assert run.n == run.planned == 4 and run.complete
     by_id = {r.case_id: r for r in run.results}
     # The first scorer decides: "Paris" vs "paris" fails exact_match but passes the lowercase one.
@@ -94,14 +94,19 @@ def test_paired_scores_and_latency(servers):
     doc = run.to_dict(cases=True)
     assert doc["difference"] == -0.75 and doc["cases"][0]["stable"]["text"] == "4"
     json.dumps(doc)
+    # By default (the operator's runs) the answers are scored, then dropped: the same scores, no texts.
+    lean = asyncio.run(evaluate_paired(cases, ep(servers, "good"), ep(servers, "bad"), SCORERS,
+                                       concurrency=2, timeout=10))
+    assert lean.differences() == run.differences() and lean.stable.scores == stable.scores
+    assert all(side.answer.text is None for r in lean.results for side in (r.stable, r.candidate))
 
 
 def test_single_endpoint_and_max_tokens(servers):
     cases = parse_cases([{"id": "long", "prompt": "Spell it out", "expected": "one two"}])
-    run = asyncio.run(evaluate(cases, ep(servers, "good"), ["exact_match"], max_tokens=2))
+    run = asyncio.run(evaluate(cases, ep(servers, "good"), ["exact_match"], max_tokens=2, keep_text=True))
     (cid, result), = run.results
     assert result.answer.text == "one two" and result.score == 1.0  # max_tokens reached the server
-    run = asyncio.run(evaluate(cases, ep(servers, "good"), ["exact_match"], max_tokens=None))
+    run = asyncio.run(evaluate(cases, ep(servers, "good"), ["exact_match"], max_tokens=None, keep_text=True))
     assert run.results[0][1].answer.text == "one two three four"
     assert run.summary.n == 1 and run.to_dict(cases=True)["cases"][0]["id"] == "long"
 

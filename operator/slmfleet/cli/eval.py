@@ -29,6 +29,7 @@ from slmfleet.evaluation.runner import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MAX_TOKENS,
     DEFAULT_TIMEOUT,
+    MAX_TOKENS_LIMIT,
     Endpoint,
     EndpointError,
     EvalRun,
@@ -45,6 +46,13 @@ EXIT_OK, EXIT_NO_ANSWERS, EXIT_BAD_INPUT = 0, 1, 2
 
 class BadInput(Exception):
     pass
+
+
+def _max_tokens(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_TOKENS_LIMIT:
+        raise argparse.ArgumentTypeError(f"at most {MAX_TOKENS_LIMIT}")
+    return value
 
 
 def _url(text: str) -> str:
@@ -76,8 +84,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"requests in flight per server (default {DEFAULT_CONCURRENCY})")
     p.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT,
                    help=f"seconds per request (default {DEFAULT_TIMEOUT:g})")
-    p.add_argument("--max-tokens", type=positive_int, default=DEFAULT_MAX_TOKENS,
-                   help=f"max_tokens per request (default {DEFAULT_MAX_TOKENS})")
+    p.add_argument("--max-tokens", type=_max_tokens, default=DEFAULT_MAX_TOKENS,
+                   help=f"max_tokens per request (default {DEFAULT_MAX_TOKENS}, at most {MAX_TOKENS_LIMIT})")
     p.add_argument("--s3-endpoint-url", help="S3 endpoint for an s3:// dataset (AWS_ENDPOINT_URL)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run, _parser=p)
@@ -136,7 +144,9 @@ async def _model(url: str, *names: str | None) -> str:
 
 async def _evaluate(args: argparse.Namespace, cases: list, scorers: tuple[Scorer, ...]
                     ) -> tuple[PairedRun | EvalRun, dict[str, Endpoint]]:
-    settings = {"concurrency": args.concurrency, "timeout": args.timeout, "max_tokens": args.max_tokens}
+    # The answers are shown (--json), so this run keeps their texts; each is read with a byte cap.
+    settings = {"concurrency": args.concurrency, "timeout": args.timeout, "max_tokens": args.max_tokens,
+                "keep_text": True}
     if args.endpoint:
         endpoint = Endpoint(args.endpoint, await _model(args.endpoint, args.model))
         return await evaluate(cases, endpoint, scorers, **settings), {"endpoint": endpoint}

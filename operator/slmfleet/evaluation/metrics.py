@@ -15,6 +15,11 @@ The names are vLLM's (the e2e stand-in serves the same):
 
 Counters that went down between the scrapes (the server restarted) count from zero, as PromQL's
 increase() does, and the window says so (`reset`).
+
+Bounds: a scrape reads at most MAX_SCRAPE_BYTES (4 MiB) of the body, in chunks, whether or not the
+server sends a Content-Length; a larger page is a ScrapeError and the rest is never read. A parse
+keeps at most MAX_SAMPLES samples. vLLM's page for one model is some 100-300 KB and a few thousand
+samples, most of them histogram buckets.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ import aiohttp
 E2E_LATENCY = "vllm:e2e_request_latency_seconds"
 REQUEST_SUCCESS = "vllm:request_success_total"
 HTTP_REQUESTS = "http_requests_total"
+MAX_SCRAPE_BYTES = 4 * 1024 * 1024
+MAX_SAMPLES = 100_000
 GENERATION_HANDLERS = ("/v1/chat/completions", "/v1/completions")
 
 Labels = tuple[tuple[str, str], ...]
@@ -115,11 +122,13 @@ def _parse_labels(line: str, pos: int, lineno: int) -> tuple[Labels, int]:
 def parse_exposition(text: str) -> Scrape:
     """Samples of a Prometheus text exposition (version 0.0.4; OpenMetrics' `# EOF` and exemplars
     are tolerated). Comments and HELP/TYPE lines are skipped."""
-    samples = []
+    samples: list[Sample] = []
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if len(samples) >= MAX_SAMPLES:
+            raise MetricsParseError(f"more than {MAX_SAMPLES} samples")
         m = _NAME.match(line)
         if not m:
             raise MetricsParseError(f"line {lineno}: expected a metric name: {line[:80]!r}")
@@ -291,14 +300,30 @@ def metrics_url(url: str) -> str:
     return url.rstrip("/") + "/metrics" if parts.path in ("", "/") else url
 
 
-async def scrape(url: str, *, timeout: float = 5.0, session: aiohttp.ClientSession | None = None) -> Scrape:
-    """GET a server's /metrics (a base URL gets `/metrics`) and parse it. Raises ScrapeError."""
+class _TooLarge(Exception):
+    pass
+
+
+async def scrape(url: str, *, timeout: float = 5.0, session: aiohttp.ClientSession | None = None,
+                 max_bytes: int = MAX_SCRAPE_BYTES) -> Scrape:
+    """GET a server's /metrics (a base URL gets `/metrics`), at most `max_bytes` of it, and parse
+    it. Raises ScrapeError."""
     target = metrics_url(url)
 
     async def get(s: aiohttp.ClientSession) -> tuple[int, str]:
         async with s.get(target, timeout=aiohttp.ClientTimeout(total=timeout),
                          headers={"Accept": "text/plain;version=0.0.4"}) as resp:
-            return resp.status, await resp.text(errors="replace")
+            if resp.status != 200:
+                return resp.status, ""  # the body is not read
+            if resp.content_length is not None and resp.content_length > max_bytes:
+                raise _TooLarge()
+            body = bytearray()
+            while len(body) <= max_bytes:  # in chunks, up to one byte past the limit, whatever the headers say
+                chunk = await resp.content.read(min(64 * 1024, max_bytes + 1 - len(body)))
+                if not chunk:
+                    return resp.status, body.decode("utf-8", "replace")  # the exposition format is UTF-8
+                body += chunk
+            raise _TooLarge()
 
     try:
         if session is not None:
@@ -306,10 +331,12 @@ async def scrape(url: str, *, timeout: float = 5.0, session: aiohttp.ClientSessi
         else:
             async with aiohttp.ClientSession(trust_env=False) as own:
                 status, text = await get(own)
+    except _TooLarge:
+        raise ScrapeError(f"{target}: the page is larger than {max_bytes} bytes") from None
     except TimeoutError:
         raise ScrapeError(f"{target}: no answer within {timeout:g} s") from None
     except aiohttp.ClientError as exc:
-        raise ScrapeError(f"{target}: {type(exc).__name__}: {exc}") from None
+        raise ScrapeError(f"{target}: {type(exc).__name__}: {str(exc)[:200]}") from None
     if status != 200:
         raise ScrapeError(f"{target}: HTTP {status}")
     try:

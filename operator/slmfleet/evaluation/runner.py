@@ -11,10 +11,17 @@
   latency failure; asking again would double the wait). One retry for a connection error (refused,
   reset, a pooled keep-alive connection the server had closed), which is how a healthy server
   looks when a connection was merely stale; a second failure is recorded.
-- Results per case and side: the answer text, latency (seconds, from sending to the whole body, for
-  the attempt that answered), the error (kind `http` with the status, `timeout`, `connection`, or
-  `protocol` for a body that is not a completion), and a score per scorer. A failed request scores 0
-  on every scorer: a user would have got no answer.
+- Results per case and side: latency (seconds, from sending to the whole body, for the attempt
+  that answered), the error (kind `http` with the status, `timeout`, `connection`, or `protocol`
+  for a body that is not a completion or is too large), and a score per scorer. A failed request
+  scores 0 on every scorer: a user would have got no answer. The answer's text is dropped once it
+  is scored (`keep_text` keeps it, for `slmfleet eval`): a run, however long, holds scores and the
+  statistics' inputs, never the answers.
+- Every read is bounded. `max_tokens` is at most MAX_TOKENS_LIMIT (the ModelRollout API's bound),
+  and an answer is read in chunks up to `answer_byte_limit(max_tokens)` bytes (64 KiB plus 64
+  bytes a token, 4 MiB at most) whether or not it has a Content-Length; a longer one is a
+  `protocol` error and the rest of it is never read. Error bodies are read up to ERROR_BODY_BYTES
+  and only their first MAX_DETAIL characters are kept.
 - The case's score (`score`) is its FIRST scorer's: that one decides, the others are reported (the
   ModelRollout API says the same). Per-scorer means are reported alongside.
 - Batches: `iter_paired_batches` yields the cumulative run after each batch, of `batch_size` cases
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -47,6 +55,16 @@ DEFAULT_CONCURRENCY = 8
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_TOKENS = 256
 CONNECTION_RETRIES = 1
+MAX_TOKENS_LIMIT = 32768
+"""The largest max_tokens a run asks for (the ModelRollout API's own bound on maxTokens)."""
+ANSWER_BASE_BYTES = 64 * 1024
+ANSWER_BYTES_PER_TOKEN = 64  # a token is a few bytes of text; JSON escapes make some of them six
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+"""The most bytes of a completion's body ever read (also the limit without max_tokens)."""
+ERROR_BODY_BYTES = 16 * 1024
+MODEL_LIST_BYTES = 1024 * 1024
+MAX_DETAIL = 200
+"""Characters of an error's detail that are kept (some come from the server's body)."""
 
 ERROR_HTTP, ERROR_TIMEOUT, ERROR_CONNECTION, ERROR_PROTOCOL = "http", "timeout", "connection", "protocol"
 
@@ -70,7 +88,7 @@ class Endpoint:
         return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Answer:
     """One request's outcome: text, or an error."""
 
@@ -92,9 +110,10 @@ class Answer:
         return f"{head}: {self.detail}" if self.detail else head
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SideResult:
-    """A case on one side: the answer, a score per scorer, and the deciding (first) score."""
+    """A case on one side: the answer (its text dropped once scored, unless kept), a score per
+    scorer, and the deciding (first) score."""
 
     answer: Answer
     scores: Mapping[str, float]
@@ -108,7 +127,7 @@ class SideResult:
         return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CaseResult:
     """A case sent to the stable and the candidate."""
 
@@ -307,10 +326,42 @@ class _ConnectionFailed(Exception):
     pass
 
 
+class _TooLarge(Exception):
+    pass
+
+
+def answer_byte_limit(max_tokens: int | None) -> int:
+    """The most bytes of a completion body read for `max_tokens` (None: the server's default)."""
+    if max_tokens is None:
+        return MAX_ANSWER_BYTES
+    return min(MAX_ANSWER_BYTES, ANSWER_BASE_BYTES + ANSWER_BYTES_PER_TOKEN * max_tokens)
+
+
+async def read_capped(resp: aiohttp.ClientResponse, limit: int, *, truncate: bool = False) -> bytes:
+    """The body, read in chunks up to `limit` bytes whatever Content-Length says (or whether there
+    is one); past it `_TooLarge`, or with `truncate` the first `limit` bytes. The rest is never read
+    (the connection is then closed, not reused)."""
+    if not truncate and resp.content_length is not None and resp.content_length > limit:
+        raise _TooLarge()
+    buf = bytearray()
+    while len(buf) <= limit:
+        chunk = await resp.content.read(min(64 * 1024, limit + 1 - len(buf)))
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+    if truncate:
+        return bytes(buf[:limit])
+    raise _TooLarge()
+
+
+def _detail(text: str) -> str:
+    return text if len(text) <= MAX_DETAIL else text[:MAX_DETAIL] + "..."
+
+
 def _error_message(raw: bytes) -> str:
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return raw[:200].decode("utf-8", "replace").strip()
     if isinstance(body, dict):
         msg = body.get("message")
@@ -334,12 +385,17 @@ class Client:
 
     def __init__(self, session: aiohttp.ClientSession, *, concurrency: int = DEFAULT_CONCURRENCY,
                  timeout: float = DEFAULT_TIMEOUT, max_tokens: int | None = DEFAULT_MAX_TOKENS,
-                 connection_retries: int = CONNECTION_RETRIES) -> None:
+                 connection_retries: int = CONNECTION_RETRIES, keep_text: bool = False,
+                 max_answer_bytes: int | None = None) -> None:
+        if max_tokens is not None and not (_positive_int(max_tokens) and max_tokens <= MAX_TOKENS_LIMIT):
+            raise ValueError(f"max_tokens must be an integer from 1 to {MAX_TOKENS_LIMIT}, not {max_tokens!r}")
         self.session = session
         self.concurrency = concurrency
         self.timeout = timeout
         self.max_tokens = max_tokens
         self.connection_retries = connection_retries
+        self.keep_text = keep_text
+        self.max_answer_bytes = answer_byte_limit(max_tokens) if max_answer_bytes is None else max_answer_bytes
         self._semaphores: dict[tuple[str, str], asyncio.Semaphore] = {}
 
     def _semaphore(self, endpoint: Endpoint) -> asyncio.Semaphore:
@@ -372,7 +428,7 @@ class Client:
                 except _ConnectionFailed as exc:
                     if attempts <= self.connection_retries:
                         continue
-                    return Answer(None, None, ERROR_CONNECTION, detail=str(exc), attempts=attempts)
+                    return Answer(None, None, ERROR_CONNECTION, detail=_detail(str(exc)), attempts=attempts)
                 return Answer(answer.text, answer.latency_s, answer.error, answer.status, answer.detail, attempts)
 
     async def _once(self, url: str, body: dict[str, Any], headers: dict[str, str], chat: bool) -> Answer:
@@ -380,20 +436,26 @@ class Client:
         try:
             async with self.session.post(url, json=body, headers=headers,
                                          timeout=aiohttp.ClientTimeout(total=self.timeout)) as resp:
-                raw = await resp.read()
                 status = resp.status
+                if status >= 400:
+                    raw = await read_capped(resp, ERROR_BODY_BYTES, truncate=True)
+                else:
+                    raw = await read_capped(resp, self.max_answer_bytes)
+        except _TooLarge:
+            return Answer(None, time.perf_counter() - started, ERROR_PROTOCOL, status=status,
+                          detail=f"the answer is larger than {self.max_answer_bytes} bytes")
         except TimeoutError:  # aiohttp's timeouts are TimeoutErrors too (checked before connection errors)
             return Answer(None, None, ERROR_TIMEOUT, detail=f"no answer within {self.timeout:g} s")
         except aiohttp.ClientConnectionError as exc:
-            raise _ConnectionFailed(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
+            raise _ConnectionFailed(_detail(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)) from exc
         except aiohttp.ClientError as exc:
-            return Answer(None, None, ERROR_PROTOCOL, detail=f"{type(exc).__name__}: {exc}")
+            return Answer(None, None, ERROR_PROTOCOL, detail=_detail(f"{type(exc).__name__}: {exc}"))
         latency = time.perf_counter() - started
         if status >= 400:
             return Answer(None, latency, ERROR_HTTP, status=status, detail=_error_message(raw))
         try:
             text = _completion_text(json.loads(raw), chat)
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
             return Answer(None, latency, ERROR_PROTOCOL, status=status,
                           detail=f"not a completion: {raw[:120].decode('utf-8', 'replace')!r}")
         return Answer(text, latency, status=status)
@@ -405,7 +467,9 @@ class Client:
             scores = score_all(scorers, answer.text or "", case.expected)
         else:
             scores = {s.name: 0.0 for s in scorers}
-        return SideResult(answer, scores, scores[scorers[0].name])
+        # Scored: the text goes (unless kept), so a run holds scores, never answers.
+        return SideResult(answer if self.keep_text else dataclasses.replace(answer, text=None),
+                          scores, scores[scorers[0].name])
 
     async def run_batch(self, cases: Sequence[Case], endpoints: Sequence[Endpoint],
                         default: Sequence[Scorer]) -> list[list[SideResult]]:
@@ -435,11 +499,11 @@ async def open_session(concurrency: int = DEFAULT_CONCURRENCY,
 
 async def _batches(cases: Sequence[Case], endpoints: Sequence[Endpoint], default: Sequence[Scorer], *,
                    ends: Sequence[int], concurrency: int, timeout: float, max_tokens: int | None,
-                   connection_retries: int, session: aiohttp.ClientSession | None,
+                   connection_retries: int, session: aiohttp.ClientSession | None, keep_text: bool = False,
                    ) -> AsyncGenerator[list[tuple[str, list[SideResult]]], None]:
     async with open_session(concurrency, session) as s:
         client = Client(s, concurrency=concurrency, timeout=timeout, max_tokens=max_tokens,
-                        connection_retries=connection_retries)
+                        connection_retries=connection_retries, keep_text=keep_text)
         start = 0
         for end in ends:
             batch = cases[start:end]
@@ -454,7 +518,8 @@ async def iter_paired_batches(cases: Iterable[Case], stable: Endpoint, candidate
                               concurrency: int = DEFAULT_CONCURRENCY, timeout: float = DEFAULT_TIMEOUT,
                               max_tokens: int | None = DEFAULT_MAX_TOKENS,
                               connection_retries: int = CONNECTION_RETRIES,
-                              session: aiohttp.ClientSession | None = None) -> AsyncGenerator[PairedRun, None]:
+                              session: aiohttp.ClientSession | None = None,
+                              keep_text: bool = False) -> AsyncGenerator[PairedRun, None]:
     """The cumulative PairedRun after each batch (every `batch_size` cases, or at each of `looks`,
     cumulative counts; see `batch_ends`), in case order. Breaking out of the loop stops the
     evaluation (no request is in flight between batches); close the generator
@@ -466,7 +531,7 @@ async def iter_paired_batches(cases: Iterable[Case], stable: Endpoint, candidate
     async with contextlib.aclosing(_batches(
             cases, (stable, candidate), default, ends=ends, concurrency=concurrency,
             timeout=timeout, max_tokens=max_tokens, connection_retries=connection_retries,
-            session=session)) as batches:
+            session=session, keep_text=keep_text)) as batches:
         async for rows in batches:
             results.extend(CaseResult(cid, pair[0], pair[1]) for cid, pair in rows)
             yield PairedRun(tuple(results), planned=len(cases))
@@ -478,7 +543,7 @@ async def evaluate_paired(cases: Iterable[Case], stable: Endpoint, candidate: En
                           batch_size: int | None = None, looks: Sequence[int] | None = None,
                           stop_when: Callable[[PairedRun], bool] | None = None,
                           connection_retries: int = CONNECTION_RETRIES,
-                          session: aiohttp.ClientSession | None = None) -> PairedRun:
+                          session: aiohttp.ClientSession | None = None, keep_text: bool = False) -> PairedRun:
     """Every case to both endpoints, scored with `scorers` (specs or built scorers; a case's own
     scorers replace them). With `batch_size` or `looks`, runs batch after batch and stops early once
     `stop_when(run_so_far)` is true; the result then has `complete == False`."""
@@ -487,7 +552,7 @@ async def evaluate_paired(cases: Iterable[Case], stable: Endpoint, candidate: En
     async with contextlib.aclosing(iter_paired_batches(
             cases, stable, candidate, scorers, batch_size=batch_size, looks=looks,
             concurrency=concurrency, timeout=timeout, max_tokens=max_tokens,
-            connection_retries=connection_retries, session=session)) as batches:
+            connection_retries=connection_retries, session=session, keep_text=keep_text)) as batches:
         async for run in batches:
             if stop_when is not None and not run.complete and stop_when(run):
                 break
@@ -499,7 +564,8 @@ async def iter_batches(cases: Iterable[Case], endpoint: Endpoint, scorers: Itera
                        concurrency: int = DEFAULT_CONCURRENCY,
                        timeout: float = DEFAULT_TIMEOUT, max_tokens: int | None = DEFAULT_MAX_TOKENS,
                        connection_retries: int = CONNECTION_RETRIES,
-                       session: aiohttp.ClientSession | None = None) -> AsyncGenerator[EvalRun, None]:
+                       session: aiohttp.ClientSession | None = None,
+                       keep_text: bool = False) -> AsyncGenerator[EvalRun, None]:
     """One endpoint: the cumulative EvalRun after each batch."""
     _check_settings(concurrency, timeout)
     cases, default = _prepare(cases, scorers)
@@ -507,7 +573,8 @@ async def iter_batches(cases: Iterable[Case], endpoint: Endpoint, scorers: Itera
     results: list[tuple[str, SideResult]] = []
     async with contextlib.aclosing(_batches(
             cases, (endpoint,), default, ends=ends, concurrency=concurrency, timeout=timeout,
-            max_tokens=max_tokens, connection_retries=connection_retries, session=session)) as batches:
+            max_tokens=max_tokens, connection_retries=connection_retries, session=session,
+            keep_text=keep_text)) as batches:
         async for rows in batches:
             results.extend((cid, row[0]) for cid, row in rows)
             yield EvalRun(tuple(results), planned=len(cases))
@@ -518,14 +585,14 @@ async def evaluate(cases: Iterable[Case], endpoint: Endpoint, scorers: Iterable[
                    max_tokens: int | None = DEFAULT_MAX_TOKENS, batch_size: int | None = None,
                    looks: Sequence[int] | None = None, stop_when: Callable[[EvalRun], bool] | None = None,
                    connection_retries: int = CONNECTION_RETRIES,
-                   session: aiohttp.ClientSession | None = None) -> EvalRun:
+                   session: aiohttp.ClientSession | None = None, keep_text: bool = False) -> EvalRun:
     """Every case to one endpoint (a single-model evaluation)."""
     cases = list(cases)
     run = EvalRun((), planned=len(cases))
     async with contextlib.aclosing(iter_batches(
             cases, endpoint, scorers, batch_size=batch_size, looks=looks, concurrency=concurrency,
             timeout=timeout, max_tokens=max_tokens, connection_retries=connection_retries,
-            session=session)) as batches:
+            session=session, keep_text=keep_text)) as batches:
         async for run in batches:
             if stop_when is not None and not run.complete and stop_when(run):
                 break
@@ -543,15 +610,18 @@ async def list_models(base_url: str, *, timeout: float = 10.0,
     async with open_session(1, session) as s:
         try:
             async with s.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-                raw = await resp.read()
                 status = resp.status
+                raw = await read_capped(resp, MODEL_LIST_BYTES if status < 400 else ERROR_BODY_BYTES,
+                                        truncate=status >= 400)
+        except _TooLarge:
+            raise EndpointError(f"{url}: the model list is larger than {MODEL_LIST_BYTES} bytes") from None
         except TimeoutError:
             raise EndpointError(f"{url}: no answer within {timeout:g} s") from None
         except aiohttp.ClientError as exc:
-            raise EndpointError(f"{url}: {type(exc).__name__}: {exc}") from None
+            raise EndpointError(_detail(f"{url}: {type(exc).__name__}: {exc}")) from None
     if status >= 400:
         raise EndpointError(f"{url}: HTTP {status}: {_error_message(raw)}")
     try:
         return [str(m["id"]) for m in json.loads(raw)["data"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise EndpointError(f"{url}: not a model list ({exc})") from None
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise EndpointError(_detail(f"{url}: not a model list ({exc})")) from None

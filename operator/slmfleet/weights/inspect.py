@@ -40,11 +40,9 @@ def s3_client(*, endpoint_url: str | None, region: str | None, path_style: bool,
 
 
 def _get(client: Any, bucket: str, key: str, limit: int = MAX_SMALL_FILE) -> bytes:
-    response = client.get_object(Bucket=bucket, Key=key)
-    if int(response.get("ContentLength") or 0) > limit:
-        raise ValueError(f"{key} is larger than {limit} bytes")
-    data: bytes = response["Body"].read()
-    return data
+    """A whole small object, streamed with a cap whatever Content-Length says
+    (s3.ReadLimitExceeded, a ValueError, past it)."""
+    return s3mod.get_capped(client, bucket, key, limit, what=key)
 
 
 def inspect_s3(client: Any, uri: str, pin: str, *, allow_pickle: bool) -> WeightsFacts:

@@ -68,6 +68,7 @@ from slmfleet.weights.errors import (
 )
 from slmfleet.weights.manifest import (
     MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
     STAGING_DIR,
     VERIFIED_MARKER,
     FileEntry,
@@ -238,13 +239,16 @@ class _Loader:
     def _storage(self, fn: Callable[[], Any], what: str) -> Any:
         try:
             return self.opts.retry.call(fn, what=what, log=self.log)
-        except WeightsError:
+        except (WeightsError, ManifestError):  # a listing no manifest could hold: the caller says why
             raise
         except Exception as exc:  # every storage failure becomes an exit code
             raise storage_error(exc, what, self.opts.retry.attempts) from exc
 
     def _verified_manifest(self, raw: bytes) -> Manifest:
         where = self.source.describe(MANIFEST_NAME)
+        if len(raw) > MAX_MANIFEST_BYTES:  # read up to one byte past the limit: not all of it
+            raise DigestMismatch(f"manifest digest mismatch: {where} is larger than {MAX_MANIFEST_BYTES} bytes, "
+                                 f"more than a manifest may have; the pin is {self.digest}; nothing was downloaded")
         try:
             manifest = Manifest.parse(raw)
         except ManifestError as exc:

@@ -167,22 +167,102 @@ def client_from_env(overrides: Mapping[str, Any] | None = None, *,
     return S3Settings.from_env(overrides, environ).client()
 
 
+# --- bounded reads ---------------------------------------------------------------------------------
+#
+# Every GET body is read in chunks up to a cap that the caller chooses, whatever Content-Length
+# says (a server may send none, or lie) and whether or not the server honoured a Range header (one
+# that ignores it sends the whole object with 200). Reading stops at the cap; the connection is
+# closed rather than drained.
+
+READ_CHUNK = 1024 * 1024
+
+
+class ReadLimitExceeded(ValueError):
+    """A response body longer than its reader allows. The message names the object and the limit,
+    never anything the server sent."""
+
+    def __init__(self, what: str, limit: int) -> None:
+        super().__init__(f"{what} is larger than {limit} bytes")
+        self.what, self.limit = what, limit
+
+
+def read_upto(body: Any, n: int, *, chunk_size: int = READ_CHUNK) -> bytes:
+    """At most `n` bytes of a streaming body (botocore's StreamingBody, a file object), in reads of
+    at most `chunk_size`; fewer when the body ends sooner. What follows is left unread."""
+    if n <= 0:
+        return b""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = body.read(min(chunk_size, n - len(buf)))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
+
+
+def skip(body: Any, n: int, *, chunk_size: int = READ_CHUNK) -> int:
+    """Read and discard `n` bytes (fewer if the body ends sooner), one chunk at a time; how many."""
+    done = 0
+    while done < n:
+        chunk = body.read(min(chunk_size, n - done))
+        if not chunk:
+            break
+        done += len(chunk)
+    return done
+
+
+def read_capped(body: Any, limit: int, what: str = "the object", *, chunk_size: int = READ_CHUNK) -> bytes:
+    """The whole body if it has at most `limit` bytes, else ReadLimitExceeded (after reading at most
+    one byte more than the limit)."""
+    data = read_upto(body, limit + 1, chunk_size=chunk_size)
+    if len(data) > limit:
+        raise ReadLimitExceeded(what, limit)
+    return data
+
+
+def get_capped(client: Any, bucket: str, key: str, limit: int, what: str | None = None) -> bytes:
+    """A whole object of at most `limit` bytes with one GET; ReadLimitExceeded for a larger one,
+    before reading when Content-Length says so, else as soon as the body passes the limit."""
+    what = what or f"s3://{bucket}/{key}"
+    resp = client.get_object(Bucket=bucket, Key=key)
+    body = resp["Body"]
+    try:
+        length = resp.get("ContentLength")
+        if isinstance(length, int) and length > limit:
+            raise ReadLimitExceeded(what, limit)
+        return read_capped(body, limit, what)
+    finally:
+        body.close()
+
+
+def range_body(resp: Any, start: int, length: int, what: str = "the object") -> bytes:
+    """The bytes [start, start+length) from the response to a GET with `Range: bytes=start-end`,
+    never reading more than that: a store that honoured the Range (206, or a Content-Range) sends
+    at most `length` bytes (more is ReadLimitExceeded); one that ignored it (200 without
+    Content-Range: the whole object) has the first `start` bytes skipped and the rest left unread.
+    Fewer bytes come back when the object ends sooner. Closes the body."""
+    body = resp["Body"]
+    try:
+        status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if resp.get("ContentRange") or status != 200:
+            return read_capped(body, length, f"{what} (bytes {start}-{start + length - 1})")
+        if skip(body, start) < start:  # the store ignored the Range header: read only what was asked
+            return b""
+        return read_upto(body, length)
+    finally:
+        body.close()
+
+
 def read_range(client: Any, bucket: str, key: str, start: int, length: int) -> bytes:
-    """Bytes [start, start+length) of an object with one ranged GET. Fewer bytes come back when
-    the object ends sooner; a start past the end raises the store's ClientError (InvalidRange)."""
+    """Bytes [start, start+length) of an object with one ranged GET, reading no more than that
+    (see `range_body`). Fewer bytes come back when the object ends sooner; a start past the end
+    raises the store's ClientError (InvalidRange)."""
     if start < 0 or length < 0:
         raise ValueError("start and length must not be negative")
     if length == 0:
         return b""
     resp = client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{start + length - 1}")
-    body = resp["Body"]
-    try:
-        data: bytes = body.read()
-    finally:
-        body.close()
-    if not resp.get("ContentRange") and resp.get("ResponseMetadata", {}).get("HTTPStatusCode") == 200:
-        data = data[start:start + length]  # a store that ignored the Range header sent everything
-    return data
+    return range_body(resp, start, length, f"s3://{bucket}/{key}")
 
 
 def content_range_total(value: str | None) -> int | None:

@@ -4,6 +4,21 @@ A safetensors file starts with an 8-byte little-endian unsigned length N, then N
 (possibly padded with spaces): `{"<tensor>": {"dtype": "BF16", "shape": [4096, 4096],
 "data_offsets": [begin, end]}, ..., "__metadata__": {...}}`, then the tensor data. The operator
 reads the first 8 bytes and then the header with two ranged reads (`read_header`).
+
+Limits. The safetensors library accepts headers up to 100 MB; a header that size took about 45 s
+and 1.8 GiB to parse here. Real headers are far smaller: an entry is about 100-150 bytes, a shard
+of a dense 70B model holds a few hundred tensors (tens of KB), and the shards of large MoE
+models (thousands of expert tensors) have headers of a few hundred KB. So:
+
+- `MAX_HEADER_BYTES` = 16 MiB, some 50 times the largest real shard header. A length prefix over
+  it is refused after the first 8 bytes, before the header is requested or any buffer allocated.
+- `MAX_TENSORS` = 100,000 tensors in one header (about what 16 MiB of ordinary entries hold),
+  shapes of at most `MAX_DIMS` dimensions, at most `MAX_METADATA_ENTRIES` metadata entries.
+- Before the JSON is parsed, its objects, arrays and members are counted on the bytes (see
+  `manifest.json_within`), so a header that would expand into millions of Python objects (empty
+  lists, long shapes, a huge `__metadata__`) is refused without building them. A header at both
+  limits parses in about a second and some 100 MB; the tensors' objects are kept as parsed, not
+  copied.
 """
 
 from __future__ import annotations
@@ -13,9 +28,12 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from slmfleet.weights.manifest import reject_duplicate_keys
+from slmfleet.weights.manifest import json_within, reject_duplicate_keys
 
-MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_TENSORS = 100_000
+MAX_METADATA_ENTRIES = 10_000  # `__metadata__` is a string-to-string map: a format name, a few notes
+MAX_DIMS = 8  # of a tensor's shape; models use at most 5 or so
 METADATA_KEY = "__metadata__"
 
 # Bits per element; sub-byte formats are packed (safetensors requires whole bytes per tensor).
@@ -51,7 +69,7 @@ _no_duplicates = reject_duplicate_keys(lambda message: SafetensorsError(f"{messa
 def _nbytes(name: str, dtype: str, shape: list[int]) -> int:
     bits = DTYPE_BITS.get(dtype)
     if bits is None:
-        raise SafetensorsError(f"tensor {name!r}: unknown dtype {dtype!r}")
+        raise SafetensorsError(f"tensor {name[:100]!r}: unknown dtype {_short(dtype)}")
     return (math.prod(shape) * bits + 7) // 8
 
 
@@ -61,36 +79,64 @@ def parse_header(data: bytes) -> dict[str, dict[str, Any]]:
     and dtypes are checked against each other."""
     if len(data) > MAX_HEADER_BYTES:
         raise SafetensorsError(f"header exceeds {MAX_HEADER_BYTES} bytes")
+    data = bytes(data)
+    # Counted before parsing: per tensor one object, two arrays and at most 6 + MAX_DIMS members
+    # and elements; the metadata one object and two per entry.
+    if not json_within(data, objects=MAX_TENSORS + 2, arrays=2 * MAX_TENSORS,
+                       items=(6 + MAX_DIMS) * MAX_TENSORS + 2 * MAX_METADATA_ENTRIES + 2):
+        raise SafetensorsError(f"header has more than {MAX_TENSORS} tensors, or more JSON than that many "
+                               "tensors need (not a safetensors file?)")
     try:
-        obj = json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except SafetensorsError:  # a duplicate key
+        raise
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, too deep, an int of 5,000 digits
         raise SafetensorsError(f"header is not JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise SafetensorsError("header is not a JSON object")
+    if len(obj) - (METADATA_KEY in obj) > MAX_TENSORS:
+        raise SafetensorsError(f"header has more than {MAX_TENSORS} tensors")
+    meta = obj.get(METADATA_KEY)
+    if isinstance(meta, dict) and len(meta) > MAX_METADATA_ENTRIES:
+        raise SafetensorsError(f"header metadata has more than {MAX_METADATA_ENTRIES} entries")
     tensors: dict[str, dict[str, Any]] = {}
     for name, info in obj.items():
         if name == METADATA_KEY:
             continue
+        shown = name[:100]
         if not isinstance(info, dict):
-            raise SafetensorsError(f"tensor {name!r}: not an object")
+            raise SafetensorsError(f"tensor {shown!r}: not an object")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(dtype, str):
-            raise SafetensorsError(f"tensor {name!r}: dtype {dtype!r} is not a string")
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise SafetensorsError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+            raise SafetensorsError(f"tensor {shown!r}: dtype {_short(dtype)} is not a string")
+        if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+                or not all(type(d) is int and d >= 0 for d in shape)):
+            raise SafetensorsError(f"tensor {shown!r}: shape {_short(shape)} is not a list of at most "
+                                   f"{MAX_DIMS} non-negative integers")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1]):
-            raise SafetensorsError(f"tensor {name!r}: data_offsets {offsets!r} are not [begin, end] with begin <= end")
-        expected = _nbytes(name, dtype, shape)
+            raise SafetensorsError(f"tensor {shown!r}: data_offsets {_short(offsets)} are not [begin, end] "
+                                   "with begin <= end")
+        expected = _nbytes(shown, dtype, shape)
         if offsets[1] - offsets[0] != expected:
-            raise SafetensorsError(f"tensor {name!r}: {dtype} {shape} needs {expected} bytes, "
+            raise SafetensorsError(f"tensor {shown!r}: {_short(dtype)} {shape} needs {expected} bytes, "
                                    f"data_offsets span {offsets[1] - offsets[0]}")
-        tensors[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+        # The parsed object itself, not a copy (a header may hold 100,000 of them).
+        tensors[name] = info if len(info) == 3 else {"dtype": dtype, "shape": shape, "data_offsets": offsets}
     return tensors
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 100 else text[:100] + "..."
+
+
 def metadata(data: bytes) -> dict[str, str]:
-    """The header's `__metadata__` (string to string), or {}."""
+    """The header's `__metadata__` (string to string), or {}; SafetensorsError past the limits."""
+    if len(data) > MAX_HEADER_BYTES or not json_within(
+            bytes(data), objects=MAX_TENSORS + 2, arrays=2 * MAX_TENSORS,
+            items=(6 + MAX_DIMS) * MAX_TENSORS + 2 * MAX_METADATA_ENTRIES + 2):
+        raise SafetensorsError(f"header exceeds the limits ({MAX_HEADER_BYTES} bytes, {MAX_TENSORS} tensors)")
     obj = json.loads(bytes(data).decode("utf-8"))
     meta = obj.get(METADATA_KEY) if isinstance(obj, dict) else None
     return dict(meta) if isinstance(meta, dict) else {}

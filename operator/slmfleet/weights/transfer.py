@@ -26,7 +26,14 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 
 from slmfleet.weights import s3
 from slmfleet.weights.errors import SourceError, Unreachable, UsageError, WeightsError
-from slmfleet.weights.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, RESERVED_NAMES, validate_path
+from slmfleet.weights.manifest import (
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    MAX_MANIFEST_FILES,
+    RESERVED_NAMES,
+    ManifestError,
+    validate_path,
+)
 
 T = TypeVar("T")
 
@@ -99,6 +106,8 @@ def storage_error(exc: BaseException, what: str, attempts: int) -> WeightsError:
         return Unreachable(f"{what}: {s3.describe_error(exc)} (check the CA bundle)")
     if s3.is_credentials_error(exc):
         return SourceError(f"{what}: {s3.describe_error(exc)} (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+    if isinstance(exc, s3.ReadLimitExceeded):
+        return SourceError(f"{what}: {exc}")
     if isinstance(exc, (ClientError, BotoCoreError, PermissionError, FileNotFoundError, NotADirectoryError)):
         return SourceError(f"{what}: {s3.describe_error(exc)}")
     if isinstance(exc, OSError):
@@ -183,14 +192,13 @@ class S3Source:
             raise
         body = resp["Body"]
         try:
-            if int(resp.get("ContentLength") or 0) > MAX_MANIFEST_BYTES:
-                head: bytes = body.read(MAX_MANIFEST_BYTES + 1)
-                return head
-            data: bytes = body.read()
+            # At most one byte past the limit, whatever Content-Length says: the manifest's parser
+            # refuses a larger one (as it does for LocalSource).
+            data = s3.read_upto(body, MAX_MANIFEST_BYTES + 1)
         finally:
             body.close()
         expected = resp.get("ContentLength")
-        if expected is not None and len(data) != int(expected):
+        if expected is not None and len(data) < min(int(expected), MAX_MANIFEST_BYTES + 1):
             raise ShortRead(f"{self.describe(MANIFEST_NAME)}: got {len(data)} of {expected} bytes")
         return data
 
@@ -200,6 +208,9 @@ class S3Source:
             if rel in RESERVED_NAMES:
                 continue
             out.append((validate_path(rel), size))
+            if len(out) > MAX_MANIFEST_FILES:  # stop listing: a manifest could not hold them
+                raise ManifestError(f"{self.describe()} has more than the {MAX_MANIFEST_FILES} files "
+                                    "a manifest may list")
         return out
 
     def get_range(self, path: str, start: int, length: int) -> bytes:
@@ -213,16 +224,15 @@ class S3Source:
             if s3.error_code(exc) == "InvalidRange" or s3.http_status(exc) == 416:
                 raise SourceTooShort(path, None) from None
             raise
-        body = resp["Body"]
-        try:
-            data: bytes = body.read()
-        finally:
-            body.close()
         total = s3.content_range_total(resp.get("ContentRange"))
-        if total is not None and total < start + length:
-            raise SourceTooShort(path, total)
         if total is None and resp.get("ResponseMetadata", {}).get("HTTPStatusCode") == 200:
-            data = data[start:start + length]  # the store ignored the Range header
+            size = resp.get("ContentLength")  # the store ignored the Range: this is the whole object
+            total = size if isinstance(size, int) else None
+        if total is not None and total < start + length:
+            resp["Body"].close()
+            raise SourceTooShort(path, total)
+        # Never more than the range, even from a store that ignores Range and sends everything.
+        data = s3.range_body(resp, start, length, self.describe(path))
         if len(data) != length:
             raise ShortRead(f"{self.describe(path)}: got {len(data)} of {length} bytes at {start}")
         return data
