@@ -204,12 +204,15 @@ def test_an_equal_candidate_is_promoted_and_a_deprecated_base_rolls_back_to_the_
         wait_for(lambda: "BaseModelDeprecated" in [r for r, _ in events_of(core, namespace, "eq")], 15, 0.2,
                  "BaseModelDeprecated event")
     finally:
-        # Back to no deprecations before the next test: wait until the operator has read the
-        # empty list (it logs every change of the list), not for a guessed poll interval.
+        # Back to no deprecations before the next test: an empty list (deleting the ConfigMap
+        # would keep the last list: it fails safe). Wait until the operator has read it (it logs
+        # every change of the list), not for a guessed poll interval; then the ConfigMap can go.
         emptied = operator.log_text().count(NO_DEPRECATIONS)
-        core.delete_namespaced_config_map("slmfleet-deprecations", "slmfleet-system")
+        core.patch_namespaced_config_map("slmfleet-deprecations", "slmfleet-system",
+                                         {"data": {"deprecations.yaml": "deprecations: []\n"}})
         wait_for(lambda: operator.log_text().count(NO_DEPRECATIONS) > emptied, 30, 0.2,
                  "the operator to read the emptied deprecations list")
+        core.delete_namespaced_config_map("slmfleet-deprecations", "slmfleet-system")
 
 
 def test_a_worse_candidate_is_rolled_back_and_the_stable_keeps_its_replicas(
