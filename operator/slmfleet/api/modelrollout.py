@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from slmfleet.api import tenant_patterns
 from slmfleet.api.base import CRModel
 from slmfleet.api.conditions import Condition
 from slmfleet.api.smallmodel import S3Settings
@@ -157,14 +158,30 @@ class Scorer(CRModel):
     """Scorer kind."""
     normalize: list[Normalization] = Field(default_factory=_default_normalization, max_length=5)
     """Normalisation applied to the answer and the expectation before comparing."""
-    pattern: str | None = Field(default=None, max_length=4096)
-    """Regular expression (regex scorer); `{expected}` is replaced by the escaped expectation."""
+    pattern: str | None = Field(default=None, max_length=tenant_patterns.MAX_PATTERN_LENGTH)
+    """Regular expression (regex scorer) in RE2 syntax, matched in linear time: no backreferences
+    or lookaround, `\\d`/`\\w`/`\\b` are ASCII; `{expected}` is replaced by the escaped expectation."""
     field: str | None = Field(default=None, max_length=256)
     """Field path in the JSON answer (jsonField scorer), e.g. `label` or `entities[0].type`."""
     schema_: dict[str, Any] | None = Field(
         default=None, alias="schema", json_schema_extra={"x-kubernetes-preserve-unknown-fields": True}
     )
-    """JSON Schema the answer must satisfy (jsonSchema scorer)."""
+    """JSON Schema the answer must satisfy (jsonSchema scorer): valid for its `$schema` dialect,
+    `$ref`s local only (`#...`, nothing is fetched), `pattern`s in RE2 syntax."""
+
+    @model_validator(mode="after")
+    def _tenant_patterns(self) -> Scorer:
+        """A pattern RE2 cannot compile, a remote `$ref` or an invalid schema is refused when the
+        rollout is parsed (the rollout is then Degraded, reason InvalidSpec), not when it is scored."""
+        if self.pattern is not None:
+            # `{expected}` becomes an escaped literal: any literal stands for it here.
+            tenant_patterns.compile_regex(self.pattern.replace("{expected}", "x"))
+        if self.schema_ is not None:
+            try:
+                tenant_patterns.check_schema_cached(self.schema_)
+            except tenant_patterns.SchemaError as exc:
+                raise ValueError(f"schema: {exc}") from None
+        return self
 
 
 class Thresholds(CRModel):

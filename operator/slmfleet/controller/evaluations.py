@@ -123,14 +123,15 @@ async def load_cases(client: KubeClient, request: EvaluationRequest,
                      endpoints: Sequence[S3EndpointRule] = ()) -> list[Case]:
     """The evaluation's cases from its dataset: inline, a ConfigMap key (JSONL) or an S3 JSONL
     object (its endpoint on the platform's allow-list, `endpoints`). Every expectation is checked
-    against the scorers. Raises DatasetError (or ScorerError) with where the problem is."""
+    against the scorers, off the event loop (per-case scorers compile patterns and check schemas).
+    Raises DatasetError (or ScorerError) with where the problem is."""
     evaluation = request.evaluation
     dataset = evaluation.dataset
     scorers = _scorers(evaluation)
     namespace = request.namespace
     if dataset.inline is not None:
-        return parse_cases([c.model_dump(by_alias=True, exclude_none=True) for c in dataset.inline],
-                           "inline", default_scorers=scorers)
+        inline = [c.model_dump(by_alias=True, exclude_none=True) for c in dataset.inline]
+        return await asyncio.to_thread(parse_cases, inline, "inline", default_scorers=scorers)
     if dataset.config_map is not None:
         ref = dataset.config_map
         source = f"ConfigMap {namespace}/{ref.name}"
@@ -140,7 +141,7 @@ async def load_cases(client: KubeClient, request: EvaluationRequest,
             raise DatasetError(f"{source}: cannot read ({api_failure(exc)})") from None
         if ref.key not in data:
             raise DatasetError(f"{source} has no key {ref.key!r}")
-        return parse_jsonl(data[ref.key], f"{source} key {ref.key}", default_scorers=scorers)
+        return await asyncio.to_thread(parse_jsonl, data[ref.key], f"{source} key {ref.key}", default_scorers=scorers)
     if dataset.s3 is not None:
         s3 = await _s3_dataset_client(client, namespace, dataset.s3, endpoints)
         return await asyncio.to_thread(load_s3_jsonl, s3, dataset.s3.uri, default_scorers=scorers)

@@ -30,6 +30,11 @@
   which `f(run)` is true and returns the partial run (`run.complete` is False). Sequential decisions
   live in the rollout layer; this only makes stopping possible.
 - The HTTP client ignores proxy settings in the environment: evaluations go straight to the pods.
+- Scoring never runs on the event loop: each answer is scored on one of SCORING_THREADS threads
+  shared by every evaluation of the process (and the dataset is checked against the scorers there
+  too), so a slow scorer holds a thread, not the loop that serves watches, workers and /healthz.
+  Tenant regexes run on RE2 in linear time and JSON Schema validation has a step budget (see
+  scorers), so no scorer holds a thread for long either.
 """
 
 from __future__ import annotations
@@ -37,12 +42,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import statistics
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +72,8 @@ ERROR_BODY_BYTES = 16 * 1024
 MODEL_LIST_BYTES = 1024 * 1024
 MAX_DETAIL = 200
 """Characters of an error's detail that are kept (some come from the server's body)."""
+SCORING_THREADS = 4
+"""Threads that score answers, shared by every evaluation of the process."""
 
 ERROR_HTTP, ERROR_TIMEOUT, ERROR_CONNECTION, ERROR_PROTOCOL = "http", "timeout", "connection", "protocol"
 
@@ -288,6 +297,21 @@ def _prepare(cases: Iterable[Case], scorers: Iterable[Any] | None) -> tuple[list
     return cases, default
 
 
+@functools.cache
+def _scoring_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(SCORING_THREADS, thread_name_prefix="slmfleet-score")
+
+
+async def off_the_loop(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` on a scoring thread: what scores answers or checks cases against scorers."""
+    return await asyncio.get_running_loop().run_in_executor(_scoring_threads(), fn, *args)
+
+
+async def _prepared(cases: Iterable[Case], scorers: Iterable[Any] | None) -> tuple[list[Case], tuple[Scorer, ...]]:
+    prepared: tuple[list[Case], tuple[Scorer, ...]] = await off_the_loop(_prepare, cases, scorers)
+    return prepared
+
+
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -464,7 +488,7 @@ class Client:
         answer = await self.ask(endpoint, case)
         scorers = case.scorers if case.scorers is not None else default
         if answer.ok:
-            scores = score_all(scorers, answer.text or "", case.expected)
+            scores: dict[str, float] = await off_the_loop(score_all, scorers, answer.text or "", case.expected)
         else:
             scores = {s.name: 0.0 for s in scorers}
         # Scored: the text goes (unless kept), so a run holds scores, never answers.
@@ -525,7 +549,7 @@ async def iter_paired_batches(cases: Iterable[Case], stable: Endpoint, candidate
     evaluation (no request is in flight between batches); close the generator
     (`contextlib.aclosing`) to release its HTTP session at once."""
     _check_settings(concurrency, timeout)
-    cases, default = _prepare(cases, scorers)
+    cases, default = await _prepared(cases, scorers)
     ends = batch_ends(len(cases), batch_size, looks)
     results: list[CaseResult] = []
     async with contextlib.aclosing(_batches(
@@ -568,7 +592,7 @@ async def iter_batches(cases: Iterable[Case], endpoint: Endpoint, scorers: Itera
                        keep_text: bool = False) -> AsyncGenerator[EvalRun, None]:
     """One endpoint: the cumulative EvalRun after each batch."""
     _check_settings(concurrency, timeout)
-    cases, default = _prepare(cases, scorers)
+    cases, default = await _prepared(cases, scorers)
     ends = batch_ends(len(cases), batch_size, looks)
     results: list[tuple[str, SideResult]] = []
     async with contextlib.aclosing(_batches(

@@ -10,9 +10,14 @@ request goes out:
   `any` (default) or `all` must appear, or `fraction` scores the share that does.
 - `regex`: `pattern` (where `{expected}` stands for the escaped, normalised expectation), or the
   expectation itself as the pattern; `mode` `search` (default) or `full`; `ignore_case`,
-  `multiline`, `dotall`.
+  `multiline`, `dotall`. Patterns are RE2's and run on RE2, in linear time (see
+  `slmfleet.api.tenant_patterns`: no backreferences or lookaround, `\\d`/`\\w`/`\\b` are ASCII).
 - `json_schema`: the answer parses as JSON and validates against `schema` (or, without it, against
-  the case's expectation, which then is the schema), with the pinned `jsonschema`.
+  the case's expectation, which then is the schema), with the pinned `jsonschema`. The schema is
+  checked when the scorer is built (`tenant_patterns.check_schema`: valid, local `$ref`s only, RE2
+  patterns); validation never fetches anything, runs every `pattern` and `patternProperties` key on
+  RE2, and gives up (ScorerError) after MAX_SCHEMA_STEPS keyword evaluations for one answer, so a
+  schema whose references fan out exponentially cannot hold a scoring thread either.
 - `json_field`: the answer parses as JSON and the value at `field` (`label`, `a.b[0]`,
   `items[2]["odd.key"]`) equals the expectation. When the expectation is itself an object or array
   (or JSON text of one) holding that path, the value there is expected; otherwise the expectation
@@ -33,16 +38,30 @@ The JSON scorers strip a Markdown code fence around the answer (```json ... ```)
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import re
+import threading
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from jsonschema.exceptions import SchemaError
-from jsonschema.validators import validator_for
+from jsonschema.protocols import Validator
+from jsonschema.validators import extend
+from referencing import Registry
+from referencing.exceptions import Unresolvable
+
+from slmfleet.api.tenant_patterns import (
+    MAX_PATTERN_LENGTH,
+    CompiledRegex,
+    PatternError,
+    SchemaError,
+    check_schema,
+    compile_regex,
+    escape,
+)
 
 
 class ScorerError(ValueError):
@@ -291,11 +310,6 @@ class Contains(Scorer):
         return 1.0 if any(found) else 0.0
 
 
-@functools.lru_cache(maxsize=1024)
-def _compile(pattern: str, flags: int) -> re.Pattern[str]:
-    return re.compile(pattern, flags)
-
-
 @register_scorer
 class Regex(Scorer):
     type = "regex"
@@ -303,38 +317,38 @@ class Regex(Scorer):
 
     def configure(self, opts: _Options) -> None:
         # `ignore_case` is a regex flag here, not the lowercase normalisation.
-        self.flags = 0
-        for key, flag in (("ignore_case", re.IGNORECASE), ("multiline", re.MULTILINE), ("dotall", re.DOTALL)):
-            if opts.bool(key, False):
-                self.flags |= flag
+        self.flags = {key: opts.bool(key, False) for key in ("ignore_case", "multiline", "dotall")}
         self.norm = opts.normalization()
         self.mode = opts.choice("mode", ("search", "full"), "search")
         self.pattern = opts.text("pattern")
-        if self.pattern is not None and "{expected}" not in self.pattern:
-            self._compiled(self.pattern)  # fails now on a bad pattern
+        if self.pattern is not None:
+            # Fails now on a bad pattern; `{expected}` becomes an escaped literal, any literal stands for it.
+            self._compiled(self.pattern.replace("{expected}", "x"))
 
-    def _compiled(self, pattern: str) -> re.Pattern[str]:
+    def _compiled(self, pattern: str, max_length: int | None = MAX_PATTERN_LENGTH) -> CompiledRegex:
         try:
-            return _compile(pattern, self.flags)
-        except re.error as exc:
-            raise ScorerError(f"{self.type}: invalid pattern {pattern!r}: {exc}") from None
+            return compile_regex(pattern, max_length=max_length, **self.flags)
+        except PatternError as exc:
+            raise ScorerError(f"{self.type}: {exc}") from None
 
-    def _patterns(self, expected: Any) -> list[str]:
+    def _patterns(self, expected: Any) -> list[tuple[str, int | None]]:
+        """The patterns to try, each with the length limit it has: the tenant wrote the pattern (or
+        the expectation that is one); an expectation put into `{expected}` is an escaped literal."""
         if self.pattern is None:
-            return _expected_texts(self.type, expected)
+            return [(p, MAX_PATTERN_LENGTH) for p in _expected_texts(self.type, expected)]
         if "{expected}" not in self.pattern:
-            return [self.pattern]
-        return [self.pattern.replace("{expected}", re.escape(self.norm.apply(e)))
+            return [(self.pattern, MAX_PATTERN_LENGTH)]
+        return [(self.pattern.replace("{expected}", escape(self.norm.apply(e))), None)
                 for e in _expected_texts(self.type, expected)]
 
     def check(self, expected: Any) -> None:
-        for pattern in self._patterns(expected):
-            self._compiled(pattern)
+        for pattern, limit in self._patterns(expected):
+            self._compiled(pattern, limit)
 
     def score(self, response: str, expected: Any) -> float:
         answer = self.norm.apply(response)
-        for pattern in self._patterns(expected):
-            compiled = self._compiled(pattern)
+        for pattern, limit in self._patterns(expected):
+            compiled = self._compiled(pattern, limit)
             if (compiled.fullmatch(answer) if self.mode == "full" else compiled.search(answer)):
                 return 1.0
         return 0.0
@@ -367,16 +381,102 @@ def _json_or_text(value: Any) -> Any:
     return value
 
 
+# --- JSON Schema validation: RE2, no fetching, a budget ----------------------------------------------
+
+
+class _RE2Search:
+    """Stands in for the `re` module inside jsonschema's keyword modules, whose one use of it is
+    `re.search(pattern, text)` on the schema's `pattern` and `patternProperties` keys (for
+    `pattern`, `patternProperties`, `additionalProperties` and `unevaluatedProperties`): jsonschema
+    has no setting for its regex engine, so this gives it RE2. The patterns were accepted by RE2
+    when the schema was checked; `additionalProperties` joins them with `|`, hence no length limit."""
+
+    def search(self, pattern: str, string: str, flags: int = 0) -> object | None:
+        if flags:  # pragma: no cover - jsonschema passes none
+            raise PatternError("RE2 in jsonschema takes no flags")
+        return compile_regex(pattern, max_length=None).search(string)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(re, name)
+
+
+JSONSCHEMA_REGEX_MODULES = ("jsonschema._keywords", "jsonschema._utils", "jsonschema._legacy_keywords")
+
+
+def use_re2_in_jsonschema() -> None:
+    """Make jsonschema match schema patterns with RE2 in this process (idempotent)."""
+    for name in JSONSCHEMA_REGEX_MODULES:
+        module = importlib.import_module(name)
+        if not isinstance(getattr(module, "re", None), _RE2Search):
+            setattr(module, "re", _RE2Search())  # noqa: B010 - mypy does not know the module has `re`
+
+
+use_re2_in_jsonschema()
+
+MAX_SCHEMA_STEPS = 100_000
+"""Keyword evaluations one answer may take against a schema (a 1000-item array of small objects takes
+7,000, a few milliseconds; 100,000 through references take about 4 s of one scoring thread); past it the
+scorer gives up with a ScorerError, which ends the evaluation as an error."""
+
+
+class _Budget(threading.local):
+    steps = 0
+
+
+_BUDGET = _Budget()
+
+
+class _OverBudget(Exception):
+    pass
+
+
+_Keyword = Callable[[Any, Any, Any, Any], Iterator[Any]]
+
+
+def _counted(keyword: _Keyword) -> _Keyword:
+    def counted(validator: Any, value: Any, instance: Any, schema: Any) -> Iterator[Any]:
+        _BUDGET.steps += 1
+        if _BUDGET.steps > MAX_SCHEMA_STEPS:
+            raise _OverBudget
+        yield from keyword(validator, value, instance, schema)
+    return counted
+
+
+@functools.cache
+def _budgeted(cls: type[Validator]) -> type[Validator]:
+    """`cls` with every keyword counted against the budget of the answer being scored."""
+    extended: type[Validator] = extend(  # type: ignore[no-untyped-call]  # the stub leaves it untyped
+        cls, validators={name: _counted(fn) for name, fn in cls.VALIDATORS.items()})
+    return extended
+
+
+_LOCAL_ONLY: Registry[Any] = Registry()  # retrieves nothing: a reference it does not hold is Unresolvable
+
+
 @functools.lru_cache(maxsize=256)
-def _validator(schema_json: str, check_formats: bool) -> Any:
+def _validator(schema_json: str, check_formats: bool) -> Validator:
     schema = json.loads(schema_json)
-    cls = validator_for(schema)
     try:
-        cls.check_schema(schema)
+        cls = check_schema(schema)
     except SchemaError as exc:
-        path = "/".join(str(p) for p in exc.path)
-        raise ScorerError(f"json_schema: invalid JSON Schema{f' at {path}' if path else ''}: {exc.message}") from None
-    return cls(schema, format_checker=cls.FORMAT_CHECKER if check_formats else None)
+        raise ScorerError(f"json_schema: {exc}") from None
+    budgeted = _budgeted(cls)
+    return budgeted(schema, format_checker=cls.FORMAT_CHECKER if check_formats else None, registry=_LOCAL_ONLY)
+
+
+def _is_valid(validator: Validator, doc: Any) -> bool:
+    _BUDGET.steps = 0
+    try:
+        return validator.is_valid(doc)
+    except _OverBudget:
+        raise ScorerError(f"json_schema: validating one answer took more than {MAX_SCHEMA_STEPS} steps; "
+                          "simplify the schema (references that fan out)") from None
+    except Unresolvable as exc:
+        raise ScorerError(f"json_schema: the schema has a reference that cannot be resolved: {exc}") from None
+    except RecursionError:
+        raise ScorerError("json_schema: the schema's references loop without end") from None
+    except PatternError as exc:
+        raise ScorerError(f"json_schema: {exc}") from None
 
 
 @register_scorer
@@ -402,7 +502,7 @@ class JsonSchema(Scorer):
             raise ScorerError(f"{self.type}: {where} must be a JSON Schema (an object), not {json.dumps(schema)[:80]}")
         return json.dumps(schema, sort_keys=True)
 
-    def _validator_for(self, expected: Any) -> Any:
+    def _validator_for(self, expected: Any) -> Validator:
         if self.schema_json is not None:
             return _validator(self.schema_json, self.check_formats)
         if expected is None:
@@ -416,7 +516,7 @@ class JsonSchema(Scorer):
         doc = parse_json_answer(response, self.fences)
         if doc is _NO_JSON:
             return 0.0
-        return 1.0 if self._validator_for(expected).is_valid(doc) else 0.0
+        return 1.0 if _is_valid(self._validator_for(expected), doc) else 0.0
 
 
 _PATH_TOKEN = re.compile(r"""\.?([^.\[\]"']+)|\[(\d+)\]|\[\s*"((?:[^"\\]|\\.)*)"\s*\]|\[\s*'([^']*)'\s*\]""")
