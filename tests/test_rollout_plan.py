@@ -492,3 +492,18 @@ def test_a_rolled_back_candidate_held_while_its_storage_is_down_keeps_the_same_z
     world.weights = WeightsFacts(digest=NEW_DIGEST, problem="StorageUnreachable", message="S3 is down", transient=True)
     plan = world.plan(at(4))
     assert [o["kind"] for o in plan.apply if o["kind"] == "Deployment"] == []
+
+
+def test_an_invalid_rollout_says_so_once_not_on_every_reconcile():
+    from slmfleet.builders.owner import ModelOwner
+    from slmfleet.planning.rollout import RolloutInputs, plan_rollout
+
+    body = rollout_body()
+    body["spec"]["steps"] = "not a list"
+    inputs = RolloutInputs(owner=ModelOwner("qwen-chat", "models", "uid"), stable=None, candidate="r1", replicas=1,
+                           history=(), model_service=None, route=None, now=T0)
+    first = plan_rollout(RolloutObserved.of(body), inputs)
+    assert [e.reason for e in first.events] == ["InvalidSpec"] and first.status is not None
+    body["status"] = first.status
+    again = plan_rollout(RolloutObserved.of(body), inputs)
+    assert again.events == () and again.status is None

@@ -169,7 +169,9 @@ def plan_rollout(ro: RolloutObserved, inputs: RolloutInputs) -> RolloutPlan:
         old = ModelRolloutStatus.model_validate(raw_status or {})
         conds = _conditions(list(old.conditions), None, invalid, generation, now, "InvalidSpec")
         new = old.model_copy(update={"observed_generation": generation, "conditions": conds, "message": invalid})
-        return _finish(old, new, [EventNote("Warning", "InvalidSpec", invalid)], RolloutPlan())
+        # Said once, when the status starts saying it: not on every reconcile of an unchanged spec.
+        said = new.to_wire() == old.to_wire()
+        return _finish(old, new, [] if said else [EventNote("Warning", "InvalidSpec", invalid)], RolloutPlan())
     rollout = ro.rollout
     traffic = rollout.spec.traffic.http_route if ro.gateway_api else None
     if inputs.stable is None or inputs.candidate == inputs.stable:
