@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
+from collections.abc import Iterator
 
 import pytest
 import yaml
@@ -12,9 +14,10 @@ import yaml
 from slmfleet.k8s.client import KubeClient
 
 
-@pytest.fixture
-def silent_server():
-    """Accepts TCP connections on loopback and never answers (a stopped API server)."""
+@contextlib.contextmanager
+def silent_listener() -> Iterator[tuple[int, list[socket.socket]]]:
+    """Accepts TCP connections on loopback and never answers (a stopped API server): its port,
+    and the connections it holds."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(8)
@@ -28,10 +31,18 @@ def silent_server():
                 return
 
     threading.Thread(target=accept, daemon=True).start()
-    yield sock.getsockname()[1]
-    sock.close()
-    for conn in held:
-        conn.close()
+    try:
+        yield sock.getsockname()[1], held
+    finally:
+        sock.close()
+        for conn in held:
+            conn.close()
+
+
+@pytest.fixture
+def silent_server():
+    with silent_listener() as (port, _):
+        yield port
 
 
 def kubeconfig(tmp_path, port: int) -> str:
@@ -63,25 +74,8 @@ def test_a_call_to_a_server_that_never_answers_fails_at_its_deadline(tmp_path, s
 def test_a_timed_out_get_is_not_retried_inside_the_call(tmp_path):
     """urllib3 retries a GET after a read timeout three times by default: four deadlines in one
     call. The work queue retries reconciles itself, so a call makes one request."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(8)
-    held: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                held.append(sock.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        client = KubeClient(kubeconfig(tmp_path, sock.getsockname()[1]), request_timeout=(1.0, 0.3))
+    with silent_listener() as (port, held):
+        client = KubeClient(kubeconfig(tmp_path, port), request_timeout=(1.0, 0.3))
         with pytest.raises(Exception, match="(?i)read timed out"):
             asyncio.run(asyncio.wait_for(client.get("v1", "Service", "ns", "svc"), 60))
         assert len(held) == 1
-    finally:
-        sock.close()
-        for conn in held:
-            conn.close()
