@@ -60,7 +60,8 @@ VERSIONS_ENV = ROOT / "e2e" / "versions.env"
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 BASE_VARIANT = "essential"
-BASE_PACKAGES = ("python3",)
+# libstdc++6: the compiled wheels that are C++ (google-re2, for tenants' regexes) link it.
+BASE_PACKAGES = ("python3", "libstdc++6")
 # The live mirror changes under a fixed suite: a cached base is reused for as long as this string
 # (and the rest of the base key) is unchanged. Bump it to take the mirror's current packages.
 BASE_SNAPSHOT = "2026-11-30"
