@@ -170,4 +170,6 @@ def test_a_rollout_with_a_scorer_that_could_hurt_is_refused_when_parsed(
     obj = wait_for(invalid, 60, 0.3, "the rollout Degraded/InvalidSpec")
     assert "scorers" in condition(obj, "Degraded")["message"]
     assert refused_listener.accepted == 0, "the schema's $ref was never fetched"
-    wait_condition(crs, namespace, "victim", "Ready", "True")  # the model itself is untouched
+    # The model itself is placed and deployed as if no rollout governed it.
+    victim = wait_condition(crs, namespace, "victim", "Degraded", "False", "AsExpected")
+    assert victim["status"].get("placement")
