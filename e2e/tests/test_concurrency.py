@@ -16,11 +16,11 @@ from e2e.wait import wait_for
 
 class Tarpit:
     """A TCP server on loopback that accepts connections and never answers: an S3 endpoint that
-    has gone quiet. `open` counts the connections it holds."""
+    has gone quiet. `held` are the connections it accepted, `open` counts those still open."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind((host, 0))
         self.sock.listen(16)
         self.port = self.sock.getsockname()[1]
         self.held: list[socket.socket] = []

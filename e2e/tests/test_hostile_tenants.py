@@ -7,13 +7,12 @@ the operator's log or /metrics."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import uuid
 
 import pytest
 
 from e2e.operator_proc import metrics
+from e2e.tests.test_concurrency import Tarpit
 from e2e.tests.test_rollout import rollout
 from e2e.tests.test_smallmodel import GROUP, QWEN_05B, VERSION, condition, create, model_body, wait_condition
 from e2e.wait import wait_for
@@ -22,34 +21,10 @@ MARKER = f"MARKER-{uuid.uuid4().hex[:12]}"
 PEM_MARKER = f"-----BEGIN PRIVATE KEY-----\nMII{MARKER}\n-----END PRIVATE KEY-----\n"
 
 
-class Listener:
-    """Accepts TCP connections on a loopback address, counts them and never answers."""
-
-    def __init__(self, host: str) -> None:
-        self.sock = socket.socket()
-        self.sock.bind((host, 0))
-        self.sock.listen(16)
-        self.host, self.port = host, self.sock.getsockname()[1]
-        self.accepted = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
 def allowed_listener():
-    """On 127.0.0.1, which the local cluster's s3Endpoints allow (e2e/operator-config.yaml)."""
-    listener = Listener("127.0.0.1")
+    """Counts connections on 127.0.0.1, which the local cluster's s3Endpoints allow (e2e/operator-config.yaml)."""
+    listener = Tarpit("127.0.0.1")
     yield listener
     listener.close()
 
@@ -57,7 +32,7 @@ def allowed_listener():
 @pytest.fixture
 def refused_listener():
     """On 127.0.0.2: loopback too, but on no allow-list."""
-    listener = Listener("127.0.0.2")
+    listener = Tarpit("127.0.0.2")
     yield listener
     listener.close()
 
@@ -116,7 +91,7 @@ def test_an_s3_endpoint_the_platform_did_not_allow_is_refused_before_any_connect
     create(crs, namespace, s3_model("remote", endpoint, "creds"))
     model = wait_condition(crs, namespace, "remote", "Degraded", "True", "EndpointNotAllowed")
     assert "s3Endpoints" in condition(model, "Degraded")["message"]
-    assert refused_listener.accepted == 0
+    assert not refused_listener.held
     assert_no_deployment(apps, namespace)
     assert_no_marker(operator, crs, core, namespace)
 
@@ -141,7 +116,7 @@ def test_a_secret_is_sent_only_if_it_opted_in_for_that_endpoint(
     create(crs, namespace, s3_model("steal", f"http://127.0.0.1:{allowed_listener.port}", "db-password"))
     model = wait_condition(crs, namespace, "steal", "Degraded", "True", "CredentialsNotAllowed")
     assert message in condition(model, "Degraded")["message"]
-    assert allowed_listener.accepted == 0, "nothing was sent, not even a request without the Secret"
+    assert not allowed_listener.held, "nothing was sent, not even a request without the Secret"
     assert_no_deployment(apps, namespace)
     assert_no_marker(operator, crs, core, namespace)
 
@@ -169,7 +144,7 @@ def test_a_rollout_with_a_scorer_that_could_hurt_is_refused_when_parsed(
 
     obj = wait_for(invalid, 60, 0.3, "the rollout Degraded/InvalidSpec")
     assert "scorers" in condition(obj, "Degraded")["message"]
-    assert refused_listener.accepted == 0, "the schema's $ref was never fetched"
+    assert not refused_listener.held, "the schema's $ref was never fetched"
     # The model itself is placed and deployed as if no rollout governed it.
     victim = wait_condition(crs, namespace, "victim", "Degraded", "False", "AsExpected")
     assert victim["status"].get("placement")
