@@ -282,7 +282,7 @@ def test_a_model_named_like_an_object_of_another_owner_leaves_it_untouched_and_s
 
     asyncio.run(reconcile.reconcile(rt, key))
     assert client.applied == [], "nothing of the model applied beside the foreign Service"
-    assert rt.conflicts[key] == ("Service", "qwen-chat")
+    assert rt.conflicts[key] == ("v1", "Service", "qwen-chat")
 
     asyncio.run(reconcile.reconcile(rt, key))
     assert client.applied == []
@@ -355,3 +355,12 @@ def test_a_rollout_that_stops_governing_takes_its_series_and_background_work_alo
     assert not [k for k in series(metrics.EVALUATION_SCORE) if k[:2] == ("ns", "r")]
     assert ("ns", "other", "candidate", "rev-x", "exact") in series(metrics.EVALUATION_SCORE)
     assert ("ns", "m") not in rt.governing
+
+
+def test_a_deleted_model_takes_its_rollouts_background_work_along():
+    rt = runtime()
+    rt.indices = {name: Store() for name in op.INDEX_NAMES}
+    rt.governing[("ns", "m")] = ("ns", "r", "uid-r")
+    rt.eval_models = {"uid-r/1/rev/step-0": ("ns", "m")}
+    asyncio.run(reconcile.reconcile(rt, ("ns", "m")))  # the model is gone from the index
+    assert rt.governing == {} and rt.eval_models == {}

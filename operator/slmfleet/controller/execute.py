@@ -45,9 +45,9 @@ async def report_not_governing(runtime: Runtime, key: ModelKey, rollouts: list[d
 class ForeignObject(Exception):
     """An object the plan would apply exists and is not the model's: the operator leaves it alone."""
 
-    def __init__(self, kind: str, name: str) -> None:
+    def __init__(self, api_version: str, kind: str, name: str) -> None:
         super().__init__(f"{kind} {name}")
-        self.kind, self.name = kind, name
+        self.api_version, self.kind, self.name = api_version, kind, name
 
 
 def owned_by(obj: dict[str, Any] | None, uid: str) -> bool:
@@ -64,7 +64,7 @@ async def _refuse_foreign(runtime: Runtime, model: ObjectRef, obj: dict[str, Any
     if current is None:
         current = await runtime.client.get(obj["apiVersion"], obj["kind"], model.namespace, obj["metadata"]["name"])
     if current is not None and not owned_by(current, model.uid):
-        raise ForeignObject(obj["kind"], obj["metadata"]["name"])
+        raise ForeignObject(obj["apiVersion"], obj["kind"], obj["metadata"]["name"])
 
 
 def _rollout_ref(rollout: dict[str, Any]) -> ObjectRef:

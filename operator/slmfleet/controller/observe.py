@@ -159,14 +159,17 @@ async def observe_rollout(runtime: Runtime, key: ModelKey, obs: Observed, rollou
     if gateway and ((rollout.get("spec") or {}).get("traffic") or {}).get("httpRoute"):
         route = await runtime.client.get(HTTPROUTE_API_VERSION, "HTTPRoute", key[0], key[1])
     meta, status = rollout["metadata"], rollout.get("status") or {}
-    if (meta["namespace"], meta["name"], meta.get("uid", meta["name"])) != runtime.governing.get(key):
+    governing = (meta["namespace"], meta["name"], meta.get("uid", meta["name"]))
+    if governing != runtime.governing.get(key):
         forget_rollout(runtime, key)  # another rollout governed the model before this one
-    runtime.governing[key] = (meta["namespace"], meta["name"], meta.get("uid", meta["name"]))
+    runtime.governing[key] = governing
     # Drop what earlier attempts or candidates of this rollout left behind.
     current = attempt_prefix(rollout) + (status.get("candidateRevision") or "")
-    _forget_ids(runtime, f"{meta.get('uid', meta['name'])}/", keep_prefix=current)
+    _forget_ids(runtime, f"{governing[2]}/", keep_prefix=current)
     revisions = frozenset(r for r in (status.get("stableRevision"), status.get("candidateRevision")) if r)
-    metrics.forget_rollout(meta["namespace"], meta["name"], keep_revisions=revisions or frozenset({""}))
+    if runtime.series_revisions.get(key) != revisions:  # only when they change: /metrics is walked
+        metrics.forget_rollout(governing[0], governing[1], keep_revisions=revisions or frozenset({""}))
+        runtime.series_revisions[key] = revisions
     return dataclasses.replace(obs, rollout=ro, route=route)
 
 
@@ -174,6 +177,7 @@ def forget_rollout(runtime: Runtime, key: ModelKey) -> None:
     """The rollout that governed the model governs it no more (deleted, or the model is): its
     evaluations, live baselines and scrapes, and its /metrics series go."""
     gone = runtime.governing.pop(key, None)
+    runtime.series_revisions.pop(key, None)
     if gone is None:
         return
     namespace, name, uid = gone

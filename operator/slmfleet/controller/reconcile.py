@@ -9,7 +9,6 @@ import sys
 import time
 
 from slmfleet.api.smallmodel import KIND
-from slmfleet.builders.traffic import HTTPROUTE_API_VERSION
 from slmfleet.controller import metrics
 from slmfleet.controller.execute import ForeignObject, _report_failure, execute, owned_by, report_not_governing
 from slmfleet.controller.observe import forget_rollout, observe, observe_rollout, rollouts_of
@@ -27,12 +26,10 @@ async def still_in_conflict(runtime: Runtime, key: ModelKey, obs: Observed) -> s
     found = runtime.conflicts.get(key)
     if found is None:
         return None
-    kind, name = found
-    api_version = HTTPROUTE_API_VERSION if kind == "HTTPRoute" else "apps/v1" if kind == "Deployment" else "v1"
+    api_version, kind, name = found
     current = await runtime.client.get(api_version, kind, key[0], name)
     if current is None or owned_by(current, obs.body["metadata"].get("uid", "")):
         runtime.conflicts.pop(key, None)
-        forget_rollout(runtime, key)
         return None
     return f"{kind} {name}"
 
@@ -45,6 +42,7 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
     if obs is None:  # deleted: owner references let the garbage collector remove what it owned
         runtime.conditions.pop(key, None)
         runtime.conflicts.pop(key, None)
+        forget_rollout(runtime, key)
         runtime.gpus.pop(key, None)
         metrics.publish_model_gauges(runtime.conditions, runtime.gpus)
         try:
@@ -67,7 +65,7 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
     except ForeignObject as exc:
         # Planned again at once, knowing: the model says Degraded/Conflict and applies nothing.
         log.warning("%s/%s: %s exists and is not this SmallModel's; leaving it untouched", *key, exc)
-        runtime.conflicts[key] = (exc.kind, exc.name)
+        runtime.conflicts[key] = (exc.api_version, exc.kind, exc.name)
         runtime.queue.add_after(key, 0.1)
         return
     except Exception:

@@ -66,8 +66,9 @@ class Runtime:
     gateway_api: tuple[bool, float] | None = None  # (served, when checked: monotonic)
     deprecations_ready: asyncio.Event = field(default_factory=asyncio.Event)
     eval_models: dict[str, ModelKey] = field(default_factory=dict)  # evaluation id -> its model
-    conflicts: dict[ModelKey, tuple[str, str]] = field(default_factory=dict)  # model -> foreign (kind, name)
+    conflicts: dict[ModelKey, tuple[str, str, str]] = field(default_factory=dict)  # model -> foreign (apiVersion, kind, name)
     governing: dict[ModelKey, tuple[str, str, str]] = field(default_factory=dict)  # model -> its rollout (ns, name, uid)
+    series_revisions: dict[ModelKey, frozenset[str]] = field(default_factory=dict)  # revisions its series keep
     live_reads: BackgroundReads[LiveCheck] = field(init=False)  # the live scrapes, off the workers
 
     def __post_init__(self) -> None:
