@@ -61,9 +61,14 @@ class S3EndpointRule(CRModel):
             return False
         if self.port is not None and port != self.port:
             return False
-        if self.host.startswith("*."):
-            return host.endswith(self.host[1:]) and len(host) > len(self.host) - 1
-        return host == self.host
+        return host_matches(self.host, host)
+
+
+def host_matches(pattern: str, host: str) -> bool:
+    """`host` is `pattern`, or lies under the domain of a `*.domain` pattern (not the domain itself)."""
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
+    return host == pattern
 
 
 class OperatorConfig(CRModel):

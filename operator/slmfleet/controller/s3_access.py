@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from slmfleet.api.config import S3_HOST_PATTERN, S3EndpointRule
+from slmfleet.api.config import S3_HOST_PATTERN, S3EndpointRule, host_matches
 from slmfleet.api.smallmodel import S3Settings
 from slmfleet.k8s.client import KubeClient
 from slmfleet.weights.inspect import s3_client
@@ -65,8 +65,7 @@ def _secret_admits(annotations: dict[str, str], host: str) -> bool:
     if listed is None:
         return True
     patterns = [p.strip().lower() for p in listed.split(",")][:MAX_ANNOTATED_HOSTS]
-    return any(S3EndpointRule.model_validate({"host": p, "allowHttp": True}).admits("https", host, 443)
-               for p in patterns if p and re.fullmatch(S3_HOST_PATTERN, p))
+    return any(host_matches(p, host) for p in patterns if re.fullmatch(S3_HOST_PATTERN, p))
 
 
 def api_failure(exc: BaseException) -> str:
