@@ -10,6 +10,7 @@ from typing import Any
 from slmfleet.api import modelrollout
 from slmfleet.api.conditions import Condition, set_condition
 from slmfleet.api.smallmodel import GROUP, KIND, VERSION, SmallModelStatus
+from slmfleet.api.timestamps import rfc3339
 from slmfleet.controller import metrics
 from slmfleet.controller.evaluations import EvaluationOutcome, EvaluationRequest
 from slmfleet.controller.observe import attempt_prefix, ready_pod_urls, served_name
@@ -173,7 +174,7 @@ async def _report_failure(runtime: Runtime, body: dict[str, Any], exc: BaseExcep
     """Say in the status that reconciling keeps failing, rather than failing silently in a log."""
     meta = body["metadata"]
     old = SmallModelStatus.model_validate(body.get("status") or {})
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    now = rfc3339(dt.datetime.now(dt.UTC))
     message = f"reconciling keeps failing ({type(exc).__name__}: {exc}); the operator retries with back-off"
     cond = Condition(type="Degraded", status="True", reason="ReconcileError", message=message[:1000],
                      observed_generation=meta.get("generation"))

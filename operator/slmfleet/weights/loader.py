@@ -34,6 +34,7 @@ top is left alone.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -49,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slmfleet.api.timestamps import rfc3339
 from slmfleet.weights.errors import (
     EXIT_DIGEST_MISMATCH,
     EXIT_ERROR,
@@ -592,7 +594,7 @@ class _Loader:
             st = os.stat(self.dest / entry.path)
             files[entry.path] = {"size": st.st_size, "mtimeNs": st.st_mtime_ns}
         obj = {"version": MARKER_VERSION, "digest": self.digest, "manifest": manifest.to_json(), "files": files,
-               "verifiedAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+               "verifiedAt": rfc3339(dt.datetime.now(dt.UTC))}
         tmp = self.dest / f"{VERIFIED_MARKER}.tmp"
         with open(tmp, "w") as f:
             json.dump(obj, f, sort_keys=True, indent=1)
