@@ -18,7 +18,7 @@ from slmfleet.controller.background import BackgroundReads
 from slmfleet.controller.evaluations import EvaluationRequest, Evaluations, evaluation_deadline
 from slmfleet.evaluation import Endpoint
 from slmfleet.weights.facts import WeightsFacts, WeightsReading
-from tests.test_handlers_evaluations import MODEL, evaluation
+from tests.test_handlers_evaluations import MODEL, FakeClient, evaluation
 from tests.test_model_plan import L4, L4_MIB, NAME, World, gpu_node, model_body, placed
 
 
@@ -220,3 +220,33 @@ def test_results_are_bounded_the_oldest_go_first():
 
     reads = asyncio.run(go())
     assert [reads.result(f"k{i}") is not None for i in range(5)] == [False, False, True, True, True]
+
+
+def test_a_secret_key_the_secret_does_not_list_blocks_the_model():
+    """Like a Secret not labelled as S3 credentials: the model gets no pods (their loader would
+    read those keys through secretKeyRef), and the read is retried (the owner may annotate it)."""
+    body = model_body()
+    body["spec"]["source"] = {"uri": "s3://bucket/qwen", "digest": body["spec"]["source"]["digest"],
+                              "s3": {"endpoint": "https://minio.storage.svc", "credentialsSecret": {
+                                  "name": "db", "accessKeyIdKey": "user", "secretAccessKeyKey": "password"}}}
+    model = SmallModel.model_validate(body)
+    client = FakeClient(secrets={("ns", "db"): {"user": "MARKER-USER", "password": "MARKER-PASSWORD"}})
+
+    async def go() -> WeightsFacts | WeightsReading | None:
+        reader = weights_reader.WeightsReader(client, lambda key: None, [S3EndpointRule(host="minio.storage.svc")])  # type: ignore[arg-type]
+        reader.facts("ns", model, ("ns", "m"))
+        [key] = reader.reads._tasks
+        await settle(reader.reads, key)
+        facts = reader.facts("ns", model, ("ns", "m"))
+        await reader.close()
+        return facts
+
+    facts = asyncio.run(go())
+    assert isinstance(facts, WeightsFacts)
+    assert (facts.problem, facts.transient) == ("CredentialsNotAllowed", True)
+    assert "slmfleet.io/s3-credential-keys" in facts.message and "MARKER" not in facts.message
+    world = World(body, [gpu_node("l4-a", L4, L4_MIB, 1)])
+    world.weights = facts
+    plan = world.reconcile()
+    assert [o for o in plan.apply if o["kind"] == "Deployment"] == []
+    assert world.condition("Ready")["reason"] == "CredentialsNotAllowed"

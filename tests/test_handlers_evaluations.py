@@ -319,6 +319,13 @@ def test_only_a_secret_that_opted_in_is_sent_and_only_to_the_hosts_it_names(serv
         with pytest.raises(DatasetError, match=why) as info:
             asyncio.run(load_cases(client, req, AWS))
         assert "MARKER" not in str(info.value)
+    # Keys other than the defaults only if the Secret lists them (slmfleet.io/s3-credential-keys).
+    spec = evaluation(dataset={"s3": {"uri": "s3://bucket/cases.jsonl", "s3": {"credentialsSecret": {
+        "name": "db-password", "accessKeyIdKey": "user", "secretAccessKeyKey": "password"}}}})
+    client = FakeClient(secrets={("ns", "db-password"): {"user": "MARKER-USER", "password": "MARKER-PASSWORD"}})
+    with pytest.raises(DatasetError, match="slmfleet.io/s3-credential-keys annotation") as info:
+        asyncio.run(load_cases(client, request(servers, "equal", spec=spec), AWS))
+    assert "MARKER" not in str(info.value)
 
 
 def test_load_cases_checks_expectations_against_the_scorers(servers):

@@ -111,7 +111,9 @@ class OperatorConfig(CRModel):
     is refused before a connection is made (`EndpointNotAllowed`); empty: no S3 source is allowed.
     A Secret given as S3 credentials must also carry the label `slmfleet.io/s3-credentials: "true"`,
     and may narrow the hosts it is sent to with the annotation `slmfleet.io/s3-endpoints`
-    (comma-separated hosts or `*.domain` patterns)."""
+    (comma-separated hosts or `*.domain` patterns). Only its keys `AWS_ACCESS_KEY_ID` and
+    `AWS_SECRET_ACCESS_KEY` are read as credentials, and those it lists in the annotation
+    `slmfleet.io/s3-credential-keys` (comma-separated)."""
     deprecations: ConfigMapRef | None = None
     """The ConfigMap listing deprecated base models (key `deprecations.yaml`; the Helm chart owns it).
     A model whose base is listed rolls back to its newest revision with a base that is not, and a

@@ -26,6 +26,12 @@ BASE_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 # A model's Deployments are named <model>-<10-char revision>, and Service names must be DNS-1035
 # labels of at most 63 characters, hence the limit on SmallModel names.
 MAX_NAME_LENGTH = 52
+# A key of a Secret or ConfigMap, as the API server checks it.
+DATA_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
+# The Secret keys read as S3 credentials unless the Secret lists others in its
+# slmfleet.io/s3-credential-keys annotation (controller.s3_access).
+DEFAULT_ACCESS_KEY_ID_KEY = "AWS_ACCESS_KEY_ID"
+DEFAULT_SECRET_ACCESS_KEY_KEY = "AWS_SECRET_ACCESS_KEY"
 
 Dtype = Literal["auto", "bfloat16", "float16"]
 CheckpointDtype = Literal["bfloat16", "float16", "float32"]
@@ -41,10 +47,13 @@ class SecretKeys(CRModel):
 
     name: str = Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     """Name of the Secret."""
-    access_key_id_key: str = Field(default="AWS_ACCESS_KEY_ID", max_length=253)
-    """Key of the access key id in the Secret."""
-    secret_access_key_key: str = Field(default="AWS_SECRET_ACCESS_KEY", max_length=253)
-    """Key of the secret access key in the Secret."""
+    access_key_id_key: str = Field(default=DEFAULT_ACCESS_KEY_ID_KEY, max_length=253, pattern=DATA_KEY_PATTERN)
+    """Key of the access key id in the Secret. A key other than `AWS_ACCESS_KEY_ID` is read only if
+    the Secret lists it in its `slmfleet.io/s3-credential-keys` annotation (comma-separated)."""
+    secret_access_key_key: str = Field(default=DEFAULT_SECRET_ACCESS_KEY_KEY, max_length=253,
+                                       pattern=DATA_KEY_PATTERN)
+    """Key of the secret access key in the Secret. A key other than `AWS_SECRET_ACCESS_KEY` is read
+    only if the Secret lists it in its `slmfleet.io/s3-credential-keys` annotation (comma-separated)."""
 
 
 class ConfigMapKey(CRModel):
@@ -64,7 +73,9 @@ class S3Settings(CRModel):
     region: str = Field(default="us-east-1", max_length=64, pattern=r"^[a-z0-9-]+$")
     """Region (`AWS_DEFAULT_REGION`)."""
     credentials_secret: SecretKeys | None = None
-    """Secret with the access key pair; never copied into status, Events or logs."""
+    """Secret with the access key pair; never copied into status, Events or logs. It is used only if
+    labelled `slmfleet.io/s3-credentials: "true"`; its `slmfleet.io/s3-endpoints` annotation
+    (comma-separated hosts) may narrow the endpoints it is sent to."""
     ca_config_map: ConfigMapKey | None = None
     """ConfigMap with a CA bundle for a private endpoint's certificate."""
     path_style: bool = True

@@ -5,19 +5,27 @@ evaluations (a ModelRollout's dataset) read S3 the same way. Secret values go to
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import tempfile
-from collections.abc import Sequence
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from slmfleet.api.config import S3_HOST_PATTERN, S3EndpointRule, host_matches
-from slmfleet.api.smallmodel import S3Settings
+from slmfleet.api.smallmodel import (
+    DATA_KEY_PATTERN,
+    DEFAULT_ACCESS_KEY_ID_KEY,
+    DEFAULT_SECRET_ACCESS_KEY_KEY,
+    S3Settings,
+    SecretKeys,
+)
 from slmfleet.k8s.client import KubeClient
 from slmfleet.weights.inspect import s3_client
-
-_CA_DIR: Path | None = None
 
 
 class S3AccessError(Exception):
@@ -32,6 +40,18 @@ class S3AccessError(Exception):
 CREDENTIALS_LABEL = "slmfleet.io/s3-credentials"
 ENDPOINTS_ANNOTATION = "slmfleet.io/s3-endpoints"
 MAX_ANNOTATED_HOSTS = 32
+# Keys other than the defaults the Secret lets be read as credentials (comma-separated).
+CREDENTIAL_KEYS_ANNOTATION = "slmfleet.io/s3-credential-keys"
+MAX_ANNOTATED_KEYS = 32
+
+# CA bundles are written to a private temp dir for boto3, one file per distinct content. At most
+# MAX_CA_FILES of them, the least recently used pruned first; never one used within
+# CA_FILE_IN_USE_SECONDS (a read in progress may open it for a new connection: the weights read's
+# deadline is 120 s, its threads may outlive that by their own timeouts).
+MAX_CA_FILES = 64
+CA_FILE_IN_USE_SECONDS = 600.0
+MAX_CA_BYTES = 1024 * 1024  # a ConfigMap's own limit
+_PEM_CERTIFICATE = "-----BEGIN CERTIFICATE-----"
 
 
 def endpoint_of(s3: S3Settings | None) -> tuple[str, str, int]:
@@ -68,6 +88,19 @@ def _secret_admits(annotations: dict[str, str], host: str) -> bool:
     return any(host_matches(p, host) for p in patterns if re.fullmatch(S3_HOST_PATTERN, p))
 
 
+def _keys_refusal(annotations: dict[str, str], ref: SecretKeys) -> str | None:
+    """Which of the spec's key fields name a key the Secret does not let be read as credentials
+    (the defaults always may be; others only if its annotation lists them); None when all may."""
+    listed = annotations.get(CREDENTIAL_KEYS_ANNOTATION, "")
+    allowed = {k for k in (k.strip() for k in listed.split(",")[:MAX_ANNOTATED_KEYS])
+               if re.fullmatch(DATA_KEY_PATTERN, k)}
+    refused = [field for field, key, default in (
+        ("accessKeyIdKey", ref.access_key_id_key, DEFAULT_ACCESS_KEY_ID_KEY),
+        ("secretAccessKeyKey", ref.secret_access_key_key, DEFAULT_SECRET_ACCESS_KEY_KEY),
+    ) if key != default and key not in allowed]
+    return " and ".join(refused) or None
+
+
 def api_failure(exc: BaseException) -> str:
     """An API read failure in a few words (the ApiException's reason, or the type)."""
     if isinstance(exc, KeyError):
@@ -79,15 +112,54 @@ def api_failure(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def _ca_file(pem: str) -> str:
-    """A CA bundle written once per content to a private temp dir (boto3 wants a path)."""
-    global _CA_DIR
-    if _CA_DIR is None:
-        _CA_DIR = Path(tempfile.mkdtemp(prefix="slmfleet-ca-"))
-    path = _CA_DIR / (hashlib.sha256(pem.encode()).hexdigest()[:16] + ".pem")
-    if not path.exists():
-        path.write_text(pem)
-    return str(path)
+class _CaFiles:
+    """The CA bundle files: content-addressed, bounded, thread-safe."""
+
+    def __init__(self, max_files: int = MAX_CA_FILES, in_use_seconds: float = CA_FILE_IN_USE_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_files = max_files
+        self.in_use_seconds = in_use_seconds
+        self.clock = clock
+        self.dir: Path | None = None
+        self._used: OrderedDict[str, float] = OrderedDict()  # file name -> last use, least recent first
+        self._lock = threading.Lock()
+
+    def path(self, pem: str, where: str) -> str:
+        """The file holding `pem`, written on first use. Raises S3AccessError (naming `where`, never
+        the content) for a bundle too large or without a certificate, or when every file is in use."""
+        data = pem.encode()
+        if len(data) > MAX_CA_BYTES:
+            raise S3AccessError(f"{where}: the CA bundle is larger than {MAX_CA_BYTES >> 20} MiB")
+        if _PEM_CERTIFICATE not in pem:
+            raise S3AccessError(f"{where}: the CA bundle holds no PEM certificate ({_PEM_CERTIFICATE} block)")
+        name = hashlib.sha256(data).hexdigest()[:32] + ".pem"
+        with self._lock:
+            if self.dir is None:
+                self.dir = Path(tempfile.mkdtemp(prefix="slmfleet-ca-"))
+            now = self.clock()
+            if name not in self._used:
+                self._prune(now)
+            path = self.dir / name
+            if not path.exists():
+                tmp = self.dir / (name + ".tmp")
+                tmp.write_bytes(data)
+                os.replace(tmp, path)  # a reader never sees half a bundle
+            self._used[name] = now
+            self._used.move_to_end(name)
+            return str(path)
+
+    def _prune(self, now: float) -> None:
+        """Room for one more file: the least recently used go, unless used recently."""
+        assert self.dir is not None
+        while len(self._used) >= self.max_files:
+            oldest, used = next(iter(self._used.items()))
+            if now - used < self.in_use_seconds:
+                raise S3AccessError(f"{self.max_files} distinct CA bundles are in use: try again in a few minutes")
+            (self.dir / oldest).unlink(missing_ok=True)
+            del self._used[oldest]
+
+
+_CA_FILES = _CaFiles()
 
 
 async def s3_client_for(client: KubeClient, namespace: str, s3: S3Settings | None,
@@ -111,6 +183,11 @@ async def s3_client_for(client: KubeClient, namespace: str, s3: S3Settings | Non
         if not _secret_admits(secret.annotations, endpoint_of(s3)[1]):
             raise S3AccessError(f"Secret {namespace}/{ref.name} does not allow this endpoint (its "
                                 f"{ENDPOINTS_ANNOTATION} annotation)", "CredentialsNotAllowed")
+        if (fields := _keys_refusal(secret.annotations, ref)) is not None:
+            raise S3AccessError(f"Secret {namespace}/{ref.name} does not list the key(s) named by {fields} in "
+                                f"its {CREDENTIAL_KEYS_ANNOTATION} annotation; only {DEFAULT_ACCESS_KEY_ID_KEY}, "
+                                f"{DEFAULT_SECRET_ACCESS_KEY_KEY} and the keys listed there are read as S3 credentials",
+                                "CredentialsNotAllowed")
         try:
             access_key, secret_key = secret.data[ref.access_key_id_key], secret.data[ref.secret_access_key_key]
         except KeyError as exc:
@@ -121,7 +198,7 @@ async def s3_client_for(client: KubeClient, namespace: str, s3: S3Settings | Non
             pem = (await client.read_config_map(namespace, ref_ca.name))[ref_ca.key]
         except Exception as exc:  # noqa: BLE001
             raise S3AccessError(f"ConfigMap {namespace}/{ref_ca.name}: CA bundle unavailable ({api_failure(exc)})") from None
-        ca_bundle = _ca_file(pem)
+        ca_bundle = _CA_FILES.path(pem, f"ConfigMap {namespace}/{ref_ca.name} key {ref_ca.key}")
     return s3_client(
         endpoint_url=s3.endpoint if s3 else None, region=s3.region if s3 else None,
         path_style=s3.path_style if s3 else True, ca_bundle=ca_bundle,
