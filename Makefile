@@ -79,5 +79,6 @@ bench: venv binaries ## benchmarks; results go to bench/results/
 	@$(PY) -m bench.s3_load
 	@$(PY) -m bench.rollout_decision
 	@$(PY) -m bench.environ_race
+	@$(PY) -m bench.tenant_isolation
 
 .PHONY: help venv binaries cluster-up cluster-down lint unit unit-explore test test-repeat demo airgap crds bench images chart-schema chart

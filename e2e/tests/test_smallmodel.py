@@ -145,31 +145,6 @@ def test_spec_change_rolls_to_a_new_revision_and_retires_the_old(operator, crs, 
 TENANT_FLAG_REFUSED = "flags the operator manages or that no tenant may set"
 
 
-def test_vllm_flags_a_tenant_may_not_pass(operator, crs, apps, namespace):
-    # Admission refuses the flags no configuration allows, and their abbreviations (issue 13).
-    for args in (["--trust-remote-code"], ["--load-format", "dummy"], ["--load-format=dummy"],
-                 ["--otlp-traces-endpoint=http://127.0.0.1:4317"], ["--allowed-local-media-path", "/"],
-                 ["--api-key", "k"], ["--quantiz", "awq"], ["--kv-cache-dt=fp8"], ["--tensor-parallel=4"]):
-        with pytest.raises(ApiException) as err:
-            create(crs, namespace, model_body("flags-bad", QWEN_05B, serving={"extraArgs": args}))
-        assert err.value.status == 422, args
-        assert TENANT_FLAG_REFUSED in json.loads(err.value.body)["message"], (args, err.value.body)
-    # Allowed flags, an abbreviation of one and values, whatever they say, are admitted and served.
-    create(crs, namespace, model_body("flags-ok", QWEN_05B, serving={
-        "extraArgs": ["--enable-prefix", "--seed", "7", "--response-role=trust-remote-code"]}))
-    # A vLLM flag admission lets through but the allow-list does not have: the operator refuses it.
-    create(crs, namespace, model_body("flags-lora", QWEN_05B, serving={"extraArgs": ["--enable-lora"]}))
-    obj = wait_condition(crs, namespace, "flags-lora", "Degraded", "True", "ExtraArgsRefused")
-    assert "--enable-lora (not on the allow-list)" in condition(obj, "Degraded")["message"]
-
-    def only_flags_ok_deployed() -> bool:
-        revision = get(crs, namespace, "flags-ok").get("status", {}).get("revision")
-        names = [d.metadata.name for d in apps.list_namespaced_deployment(namespace).items]
-        return revision is not None and names == [f"flags-ok-{revision}"]
-
-    wait_for(only_flags_ok_deployed, 60, what="a Deployment for flags-ok and none for flags-lora")
-
-
 INVALID = [
     ("bad digest", {"spec": {"source": {"uri": "pvc://w/m", "digest": "sha256:abc"}}}, "spec.source.digest"),
     ("missing digest", {"spec": {"source": {"uri": "pvc://w/m"}}}, "spec.source.digest: Required value"),
