@@ -24,6 +24,7 @@ from slmfleet.builders import (
     selector_labels,
     vllm_serve_args,
 )
+from slmfleet.builders.weights import LOADER_PEAK_RSS_MIB
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER_DIGEST = "sha256:" + "cd" * 32
@@ -71,8 +72,9 @@ def placement_of(raw: dict, **changes) -> Placement:
     return Placement.model_validate(raw | changes)
 
 
-def deployment(spec: SmallModelSpec | None = None, placement: dict = L4, config: OperatorConfig = CONFIG) -> dict:
-    return build_deployment(OWNER, spec or spec_of(), placement_of(placement), REVISION, config)
+def deployment(spec: SmallModelSpec | None = None, placement: dict = L4, config: OperatorConfig = CONFIG,
+               *, hardened: bool = True) -> dict:
+    return build_deployment(OWNER, spec or spec_of(), placement_of(placement), REVISION, config, hardened=hardened)
 
 
 def pod_spec(d: dict) -> dict:
@@ -151,9 +153,10 @@ def restricted_violations(pod: dict) -> list[str]:
     return problems
 
 
+@pytest.mark.parametrize("hardened", [True, False], ids=["hardened", "before-the-hardening"])
 @pytest.mark.parametrize("placement", PLACEMENTS.values(), ids=PLACEMENTS.keys())
-def test_pods_meet_pod_security_restricted(placement):
-    assert restricted_violations(pod_spec(deployment(placement=placement))) == []
+def test_pods_meet_pod_security_restricted(placement, hardened):
+    assert restricted_violations(pod_spec(deployment(placement=placement, hardened=hardened))) == []
 
 
 @pytest.mark.parametrize("breach, expected", [
@@ -392,6 +395,75 @@ def test_shared_memory_only_with_tensor_parallelism():
     [shm] = [v for v in pod_spec(tp4)["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
     assert shm["emptyDir"]["sizeLimit"] == "8Gi"
     assert {"name": shm["name"], "mountPath": "/dev/shm"} in container(tp4)["volumeMounts"]
+
+
+# ------------------------------------------------------------------ hardening
+
+S3_SOURCE = {"uri": "s3://models/qwen3-4b/", "digest": DIGEST,
+             "s3": {"endpoint": "https://minio.storage.svc:9000", "caConfigMap": {"name": "minio-ca"}}}
+# The env vars that name a directory the program writes.
+WRITTEN_DIRS = ("HOME", "XDG_CACHE_HOME", "HF_HOME", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR",
+                "TMPDIR", "VLLM_RPC_BASE_PATH")
+
+
+def writable_mount_of(c: dict, path: str) -> str | None:
+    """The writable volume mount `path` is on, if any (longest mount path first)."""
+    mounts = sorted(c["volumeMounts"], key=lambda m: len(m["mountPath"]), reverse=True)
+    for m in mounts:
+        if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/"):
+            return None if m.get("readOnly") else m["name"]
+    return None
+
+
+@pytest.mark.parametrize("source", [spec_of().source.model_dump(by_alias=True), S3_SOURCE], ids=["pvc", "s3"])
+@pytest.mark.parametrize("placement", PLACEMENTS.values(), ids=PLACEMENTS.keys())
+def test_hardened_pods_have_read_only_root_file_systems_and_a_volume_for_each_path_they_write(placement, source):
+    d = deployment(spec_of(source=source), placement=placement)
+    pod = pod_spec(d)
+    for c in (*pod["initContainers"], *pod["containers"]):
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True, c["name"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tmp"] == {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}
+    vllm, loader = container(d), init_container(d)
+    env = env_of(d)
+    assert env["TMPDIR"] == env["VLLM_RPC_BASE_PATH"] == "/tmp"
+    assert env["TRITON_CACHE_DIR"].startswith("/var/cache/vllm/")
+    for var in WRITTEN_DIRS:
+        assert writable_mount_of(vllm, env[var]) in ("cache", "tmp"), var
+    assert writable_mount_of(vllm, "/models/model") is None  # the verified weights stay read-only
+    # The loader writes the weights volume (and its termination message, which the kubelet mounts).
+    loader_env = {e["name"]: e.get("value") for e in loader["env"]}
+    assert writable_mount_of(loader, loader_env["HOME"]) == "tmp"
+    assert writable_mount_of(loader, loader["args"][loader["args"].index("--dest") + 1]) == "weights"
+    assert {m["name"] for m in loader["volumeMounts"] if not m.get("readOnly")} == {"weights", "tmp"}
+    # Every volume a container mounts is one of the pod's.
+    for c in (vllm, loader):
+        assert {m["name"] for m in c["volumeMounts"]} <= set(volumes), c["name"]
+
+
+def test_the_loader_has_limits_with_margin_over_its_measured_peak():
+    resources = init_container(deployment())["resources"]
+    assert resources == {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "2", "memory": "1Gi"}}
+    # An OOM-killed loader starts the pod's start-up over: the limit leaves room over the peak
+    # measured with the loader's defaults (builders/weights.py says how).
+    assert int(resources["limits"]["memory"].removesuffix("Gi")) * 1024 >= 2.5 * LOADER_PEAK_RSS_MIB
+
+
+def test_pods_built_before_the_hardening_are_built_as_then():
+    # What releases before the hardening built, field by field: a running revision keeps it
+    # (planning/desired.py), so the upgrade rolls no pod.
+    d = deployment(placement=H100_TP4, hardened=False)
+    pod = pod_spec(d)
+    for c in (*pod["initContainers"], *pod["containers"]):
+        assert "readOnlyRootFilesystem" not in c["securityContext"], c["name"]
+        assert "tmp" not in {m["name"] for m in c["volumeMounts"]}
+    assert [v["name"] for v in pod["volumes"]] == ["weights", "weights-source", "cache", "dshm"]
+    assert init_container(d)["resources"] == {"requests": {"cpu": "1", "memory": "1Gi"}}
+    assert not {"TMPDIR", "VLLM_RPC_BASE_PATH", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"} & set(env_of(d))
+    # Everything else is the same pod.
+    hardened = pod_spec(deployment(placement=H100_TP4))
+    assert pod["affinity"] == hardened["affinity"] and pod["securityContext"] == hardened["securityContext"]
+    assert container(d)["args"] == hardened["containers"][0]["args"]
 
 
 # ------------------------------------------------------------------ vllm serve args

@@ -22,11 +22,13 @@ import pytest
 from pydantic.alias_generators import to_camel
 
 from slmfleet.api.config import OperatorConfig
-from slmfleet.api.smallmodel import SmallModel, SmallModelSpec
-from slmfleet.builders import revision_of
+from slmfleet.api.smallmodel import Placement, SmallModel, SmallModelSpec
+from slmfleet.builders import ModelOwner, revision_of
 from slmfleet.builders.applied_hash import APPLIED_HASH
 from slmfleet.builders.labels import MODEL_LABEL, PLACEMENT_ANNOTATION, REVISION_LABEL
+from slmfleet.planning import desired
 from slmfleet.planning.common import Deletion, EventNote
+from slmfleet.planning.desired import LivePodShape, Target
 from slmfleet.planning.model import Observed, Plan, plan_model
 from slmfleet.planning.placement import hf_config
 from slmfleet.sizing.pools import ready_nodes_from_pools_doc
@@ -1172,6 +1174,78 @@ def test_a_new_loader_image_does_not_restart_a_serving_revision_but_new_revision
     new_dep = world.deployment(spec_revision(world.body))
     assert new_dep["spec"]["template"]["spec"]["initContainers"][0]["image"] == new_loader
     assert loader["image"] != new_loader
+
+
+# --- pod hardening across operator upgrades --------------------------------------------------------------------
+
+
+def built_before_the_hardening(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator as its releases before the pod hardening were: they built what the builders
+    build with `hardened=False` (byte for byte the same template)."""
+    build = desired.build_deployment
+    monkeypatch.setattr(desired, "build_deployment", lambda *args, **kwargs: build(*args, **{**kwargs, "hardened": False}))
+
+
+def read_only_roots(dep: dict[str, Any]) -> dict[str, bool]:
+    pod = dep["spec"]["template"]["spec"]
+    return {c["name"]: c["securityContext"].get("readOnlyRootFilesystem", False)
+            for c in (*pod["initContainers"], *pod["containers"])}
+
+
+def target_of(world: World) -> Target:
+    """What the next reconcile builds the serving revision's Deployment with."""
+    body = world.body
+    return Target(ModelOwner.from_metadata(body["metadata"]), SmallModelSpec.model_validate(body["spec"]),
+                  world.status["revision"], world.config, None, world.deployment())
+
+
+def test_an_upgrade_to_hardened_pods_restarts_no_serving_revision_and_new_revisions_are_hardened(monkeypatch):
+    with monkeypatch.context() as previous_release:
+        built_before_the_hardening(previous_release)
+        world = placed(World(model_body(), [gpu_node("l4-a", L4, L4_MIB, 1), gpu_node("l4-b", L4, L4_MIB, 1)]))
+    live = copy.deepcopy(world.deployment())
+    assert read_only_roots(live) == {"load-weights": False, "vllm": False}
+    # The upgraded operator builds the live Deployment as it is: same template, same applied
+    # hash, so it applies nothing and the Deployment controller rolls no pod.
+    placement = Placement.model_validate(world.status["placement"])
+    again = target_of(world).deployment(placement)
+    assert again["spec"]["template"] == live["spec"]["template"]
+    assert again["metadata"]["annotations"][APPLIED_HASH] == live["metadata"]["annotations"][APPLIED_HASH]
+    assert world.plan(at(60)).writes == 0
+    # Scaling the revision applies its Deployment again, with the pod template it has: new
+    # replicas come up as the others did, and the running one is not replaced.
+    world.edit_spec(lambda spec: spec.setdefault("serving", {}).update({"replicas": 2}))
+    assert ("Deployment", live["metadata"]["name"]) in applied(world.reconcile(at(70)))
+    scaled = world.deployment()
+    assert scaled["spec"]["replicas"] == 2
+    assert scaled["spec"]["template"] == live["spec"]["template"]
+    world.mark_ready()
+    world.settle(at(80))
+    # A new revision (new weights) runs hardened pods.
+    world.edit_spec(lambda spec: spec["source"].update({"digest": NEW_DIGEST}))
+    world.settle(at(90))
+    new = world.deployment(spec_revision(world.body))
+    assert new["metadata"]["name"] != live["metadata"]["name"]
+    assert read_only_roots(new) == {"load-weights": True, "vllm": True}
+    assert "limits" in new["spec"]["template"]["spec"]["initContainers"][0]["resources"]
+    assert "tmp" in {v["name"] for v in new["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_hardened_pods_stay_hardened():
+    world = placed(World(model_body(), [gpu_node("l4-a", L4, L4_MIB, 1), gpu_node("l4-b", L4, L4_MIB, 1)]))
+    live = copy.deepcopy(world.deployment())
+    assert read_only_roots(live) == {"load-weights": True, "vllm": True}
+    assert LivePodShape.of(live) == LivePodShape(loader_image=LOADER_IMAGE, hardened=True)
+    assert world.plan(at(60)).writes == 0
+    world.edit_spec(lambda spec: spec.setdefault("serving", {}).update({"replicas": 2}))
+    world.settle(at(70))
+    assert world.deployment()["spec"]["template"] == live["spec"]["template"]
+
+
+def test_a_revisions_first_deployment_is_hardened_whatever_else_is_live():
+    assert LivePodShape.of(None) == LivePodShape(loader_image=None, hardened=True)
+    # Without a vLLM container that says so, a live Deployment is taken as built before the hardening.
+    assert LivePodShape.of({"spec": {"template": {"spec": {"containers": []}}}}).hardened is False
 
 
 # --- extraArgs: the tenant allow-list of vLLM flags ------------------------------------------------------------

@@ -1,7 +1,17 @@
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
 import pytest
 
 from e2e.node_agent import images, registry, spec
 from e2e.node_agent.agent import PodIPs
+from slmfleet.weights.pin import pin
+from tests.standin_servers import REPO, free_port, healthy
 
 
 @pytest.mark.parametrize("image, parts", [
@@ -115,6 +125,145 @@ def test_service_account_mounts_are_bind_mounted_at_their_fixed_path_only():
     assert wrapped[-3:] == argv
     assert wrapped[-5:-3] == ["/run/secrets/kubernetes.io/serviceaccount", "/h/token"]
     assert "remount,bind,ro" in wrapped[6] and "/h/m" not in wrapped
+
+
+def test_a_read_only_root_binds_every_mount_onto_itself_then_remounts_the_root():
+    argv = ["python3", "-m", "x"]
+    mounts = {"/models": "/h/weights", "/var/cache/vllm": "/h/cache", "/dev/termination-log": "/h/term"}
+    wrapped = spec.mount_namespace_argv(mounts, argv, {"/models"}, read_only_root=True)
+    assert wrapped[:5] == ["unshare", "--mount", "--propagation", "private", "sh"]
+    assert wrapped[-3:] == argv
+    script, words = wrapped[6], wrapped[8:-3]
+    assert sorted(words) == ["/h/cache", "/h/term", "/h/weights"]  # paths are arguments, never script text
+    steps = script.split("; ")
+    binds = [i for i, step in enumerate(steps) if step.startswith("mount --bind")]
+    assert len(binds) == 3 and steps.index("mount -o remount,bind,ro /") > max(binds)
+    # Only the read-only mount is remounted read-only besides the root.
+    weights = f'"${{{words.index("/h/weights") + 1}}}"'
+    assert [step for step in steps if step.startswith("mount -o remount")] == [
+        f"mount -o remount,bind,ro {weights}", "mount -o remount,bind,ro /"]
+    # Without secrets or a read-only root, no wrapper.
+    assert spec.mount_namespace_argv(mounts, argv, {"/models"}) == argv
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0,
+                                reason="mount namespaces need root (CI and the local cluster run as root)")
+
+
+def pod_layout(tmp_path: Path) -> dict[str, Path]:
+    """A pod's directory as the node agent lays it out: volumes, and a container's termination file."""
+    pod = tmp_path / "pods" / "uid"
+    paths = {"pod": pod, "cache": pod / "volumes" / "cache", "tmp": pod / "volumes" / "tmp",
+             "weights": pod / "volumes" / "weights", "term": pod / "containers" / "c" / "termination-log"}
+    for name in ("cache", "tmp", "weights"):
+        paths[name].mkdir(parents=True)
+    paths["term"].parent.mkdir(parents=True)
+    paths["term"].write_text("")
+    if os.stat(tmp_path).st_dev != os.stat("/").st_dev:
+        pytest.skip("the test's temp dir is not on the root file system, which is what is made read-only")
+    return paths
+
+
+def root_mount_options() -> set[str]:
+    """The per-mount options of / in this process's mount namespace (the topmost mount there)."""
+    options = [line.split()[5] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+               if line.split()[4] == "/"]
+    return set(options[-1].split(","))
+
+
+PROBE = """
+probe() {
+    if err=$(touch "$1" 2>&1); then echo "$2=writable"
+    else case "$err" in *"Read-only file system"*) echo "$2=read-only";; *) echo "$2=$err";; esac; fi
+}
+probe "$1/outside-the-volumes" root
+probe "$2/file" cache
+probe "$3/file" weights
+echo "the reason" > "$4" && echo term=written
+echo waiting; read -r _
+"""
+
+
+@needs_root
+def test_a_read_only_root_is_enforced_in_the_containers_mount_namespace_only(tmp_path):
+    paths = pod_layout(tmp_path)
+    mounts = {"/var/cache/vllm": str(paths["cache"]), "/models": str(paths["weights"]),
+              "/dev/termination-log": str(paths["term"])}
+    argv = ["sh", "-c", PROBE, "sh", str(paths["pod"]), str(paths["cache"]), str(paths["weights"]), str(paths["term"])]
+    wrapped = spec.mount_namespace_argv(mounts, argv, {"/models"}, read_only_root=True)
+    with subprocess.Popen(wrapped, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        assert proc.stdout is not None and proc.stdin is not None
+        seen = [proc.stdout.readline().strip() for _ in range(5)]
+        assert seen == ["root=read-only", "cache=writable", "weights=read-only", "term=written", "waiting"], (
+            seen, proc.stderr.read() if proc.poll() is not None else "")
+        # While the container runs, the host's root is as writable as ever for everyone else.
+        assert "rw" in root_mount_options()
+        (paths["pod"] / "outside-the-volumes").write_text("the agent writes here")
+        proc.stdin.write("\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=10) == 0
+    assert (paths["cache"] / "file").exists() and not (paths["weights"] / "file").exists()
+    assert paths["term"].read_text() == "the reason\n"
+    # And after it: nothing of its namespace is left on the host.
+    assert "rw" in root_mount_options()
+    (paths["pod"] / "after").write_text("still writable")
+
+
+@needs_root
+def test_the_loader_loads_weights_with_a_read_only_root(tmp_path):
+    paths = pod_layout(tmp_path)
+    source = tmp_path / "store" / "qwen"
+    source.mkdir(parents=True)
+    (source / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (source / "model.safetensors").write_bytes(os.urandom(3 * 2**20))
+    digest = pin(str(source), write=True).digest
+    argv = [*images.STANDINS["slmfleet/slmfleet"]["slmfleet"], "load", "--source", str(source), "--digest", digest,
+            "--dest", str(paths["weights"] / "model"), "--termination-message-path", str(paths["term"]),
+            "--no-progress"]
+    mounts = {"/models": str(paths["weights"]), "/source": str(source), "/tmp": str(paths["tmp"]),
+              "/dev/termination-log": str(paths["term"])}
+    env = {"PATH": os.environ["PATH"], "HOME": str(paths["tmp"]), "TMPDIR": str(paths["tmp"])}
+    out = subprocess.run(spec.mount_namespace_argv(mounts, argv, {"/source"}, read_only_root=True),
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == digest
+    assert (paths["weights"] / "model" / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+    assert digest in paths["term"].read_text()
+
+
+@needs_root
+def test_the_vllm_stand_in_serves_with_a_read_only_root(tmp_path):
+    paths = pod_layout(tmp_path)
+    model = paths["weights"] / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_attention_heads": 8, "max_position_embeddings": 4096}))
+    (model / "standin.json").write_text(json.dumps({"default_completion": "read-only", "latency_ms": {"mean": 1}}))
+    port = free_port()
+    argv = [sys.executable, "-m", "e2e.standin.vllm", "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
+            "--served-model-name", "m"]
+    mounts = {"/models": str(paths["weights"]), "/var/cache/vllm": str(paths["cache"]), "/tmp": str(paths["tmp"]),
+              "/dev/termination-log": str(paths["term"])}
+    # The pod's environment for vLLM (builders/pod.py), its paths as the agent rewrites them.
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "HOME": str(paths["cache"]),
+           "XDG_CACHE_HOME": str(paths["cache"] / ".cache"), "TMPDIR": str(paths["tmp"]),
+           "VLLM_RPC_BASE_PATH": str(paths["tmp"])}
+    wrapped = spec.mount_namespace_argv(mounts, argv, {"/models"}, read_only_root=True)
+    with subprocess.Popen(wrapped, cwd=paths["pod"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        try:
+            for _ in range(300):
+                if healthy(port) or proc.poll() is not None:
+                    break
+                time.sleep(0.05)
+            assert healthy(port), proc.stdout.read().decode() if proc.poll() is not None else "not healthy in 15 s"
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions", data=json.dumps({"model": "m", "prompt": "hi"}).encode(),
+                headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                assert json.loads(response.read())["choices"][0]["text"] == "read-only"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
 def test_path_map_rewrites_whole_path_components_longest_first():

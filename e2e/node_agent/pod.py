@@ -253,7 +253,9 @@ class PodRunner:
         cwd = paths.rewrite(workdir) if workdir else str(self.dir)
         Path(cwd).mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:  # mount namespaces need root; without them the fixed path stays unmounted
-            argv = spec.mount_namespace_argv(paths.mounts, argv, self._read_only_mounts(c_spec))
+            # and readOnlyRootFilesystem is not enforced.
+            argv = spec.mount_namespace_argv(paths.mounts, argv, self._read_only_mounts(c_spec),
+                                             read_only_root=self._read_only_root(c_spec))
         logf = open(cdir / "output.log", "ab")
         c.container_id = f"process://{self.uid}/{c.name}/{c.restart_count}"
         started_at = spec.now()
@@ -305,6 +307,10 @@ class PodRunner:
             # Without the image's file system its HOME (say /home/nonroot) is not there: the
             # pod's own home directory stands in, unless the HOME is a volume of the pod.
             env["HOME"] = str(self.dir / "home")
+        if spec.TMP_DIR in paths.mounts:
+            # Programs find /tmp without being told (tempfile's default): in a container that is the
+            # volume mounted there, here it would be the host's (read-only with a read-only root).
+            env.setdefault("TMPDIR", spec.TMP_DIR)
         argv = images.resolve_argv(image, [spec.expand(a, env) for a in c_spec.get("command") or []] or None,
                                    [spec.expand(a, env) for a in c_spec["args"]] if "args" in c_spec else None)
         argv = [argv[0]] + [paths.rewrite(a) for a in argv[1:]]
@@ -502,6 +508,10 @@ class PodRunner:
         if root:
             raise ConfigError("container has runAsNonRoot and image will run as root "
                               f"(pod: \"{self.name}_{self.namespace}({self.uid})\", container: {c_spec['name']})")
+
+    @staticmethod
+    def _read_only_root(c_spec: dict) -> bool:
+        return bool((c_spec.get("securityContext") or {}).get("readOnlyRootFilesystem"))
 
     @staticmethod
     def _read_only_mounts(c_spec: dict) -> set[str]:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+TMP_DIR = "/tmp"
 MAX_TERMINATION_MESSAGE = 4096
 # kubelet's crash-loop back-off: 10s doubling up to 5 minutes.
 BACKOFF_INITIAL_S = 10.0
@@ -143,22 +144,50 @@ SECRETS_DIR = "/run/secrets"
 _SECRETS_PREFIXES = ("/var/run/secrets/", "/run/secrets/")
 
 
-def mount_namespace_argv(mounts: Mapping[str, str], argv: list[str], read_only: set[str]) -> list[str]:
-    """`argv` wrapped so that the mounts under /var/run/secrets are bind-mounted at their paths, in a
-    mount namespace of the container's own (a tmpfs over /run/secrets hides the host's). The
-    wrapper execs the program, so its pid and process group stay the container's."""
-    binds = [(path, host) for path, host in sorted(mounts.items()) if path.startswith(_SECRETS_PREFIXES)]
-    if not binds:
+def mount_namespace_argv(mounts: Mapping[str, str], argv: list[str], read_only: set[str],
+                         read_only_root: bool = False) -> list[str]:
+    """`argv` wrapped in a mount namespace of the container's own when it needs one (`unshare
+    --mount --propagation private`: what is mounted or remounted there stays there). The wrapper
+    execs the program, so its pid and process group stay the container's.
+
+    - Mounts under /var/run/secrets are bind-mounted at their paths (a tmpfs over /run/secrets
+      hides the host's); read-only ones are remounted read-only.
+    - `read_only_root` (the container's readOnlyRootFilesystem): the host path of every mount (its
+      volumes and its termination-message file; `mounts` maps container paths to them) is
+      bind-mounted onto itself, which makes it a mount of its own, then `/` is remounted read-only.
+      The process writes where the pod says it may (a readOnly mount is remounted read-only too)
+      and nowhere else on the root file system; for everyone else the host's root stays as it was.
+      Only the root mount: on a host with other file systems (a tmpfs /tmp, say), those stay
+      writable, as /dev and /proc do in a container. The process's stdout and stderr are files
+      the agent opened before, so its logs are written whatever the mounts.
+    """
+    secrets = [(path, host) for path, host in sorted(mounts.items()) if path.startswith(_SECRETS_PREFIXES)]
+    if not secrets and not read_only_root:
         return argv
-    script = ["set -e", f"mount -t tmpfs -o mode=0755,size=1m slmfleet-secrets {SECRETS_DIR}"]
+    script = ["set -e"]
     words: list[str] = []
-    for i, (path, host) in enumerate(binds):
-        target = "/run/" + path.split("/run/", 1)[1]
-        dest, src = f'"${{{i * 2 + 1}}}"', f'"${{{i * 2 + 2}}}"'
-        script.append(f"mkdir -p {dest} && mount --bind {src} {dest}")
-        if path in read_only:
-            script.append(f"mount -o remount,bind,ro {dest}")
-        words += [target, host]
+
+    def word(value: str) -> str:
+        """A positional parameter of the script holding `value` (paths are never spliced into it)."""
+        words.append(value)
+        return f'"${{{len(words)}}}"'
+
+    if secrets:
+        script.append(f"mount -t tmpfs -o mode=0755,size=1m slmfleet-secrets {SECRETS_DIR}")
+        for path, host in secrets:
+            dest, src = word("/run/" + path.split("/run/", 1)[1]), word(host)
+            script.append(f"mkdir -p {dest} && mount --bind {src} {dest}")
+            if path in read_only:
+                script.append(f"mount -o remount,bind,ro {dest}")
+    if read_only_root:
+        # A host path mounted both read-only and writable stays writable, as the writable mount is.
+        writable = {host for path, host in mounts.items() if path not in read_only}
+        # All bound while everything is still writable (a bind takes its source mount's flags), in
+        # path order, parents first.
+        binds = [(host, word(host)) for host in sorted(set(mounts.values()))]
+        script += [f"mount --bind {ref} {ref}" for _, ref in binds]
+        script += [f"mount -o remount,bind,ro {ref}" for host, ref in binds if host not in writable]
+        script.append("mount -o remount,bind,ro /")
     script.append(f"shift {len(words)}")
     script.append('exec "$@"')
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", "; ".join(script), "sh", *words, *argv]

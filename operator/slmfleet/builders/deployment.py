@@ -23,10 +23,13 @@ def build_deployment(
     revision: str,
     config: OperatorConfig,
     weights_disk_bytes: int | None = None,
+    *,
+    hardened: bool = True,
 ) -> dict[str, Any]:
     """The desired Deployment, for server-side apply. `weights_disk_bytes` is what the loader will
-    write (the manifest's total), when known. Raises UnsupportedSource (a ValueError) when
-    the weights source cannot be served yet."""
+    write (the manifest's total), when known. `hardened`: the pods' shape (builders/pod.py); False
+    only to keep a running revision as an earlier release built it. Raises UnsupportedSource (a
+    ValueError) when the weights source cannot be served yet."""
     labels = revision_labels(owner.name, revision)
     return {
         "apiVersion": "apps/v1",
@@ -45,7 +48,8 @@ def build_deployment(
             # A pod may legitimately stay Pending for the pending timeout and then load weights
             # for the startup timeout; only past both is the Deployment really stuck.
             "progressDeadlineSeconds": config.pending_timeout_seconds + config.startup_timeout_seconds,
-            "template": build_pod_template(owner, spec, placement, revision, config, weights_disk_bytes),
+            "template": build_pod_template(owner, spec, placement, revision, config, weights_disk_bytes,
+                                           hardened=hardened),
         },
     }
 

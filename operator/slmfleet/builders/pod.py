@@ -3,6 +3,12 @@
 Pods pass Pod Security `restricted` (non-root, no privilege escalation, no capabilities, the
 runtime's default seccomp profile, only non-host volumes), so models can run in locked-down
 namespaces.
+
+Hardened pods (`hardened=True`, what every new revision gets) also run both containers with a
+read-only root file system, each writable path a volume of the pod for a stated reason, and put
+CPU and memory limits on the loader. `hardened=False` builds the pods of operator releases before
+that, exactly: planning/desired.py keeps a running revision on the shape its live Deployment has,
+so that upgrading the operator does not restart every serving model.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from slmfleet.api.config import OperatorConfig
 from slmfleet.api.smallmodel import Placement, SmallModelSpec
 from slmfleet.builders.labels import PLACEMENT_ANNOTATION, revision_labels
 from slmfleet.builders.owner import ModelOwner
+from slmfleet.builders.scratch import TMP_DIR, tmp_mount, tmp_volume
 from slmfleet.builders.vllm_args import vllm_serve_args
 from slmfleet.builders.weights import MODEL_DIR, loader_container, vllm_weights_mount, weights_volumes
 
@@ -59,6 +66,8 @@ def build_pod_template(
     revision: str,
     config: OperatorConfig,
     weights_disk_bytes: int | None = None,
+    *,
+    hardened: bool = True,
 ) -> dict[str, Any]:
     """The Deployment's `spec.template`. Raises UnsupportedSource for a source it cannot load."""
     pod_spec: dict[str, Any] = {
@@ -76,9 +85,13 @@ def build_pod_template(
     if affinity:
         pod_spec["affinity"] = affinity
     pod_spec["tolerations"] = [dict(t) for t in GPU_TOLERATIONS]
-    pod_spec["initContainers"] = [loader_container(spec.source, config, _container_security_context())]
-    pod_spec["containers"] = [_vllm_container(owner, spec, placement, config)]
-    pod_spec["volumes"] = weights_volumes(spec.source, _disk_bytes(placement, weights_disk_bytes)) + _volumes(placement)
+    pod_spec["initContainers"] = [
+        loader_container(spec.source, config, _container_security_context(hardened), hardened=hardened)
+    ]
+    pod_spec["containers"] = [_vllm_container(owner, spec, placement, config, hardened)]
+    pod_spec["volumes"] = (
+        weights_volumes(spec.source, _disk_bytes(placement, weights_disk_bytes)) + _volumes(placement, hardened)
+    )
     # The placement key tells the operator which placement a Pending pod was created for, so pods
     # left over from an earlier placement do not count against the current one.
     metadata = {"labels": revision_labels(owner.name, revision), "annotations": {PLACEMENT_ANNOTATION: placement.key}}
@@ -95,7 +108,7 @@ def _disk_bytes(placement: Placement, known: int | None) -> int | None:
 
 
 def _vllm_container(
-    owner: ModelOwner, spec: SmallModelSpec, placement: Placement, config: OperatorConfig
+    owner: ModelOwner, spec: SmallModelSpec, placement: Placement, config: OperatorConfig, hardened: bool
 ) -> dict[str, Any]:
     return {
         "name": CONTAINER_NAME,
@@ -105,19 +118,19 @@ def _vllm_container(
         "args": vllm_serve_args(
             MODEL_DIR, served_model_name(owner, spec), placement, spec.serving, config.vllm_port
         ),
-        "env": _env(),
+        "env": _env(hardened),
         "ports": [{"name": PORT_NAME, "containerPort": config.vllm_port, "protocol": "TCP"}],
         "resources": _resources(placement),
         **_probes(config),
-        "securityContext": _container_security_context(),
-        "volumeMounts": _volume_mounts(placement),
+        "securityContext": _container_security_context(hardened),
+        "volumeMounts": _volume_mounts(placement, hardened),
         # A vLLM that exits during start-up prints the reason last; show it in `kubectl describe`.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
 
-def _env() -> list[dict[str, Any]]:
-    return [
+def _env(hardened: bool) -> list[dict[str, Any]]:
+    env = [
         # Air-gapped by design: weights are local and verified, nothing may be fetched or reported.
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "TRANSFORMERS_OFFLINE", "value": "1"},
@@ -131,6 +144,20 @@ def _env() -> list[dict[str, Any]]:
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
         {"name": "VLLM_CACHE_ROOT", "value": f"{CACHE_DIR}/vllm"},
     ]
+    if hardened:
+        # The root file system is read-only: every path vLLM writes must be a volume.
+        env += [
+            # Triton's compiled kernels (default ~/.triton/cache; vLLM points it into its own
+            # cache only while its compile cache is on) and torch inductor's generated code
+            # (default /tmp/torchinductor_<user>): gigabytes at worst, so the cache volume.
+            {"name": "TRITON_CACHE_DIR", "value": f"{CACHE_DIR}/triton"},
+            {"name": "TORCHINDUCTOR_CACHE_DIR", "value": f"{CACHE_DIR}/torchinductor"},
+            # Temp files (Triton builds its launcher stubs in a TemporaryDirectory) and vLLM's RPC
+            # IPC sockets (VLLM_RPC_BASE_PATH defaults to the temp dir): the small tmp volume.
+            {"name": "TMPDIR", "value": TMP_DIR},
+            {"name": "VLLM_RPC_BASE_PATH", "value": TMP_DIR},
+        ]
+    return env
 
 
 def _probes(config: OperatorConfig) -> dict[str, Any]:
@@ -202,28 +229,38 @@ def _pod_security_context() -> dict[str, Any]:
     }
 
 
-def _container_security_context() -> dict[str, Any]:
-    return {
+def _container_security_context(hardened: bool) -> dict[str, Any]:
+    context: dict[str, Any] = {
         "runAsNonRoot": True,
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
     }
+    if hardened:
+        context["readOnlyRootFilesystem"] = True
+    return context
 
 
 def _uses_shared_memory(placement: Placement) -> bool:
     return placement.tensor_parallel_size > 1
 
 
-def _volumes(placement: Placement) -> list[dict[str, Any]]:
+def _volumes(placement: Placement, hardened: bool) -> list[dict[str, Any]]:
     volumes = [{"name": CACHE_VOLUME, "emptyDir": {"sizeLimit": CACHE_SIZE_LIMIT}}]
+    if hardened:
+        volumes.append(tmp_volume())
     if _uses_shared_memory(placement):
         size = f"{SHM_GIB_PER_GPU * placement.gpu_count}Gi"
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": size}})
     return volumes
 
 
-def _volume_mounts(placement: Placement) -> list[dict[str, Any]]:
+def _volume_mounts(placement: Placement, hardened: bool) -> list[dict[str, Any]]:
+    # What vLLM may write: the cache volume (HOME and every cache, _env), /tmp when the root file
+    # system is read-only (temp files, IPC sockets), and /dev/shm for tensor parallelism (NCCL).
+    # The weights are read-only.
     mounts = [vllm_weights_mount(), {"name": CACHE_VOLUME, "mountPath": CACHE_DIR}]
+    if hardened:
+        mounts.append(tmp_mount())
     if _uses_shared_memory(placement):
         mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
     return mounts

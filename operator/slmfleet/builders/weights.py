@@ -16,6 +16,7 @@ from typing import Any
 
 from slmfleet.api.config import OperatorConfig
 from slmfleet.api.smallmodel import WeightsSource
+from slmfleet.builders.scratch import TMP_DIR, tmp_mount
 
 MODELS_MOUNT_PATH = "/models"
 MODEL_DIR = f"{MODELS_MOUNT_PATH}/model"
@@ -29,6 +30,23 @@ TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 # Room in the pod-local copy beyond the weights themselves (tokenizer, configs, temporary .part files).
 WEIGHTS_HEADROOM = 1.1
 MIN_WEIGHTS_VOLUME_GIB = 1
+
+# The loader's resources. Its memory is bounded by design, not by the model: ranges of 8 MiB, at
+# most 16 buffered (2 x 8 in flight, transfer.Fetcher), streamed to disk while hashed. Peak RSS of
+# `slmfleet load` with the defaults the pod uses, measured with /usr/bin/time -v (Python 3.11):
+# 350 MiB from S3 (a local MinIO, 13 files, 1.0 GiB), 297 MiB from a local directory (the pvc://
+# path, same files), 176 MiB for one 2 GiB file. The limit is ~3x the highest: an OOM-killed
+# loader starts the pod's start-up over. (The page cache of the files it writes counts against
+# the limit too, but the kernel writes it back and reclaims it before it kills; the loader also
+# fsyncs each file.) Requests equal to the limit: the loader's memory is never overcommitted.
+LOADER_PEAK_RSS_MIB = 350  # the highest measured, above
+LOADER_MEMORY = "1Gi"
+LOADER_CPU_REQUEST = "1"
+# CPU: those loads used 0.6 to 1.1 CPUs (user + system over wall time, 2-CPU machine). SHA-256 ran
+# at 0.75 GiB/s on one of its cores; files are hashed in parallel, so a limit of two keeps hashing
+# from being the bottleneck below ~1.5 GiB/s (12 Gbit/s), within what a replica's node has to
+# spare (vLLM, which requests 2 CPUs per GPU, does not run yet while the loader does).
+LOADER_CPU_LIMIT = "2"
 
 
 class UnsupportedSource(ValueError):
@@ -108,7 +126,11 @@ def _s3_env(source: WeightsSource) -> list[dict[str, Any]]:
     return env
 
 
-def loader_container(source: WeightsSource, config: OperatorConfig, security_context: dict[str, Any]) -> dict[str, Any]:
+def loader_container(
+    source: WeightsSource, config: OperatorConfig, security_context: dict[str, Any], *, hardened: bool
+) -> dict[str, Any]:
+    """The init container. `hardened` (builders/pod.py): CPU and memory limits, and a read-only
+    root file system (in `security_context`) with the pod's /tmp volume as its HOME."""
     parsed = parse_source(source.uri)
     args = ["load", "--source", parsed.loader_source if isinstance(parsed, PvcSource) else parsed.uri,
             "--digest", source.digest, "--dest", MODEL_DIR,
@@ -120,14 +142,20 @@ def loader_container(source: WeightsSource, config: OperatorConfig, security_con
         mounts.append({"name": SOURCE_VOLUME, "mountPath": SOURCE_MOUNT_PATH, "readOnly": True})
     if source.s3 is not None and source.s3.ca_config_map is not None:
         mounts.append({"name": CA_VOLUME, "mountPath": CA_MOUNT_PATH, "readOnly": True})
+    resources: dict[str, Any] = {"requests": {"cpu": LOADER_CPU_REQUEST, "memory": LOADER_MEMORY}}
+    if hardened:
+        # It writes the weights volume and its termination message, which the kubelet mounts
+        # writable. HOME is /tmp: give it the pod's tmp volume, where boto3 may look for ~/.aws.
+        mounts.append(tmp_mount())
+        resources["limits"] = {"cpu": LOADER_CPU_LIMIT, "memory": LOADER_MEMORY}
     return {
         "name": LOADER_CONTAINER,
         "image": config.loader_image,
         "imagePullPolicy": config.image_pull_policy,
         "args": args,
-        "env": [{"name": "HOME", "value": "/tmp"}, *_s3_env(source)],
+        "env": [{"name": "HOME", "value": TMP_DIR}, *_s3_env(source)],
         "volumeMounts": mounts,
-        "resources": {"requests": {"cpu": "1", "memory": "1Gi"}},
+        "resources": resources,
         "securityContext": dict(security_context),
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",

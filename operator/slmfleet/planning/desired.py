@@ -11,23 +11,42 @@ from slmfleet.api.modelrollout import HttpRouteTraffic
 from slmfleet.api.smallmodel import Placement, SmallModelSpec
 from slmfleet.builders import ModelOwner, build_deployment, build_model_service, build_revision_service
 from slmfleet.builders.applied_hash import with_applied_hash
+from slmfleet.builders.pod import CONTAINER_NAME
 from slmfleet.builders.traffic import build_http_route
 from slmfleet.builders.weights import LOADER_CONTAINER
 
 
-def keep_loader_image(desired: dict[str, Any], live: dict[str, Any] | None) -> dict[str, Any]:
-    """The revision's Deployment with the loader image its live version already has. The loader
-    runs once, when a pod starts, and its image is the operator's own: upgrading the operator must
-    not restart every serving model to swap a loader that has finished. New revisions (and a
-    revision's first Deployment) get the configured loader."""
-    if live is None:
-        return desired
-    running = {c.get("name"): c.get("image")
-               for c in (((live.get("spec") or {}).get("template") or {}).get("spec") or {}).get("initContainers") or []}
-    for c in desired["spec"]["template"]["spec"].get("initContainers") or []:
-        if c["name"] == LOADER_CONTAINER and running.get(LOADER_CONTAINER):
-            c["image"] = running[LOADER_CONTAINER]
-    return desired
+@dataclass(frozen=True)
+class LivePodShape:
+    """What a revision's live Deployment fixes about its pods across operator upgrades.
+
+    The operator's release shapes every pod template: its loader image (the operator's own image)
+    and the pod hardening (builders/pod.py). Applying a new release's shape to a running revision
+    would change its template and roll every serving model, for nothing the model asked for: the
+    loader has long finished, and the hardening can wait for the model's next revision. So a
+    revision with a live Deployment keeps the loader image and the hardening it was built with,
+    the applied template equals the live one and no rollout happens. New revisions (and a
+    revision's first Deployment) get the release's shape."""
+
+    loader_image: str | None  # the live loader's image; None: the configured one
+    hardened: bool
+
+    @classmethod
+    def of(cls, live: dict[str, Any] | None) -> LivePodShape:
+        if live is None:
+            return cls(loader_image=None, hardened=True)
+        pod = ((live.get("spec") or {}).get("template") or {}).get("spec") or {}
+        loaders = [c for c in pod.get("initContainers") or [] if c.get("name") == LOADER_CONTAINER]
+        servers = [c for c in pod.get("containers") or [] if c.get("name") == CONTAINER_NAME]
+        # Hardened pods are recognised by vLLM's read-only root file system, which only they have.
+        hardened = any((c.get("securityContext") or {}).get("readOnlyRootFilesystem") is True for c in servers)
+        return cls(loader_image=next((c["image"] for c in loaders if c.get("image")), None), hardened=hardened)
+
+    def config_for(self, config: OperatorConfig) -> OperatorConfig:
+        """The operator's config, with the live loader image when there is one."""
+        if self.loader_image is None or self.loader_image == config.loader_image:
+            return config
+        return config.model_copy(update={"loader_image": self.loader_image})
 
 
 @dataclass(frozen=True)
@@ -47,8 +66,10 @@ class Target:
         spec = self.spec
         if replicas is not None:
             spec = spec.model_copy(update={"serving": spec.serving.model_copy(update={"replicas": replicas})})
-        built = build_deployment(self.owner, spec, placement, self.revision, self.config, self.disk_bytes)
-        return with_applied_hash(keep_loader_image(built, self.live))
+        shape = LivePodShape.of(self.live)
+        return with_applied_hash(build_deployment(self.owner, spec, placement, self.revision,
+                                                  shape.config_for(self.config), self.disk_bytes,
+                                                  hardened=shape.hardened))
 
     def revision_service(self) -> dict[str, Any]:
         return with_applied_hash(build_revision_service(self.owner, self.revision, self.config))
