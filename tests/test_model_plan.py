@@ -1299,3 +1299,12 @@ def test_the_platform_extends_the_flags_tenants_may_pass():
     args = world.deployment()["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[1:5] == ["--enable-lora", "--max-loras", "2", "--enable-prefix"]
     assert world.condition("Degraded")["reason"] != "ExtraArgsRefused"
+
+
+def test_a_name_taken_by_another_owner_applies_nothing_even_to_a_served_model():
+    world = placed(World(model_body(), fleet("l4")))
+    plan = plan_model(dataclasses.replace(world.observe(), conflict="Service qwen-chat"), world.config, T0)
+    assert not plan.apply and not plan.delete
+    degraded = condition(plan.status, "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "Conflict")
+    assert "Service qwen-chat" in degraded["message"]

@@ -41,6 +41,7 @@ class Failure:
     message: str
     permanent: bool = False
     degraded: bool = True  # False: a wait that is part of the work (the weights being read)
+    names_taken: bool = False  # another owner's object has one of the model's names: apply nothing
 
 
 @dataclass(frozen=True)

@@ -151,7 +151,7 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         draft.look_again_in(CONFLICT_RECHECK_SECONDS)  # foreign objects are not watched
         return _plan_blocked(s, draft, Failure("Conflict", f"{obs.conflict} already exists and is not this SmallModel's; "
                                                            "the operator leaves it untouched: rename the SmallModel "
-                                                           "or remove that object"))
+                                                           "or remove that object", names_taken=True))
     if s.deprecated is not None and s.deprecated.target is None:
         return _plan_blocked(s, draft, Failure("BaseModelDeprecated", s.deprecated.message))
     if (refused := extra_args_refused(s.model.spec.serving, config)) is not None:
@@ -272,7 +272,7 @@ def _plan_blocked(s: Subject, draft: Draft, failure: Failure, placement: Placeme
         candidate_unschedulable=failure.message if failure.reason == "NoFit" else None)
     delete = _retire(s, draft, {s.revision, serving, s.stable}, rollout, list(s.old.history), serving)
     # Nothing is applied next to another owner's object: the model's names are not its own yet.
-    apply = [] if failure.reason == "Conflict" else _hold_canary(s, rollout, placement)
+    apply = [] if failure.names_taken else _hold_canary(s, rollout, placement)
     return replace(_finish(s.old, new, apply, delete, draft), rollout=rollout)
 
 
