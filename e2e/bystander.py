@@ -75,8 +75,14 @@ class Bystander:
         self.latencies.append(latency)
         return latency
 
-    def changes_applied(self, count: int) -> list[float]:
-        return [self.change_applied() for _ in range(count)]
+    def changes_applied(self, count: int, spacing: float = 0.0) -> list[float]:
+        """`count` changes, `spacing` seconds apart (so they sample a longer stretch of time)."""
+        latencies = []
+        for i in range(count):
+            if i and spacing:
+                time.sleep(spacing)
+            latencies.append(self.change_applied())
+        return latencies
 
 
 def latency_ratio(quiet: list[float], attacked: list[float]) -> float:
