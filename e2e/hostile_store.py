@@ -36,10 +36,15 @@ class Tally:
 
 
 class HostileStore:
-    """`answers` maps an object path (`/bucket/key`) to its Answer; other paths are NoSuchKey."""
+    """`answers` maps an object path (`/bucket/key`) to its Answer; other paths are NoSuchKey.
+    After `deny_after` requests, every request gets `denial` instead (a store that lets the
+    operator's own read through, then turns on the pods that load the weights)."""
 
-    def __init__(self, answers: dict[str, Answer], host: str = "127.0.0.1") -> None:
+    def __init__(self, answers: dict[str, Answer], host: str = "127.0.0.1", deny_after: int | None = None,
+                 denial: Answer | None = None) -> None:
         self.answers = answers
+        self.deny_after = deny_after
+        self.denial = denial or Answer(error=(403, "AccessDenied", "Access Denied"))
         self.tally = Tally()
         self._lock = threading.Lock()
         self.server = ThreadingHTTPServer((host, 0), self._handler())
@@ -52,10 +57,14 @@ class HostileStore:
         self.server.shutdown()
         self.server.server_close()
 
-    def _request(self, path: str) -> None:
+    def _request(self, path: str) -> Answer:
+        """Counts the request; what to answer it."""
         with self._lock:
             self.tally.requests += 1
             self.tally.paths.append(path)
+            if self.deny_after is not None and self.tally.requests > self.deny_after:
+                return self.denial
+        return self.answers.get(path, Answer(error=(404, "NoSuchKey", "no such key")))
 
     def _sent(self, count: int) -> None:
         with self._lock:
@@ -78,8 +87,7 @@ class HostileStore:
 
             def _answer(self, head: bool) -> None:
                 path = self.path.split("?", 1)[0]
-                store._request(path)
-                answer = store.answers.get(path, Answer(error=(404, "NoSuchKey", "no such key")))
+                answer = store._request(path)
                 if answer.error is not None:
                     status, code, message = answer.error
                     body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'

@@ -36,6 +36,7 @@ from e2e.tests.test_smallmodel import (
     model_body,
     wait_condition,
 )
+from e2e.tests.test_weights import model_files
 from e2e.wait import wait_for
 from slmfleet.weights.manifest import MANIFEST_NAME, FileEntry, Manifest
 
@@ -103,8 +104,9 @@ def assert_no_marker(operator, crs, core, namespace: str) -> None:
         "events": json.dumps([e.message for e in core.list_namespaced_event(namespace).items]),
         "operator log": operator.log_text(),
         "/metrics": json.dumps(metrics(operator.url)),
-        "termination messages": json.dumps([str(s.state) for p in core.list_namespaced_pod(namespace).items
-                                            for s in (p.status.init_container_statuses or [])]),
+        "termination messages": json.dumps([f"{s.state} {s.last_state}" for p in core.list_namespaced_pod(namespace).items
+                                            for s in [*(p.status.init_container_statuses or []),
+                                                      *(p.status.container_statuses or [])]]),
     }
     for where, text in places.items():
         assert MARKER not in text, f"the marker reached the {where}"
@@ -209,10 +211,10 @@ def store_model(name: str, store: HostileStore, digest: str | None = None) -> di
 
 
 @contextmanager
-def hostile_store(core, namespace: str, answers: dict[str, Answer]) -> Iterator[HostileStore]:
+def hostile_store(core, namespace: str, answers: dict[str, Answer], **behaviour) -> Iterator[HostileStore]:
     secret(core, namespace, "creds", {"AWS_ACCESS_KEY_ID": "tenant", "AWS_SECRET_ACCESS_KEY": "tenant-secret"},
            labels=CREDENTIALS_LABEL)
-    store = HostileStore(answers)
+    store = HostileStore(answers, **behaviour)
     try:
         yield store
     finally:
@@ -292,6 +294,27 @@ def test_a_store_that_ignores_range_sends_no_more_than_the_reader_takes(
                  "the model placed on its weights' header")
         assert store.tally.bytes_sent < READ_CEILING + len(manifest), \
             f"{store.tally.bytes_sent} bytes sent for a header of {len(header)}"
+    assert_no_marker(operator, crs, core, namespace)
+
+
+def test_a_loader_the_store_turns_on_shows_only_the_error_code_in_its_termination_message(
+        operator, crs, core, apps, namespace, process_nodes_free, still_reconciled):
+    files = model_files()
+    manifest, digest = pinned(files)
+    answers = {MANIFEST_PATH: Answer(manifest), **{f"/models/qwen/{p}": Answer(data) for p, data in files.items()}}
+    # The operator's own read (manifest, config.json, the header's length, the header) goes
+    # through; the loader in the pod is denied, with the secret in the error's text.
+    denial = Answer(error=(403, "AccessDenied", f"denied for {MARKER} {PEM_MARKER}"))
+    with hostile_store(core, namespace, answers, deny_after=4, denial=denial) as store:
+        body = store_model("turned", store, digest)
+        body["spec"]["resources"] = {"nodeSelector": {"slmfleet.io/node-agent": "process"}}
+        create(crs, namespace, body)
+        model = wait_condition(crs, namespace, "turned", "WeightsVerified", "False", "StorageDenied", timeout=120)
+        assert "AccessDenied (HTTP 403)" in condition(model, "WeightsVerified")["message"]
+        assert store.tally.requests > 4, "the loader asked the store"
+    terminated = [s.last_state.terminated or s.state.terminated for p in core.list_namespaced_pod(namespace).items
+                  for s in p.status.init_container_statuses or []]
+    assert any(t is not None and t.message for t in terminated), "the loader left a termination message"
     assert_no_marker(operator, crs, core, namespace)
 
 
