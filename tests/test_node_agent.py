@@ -389,3 +389,17 @@ def test_the_local_cluster_never_dials_off_loopback():
     assert service_proxy.ready_endpoints(svc, "h", [pod]) == []
     pod["status"]["podIP"] = "127.64.0.5"
     assert service_proxy.ready_endpoints(svc, "h", [pod]) == [("127.64.0.5", 80)]
+
+
+def test_host_paths_the_runtime_sets_are_not_taken_for_container_paths_under_a_mount():
+    # A checkout in /tmp/clone and a pod with a `tmp` volume at /tmp: PYTHONPATH (the runtime's,
+    # a host path) stays; TMPDIR and a spec value naming /tmp (container paths) move to the volume.
+    paths = spec.PathMap({"/tmp": "/h/pod/volumes/tmp"})
+    env = {"PYTHONPATH": "/tmp/clone", "HOME": "/tmp/clone/.e2e-cluster/pod/home", "TMPDIR": "/tmp",
+           "CACHE": "/tmp/cache"}
+    host = {"PYTHONPATH": "/tmp/clone", "HOME": "/tmp/clone/.e2e-cluster/pod/home"}
+    assert spec.container_env(env, paths, host) == {
+        "PYTHONPATH": "/tmp/clone", "HOME": "/tmp/clone/.e2e-cluster/pod/home",
+        "TMPDIR": "/h/pod/volumes/tmp", "CACHE": "/h/pod/volumes/tmp/cache"}
+    # A HOME the pod spec sets under the volume is the container's.
+    assert spec.container_env({**env, "HOME": "/tmp"}, paths, host)["HOME"] == "/h/pod/volumes/tmp"

@@ -314,7 +314,7 @@ class PodRunner:
         argv = images.resolve_argv(image, [spec.expand(a, env) for a in c_spec.get("command") or []] or None,
                                    [spec.expand(a, env) for a in c_spec["args"]] if "args" in c_spec else None)
         argv = [argv[0]] + [paths.rewrite(a) for a in argv[1:]]
-        return {k: paths.rewrite(v) for k, v in env.items()}, argv, paths
+        return spec.container_env(env, paths, self._host_env()), argv, paths
 
     async def _terminating_within(self, seconds: float) -> bool:
         deadline = time.monotonic() + seconds
@@ -519,15 +519,24 @@ class PodRunner:
 
     # ------------------------------------------------------------------ env and volumes
 
+    def _host_env(self) -> dict[str, str]:
+        """What the runtime sets to paths of the host (never rewritten as container paths)."""
+        host = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.dir / "home"),
+                "PYTHONPATH": str(images.REPO)}
+        if MARKER_ENV in os.environ:  # the cluster's state dir
+            host[MARKER_ENV] = os.environ[MARKER_ENV]
+        return host
+
     async def _env(self, c_spec: dict, image: images.ImageSpec) -> dict[str, str]:
         # The image's Env first, then what the runtime adds, then the pod spec's: the runtime's order.
+        host = self._host_env()
         env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(self.dir / "home"),
+            "PATH": host["PATH"],
+            "HOME": host["HOME"],
             **image.env,
             "HOSTNAME": self.name,
             "LANG": "C.UTF-8",
-            "PYTHONPATH": str(images.REPO),
+            "PYTHONPATH": host["PYTHONPATH"],
             "PYTHONUNBUFFERED": "1",
             "SLMFLEET_POD_IP": self.ip,
             # As the kubelet gives every container: the API server behind the `kubernetes` Service.
@@ -538,8 +547,8 @@ class PodRunner:
         }
 
         # The marker lets `cluster down` find pod processes even if this agent is gone.
-        if MARKER_ENV in os.environ:
-            env[MARKER_ENV] = os.environ[MARKER_ENV]
+        if MARKER_ENV in host:
+            env[MARKER_ENV] = host[MARKER_ENV]
         (self.dir / "home").mkdir(parents=True, exist_ok=True)
         user: dict[str, str] = {}
         if self.spec.get("enableServiceLinks", True):

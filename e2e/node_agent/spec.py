@@ -80,6 +80,14 @@ class PathMap:
         return rewritten if rewritten != container_path else None
 
 
+def container_env(env: Mapping[str, str], paths: PathMap, host_values: Mapping[str, str]) -> dict[str, str]:
+    """The process's environment: container paths in values rewritten to their host locations,
+    except the values the runtime itself set to host paths (`host_values`: PYTHONPATH, the pod's
+    home...), which a mount such as /tmp would otherwise capture when the host path lies under it
+    (a checkout in /tmp/clone)."""
+    return {key: value if host_values.get(key) == value else paths.rewrite(value) for key, value in env.items()}
+
+
 def backoff_seconds(restarts: int) -> float:
     return min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * (2 ** max(0, restarts - 1))) if restarts else 0.0
 
