@@ -4,6 +4,7 @@ evaluations (a ModelRollout's dataset) read S3 the same way. Secret values go to
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -79,21 +80,25 @@ def endpoint_refusal(s3: S3Settings | None, rules: Sequence[S3EndpointRule]) -> 
             + ", ".join(sorted({r.host for r in rules}))[:500])
 
 
+def _listed(annotation: str | None, limit: int, pattern: str) -> list[str] | None:
+    """A comma-separated annotation of the Secret: its first `limit` entries that match `pattern`
+    (others are ignored, never echoed); None without the annotation."""
+    if annotation is None:
+        return None
+    return [entry for entry in (e.strip() for e in annotation.split(",")[:limit]) if re.fullmatch(pattern, entry)]
+
+
 def _secret_admits(annotations: dict[str, str], host: str) -> bool:
     """Whether the Secret's own endpoint annotation (if any) lets it be sent to `host`."""
     listed = annotations.get(ENDPOINTS_ANNOTATION)
-    if listed is None:
-        return True
-    patterns = [p.strip().lower() for p in listed.split(",")][:MAX_ANNOTATED_HOSTS]
-    return any(host_matches(p, host) for p in patterns if re.fullmatch(S3_HOST_PATTERN, p))
+    patterns = _listed(listed.lower() if listed is not None else None, MAX_ANNOTATED_HOSTS, S3_HOST_PATTERN)
+    return patterns is None or any(host_matches(p, host) for p in patterns)
 
 
 def _keys_refusal(annotations: dict[str, str], ref: SecretKeys) -> str | None:
     """Which of the spec's key fields name a key the Secret does not let be read as credentials
     (the defaults always may be; others only if its annotation lists them); None when all may."""
-    listed = annotations.get(CREDENTIAL_KEYS_ANNOTATION, "")
-    allowed = {k for k in (k.strip() for k in listed.split(",")[:MAX_ANNOTATED_KEYS])
-               if re.fullmatch(DATA_KEY_PATTERN, k)}
+    allowed = set(_listed(annotations.get(CREDENTIAL_KEYS_ANNOTATION), MAX_ANNOTATED_KEYS, DATA_KEY_PATTERN) or ())
     refused = [field for field, key, default in (
         ("accessKeyIdKey", ref.access_key_id_key, DEFAULT_ACCESS_KEY_ID_KEY),
         ("secretAccessKeyKey", ref.secret_access_key_key, DEFAULT_SECRET_ACCESS_KEY_KEY),
@@ -198,7 +203,8 @@ async def s3_client_for(client: KubeClient, namespace: str, s3: S3Settings | Non
             pem = (await client.read_config_map(namespace, ref_ca.name))[ref_ca.key]
         except Exception as exc:  # noqa: BLE001
             raise S3AccessError(f"ConfigMap {namespace}/{ref_ca.name}: CA bundle unavailable ({api_failure(exc)})") from None
-        ca_bundle = _CA_FILES.path(pem, f"ConfigMap {namespace}/{ref_ca.name} key {ref_ca.key}")
+        # Hashing and writing up to 1 MiB: off the event loop (the files are guarded by a lock).
+        ca_bundle = await asyncio.to_thread(_CA_FILES.path, pem, f"ConfigMap {namespace}/{ref_ca.name} key {ref_ca.key}")
     return s3_client(
         endpoint_url=s3.endpoint if s3 else None, region=s3.region if s3 else None,
         path_style=s3.path_style if s3 else True, ca_bundle=ca_bundle,
