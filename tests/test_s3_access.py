@@ -13,7 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from slmfleet.api.config import S3EndpointRule
-from slmfleet.api.smallmodel import S3Settings, SecretKeys
+from slmfleet.api.modelrollout import ConfigMapDataset
+from slmfleet.api.smallmodel import ConfigMapKey, S3Settings, SecretKeys
 from slmfleet.controller import s3_access
 from slmfleet.controller.s3_access import (
     CREDENTIAL_KEYS_ANNOTATION,
@@ -93,6 +94,16 @@ def test_the_schema_refuses_key_names_a_secret_cannot_have():
             with pytest.raises(ValidationError):
                 SecretKeys.model_validate({"name": "creds", field: junk})
     assert SecretKeys.model_validate({"name": "creds", "accessKeyIdKey": "s3.id_-X9"}).access_key_id_key == "s3.id_-X9"
+
+
+def test_the_schema_refuses_configmap_key_names_a_configmap_cannot_have():
+    # The CA bundle's key (named in its error messages) and an evaluation dataset's key.
+    for junk in ("", "a/b", "key with spaces", "x\ny"):
+        with pytest.raises(ValidationError):
+            ConfigMapKey.model_validate({"name": "ca", "key": junk})
+        with pytest.raises(ValidationError):
+            ConfigMapDataset.model_validate({"name": "cases", "key": junk})
+    assert ConfigMapKey.model_validate({"name": "ca", "key": "ca-bundle.pem"}).key == "ca-bundle.pem"
 
 
 # --- CA bundle files ----------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 from slmfleet.api import tenant_patterns
 from slmfleet.api.base import CRModel
 from slmfleet.api.conditions import Condition
-from slmfleet.api.smallmodel import S3Settings
+from slmfleet.api.smallmodel import DATA_KEY_PATTERN, S3Settings
 
 KIND = "ModelRollout"
 PLURAL = "modelrollouts"
@@ -106,7 +106,7 @@ class ConfigMapDataset(CRModel):
 
     name: str = Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     """Name of the ConfigMap."""
-    key: str = Field(default="cases.jsonl", max_length=253)
+    key: str = Field(default="cases.jsonl", max_length=253, pattern=DATA_KEY_PATTERN)
     """Key holding the JSONL."""
 
 

@@ -61,7 +61,7 @@ class ConfigMapKey(CRModel):
 
     name: str = Field(max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
     """Name of the ConfigMap."""
-    key: str = Field(default="ca.crt", max_length=253)
+    key: str = Field(default="ca.crt", max_length=253, pattern=DATA_KEY_PATTERN)
     """Key holding the PEM bundle."""
 
 
