@@ -11,16 +11,11 @@ import uuid
 
 from kubernetes import client
 
+from e2e.tests.test_smallmodel import GROUP, QWEN_05B, VERSION
 from e2e.wait import wait_for
 
-GROUP, VERSION = "slmfleet.io", "v1alpha1"
 # A change waits this long at most: far above any latency seen, so only a stalled operator fails.
 CHANGE_TIMEOUT = 60
-ARCHITECTURE = {
-    "modelType": "qwen2", "numHiddenLayers": 24, "hiddenSize": 896, "numAttentionHeads": 14,
-    "numKeyValueHeads": 2, "vocabSize": 151936, "intermediateSize": 4864, "tieWordEmbeddings": True,
-    "maxPositionEmbeddings": 32768,
-}
 
 
 class Bystander:
@@ -38,7 +33,7 @@ class Bystander:
         self.crs.create_namespaced_custom_object(GROUP, VERSION, self.namespace, "smallmodels", {
             "apiVersion": f"{GROUP}/{VERSION}", "kind": "SmallModel", "metadata": {"name": self.name},
             "spec": {"source": {"uri": "pvc://weights/bystander", "digest": "sha256:" + "b7" * 32},
-                     "architecture": ARCHITECTURE, "serving": {"maxModelLen": 4096, "replicas": 1},
+                     "architecture": QWEN_05B, "serving": {"maxModelLen": 4096, "replicas": 1},
                      "resources": {"nodeSelector": {"slmfleet.io/node-agent": "kwok"}}}})
         self._wait_replicas(1, CHANGE_TIMEOUT * 2)
         return self

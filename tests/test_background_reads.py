@@ -180,6 +180,16 @@ async def _inline_cases(req):
     return await load_cases(None, req)  # inline: no API calls
 
 
+
+async def first_verdict(reader: weights_reader.WeightsReader,
+                        model: SmallModel) -> tuple[str, WeightsFacts | WeightsReading | None]:
+    """The key of the model's read and its facts once that first read (in the background) ended."""
+    assert isinstance(reader.facts("ns", model, ("ns", "m")), WeightsReading)
+    [key] = reader.reads._tasks
+    await settle(reader.reads, key)
+    return key, reader.facts("ns", model, ("ns", "m"))
+
+
 def test_an_endpoint_off_the_allow_list_is_a_final_verdict_and_blocks_the_model():
     """Refused before a connection: no Secret read, no storage contacted; the model gets no pods
     (they would send the Secret to that endpoint too)."""
@@ -188,10 +198,7 @@ def test_an_endpoint_off_the_allow_list_is_a_final_verdict_and_blocks_the_model(
 
     async def go() -> WeightsFacts | WeightsReading | None:
         reader = weights_reader.WeightsReader(None, queued.append, [S3EndpointRule(host="minio.storage.svc")])  # type: ignore[arg-type]
-        assert isinstance(reader.facts("ns", model, ("ns", "m")), WeightsReading)
-        [key] = reader.reads._tasks
-        await settle(reader.reads, key)
-        facts = reader.facts("ns", model, ("ns", "m"))
+        key, facts = await first_verdict(reader, model)
         assert not reader.reads.running(key), "a final verdict is not read again"
         await reader.close()
         return facts
@@ -234,10 +241,7 @@ def test_a_secret_key_the_secret_does_not_list_blocks_the_model():
 
     async def go() -> WeightsFacts | WeightsReading | None:
         reader = weights_reader.WeightsReader(client, lambda key: None, [S3EndpointRule(host="minio.storage.svc")])  # type: ignore[arg-type]
-        reader.facts("ns", model, ("ns", "m"))
-        [key] = reader.reads._tasks
-        await settle(reader.reads, key)
-        facts = reader.facts("ns", model, ("ns", "m"))
+        _, facts = await first_verdict(reader, model)
         await reader.close()
         return facts
 

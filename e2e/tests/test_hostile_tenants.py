@@ -465,6 +465,17 @@ def deprecations_events(core, reason: str) -> int:
         DEPRECATIONS_NAMESPACE, field_selector=f"involvedObject.name={DEPRECATIONS_NAME}").items if e.reason == reason)
 
 
+def put_deprecations(core, text: str) -> None:
+    """The platform's list ConfigMap holding exactly `text` under its key, created if it is gone."""
+    body = {"metadata": {"name": DEPRECATIONS_NAME}, "data": {DEPRECATIONS_KEY: text}}
+    try:
+        core.replace_namespaced_config_map(DEPRECATIONS_NAME, DEPRECATIONS_NAMESPACE, body)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+        core.create_namespaced_config_map(DEPRECATIONS_NAMESPACE, body)
+
+
 @contextmanager
 def deprecating(operator, core, base_model: str) -> Iterator[None]:
     """The platform's list deprecates `base_model`; back to none at the end (the ConfigMap is
@@ -472,27 +483,14 @@ def deprecating(operator, core, base_model: str) -> Iterator[None]:
     if not any(n.metadata.name == DEPRECATIONS_NAMESPACE for n in core.list_namespace().items):
         core.create_namespace({"metadata": {"name": DEPRECATIONS_NAMESPACE}})
     listed = operator.log_text().count(f"deprecated base models: {base_model}")
-    data = {DEPRECATIONS_KEY: f"deprecations:\n- baseModel: {base_model}\n  reason: licence withdrawn\n"}
-    try:
-        core.patch_namespaced_config_map(DEPRECATIONS_NAME, DEPRECATIONS_NAMESPACE, {"data": data})
-    except ApiException as exc:
-        if exc.status != 404:
-            raise
-        core.create_namespaced_config_map(DEPRECATIONS_NAMESPACE,
-                                          {"metadata": {"name": DEPRECATIONS_NAME}, "data": data})
+    put_deprecations(core, f"deprecations:\n- baseModel: {base_model}\n  reason: licence withdrawn\n")
     wait_for(lambda: operator.log_text().count(f"deprecated base models: {base_model}") > listed, 30, 0.2,
              "the operator to read the list")
     try:
         yield
     finally:
         emptied = operator.log_text().count(NO_DEPRECATIONS)
-        body = {"metadata": {"name": DEPRECATIONS_NAME}, "data": {DEPRECATIONS_KEY: "deprecations: []\n"}}
-        try:
-            core.replace_namespaced_config_map(DEPRECATIONS_NAME, DEPRECATIONS_NAMESPACE, body)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            core.create_namespaced_config_map(DEPRECATIONS_NAMESPACE, body)
+        put_deprecations(core, "deprecations: []\n")
         wait_for(lambda: operator.log_text().count(NO_DEPRECATIONS) > emptied, 30, 0.2,
                  "the operator to read the emptied list")
         core.delete_namespaced_config_map(DEPRECATIONS_NAME, DEPRECATIONS_NAMESPACE)
