@@ -48,9 +48,15 @@ def test_a_digest_missing_from_the_registry_backs_off_and_a_late_push_is_pulled(
     pod.spec.containers[0].image = wrong
     core.create_namespaced_pod(namespace, pod)
     wait_for(lambda: _waiting_reason(core, namespace, "wrong") == "ImagePullBackOff", what="ImagePullBackOff")
-    events = [(e.reason, e.message) for e in pod_events(core, namespace, "wrong")]
-    assert ("Pulling", f'Pulling image "{wrong}"') in events
-    assert ("Failed", "Error: ErrImagePull") in events and ("Failed", "Error: ImagePullBackOff") in events
+    # The Events follow the status the wait saw.
+    wanted = {("Pulling", f'Pulling image "{wrong}"'), ("Failed", "Error: ErrImagePull"),
+              ("Failed", "Error: ImagePullBackOff")}
+
+    def all_wanted() -> list[tuple[str, str]] | None:
+        seen = [(e.reason, e.message) for e in pod_events(core, namespace, "wrong")]
+        return seen if wanted <= set(seen) else None
+
+    events = wait_for(all_wanted, 30, 0.2, f"events {wanted}")
     assert any(r == "Failed" and m.startswith(f'Failed to pull image "{wrong}"') and "not found" in m for r, m in events)
     assert not _container(core, namespace, "wrong").image_id
 

@@ -243,11 +243,15 @@ def test_new_gpu_node_places_a_model_that_did_not_fit(operator, crs, core, names
 
 def test_pods_pending_too_long_move_to_the_next_fallback(operator, crs, core, namespace, extra_nodes):
     pool = f"pend-{uuid.uuid4().hex[:6]}"
-    # Sizing prefers the smaller L4, but that node is tainted: its pods stay Pending.
-    extra_nodes(_gpu_node(f"{pool}-l4", "NVIDIA-L4", 23034, pool, taint=True))
-    extra_nodes(_gpu_node(f"{pool}-l40s", "NVIDIA-L40S", 46068, pool))
+    # Sizing prefers the smaller L4, but that node is tainted: its pods stay Pending. The model
+    # comes first and the L4 before the L40S, so no reconcile can see the L40S alone (the
+    # operator's node index may lag a node's creation).
     create(crs, namespace, model_body("falls-back", QWEN_05B, serving={"maxModelLen": 4096},
                                       resources={"nodeSelector": {"slmfleet.io/pool": pool}}))
+    wait_condition(crs, namespace, "falls-back", "Degraded", "True", "NoFit")
+    extra_nodes(_gpu_node(f"{pool}-l4", "NVIDIA-L4", 23034, pool, taint=True))
+    wait_for(lambda: get(crs, namespace, "falls-back").get("status", {}).get("placement"), 60, what="placement")
+    extra_nodes(_gpu_node(f"{pool}-l40s", "NVIDIA-L40S", 46068, pool))
     first = wait_for(lambda: get(crs, namespace, "falls-back").get("status", {}).get("placement"), 60, what="placement")
     assert first["gpuProduct"] == "NVIDIA-L4"
     capture("SmallModel", get(crs, namespace, "falls-back"), "pending")  # Argo CD: Progressing
