@@ -234,6 +234,9 @@ def test_a_worse_candidate_is_rolled_back_and_the_stable_keeps_its_replicas(
     result = done["status"]["evaluations"][0]
     assert result["verdict"] == "Fail" and float(result["candidateScore"]) < float(result["stableScore"])
     assert done["status"]["canaryWeight"] == 0
+    # The rollout's status is written before the model's: the model follows on its own reconcile.
+    wait_for(lambda: condition(get(crs, namespace, PLURAL, "worse"), "Degraded").get("reason") == "RolloutFailed",
+             15, 0.2, "model Degraded/RolloutFailed")
     model = get(crs, namespace, PLURAL, "worse")
     degraded = condition(model, "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "RolloutFailed")
