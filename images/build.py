@@ -270,7 +270,8 @@ def _git(*args: str, root: Path = ROOT) -> str:
 
 
 # Inputs of the images in this checkout; a change to one not yet committed marks the revision dirty.
-SOURCE_INPUTS = ("pyproject.toml", "constraints.txt", "README.md", "operator", "e2e/standin/vllm.py", "images")
+SOURCE_INPUTS = ("pyproject.toml", "constraints.txt", "README.md", "operator", "e2e/standin/vllm.py",
+                 "e2e/standin/vllm-serve-actions.json", "images")
 
 
 def revision(root: Path = ROOT) -> str:
@@ -557,6 +558,8 @@ def build_python_layers(rootfs: Path, base_meta: dict, project: Project, layers_
     sdir = rootfs / STANDIN_DIR.strip("/")
     sdir.mkdir(parents=True)
     shutil.copyfile(project.root / "e2e" / "standin" / "vllm.py", sdir / f"{STANDIN_MODULE}.py")
+    # The real vLLM's options, from which the stand-in declares its parser.
+    shutil.copyfile(project.root / "e2e" / "standin" / "vllm-serve-actions.json", sdir / "vllm-serve-actions.json")
     launcher = rootfs / "usr/local/bin/vllm"
     launcher.write_text(
         f"#!{VENV}/bin/python\n"

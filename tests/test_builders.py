@@ -28,7 +28,7 @@ from slmfleet.builders.weights import LOADER_PEAK_RSS_MIB
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER_DIGEST = "sha256:" + "cd" * 32
-IMAGE = "registry.internal:5000/vllm/vllm-openai:v0.11.0@sha256:" + "12" * 32
+IMAGE = "registry.internal:5000/vllm/vllm-openai:v0.32.0@sha256:" + "12" * 32
 LOADER_IMAGE = "slmfleet/slmfleet:0.1.0@sha256:" + "c" * 64
 OWNER = ModelOwner(name="ticket-router", namespace="models", uid="6f1c2c5e-3b7a-4a55-9a8e-0d6a2f1b9c11")
 CONFIG = OperatorConfig.model_validate({"vllmImage": IMAGE, "loaderImage": LOADER_IMAGE})

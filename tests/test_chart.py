@@ -234,7 +234,7 @@ def test_rendered_operator_config_parses_with_the_real_model(helm, tmp_path):
     docs = render(helm, tmp_path, {"config": {"vllmPort": 9000, "pendingTimeoutSeconds": 120},
                                    "imagePullSecrets": ["mirror-pull"]})
     config = operator_config(docs)
-    assert config.vllm_image == f"vllm/vllm-openai:v0.11.0@{VLLM_DIGEST}"
+    assert config.vllm_image == f"vllm/vllm-openai:v0.32.0@{VLLM_DIGEST}"
     assert config.loader_image == f"slmfleet/slmfleet:0.1.0@{OPERATOR_DIGEST}"
     assert config.image_pull_secrets == ["mirror-pull"]
     assert (config.vllm_port, config.pending_timeout_seconds, config.startup_timeout_seconds) == (9000, 120, 1800)
@@ -342,7 +342,7 @@ def test_air_gapped_values_pull_every_image_from_the_mirror_by_digest(helm, tmp_
     assert len(images) == 4  # operator, helm test pod, and the two the operator creates
     for image in images:
         assert image.startswith(registry + "/") and PINNED.search(image), image
-    assert config.vllm_image == f"{registry}/vllm/vllm-openai:v0.11.0@{VLLM_DIGEST}"
+    assert config.vllm_image == f"{registry}/vllm/vllm-openai:v0.32.0@{VLLM_DIGEST}"
     # The pull secrets: on the operator pod, the test pod, and passed on to every model pod.
     secrets = [{"name": "mirror-pull"}, {"name": "mirror-2"}]
     assert one(docs, "Deployment")["spec"]["template"]["spec"]["imagePullSecrets"] == secrets
@@ -390,12 +390,12 @@ def _notes(helm: Path, tmp_path: Path, values: dict) -> str:
 def test_notes_list_every_image_with_its_digest_ready_to_mirror(helm, tmp_path):
     notes = _notes(helm, tmp_path, {"imageRegistry": "registry.internal:5000/mirror"})
     operator = f"registry.internal:5000/mirror/slmfleet/slmfleet:0.1.0@{OPERATOR_DIGEST}"
-    vllm = f"registry.internal:5000/mirror/vllm/vllm-openai:v0.11.0@{VLLM_DIGEST}"
+    vllm = f"registry.internal:5000/mirror/vllm/vllm-openai:v0.32.0@{VLLM_DIGEST}"
     assert operator in notes and vllm in notes
     assert (f"crane copy docker.io/slmfleet/slmfleet:0.1.0@{OPERATOR_DIGEST} "
             "registry.internal:5000/mirror/slmfleet/slmfleet:0.1.0") in notes
-    assert (f"crane copy docker.io/vllm/vllm-openai:v0.11.0@{VLLM_DIGEST} "
-            "registry.internal:5000/mirror/vllm/vllm-openai:v0.11.0") in notes
+    assert (f"crane copy docker.io/vllm/vllm-openai:v0.32.0@{VLLM_DIGEST} "
+            "registry.internal:5000/mirror/vllm/vllm-openai:v0.32.0") in notes
 
 
 # ------------------------------------------------------------------ CRDs

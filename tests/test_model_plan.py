@@ -37,7 +37,7 @@ from tests.sizing_configs import QWEN2_5_0_5B, QWEN2_5_14B
 from tests.sizing_nodes import default_fleet, gpu_node, gpu_pod
 
 # A well-formed pinned reference, as the chart renders it.
-IMAGE = "docker.io/vllm/vllm-openai:v0.11.0@sha256:" + "5" * 64  # a test value, not the registry's digest
+IMAGE = "docker.io/vllm/vllm-openai:v0.32.0@sha256:" + "5" * 64  # a test value, not the registry's digest
 LOADER_IMAGE = "slmfleet/slmfleet:0.1.0@sha256:" + "c" * 64
 CONFIG = OperatorConfig.model_validate({"vllmImage": IMAGE, "loaderImage": LOADER_IMAGE})
 FAST_PENDING = OperatorConfig.model_validate({"vllmImage": IMAGE, "loaderImage": LOADER_IMAGE, "pendingTimeoutSeconds": 10})
@@ -1252,7 +1252,7 @@ def test_a_revisions_first_deployment_is_hardened_whatever_else_is_live():
 
 
 def test_a_refused_vllm_flag_degrades_the_model_and_makes_no_deployment():
-    body = model_body(serving={"extraArgs": ["--enable-prefix-caching", "--load-format", "dummy", "--quantiz=awq"]})
+    body = model_body(serving={"extraArgs": ["--enable-prefix-caching", "--load-format", "dummy", "--max-model=99"]})
     world = World(body, default_fleet())
     plan = world.reconcile(T0)
     assert ("Deployment", f"{NAME}-{spec_revision(body)}") not in applied(plan)
@@ -1260,8 +1260,8 @@ def test_a_refused_vllm_flag_degrades_the_model_and_makes_no_deployment():
     degraded = world.condition("Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "ExtraArgsRefused")
     assert "--load-format (never allowed for tenants)" in degraded["message"]
-    assert "--quantiz (abbreviates --quantization, which is set by the operator)" in degraded["message"]
-    assert "dummy" not in degraded["message"] and "awq" not in degraded["message"]  # names, never values
+    assert "--max-model (abbreviates --max-model-len, which is set by the operator)" in degraded["message"]
+    assert "dummy" not in degraded["message"] and "99" not in degraded["message"]  # names, never values
     assert "--enable-prefix-caching" not in degraded["message"]
     assert summary(world.status)["Ready"] == ("False", "ExtraArgsRefused")
     assert "ExtraArgsRefused" in reasons(plan)

@@ -16,7 +16,7 @@ from tests.standin_servers import REPO, free_port, healthy
 
 @pytest.mark.parametrize("image, parts", [
     ("vllm/vllm-openai", ("docker.io", "vllm/vllm-openai", "latest", None)),
-    ("vllm/vllm-openai:v0.11.0", ("docker.io", "vllm/vllm-openai", "v0.11.0", None)),
+    ("vllm/vllm-openai:v0.32.0", ("docker.io", "vllm/vllm-openai", "v0.32.0", None)),
     ("registry.internal:5000/vllm/vllm-openai@sha256:" + "a" * 64,
      ("registry.internal:5000", "vllm/vllm-openai", None, "sha256:" + "a" * 64)),
     ("127.0.0.1:16449/slmfleet/slmfleet:0.1.0@sha256:" + "b" * 64,
@@ -69,7 +69,7 @@ def test_the_image_config_gives_env_user_and_image_id():
 def test_only_named_preloaded_images_skip_the_pull():
     assert images.preloaded("docker.io/library/busybox:1.37") is not None
     assert images.preloaded("busybox@sha256:" + "d" * 64) is None  # a digest must come from a registry
-    assert images.preloaded("vllm/vllm-openai:v0.11.0") is None
+    assert images.preloaded("vllm/vllm-openai:v0.32.0") is None
     assert images.preloaded("127.0.0.1:5000/busybox") is None
 
 

@@ -16,7 +16,7 @@ DIGEST = "sha256:" + "0123456789abcdef" * 4
 
 def test_parses_camel_case_yaml():
     config = parse_operator_config(f"""
-vllmImage: registry.internal:5000/mirror/vllm/vllm-openai:v0.11.0@{DIGEST}
+vllmImage: registry.internal:5000/mirror/vllm/vllm-openai:v0.32.0@{DIGEST}
 loaderImage: registry.internal:5000/mirror/slmfleet/slmfleet:0.1.0@{DIGEST}
 imagePullPolicy: Always
 pendingTimeoutSeconds: 120
@@ -25,7 +25,7 @@ namespaces: [models, team-a]
 vllmPort: 8080
 """)
     assert config == OperatorConfig(
-        vllm_image=f"registry.internal:5000/mirror/vllm/vllm-openai:v0.11.0@{DIGEST}",
+        vllm_image=f"registry.internal:5000/mirror/vllm/vllm-openai:v0.32.0@{DIGEST}",
         loader_image=f"registry.internal:5000/mirror/slmfleet/slmfleet:0.1.0@{DIGEST}",
         image_pull_policy="Always",
         pending_timeout_seconds=120,
@@ -45,12 +45,12 @@ def test_defaults():
 
 
 @pytest.mark.parametrize("image", [
-    "vllm/vllm-openai:v0.11.0",                      # a tag moves
+    "vllm/vllm-openai:v0.32.0",                      # a tag moves
     "vllm/vllm-openai:latest",
     "vllm/vllm-openai@sha256:1234",                  # truncated digest
     f"vllm/vllm-openai@{DIGEST.upper()}",
-    f"vllm/vllm-openai:v0.11.0@{DIGEST} ",
-    f"vllm/vllm-openai:v0.11.0@sha512:{'a' * 128}",
+    f"vllm/vllm-openai:v0.32.0@{DIGEST} ",
+    f"vllm/vllm-openai:v0.32.0@sha512:{'a' * 128}",
 ])
 def test_rejects_an_image_not_pinned_by_digest(image):
     with pytest.raises(ValidationError, match="vllmImage"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from slmfleet.api.config import OperatorConfig
 from slmfleet.api.crd import SMALLMODEL, crd
 from slmfleet.api.smallmodel import Placement, Serving
 from slmfleet.api.vllm_flags import (
+    ADMITTED_BEGINNINGS,
     FORBIDDEN_VLLM_FLAGS,
     MANAGED_VLLM_FLAGS,
     MAX_QUOTED_NAME,
@@ -24,7 +26,7 @@ from slmfleet.api.vllm_flags import (
 )
 from slmfleet.builders import vllm_serve_args
 
-IMAGE = "docker.io/vllm/vllm-openai:v0.11.0@sha256:" + "5" * 64
+IMAGE = "docker.io/vllm/vllm-openai:v0.32.0@sha256:" + "5" * 64
 LOADER_IMAGE = "slmfleet/slmfleet:0.1.0@sha256:" + "c" * 64
 LONG_FLAGS = tuple(f for f in VLLM_SERVE_FLAGS if f.startswith("--"))
 
@@ -46,8 +48,16 @@ ABUSES = [
     (["--allowed-local=/var/run/secrets"], "--allowed-local", "abbreviates --allowed-local-media-path"),
     (["--api-key", "k"], "--api-key", "never allowed"),
     (["--api-k=k"], "--api-k", "abbreviates --api-key"),
-    (["--quantiz", "gptq"], "--quantiz", "abbreviates --quantization, which is set by the operator"),
-    (["--kv-cache-dt=fp8"], "--kv-cache-dt", "abbreviates --kv-cache-dtype, which is set by the operator"),
+    # vLLM 0.32 added --quantization-config and --kv-cache-dtype-skip-layers: these two became ambiguous.
+    (["--quantiz", "gptq"], "--quantiz", "ambiguous"),
+    (["--kv-cache-dt=fp8"], "--kv-cache-dt", "ambiguous"),
+    (["--tensor-parallel=4"], "--tensor-parallel", "abbreviates --tensor-parallel-size, which is set by the operator"),
+    (["--max-model-l=99"], "--max-model-l", "abbreviates --max-model-len, which is set by the operator"),
+    (["--device-mem=0.99"], "--device-mem", "abbreviates --device-memory-utilization, which is set by the operator"),
+    (["--reasoning-parser-plugin", "/tmp/p.py"], "--reasoning-parser-plugin", "never allowed"),
+    (["--spec-model", "org/other"], "--spec-model", "never allowed"),
+    (["--weight-transfer-config", "{}"], "--weight-transfer-config", "never allowed"),
+    (["--grpc-port", "50051"], "--grpc-port", "never allowed"),
     (["--trust-remote"], "--trust-remote", "abbreviates --trust-remote-code"),
     (["--chat-template", "/etc/passwd"], "--chat-template", "never allowed"),
     (["--config", "/tmp/x.yaml"], "--config", "never allowed"),
@@ -73,7 +83,7 @@ def test_every_abuse_is_refused_naming_the_flag(args, flag, reason):
 
 MANAGED_ABBREVIATIONS = [
     "--tensor-parallel=4", "--tensor-p", "--max-model=131072", "--gpu-memory-util=0.99", "--served-model", "--port",
-    "--hos=127.0.0.1", "--max-num-se=512", "--max-num-b=65536", "--dtyp=float32", "--quant=awq", "--kv-cache-d",
+    "--hos=127.0.0.1", "--max-num-se=512", "--max-num-b=65536", "--dtyp=float32", "--device-mem=0.99",
 ]
 
 
@@ -92,7 +102,8 @@ def test_every_flag_the_builder_emits_is_managed():
     serving = Serving.model_validate({"quantization": "int8", "kvCacheDtype": "fp8"})
     emitted = {a for a in vllm_serve_args("/models/m", "m", placement, serving, 8000) if a.startswith("--")}
     assert emitted <= set(MANAGED_VLLM_FLAGS)
-    assert set(MANAGED_VLLM_FLAGS) - emitted == {"--model"}  # the model path is positional
+    # The model path is positional; --device-memory-utilization is the other name of a flag it emits.
+    assert set(MANAGED_VLLM_FLAGS) - emitted == {"--model", "--device-memory-utilization"}
 
 
 def test_a_refusal_names_the_flag_never_its_value():
@@ -222,17 +233,25 @@ def test_boolean_allowed_flags_come_with_their_negation():
 
 
 def test_admission_refuses_no_flag_that_could_be_allowed():
-    # The CRD refuses every beginning of a forbidden flag. That is only right if no other flag is one:
-    # else a platform could allow a flag that admission refuses.
+    # The CRD refuses every beginning of a forbidden flag, except the full names of other flags (vLLM
+    # reads a full name as itself): else a platform could allow a flag that admission refuses.
     for flag in LONG_FLAGS:
         if flag not in FORBIDDEN_VLLM_FLAGS:
             begun = [f for f in FORBIDDEN_VLLM_FLAGS if f.startswith(flag)]
-            assert not begun, f"{flag} begins the forbidden {begun}"
+            assert not begun or flag in ADMITTED_BEGINNINGS, f"{flag} begins the forbidden {begun}"
+    assert ADMITTED_BEGINNINGS == ("--reasoning-parser",)  # begins --reasoning-parser-plugin
+    assert not set(ADMITTED_BEGINNINGS) & set(FORBIDDEN_VLLM_FLAGS)
 
 
-def test_the_standin_declares_only_vllm_flags():
-    declared = set(standin.build_parser()._option_string_actions)
-    assert declared <= set(VLLM_SERVE_FLAGS), declared - set(VLLM_SERVE_FLAGS)
+def test_the_table_is_the_real_parsers_and_so_is_the_standins():
+    # The dump comes from the real vLLM's parser (e2e/real_vllm/serve_flags.py; a test with the real
+    # vLLM checks it is current). The operator's table and the stand-in's parser both follow it.
+    dumped = json.loads(standin.SERVE_ACTIONS.read_text())
+    assert dumped["vllm"] == "0.32.0"
+    options = {o for a in dumped["actions"] for o in a["options"]}
+    assert set(VLLM_SERVE_FLAGS) == options, (set(VLLM_SERVE_FLAGS) ^ options)
+    assert len(VLLM_SERVE_FLAGS) == len(options)
+    assert set(standin.build_parser()._option_string_actions) == options
 
 
 class _Refused(Exception):

@@ -18,14 +18,15 @@ def model(tmp_path: Path, heads=16, max_len=4096, behaviour=None) -> Path:
 
 
 def parse(*argv):
-    return vllm.build_parser().parse_args(list(argv))
+    return vllm.build_parser().parse_args(vllm.vllm_argv(list(argv)))
 
 
 def test_accepts_the_flags_an_operator_sets(tmp_path):
     args = parse(str(tmp_path), "--served-model-name", "a", "b", "--host", "0.0.0.0", "--port", "8000",
                  "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.85", "--max-model-len", "32k",
                  "--max-num-seqs", "16", "--dtype", "bfloat16", "--quantization", "awq", "--kv-cache-dtype", "fp8",
-                 "--enable-prefix-caching", "--no-enable-chunked-prefill", "-tp", "2", "--disable-log-requests")
+                 "--enable-prefix-caching", "--no-enable-chunked-prefill", "-tp", "2", "--no-enable-log-requests",
+                 "--compilation_config.mode", "0")
     assert args.served_model_name == ["a", "b"]
     assert args.max_model_len == 32000
     assert args.enable_prefix_caching is True and args.enable_chunked_prefill is False
@@ -34,7 +35,9 @@ def test_accepts_the_flags_an_operator_sets(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--not-a-flag"], "unrecognized arguments: --not-a-flag"),
     (["--dtype", "int3"], "argument --dtype: invalid choice: 'int3'"),
-    (["--quantization", "magic"], "argument --quantization/-q: invalid choice"),
+    (["--kv-cache-dtype", "magic"], "argument --kv-cache-dtype: invalid choice"),
+    (["--disable-log-requests"], "unrecognized arguments: --disable-log-requests"),  # gone in vLLM 0.32
+    (["--swap-space", "4"], "unrecognized arguments: --swap-space"),
     (["--tensor-parallel-size", "two"], "argument --tensor-parallel-size/-tp: invalid int value"),
 ])
 def test_bad_flags_fail_as_vllm_fails(capsys, argv, message):

@@ -1,11 +1,12 @@
 """An OpenAI-compatible stand-in for vLLM's server, for machines without a GPU.
 
-It takes `vllm serve`'s command line (the flags are declared below with vLLM's names, types and
-choices; an unknown flag fails as vLLM's parser fails: usage, `vllm serve: error: unrecognized
-arguments: ...`, exit 2), checks what vLLM checks at start-up that matters to an operator
-(config.json present, tensor-parallel size divides the attention heads, max-model-len within the
-model's, gpu-memory-utilization in (0, 1]), and serves vLLM's HTTP surface: /health, /v1/models,
-/v1/chat/completions, /v1/completions and /metrics with vLLM's metric names.
+It takes `vllm serve`'s command line (the flags are declared from a dump of the real vLLM's parser,
+vllm-serve-actions.json: names, types, choices and defaults; an unknown flag fails as vLLM's parser
+fails: usage, `vllm serve: error: unrecognized arguments: ...`, exit 2), checks what vLLM checks at
+start-up that matters to an operator (config.json present, tensor-parallel size divides the
+attention heads, max-model-len within the model's, gpu-memory-utilization in (0, 1]), and serves
+vLLM's HTTP surface: /health, /v1/models, /v1/chat/completions, /v1/completions and /metrics with
+vLLM's metric names.
 
 What it answers comes from `standin.json` in the model directory, so a good and a bad model
 revision are simply two weight directories:
@@ -37,18 +38,6 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-QUANTIZATION_METHODS = [
-    "aqlm", "awq", "deepspeedfp", "tpu_int8", "fp8", "ptpc_fp8", "fbgemm_fp8", "modelopt",
-    "modelopt_fp4", "marlin", "bitblas", "gguf", "gptq_marlin_24", "gptq_marlin", "gptq_bitblas",
-    "awq_marlin", "gptq", "compressed-tensors", "bitsandbytes", "qqq", "hqq", "experts_int8",
-    "neuron_quant", "ipex", "quark", "moe_wna16", "torchao", "auto-round", "rtn", "inc", "mxfp4",
-]
-KV_CACHE_DTYPES = ["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc"]
-DTYPES = ["auto", "half", "float16", "bfloat16", "float", "float32"]
-LOAD_FORMATS = [
-    "auto", "pt", "safetensors", "npcache", "dummy", "tensorizer", "sharded_state", "gguf",
-    "bitsandbytes", "mistral", "runai_streamer", "runai_streamer_sharded", "fastsafetensors",
-]
 # vLLM's default buckets for request latency histograms (seconds).
 LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
                    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
@@ -60,165 +49,86 @@ class StartupError(Exception):
     """What makes vLLM exit before it starts listening."""
 
 
-def _max_model_len(value: str) -> int:
-    """vLLM accepts plain integers and human-readable sizes such as 32k or 1m."""
-    text = value.strip().lower()
-    scale = {"k": 1000, "m": 1000**2, "g": 1000**3}
-    if text and text[-1] in scale:
-        return int(float(text[:-1]) * scale[text[-1]])
+# `vllm serve`'s options as the real parser declares them (names, abbreviations, kinds, value types,
+# choices, defaults), dumped from the real vLLM by e2e/real_vllm/serve_flags.py and shipped beside this
+# module in the stand-in image. Declaring the parser from it is what keeps the stand-in from accepting
+# a flag vLLM refuses, or refusing one it accepts.
+SERVE_ACTIONS = Path(__file__).with_name("vllm-serve-actions.json")
+
+
+def _human_int(value: str) -> int:
+    """vLLM's human-readable integers: 32k is 32,000, 32K is 32,768; decimals with decimal multipliers."""
+    text = value.strip()
+    decimal = {"k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+    binary = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if text and text[-1] in decimal:
+        return int(float(text[:-1]) * decimal[text[-1]])
+    if text and text[-1] in binary:
+        return int(text[:-1]) * binary[text[-1]]
     return int(text)
 
 
+def _human_int_or_auto(value: str) -> int:
+    return -1 if value.strip().lower() == "auto" else _human_int(value)
+
+
+def _optional(parse: Any) -> Any:
+    def parse_optional(value: str) -> Any:
+        return None if value in ("", "None") else parse(value)
+    parse_optional.__name__ = getattr(parse, "__name__", "value")  # argparse names it in "invalid ... value"
+    return parse_optional
+
+
+VALUE_TYPES: dict[str, Any] = {"int": int, "float": float, "str": str, "human int": _human_int,
+                               "human int or auto": _human_int_or_auto}
+
+
+def _value_type(name: str | None) -> Any:
+    if name is None:
+        return None
+    base = VALUE_TYPES[name.removeprefix("optional ")]
+    return _optional(base) if name.startswith("optional ") else base
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vllm serve", description="Start the vLLM OpenAI-compatible API server.")
+    p = argparse.ArgumentParser(prog="vllm serve", description="Start the vLLM OpenAI-compatible API server.",
+                                add_help=False)
     p.add_argument("model_tag", nargs="?", default=None, help="The model tag to serve (optional if specified in config)")
-    p.add_argument("--config", help="Read CLI options from a config file (YAML).")
-    # Frontend
-    p.add_argument("--host")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--uds")
-    p.add_argument("--uvicorn-log-level", choices=["critical", "debug", "error", "info", "trace", "warning"], default="info")
-    p.add_argument("--disable-uvicorn-access-log", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--allow-credentials", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--allowed-origins", default='["*"]')
-    p.add_argument("--allowed-methods", default='["*"]')
-    p.add_argument("--allowed-headers", default='["*"]')
-    p.add_argument("--api-key", nargs="+")
-    p.add_argument("--lora-modules", nargs="+")
-    p.add_argument("--chat-template")
-    p.add_argument("--chat-template-content-format", choices=["auto", "openai", "string"], default="auto")
-    p.add_argument("--response-role", default="assistant")
-    p.add_argument("--ssl-keyfile")
-    p.add_argument("--ssl-certfile")
-    p.add_argument("--ssl-ca-certs")
-    p.add_argument("--root-path")
-    p.add_argument("--middleware", action="append", default=[])
-    p.add_argument("--return-tokens-as-token-ids", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--disable-frontend-multiprocessing", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--enable-request-id-headers", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--enable-auto-tool-choice", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--tool-call-parser")
-    p.add_argument("--max-log-len", type=int)
-    p.add_argument("--disable-fastapi-docs", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--enable-prompt-tokens-details", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--enable-server-load-tracking", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--enable-force-include-usage", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--enable-log-requests", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--disable-log-requests", action="store_true")
-    p.add_argument("--disable-log-stats", action="store_true")
-    p.add_argument("--api-server-count", "-asc", type=int, default=1)
-    # Model
-    p.add_argument("--model")
-    p.add_argument("--runner", choices=["auto", "generate", "pooling", "draft"], default="auto")
-    p.add_argument("--convert", choices=["auto", "none", "embed", "classify", "reward"], default="auto")
-    p.add_argument("--tokenizer")
-    p.add_argument("--tokenizer-mode", choices=["auto", "slow", "mistral", "custom"], default="auto")
-    p.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--dtype", choices=DTYPES, default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--hf-config-path")
-    p.add_argument("--allowed-local-media-path", default="")
-    p.add_argument("--revision")
-    p.add_argument("--code-revision")
-    p.add_argument("--tokenizer-revision")
-    p.add_argument("--max-model-len", type=_max_model_len)
-    p.add_argument("--quantization", "-q", choices=QUANTIZATION_METHODS)
-    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--max-logprobs", type=int, default=20)
-    p.add_argument(
-        "--logprobs-mode",
-        choices=["raw_logits", "raw_logprobs", "processed_logits", "processed_logprobs"],
-        default="raw_logprobs",
-    )
-    p.add_argument("--disable-sliding-window", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--disable-cascade-attn", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--skip-tokenizer-init", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--enable-prompt-embeds", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--served-model-name", nargs="+")
-    p.add_argument("--config-format", choices=["auto", "hf", "mistral"], default="auto")
-    p.add_argument("--hf-token", nargs="?", const=True)
-    p.add_argument("--hf-overrides")
-    p.add_argument("--pooler-config")
-    p.add_argument("--logits-processor-pattern")
-    p.add_argument("--generation-config", default="auto")
-    p.add_argument("--override-generation-config")
-    p.add_argument("--enable-sleep-mode", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--model-impl", choices=["auto", "vllm", "transformers", "terratorch"], default="auto")
-    p.add_argument("--override-attention-dtype")
-    # Load
-    p.add_argument("--load-format", choices=LOAD_FORMATS, default="auto")
-    p.add_argument("--download-dir")
-    p.add_argument("--safetensors-load-strategy", default="lazy")
-    p.add_argument("--model-loader-extra-config")
-    p.add_argument("--ignore-patterns", nargs="+")
-    p.add_argument("--use-tqdm-on-load", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--pt-load-map-location", default="cpu")
-    # Structured outputs / reasoning
-    p.add_argument("--reasoning-parser")
-    p.add_argument("--structured-outputs-config")
-    # Parallel
-    p.add_argument("--distributed-executor-backend", choices=["ray", "mp", "uni", "external_launcher"])
-    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
-    p.add_argument("--data-parallel-rank", "-dpn", type=int)
-    p.add_argument("--data-parallel-size-local", "-dpl", type=int)
-    p.add_argument("--data-parallel-address", "-dpa")
-    p.add_argument("--data-parallel-rpc-port", "-dpp", type=int)
-    p.add_argument("--data-parallel-backend", "-dpb", choices=["mp", "ray"], default="mp")
-    p.add_argument("--enable-expert-parallel", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--max-parallel-loading-workers", type=int)
-    p.add_argument("--ray-workers-use-nsight", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--disable-custom-all-reduce", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--worker-cls", default="auto")
-    # Cache
-    p.add_argument("--block-size", type=int, choices=[1, 8, 16, 32, 64, 128, 256])
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--kv-cache-memory-bytes", type=int)
-    p.add_argument("--swap-space", type=float, default=4)
-    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
-    p.add_argument("--num-gpu-blocks-override", type=int)
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--prefix-caching-hash-algo", choices=["sha256", "sha256_cbor"], default="sha256")
-    p.add_argument("--cpu-offload-gb", type=float, default=0)
-    p.add_argument("--calculate-kv-scales", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--kv-sharing-fast-prefill", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--mamba-cache-dtype", default="auto")
-    # Multimodal
-    p.add_argument("--limit-mm-per-prompt")
-    p.add_argument("--mm-processor-kwargs")
-    p.add_argument("--mm-processor-cache-gb", type=float, default=4)
-    # LoRA
-    p.add_argument("--enable-lora", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--max-loras", type=int, default=1)
-    p.add_argument("--max-lora-rank", type=int, default=16)
-    p.add_argument("--lora-dtype", default="auto")
-    p.add_argument("--max-cpu-loras", type=int)
-    p.add_argument("--fully-sharded-loras", action=argparse.BooleanOptionalAction, default=False)
-    # Observability
-    p.add_argument("--show-hidden-metrics-for-version")
-    p.add_argument("--otlp-traces-endpoint")
-    p.add_argument("--collect-detailed-traces")
-    # Scheduler
-    p.add_argument("--max-num-batched-tokens", type=int)
-    p.add_argument("--max-num-seqs", type=int)
-    p.add_argument("--max-num-partial-prefills", type=int, default=1)
-    p.add_argument("--max-long-partial-prefills", type=int, default=1)
-    p.add_argument("--long-prefill-token-threshold", type=int, default=0)
-    p.add_argument("--num-lookahead-slots", type=int, default=0)
-    p.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs")
-    p.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument("--disable-chunked-mm-input", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--scheduler-cls", default="vllm.core.scheduler.Scheduler")
-    p.add_argument("--disable-hybrid-kv-cache-manager", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=False)
-    # Engine extras
-    p.add_argument("--speculative-config")
-    p.add_argument("--kv-transfer-config")
-    p.add_argument("--kv-events-config")
-    p.add_argument("--compilation-config", "-O")
-    p.add_argument("--additional-config")
+    for action in json.loads(SERVE_ACTIONS.read_text())["actions"]:
+        options, kind = action["options"], action["kind"]
+        kwargs: dict[str, Any] = {"dest": action["dest"]}
+        if kind == "help":
+            kwargs.update(action="help")
+        elif kind == "store_true":
+            kwargs.update(action="store_true", default=action["default"])
+        elif kind == "boolean":
+            options = [o for o in options if not o.startswith("--no-")]  # argparse adds the --no- twins
+            kwargs.update(action=argparse.BooleanOptionalAction, default=action["default"])
+        else:
+            parse = _value_type(action["type"])
+            default = action["default"]
+            if isinstance(default, str) and default.startswith("'"):  # a structured default, dumped as its type
+                default = None
+            kwargs.update(action="append" if kind == "append" else "store", nargs=action["nargs"], default=default)
+            if parse is not None:
+                kwargs.update(type=parse)
+            if action["choices"] is not None:
+                kwargs.update(choices=[(parse or str)(c) for c in action["choices"]])
+        p.add_argument(*options, **kwargs)
     return p
+
+
+def vllm_argv(argv: list[str]) -> list[str]:
+    """vLLM's parser reads `--flag_name` as `--flag-name` and `--json-flag.key value` as one key of a
+    JSON flag; the stand-in reads the latter as the JSON flag itself (it only keeps the value)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg.partition("=")
+            out.append(name.replace("_", "-").split(".", 1)[0] + eq + value)
+        else:
+            out.append(arg)
+    return out
 
 
 @dataclass(frozen=True)
@@ -456,7 +366,7 @@ def prepare(args: argparse.Namespace) -> Engine:
     if not 0 < args.gpu_memory_utilization <= 1:
         raise StartupError(f"GPU memory utilization must be within (0, 1]. Got {args.gpu_memory_utilization}.")
     derived = int(config.get("max_position_embeddings") or 2048)
-    max_len = args.max_model_len or derived
+    max_len = derived if args.max_model_len in (None, -1) else args.max_model_len
     if max_len > derived:
         raise StartupError(f"User-specified max_model_len ({max_len}) is greater than the derived max_model_len "
                            f"(max_position_embeddings={derived} in model's config.json).")
@@ -500,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: vllm [-h] [-v] {chat,complete,serve,bench,collect-env,run-batch} ...", file=sys.stderr)
         print(f"vllm: error: argument subparser: invalid choice: {argv[:1]}", file=sys.stderr)
         return 2
-    args = build_parser().parse_args(argv)  # exits 2 with vLLM's message on an unknown flag
+    args = build_parser().parse_args(vllm_argv(argv))  # exits 2 with vLLM's message on an unknown flag
     try:
         engine = prepare(args)
     except StartupError as exc:

@@ -366,6 +366,8 @@ REFUSED_FLAGS = {
     "an abbreviation of a flag the operator sets (quantization)": ["--quantiz", "awq"],
     "an abbreviation of a flag the operator sets (kv cache dtype)": ["--kv-cache-dt=fp8"],
     "a flag the operator manages (tensor parallelism)": ["--tensor-parallel=4"],
+    "vLLM 0.32's other name for --gpu-memory-utilization, abbreviated": ["--device-mem=0.99"],
+    "loads a reasoning parser from a file": ["--reasoning-parser-plugin", "/tmp/parser.py"],
 }
 
 
@@ -384,9 +386,11 @@ def test_a_vllm_flag_no_tenant_may_pass_is_refused_at_admission(
 
 def test_a_flag_admission_lets_through_is_refused_by_the_operator_unless_allowed(
         operator, crs, apps, namespace, still_reconciled):
-    # Allowed flags, an abbreviation of one and values, whatever they say, are admitted and served.
+    # Allowed flags, an abbreviation of one and values, whatever they say, are admitted and served;
+    # so is --reasoning-parser, though it begins the forbidden --reasoning-parser-plugin.
     create(crs, namespace, model_body("flags-ok", QWEN_05B, serving={
-        "extraArgs": ["--enable-prefix", "--seed", "7", "--response-role=trust-remote-code"]}))
+        "extraArgs": ["--enable-prefix", "--seed", "7", "--response-role=trust-remote-code",
+                      "--reasoning-parser", "deepseek_r1"]}))
     # A vLLM flag admission lets through but the allow-list does not have: the operator refuses it.
     create(crs, namespace, model_body("flags-lora", QWEN_05B, serving={"extraArgs": ["--enable-lora"]}))
     obj = wait_condition(crs, namespace, "flags-lora", "Degraded", "True", "ExtraArgsRefused")

@@ -74,7 +74,7 @@ def test_a_digest_missing_from_the_registry_backs_off_and_a_late_push_is_pulled(
 def test_images_from_other_registries_fail_to_pull_naming_the_one_registry_reached(core, process_nodes_free, namespace,
                                                                         model_dir):
     pod = vllm_pod("upstream", model_dir())
-    pod.spec.containers[0].image = "docker.io/vllm/vllm-openai:v0.11.0@sha256:" + "1" * 64
+    pod.spec.containers[0].image = "docker.io/vllm/vllm-openai:v0.32.0@sha256:" + "1" * 64
     core.create_namespaced_pod(namespace, pod)
     wait_for(lambda: _waiting_reason(core, namespace, "upstream") in ("ErrImagePull", "ImagePullBackOff"),
              what="ErrImagePull")

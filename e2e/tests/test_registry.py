@@ -95,7 +95,7 @@ def test_a_digest_the_registry_does_not_have_is_not_found(served):
 def test_other_registries_are_never_contacted(served):
     host, _ = served
     with pytest.raises(registry.PullError, match=f"reaches only its loopback registry {host}"):
-        _pull(host, "docker.io/vllm/vllm-openai:v0.11.0")
+        _pull(host, "docker.io/vllm/vllm-openai:v0.32.0")
     with pytest.raises(registry.PullError, match="reaches only no registry"):
         _pull(None, f"{host}/test/slmfleet/slmfleet:1")  # type: ignore[arg-type]
 

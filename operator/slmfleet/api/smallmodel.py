@@ -13,7 +13,7 @@ from pydantic import Field
 
 from slmfleet.api.base import CRModel
 from slmfleet.api.conditions import Condition
-from slmfleet.api.vllm_flags import FORBIDDEN_VLLM_FLAGS, TENANT_VLLM_FLAGS
+from slmfleet.api.vllm_flags import ADMITTED_BEGINNINGS, FORBIDDEN_VLLM_FLAGS, TENANT_VLLM_FLAGS
 
 GROUP = "slmfleet.io"
 VERSION = "v1alpha1"
@@ -172,6 +172,10 @@ EXTRA_ARGS_DESCRIPTION = (
 )
 
 
+# CEL: an extraArgs element's flag name, before any `=`.
+_ARG_NAME = "(a.indexOf('=') < 0 ? a : a.substring(0, a.indexOf('=')))"
+
+
 class Serving(CRModel):
     """How vLLM serves the model. Changing any of these fields starts a new revision."""
 
@@ -180,10 +184,13 @@ class Serving(CRModel):
             "x-kubernetes-validations": [
                 {
                     # A flag's name (before any `=`) must not begin a forbidden flag: that refuses
-                    # the flag and every abbreviation vLLM's parser would read as it.
-                    "rule": "!has(self.extraArgs) || self.extraArgs.all(a, !a.startsWith('--') || !["
+                    # the flag and every abbreviation vLLM's parser would read as it. The full name
+                    # of another flag is itself to vLLM, so those few are let through by name.
+                    "rule": "!has(self.extraArgs) || self.extraArgs.all(a, !a.startsWith('--') || ["
+                    + ", ".join(f"'{f}'" for f in ADMITTED_BEGINNINGS)
+                    + f"].exists(e, e == {_ARG_NAME}) || !["
                     + ", ".join(f"'{f}'" for f in FORBIDDEN_VLLM_FLAGS)
-                    + "].exists(f, f.startsWith(a.indexOf('=') < 0 ? a : a.substring(0, a.indexOf('=')))))",
+                    + f"].exists(f, f.startsWith({_ARG_NAME})))",
                     "message": "extraArgs must not set, or abbreviate, flags the operator manages or that no "
                     "tenant may set (see kubectl explain smallmodel.spec.serving.extraArgs)",
                 },

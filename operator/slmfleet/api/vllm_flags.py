@@ -7,7 +7,7 @@ not load code or plugins, choose other weights, tokenizers or configs than the p
 local files, open connections, set keys or TLS, hide vLLM's metrics from the operator, or contradict
 a flag the operator sets.
 
-vLLM's parser (an argparse parser, vLLM 0.11) reads an argument the way `resolve` does:
+vLLM's parser (an argparse parser, vLLM 0.32) reads an argument the way `resolve` does:
 - `--flag value` and `--flag=value`; underscores in a flag's name read as dashes, and
   `--flag.key value` sets one key of a JSON flag.
 - Abbreviations: argparse's `allow_abbrev` is on (vLLM never turns it off), so any beginning of a
@@ -21,10 +21,11 @@ is refused. A flag vLLM does not know, a short option (`-tp`), `--` and a name w
 lowercase letters, digits and dashes are refused too.
 
 Where it is checked: the CRD's CEL rule refuses, at admission, every flag in `FORBIDDEN_VLLM_FLAGS`
-(the flags the operator manages, and those no configuration may allow) and every beginning of
-one, so their abbreviations too. Admission cannot know a platform's extension of the allow-list, so
-the rest is the planner's: a model with any other flag outside the allow-list is Degraded with
-reason `ExtraArgsRefused`, naming the flag (never its value), and no Deployment is made for it.
+(the flags the operator manages, and those no configuration may allow) and every beginning of one,
+so their abbreviations too, except the full name of another flag (`ADMITTED_BEGINNINGS`). Admission
+cannot know a platform's extension of the allow-list, so the rest is the planner's: a model with any
+other flag outside the allow-list is Degraded with reason `ExtraArgsRefused`, naming the flag (never
+its value), and no Deployment is made for it.
 
 Everything here is bounded: at most 32 arguments of 256 characters (the CRD's limits) are compared
 with a fixed list of names by prefix; no pattern is built from what a tenant wrote.
@@ -35,71 +36,121 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-# Every option string of `vllm serve` in vLLM 0.11.0 (the version the chart's vllm image and the
-# test stand-in follow), taken from its argument parser: the frontend's, the engine's and the serve
-# command's own flags, the `--no-` twin of every boolean flag, and the short options. The test
-# stand-in (e2e/standin/vllm.py) declares a subset of them; a test checks it declares no other.
+# Every option string of `vllm serve` in vLLM 0.32.0 (the version the stand-in follows and the local
+# cluster's CPU nodes run), as its argument parser declares them: the frontend's, the engine's and the
+# serve command's own flags, the `--no-` twin of every boolean flag, and the short options. A test
+# checks this against the dump of the real parser (e2e/standin/vllm-serve-actions.json), which the
+# stand-in declares its parser from.
 VLLM_SERVE_FLAGS: tuple[str, ...] = (
-    "--additional-config", "--allow-credentials", "--allowed-headers", "--allowed-local-media-path",
-    "--allowed-media-domains", "--allowed-methods", "--allowed-origins", "--api-key", "--api-server-count",
-    "--async-scheduling", "--block-size", "--calculate-kv-scales", "--chat-template",
-    "--chat-template-content-format", "--code-revision", "--collect-detailed-traces", "--compilation-config",
-    "--config", "--config-format", "--convert", "--cpu-offload-gb", "--cuda-graph-sizes", "--data-parallel-address",
-    "--data-parallel-backend", "--data-parallel-hybrid-lb", "--data-parallel-rank", "--data-parallel-rpc-port",
-    "--data-parallel-size", "--data-parallel-size-local", "--data-parallel-start-rank",
-    "--dbo-decode-token-threshold", "--dbo-prefill-token-threshold", "--decode-context-parallel-size",
-    "--default-mm-loras", "--disable-cascade-attn", "--disable-chunked-mm-input", "--disable-custom-all-reduce",
-    "--disable-fastapi-docs", "--disable-frontend-multiprocessing", "--disable-hybrid-kv-cache-manager",
-    "--disable-log-requests", "--disable-log-stats", "--disable-mm-preprocessor-cache", "--disable-sliding-window",
-    "--disable-uvicorn-access-log", "--distributed-executor-backend", "--download-dir", "--dtype",
-    "--enable-auto-tool-choice", "--enable-chunked-prefill", "--enable-dbo", "--enable-eplb",
-    "--enable-expert-parallel", "--enable-force-include-usage", "--enable-log-outputs", "--enable-log-requests",
-    "--enable-lora", "--enable-lora-bias", "--enable-multimodal-encoder-data-parallel", "--enable-prefix-caching",
-    "--enable-prompt-embeds", "--enable-prompt-tokens-details", "--enable-request-id-headers",
-    "--enable-server-load-tracking", "--enable-sleep-mode", "--enable-ssl-refresh",
-    "--enable-tokenizer-info-endpoint", "--enforce-eager", "--eplb-config", "--eplb-log-balancedness",
-    "--eplb-step-interval", "--eplb-window-size", "--exclude-tools-when-tool-choice-none",
-    "--expert-placement-strategy", "--fully-sharded-loras", "--generation-config", "--gpu-memory-utilization",
-    "--guided-decoding-backend", "--guided-decoding-disable-additional-properties",
-    "--guided-decoding-disable-any-whitespace", "--guided-decoding-disable-fallback", "--h11-max-header-count",
-    "--h11-max-incomplete-event-size", "--headless", "--help", "--hf-config-path", "--hf-overrides", "--hf-token",
-    "--host", "--ignore-patterns", "--interleave-mm-strings", "--io-processor-plugin", "--kv-cache-dtype",
-    "--kv-cache-memory-bytes", "--kv-events-config", "--kv-sharing-fast-prefill", "--kv-transfer-config",
-    "--limit-mm-per-prompt", "--load-format", "--log-config-file", "--log-error-stack", "--logits-processor-pattern",
-    "--logits-processors", "--logprobs-mode", "--long-prefill-token-threshold", "--lora-dtype",
-    "--lora-extra-vocab-size", "--lora-modules", "--mamba-cache-dtype", "--mamba-ssm-cache-dtype", "--max-cpu-loras",
-    "--max-log-len", "--max-logprobs", "--max-long-partial-prefills", "--max-lora-rank", "--max-loras",
-    "--max-model-len", "--max-num-batched-tokens", "--max-num-partial-prefills", "--max-num-seqs",
-    "--max-parallel-loading-workers", "--media-io-kwargs", "--middleware", "--mm-encoder-tp-mode",
-    "--mm-processor-cache-gb", "--mm-processor-cache-type", "--mm-processor-kwargs",
-    "--mm-shm-cache-max-object-size-mb", "--model", "--model-impl", "--model-loader-extra-config",
-    "--no-allow-credentials", "--no-async-scheduling", "--no-calculate-kv-scales", "--no-data-parallel-hybrid-lb",
-    "--no-disable-cascade-attn", "--no-disable-chunked-mm-input", "--no-disable-custom-all-reduce",
-    "--no-disable-fastapi-docs", "--no-disable-frontend-multiprocessing", "--no-disable-hybrid-kv-cache-manager",
-    "--no-disable-log-requests", "--no-disable-sliding-window", "--no-disable-uvicorn-access-log",
-    "--no-enable-auto-tool-choice", "--no-enable-chunked-prefill", "--no-enable-dbo", "--no-enable-eplb",
-    "--no-enable-expert-parallel", "--no-enable-force-include-usage", "--no-enable-log-outputs",
-    "--no-enable-log-requests", "--no-enable-lora", "--no-enable-lora-bias", "--no-enable-prefix-caching",
-    "--no-enable-prompt-embeds", "--no-enable-prompt-tokens-details", "--no-enable-request-id-headers",
-    "--no-enable-server-load-tracking", "--no-enable-sleep-mode", "--no-enable-ssl-refresh",
-    "--no-enable-tokenizer-info-endpoint", "--no-enforce-eager", "--no-eplb-log-balancedness",
-    "--no-exclude-tools-when-tool-choice-none", "--no-fully-sharded-loras", "--no-interleave-mm-strings",
-    "--no-kv-sharing-fast-prefill", "--no-log-error-stack", "--no-ray-workers-use-nsight",
-    "--no-return-tokens-as-token-ids", "--no-skip-mm-profiling", "--no-skip-tokenizer-init",
-    "--no-trust-remote-code", "--no-trust-request-chat-template", "--no-use-tqdm-on-load",
-    "--num-gpu-blocks-override", "--num-lookahead-slots", "--num-redundant-experts", "--otlp-traces-endpoint",
-    "--override-attention-dtype", "--override-generation-config", "--override-pooler-config",
-    "--pipeline-parallel-size", "--pooler-config", "--port", "--prefix-caching-hash-algo", "--pt-load-map-location",
-    "--quantization", "--ray-workers-use-nsight", "--reasoning-parser", "--response-role",
-    "--return-tokens-as-token-ids", "--revision", "--root-path", "--rope-scaling", "--rope-theta", "--runner",
-    "--safetensors-load-strategy", "--scheduler-cls", "--scheduling-policy", "--seed", "--served-model-name",
-    "--show-hidden-metrics-for-version", "--skip-mm-profiling", "--skip-tokenizer-init", "--speculative-config",
-    "--ssl-ca-certs", "--ssl-cert-reqs", "--ssl-certfile", "--ssl-keyfile", "--structured-outputs-config",
-    "--swap-space", "--task", "--tensor-parallel-size", "--tokenizer", "--tokenizer-mode", "--tokenizer-revision",
-    "--tool-call-parser", "--tool-parser-plugin", "--tool-server", "--trust-remote-code",
-    "--trust-request-chat-template", "--uds", "--use-tqdm-on-load", "--uvicorn-log-level", "--video-pruning-rate",
-    "--worker-cls", "--worker-extension-cls",
-    "-O", "-asc", "-dcp", "-dp", "-dpa", "-dpb", "-dpl", "-dpn", "-dpp", "-dpr", "-h", "-pp", "-q", "-tp",
+    "--additional-config", "--aggregate-engine-logging", "--all2all-backend", "--allow-credentials",
+    "--allow-deprecated-quantization", "--allowed-headers", "--allowed-local-media-path", "--allowed-media-domains",
+    "--allowed-methods", "--allowed-origins", "--anthropic-disabled-thinking-effort", "--api-key",
+    "--api-server-count", "--async-scheduling", "--attention-backend", "--attention-config", "--aux-output-config",
+    "--block-size", "--chat-template", "--chat-template-content-format", "--code-revision", "--cohere-format",
+    "--cohere-is-reasoning-model", "--collect-detailed-traces", "--compilation-config", "--config",
+    "--config-format", "--convert", "--cp-kv-cache-interleave-size", "--cpu-distributed-timeout-seconds",
+    "--cpu-offload-gb", "--cpu-offload-params", "--cudagraph-capture-sizes", "--cudagraph-metrics",
+    "--custom-histogram-buckets", "--data-parallel-address", "--data-parallel-backend",
+    "--data-parallel-external-lb", "--data-parallel-hybrid-lb", "--data-parallel-multi-port-external-lb",
+    "--data-parallel-rank", "--data-parallel-rpc-port", "--data-parallel-size", "--data-parallel-size-local",
+    "--data-parallel-start-rank", "--data-parallel-supervisor-port", "--dbo-decode-token-threshold",
+    "--dbo-prefill-token-threshold", "--dcp-comm-backend", "--dcp-kv-cache-interleave-size", "--dcp-q-replicate",
+    "--decode-context-parallel-size", "--default-chat-template-kwargs", "--default-mm-loras", "--device-ids",
+    "--device-memory-utilization", "--diffusion-config", "--disable-access-log-for-endpoints",
+    "--disable-cascade-attn", "--disable-chunked-mm-input", "--disable-custom-all-reduce", "--disable-fastapi-docs",
+    "--disable-hybrid-kv-cache-manager", "--disable-log-stats", "--disable-nccl-for-dp-synchronization",
+    "--disable-sliding-window", "--disable-uvicorn-access-log", "--distributed-executor-backend",
+    "--distributed-timeout-seconds", "--download-dir", "--dp-supervisor-probe-failure-threshold",
+    "--dp-supervisor-probe-interval-s", "--dp-supervisor-probe-timeout-s", "--dp-sync-interval", "--dtype",
+    "--ec-manager-config", "--ec-transfer-config", "--elastic-ep-max-dp-size", "--enable-auto-tool-choice",
+    "--enable-batch-sharded-sampling", "--enable-chunked-prefill", "--enable-cumem-allocator", "--enable-dbo",
+    "--enable-elastic-ep", "--enable-ep-weight-filter", "--enable-eplb", "--enable-expert-parallel",
+    "--enable-fault-tolerance", "--enable-flash-late-interaction", "--enable-flashinfer-autotune",
+    "--enable-force-include-usage", "--enable-hc-sp", "--enable-layerwise-nvtx-tracing", "--enable-log-deltas",
+    "--enable-log-outputs", "--enable-log-requests", "--enable-logging-iteration-details", "--enable-lora",
+    "--enable-mamba-cache-stochastic-rounding", "--enable-mamba-shared-prefix-checkpoint", "--enable-mfu-metrics",
+    "--enable-mixed-moe-lora-format", "--enable-mm-embeds", "--enable-moe-shared-loras",
+    "--enable-nccl-comm-suspend", "--enable-offline-docs", "--enable-per-request-metrics",
+    "--enable-prefix-caching", "--enable-prompt-embeds", "--enable-prompt-tokens-details",
+    "--enable-request-id-headers", "--enable-return-routed-experts", "--enable-scale-out",
+    "--enable-server-load-tracking", "--enable-shm-tensor-arena", "--enable-sleep-mode", "--enable-ssl-refresh",
+    "--enable-tokenizer-info-endpoint", "--enable-tower-connector-lora", "--enable-trace-replay", "--enforce-eager",
+    "--engram-config", "--eplb-config", "--exclude-tools-when-tool-choice-none", "--expert-placement-strategy",
+    "--fail-on-environ-validation", "--fault-tolerance-config", "--fingerprint-mode", "--fingerprint-value",
+    "--fully-sharded-loras", "--gdn-prefill-backend", "--generation-config", "--gpu-memory-utilization", "--grpc",
+    "--grpc-port", "--h11-max-header-count", "--h11-max-incomplete-event-size", "--headless", "--help",
+    "--hf-config-path", "--hf-overrides", "--hf-token", "--host", "--ignore-patterns", "--interleave-mm-strings",
+    "--io-processor-plugin", "--ir-op-priority", "--jit-monitor-mode", "--jit-monitor-verbose",
+    "--kda-decode-backend", "--kda-prefill-backend", "--kernel-config", "--kv-cache-dtype",
+    "--kv-cache-dtype-skip-layers", "--kv-cache-memory-bytes", "--kv-cache-metrics", "--kv-cache-metrics-sample",
+    "--kv-events-config", "--kv-offloading-backend", "--kv-offloading-size", "--kv-sharing-fast-prefill",
+    "--kv-transfer-config", "--language-model-only", "--limit-mm-per-prompt", "--linear-backend", "--load-format",
+    "--log-config-file", "--log-error-stack", "--log-level", "--logging-config", "--logits-processors",
+    "--logprobs-mode", "--long-prefill-token-threshold", "--long-prefill-token-threshold-adaptive", "--lora-dtype",
+    "--lora-modules", "--lora-target-modules", "--mamba-backend", "--mamba-block-size", "--mamba-cache-dtype",
+    "--mamba-cache-mode", "--mamba-cache-philox-rounds", "--mamba-ssm-cache-dtype", "--mamba-ssu-algorithm",
+    "--master-addr", "--master-port", "--max-cpu-loras", "--max-cudagraph-capture-size", "--max-log-len",
+    "--max-logprobs", "--max-lora-cls-labels", "--max-lora-rank", "--max-loras", "--max-model-len",
+    "--max-num-active-seqs", "--max-num-batched-tokens", "--max-num-queued-reqs", "--max-num-queued-tokens",
+    "--max-num-scheduled-tokens", "--max-num-seqs", "--max-parallel-loading-workers", "--media-io-kwargs",
+    "--middleware", "--mm-device-do-normalize", "--mm-encoder-attn-backend", "--mm-encoder-attn-dtype",
+    "--mm-encoder-fp8-scale-path", "--mm-encoder-fp8-scale-save-margin", "--mm-encoder-fp8-scale-save-path",
+    "--mm-encoder-only", "--mm-encoder-tp-mode", "--mm-hasher-algorithm", "--mm-ipc-gpu-memory-gb",
+    "--mm-processor-cache-gb", "--mm-processor-cache-type", "--mm-processor-device", "--mm-processor-kwargs",
+    "--mm-shm-cache-max-object-size-mb", "--mm-tensor-ipc", "--model", "--model-class-overrides", "--model-impl",
+    "--model-loader-extra-config", "--moe-backend", "--nnodes", "--no-allow-credentials",
+    "--no-allow-deprecated-quantization", "--no-async-scheduling", "--no-cohere-is-reasoning-model",
+    "--no-cudagraph-metrics", "--no-data-parallel-external-lb", "--no-data-parallel-hybrid-lb",
+    "--no-dcp-q-replicate", "--no-disable-cascade-attn", "--no-disable-chunked-mm-input",
+    "--no-disable-custom-all-reduce", "--no-disable-fastapi-docs", "--no-disable-hybrid-kv-cache-manager",
+    "--no-disable-nccl-for-dp-synchronization", "--no-disable-sliding-window", "--no-disable-uvicorn-access-log",
+    "--no-enable-auto-tool-choice", "--no-enable-batch-sharded-sampling", "--no-enable-chunked-prefill",
+    "--no-enable-cumem-allocator", "--no-enable-dbo", "--no-enable-elastic-ep", "--no-enable-ep-weight-filter",
+    "--no-enable-eplb", "--no-enable-expert-parallel", "--no-enable-fault-tolerance",
+    "--no-enable-flash-late-interaction", "--no-enable-flashinfer-autotune", "--no-enable-force-include-usage",
+    "--no-enable-hc-sp", "--no-enable-layerwise-nvtx-tracing", "--no-enable-log-deltas", "--no-enable-log-outputs",
+    "--no-enable-log-requests", "--no-enable-logging-iteration-details", "--no-enable-lora",
+    "--no-enable-mamba-cache-stochastic-rounding", "--no-enable-mamba-shared-prefix-checkpoint",
+    "--no-enable-mfu-metrics", "--no-enable-mixed-moe-lora-format", "--no-enable-mm-embeds",
+    "--no-enable-moe-shared-loras", "--no-enable-nccl-comm-suspend", "--no-enable-offline-docs",
+    "--no-enable-per-request-metrics", "--no-enable-prefix-caching", "--no-enable-prompt-embeds",
+    "--no-enable-prompt-tokens-details", "--no-enable-request-id-headers", "--no-enable-return-routed-experts",
+    "--no-enable-scale-out", "--no-enable-server-load-tracking", "--no-enable-shm-tensor-arena",
+    "--no-enable-sleep-mode", "--no-enable-ssl-refresh", "--no-enable-tokenizer-info-endpoint",
+    "--no-enable-tower-connector-lora", "--no-enable-trace-replay", "--no-enforce-eager",
+    "--no-exclude-tools-when-tool-choice-none", "--no-fail-on-environ-validation", "--no-fully-sharded-loras",
+    "--no-interleave-mm-strings", "--no-jit-monitor-verbose", "--no-kv-cache-metrics",
+    "--no-kv-sharing-fast-prefill", "--no-language-model-only", "--no-log-error-stack",
+    "--no-long-prefill-token-threshold-adaptive", "--no-mm-device-do-normalize", "--no-mm-encoder-only",
+    "--no-numa-bind", "--no-ray-workers-use-nsight", "--no-return-sampling-mask", "--no-return-tokens-as-token-ids",
+    "--no-scheduler-reserve-full-isl", "--no-skip-mm-profiling", "--no-skip-tokenizer-init",
+    "--no-sleep-mode-offload-cudagraph", "--no-specialize-active-lora", "--no-swa-bounded-replay",
+    "--no-tokens-only", "--no-trust-remote-code", "--no-trust-request-chat-template",
+    "--no-trust-request-mm-kwargs", "--no-use-fp64-gumbel", "--no-use-replayssm", "--no-use-tqdm-on-load",
+    "--node-rank", "--num-gpu-blocks-override", "--numa-bind", "--numa-bind-cpus", "--numa-bind-nodes",
+    "--offload-backend", "--offload-group-size", "--offload-num-in-group", "--offload-params",
+    "--offload-prefetch-step", "--optimization-level", "--otlp-traces-endpoint", "--override-generation-config",
+    "--per-request-spec-decode-metrics", "--performance-mode", "--pipeline-parallel-size", "--pooler-config",
+    "--port", "--prefill-context-parallel-size", "--prefill-schedule-interval", "--prefix-cache-retention-interval",
+    "--prefix-caching-hash-algo", "--prefix-match-unit", "--profiler-config", "--pt-load-map-location",
+    "--quantization", "--quantization-config", "--ray-workers-use-nsight", "--reasoning-config",
+    "--reasoning-parser", "--reasoning-parser-plugin", "--renderer-num-workers", "--replayssm-buffer-len",
+    "--response-role", "--return-sampling-mask", "--return-tokens-as-token-ids", "--revision", "--root-path",
+    "--runner", "--safetensors-load-strategy", "--safetensors-prefetch-block-size",
+    "--safetensors-prefetch-num-threads", "--scheduler-cls", "--scheduler-reserve-full-isl", "--scheduling-policy",
+    "--seed", "--served-model-name", "--show-hidden-metrics-for-version", "--shutdown-timeout",
+    "--skip-mm-profiling", "--skip-tokenizer-init", "--sleep-mode-offload-cudagraph",
+    "--sleep-preserve-parameter-names", "--sparse-indexer-topk-backend", "--spec-method", "--spec-model",
+    "--spec-tokens", "--specialize-active-lora", "--speculative-config", "--sse-keep-alive-interval",
+    "--ssl-ca-certs", "--ssl-cert-reqs", "--ssl-certfile", "--ssl-ciphers", "--ssl-keyfile", "--stream-interval",
+    "--structured-outputs-config", "--swa-bounded-replay", "--tensor-parallel-size", "--tokenizer",
+    "--tokenizer-mode", "--tokenizer-revision", "--tokens-only", "--tool-call-parser", "--tool-parser-plugin",
+    "--tool-server", "--tool-strict-level", "--trust-remote-code", "--trust-request-chat-template",
+    "--trust-request-mm-kwargs", "--ubatch-size", "--uds", "--use-fp64-gumbel", "--use-replayssm",
+    "--use-tqdm-on-load", "--uvicorn-log-level", "--video-pruning-method", "--video-pruning-rate", "--watermark",
+    "--watermark-config", "--weight-transfer-config", "--worker-cls", "--worker-extension-cls",
+    "-ac", "-asc", "-cc", "-dc", "-dcp", "-dp", "-dpa", "-dpb", "-dpe", "-dph", "-dpl", "-dpm", "-dpn", "-dpp",
+    "-dpr", "-ep", "-h", "-n", "-pcp", "-pp", "-q", "-r", "-sc", "-tp",
 )
 
 # vLLM flags the operator sets itself (vllm_args.py); passing them would contradict the placement.
@@ -110,6 +161,7 @@ MANAGED_VLLM_FLAGS = (
     "--served-model-name",
     "--tensor-parallel-size",
     "--gpu-memory-utilization",
+    "--device-memory-utilization",  # vLLM 0.32's other name for --gpu-memory-utilization
     "--max-model-len",
     "--max-num-seqs",
     "--max-num-batched-tokens",
@@ -123,32 +175,42 @@ MANAGED_VLLM_FLAGS = (
 # and every beginning of them (their abbreviations); OperatorConfig refuses to allow them.
 FORBIDDEN_VLLM_FLAGS: tuple[str, ...] = (
     *MANAGED_VLLM_FLAGS,
-    # override what the operator sized
-    "--kv-cache-memory-bytes", "--num-gpu-blocks-override",
+    # override what the operator sized, or put the KV cache or weights in memory it did not size
+    "--kv-cache-memory-bytes", "--num-gpu-blocks-override", "--kv-offloading-size", "--kv-offloading-backend",
+    "--quantization-config",
     # run code or plugins that are not vLLM's own
     "--trust-remote-code", "--worker-cls", "--worker-extension-cls", "--scheduler-cls", "--middleware",
-    "--tool-parser-plugin", "--io-processor-plugin", "--logits-processors", "--logits-processor-pattern",
-    "--compilation-config", "--additional-config", "--kv-transfer-config",
+    "--tool-parser-plugin", "--reasoning-parser-plugin", "--io-processor-plugin", "--logits-processors",
+    "--model-class-overrides", "--compilation-config", "--additional-config", "--kv-transfer-config",
+    "--ec-transfer-config", "--ec-manager-config",
     # serve other weights, tokenizers or configs than the pinned ones, or fake the weights
     "--load-format", "--model-loader-extra-config", "--download-dir", "--ignore-patterns", "--revision",
     "--code-revision", "--tokenizer", "--tokenizer-revision", "--hf-config-path", "--hf-overrides", "--hf-token",
-    "--config", "--config-format", "--generation-config", "--speculative-config", "--lora-modules",
-    "--default-mm-loras",
+    "--config", "--config-format", "--generation-config", "--speculative-config", "--spec-model",
+    "--lora-modules", "--default-mm-loras", "--weight-transfer-config",
     # read local files, or let requests do it
     "--allowed-local-media-path", "--chat-template", "--trust-request-chat-template", "--log-config-file",
-    "--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs", "--ssl-cert-reqs", "--enable-ssl-refresh",
+    "--logging-config", "--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs", "--ssl-cert-reqs", "--ssl-ciphers",
+    "--enable-ssl-refresh", "--mm-encoder-fp8-scale-path", "--mm-encoder-fp8-scale-save-path", "--profiler-config",
     # open connections or send data elsewhere
     "--otlp-traces-endpoint", "--tool-server", "--kv-events-config", "--data-parallel-address",
-    "--data-parallel-rpc-port", "--uds",
+    "--data-parallel-rpc-port", "--data-parallel-supervisor-port", "--master-addr", "--master-port", "--nnodes",
+    "--node-rank", "--grpc", "--grpc-port", "--uds",
     # lock the operator out of the server or blind it (probes, evaluations, /metrics)
-    "--api-key", "--disable-log-stats",
+    "--api-key", "--disable-log-stats", "--custom-histogram-buckets",
 )
+
+# Full names of flags that are not forbidden but begin one that is (`--reasoning-parser` begins
+# `--reasoning-parser-plugin`): vLLM reads a full name as itself, so admission lets these through by name
+# while still refusing every other beginning of a forbidden flag.
+ADMITTED_BEGINNINGS: tuple[str, ...] = tuple(sorted(
+    f for f in VLLM_SERVE_FLAGS
+    if f.startswith("--") and f not in FORBIDDEN_VLLM_FLAGS and any(g.startswith(f) for g in FORBIDDEN_VLLM_FLAGS)))
 
 # The tenant allow-list: engine and frontend tuning of the tenant's own pods.
 TENANT_VLLM_FLAGS: tuple[str, ...] = (
     "--enable-prefix-caching", "--no-enable-prefix-caching", "--prefix-caching-hash-algo",
-    "--enable-chunked-prefill", "--no-enable-chunked-prefill", "--max-num-partial-prefills",
-    "--max-long-partial-prefills", "--long-prefill-token-threshold", "--scheduling-policy",
+    "--enable-chunked-prefill", "--no-enable-chunked-prefill", "--long-prefill-token-threshold", "--scheduling-policy",
     "--enforce-eager", "--no-enforce-eager", "--disable-cascade-attn", "--no-disable-cascade-attn",
     "--seed", "--max-logprobs", "--logprobs-mode",
     "--enable-auto-tool-choice", "--no-enable-auto-tool-choice", "--tool-call-parser",
@@ -211,7 +273,7 @@ def resolve(name: str, known: Iterable[str]) -> tuple[str, ...]:
 
 def extension_problem(flag: str) -> str | None:
     """Why the platform may not add `flag` to the allow-list; None if it may. A forbidden flag, or a
-    beginning of one (vLLM would read it as that flag), never; nor a name vLLM 0.11 does not have that
+    beginning of one (vLLM would read it as that flag), never; nor a name vLLM 0.32 does not have that
     begins one of its flags (vLLM would read it as an abbreviation of that flag, or refuse it)."""
     if not is_plain_flag(flag):
         return "not a --name of lowercase letters, digits and dashes"
