@@ -86,8 +86,8 @@ def exposition(e) -> str:
 def serve_requests(e, latencies, statuses, handler="/v1/chat/completions"):
     """Record requests in the stand-in's own metrics, as its handlers do."""
     for latency in latencies:
-        e.e2e.labels(model_name="m").observe(latency)
-        e.success.labels(model_name="m", finished_reason="stop").inc()
+        e.e2e.labels(**e.metric_labels).observe(latency)
+        e.success.labels(finished_reason="stop", **e.metric_labels).inc()
     for status in statuses:
         e.http.labels(method="POST", status=status, handler=handler).inc()
 
@@ -191,3 +191,40 @@ def test_window_stats_carry_the_window_latency_buckets():
         ]) + "\n"
     stats = window_stats(parse_exposition(exposition(5, 6)), parse_exposition(exposition(7, 10)), model="m")
     assert stats.latency_buckets == ((0.3, 2.0), (float("inf"), 4.0))
+
+
+def test_a_models_engines_are_summed():
+    """vLLM labels its series by engine as well as model_name (data parallelism runs several engines in one
+    server): requests, successes and the latency histogram of a model are the sum over its engines, the
+    buckets summed by `le` before the quantile is taken; another model's engines are left out."""
+    bounds = ("0.3", "0.5", "1.0", "+Inf")
+
+    def page(engines: dict[tuple[str, str], tuple[list[int], int]], http: dict[str, int]) -> str:
+        lines = ["# TYPE vllm:e2e_request_latency_seconds histogram"]
+        for (model, engine_), (buckets, _) in engines.items():
+            lines += [f'vllm:e2e_request_latency_seconds_bucket{{engine="{engine_}",le="{le}",model_name="{model}"}} {n}'
+                      for le, n in zip(bounds, buckets, strict=True)]
+        lines.append("# TYPE vllm:request_success_total counter")
+        lines += [f'vllm:request_success_total{{engine="{engine_}",finished_reason="stop",model_name="{model}"}} {n}'
+                  for (model, engine_), (_, n) in engines.items()]
+        lines.append("# TYPE http_requests_total counter")
+        lines += [f'http_requests_total{{handler="/v1/completions",method="POST",status="{status}"}} {n}'
+                  for status, n in http.items()]
+        return "\n".join(lines) + "\n"
+
+    before = parse_exposition(page({("m", "0"): ([10, 10, 10, 10], 10), ("m", "1"): ([0, 0, 0, 0], 0),
+                                    ("other", "0"): ([0, 0, 0, 0], 0)}, {"2xx": 10}))
+    # In the window: engine 0 answers 90 requests under 0.3 s; engine 1 answers 10 between 0.5 and 1 s and
+    # fails 2 (5xx); the other model's engine answers 50 slow ones, which are not m's.
+    after = parse_exposition(page({("m", "0"): ([100, 100, 100, 100], 100), ("m", "1"): ([0, 0, 10, 10], 10),
+                                   ("other", "0"): ([0, 0, 0, 50], 50)}, {"2xx": 160, "5xx": 2}))
+    stats = window_stats(before, after, model="m")
+    assert stats.successes == 100 and stats.latency_count == 100
+    assert stats.latency_buckets == ((0.3, 90.0), (0.5, 90.0), (1.0, 100.0), (float("inf"), 100.0))
+    # rank 95 of 100 lies in engine 1's (0.5, 1.0] bucket: the p95 of neither engine alone
+    assert stats.p95_latency_s == pytest.approx(0.5 + 0.5 * (95 - 90) / 10)
+    assert stats.requests == 152 and stats.errors == 2 and stats.error_rate == pytest.approx(2 / 152)
+    assert stats.reset is False
+    # One engine alone is still selectable; the whole server is every model's engines.
+    assert after.total("vllm:request_success_total", {"model_name": "m", "engine": "1"}) == 10.0
+    assert window_stats(before, after).successes == 150

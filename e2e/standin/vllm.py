@@ -5,8 +5,16 @@ vllm-serve-actions.json: names, types, choices and defaults; an unknown flag fai
 fails: usage, `vllm serve: error: unrecognized arguments: ...`, exit 2), checks what vLLM checks at
 start-up that matters to an operator (config.json present, tensor-parallel size divides the
 attention heads, max-model-len within the model's, gpu-memory-utilization in (0, 1]), and serves
-vLLM's HTTP surface: /health, /v1/models, /v1/chat/completions, /v1/completions and /metrics with
-vLLM's metric names.
+vLLM's HTTP surface: /health, /v1/models, /v1/chat/completions, /v1/completions and /metrics.
+
+/metrics exposes a few of vLLM's `vllm:` families (e2e latency and time to first token histograms with
+vLLM's buckets, running/waiting requests, KV-cache usage, request successes by finished_reason, prompt
+and generation tokens), each labelled as vLLM 0.32 labels it: `model_name` (the first served name) and
+`engine` ("0": one engine, no data parallelism), plus the family's own labels. Every series exists from
+start-up, as vLLM's do. A unit test holds each family (name, type, label names) to vllm-metrics.json,
+the real vLLM's families dumped by e2e/real_vllm/metrics_dump.py. `http_requests_total{handler, method,
+status}` counts the requests to /v1/ by status class ("2xx", "4xx", "5xx"), as vLLM's HTTP instrumentation
+(prometheus-fastapi-instrumentator) does; the dump holds only `vllm:` families, so that one is not checked.
 
 What it answers comes from `standin.json` in the model directory, so a good and a bad model
 revision are simply two weight directories:
@@ -43,6 +51,11 @@ LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.
                    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+
+
+# vLLM labels its engine metrics by the engine's index, one set of series per engine; a server without data
+# parallelism has one engine, "0".
+ENGINE_INDEX = "0"
 
 
 class StartupError(Exception):
@@ -180,9 +193,12 @@ class Engine:
     behaviour: Behaviour
     rng: random.Random
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    # The label values of every `vllm:` series: {"model_name": the first served name, "engine": "0"}.
+    metric_labels: dict[str, str] = field(init=False)
 
     def __post_init__(self) -> None:
-        labels = ["model_name"]
+        labels = ["model_name", "engine"]  # vLLM's label names, in its order
+        self.metric_labels = {"model_name": self.served_names[0], "engine": ENGINE_INDEX}
         r = self.registry
         self.e2e = Histogram(
             "vllm:e2e_request_latency_seconds",
@@ -216,11 +232,13 @@ class Engine:
             ["method", "status", "handler"],
             registry=r,
         )
-        name = self.served_names[0]
+        # vLLM creates its series at start-up: a fresh server's page already has every family, at zero.
+        for metric in (self.e2e, self.ttft, self.prompt_tokens, self.generation_tokens):
+            metric.labels(**self.metric_labels)
         for g in (self.running, self.waiting, self.kv_usage):
-            g.labels(model_name=name).set(0)
+            g.labels(**self.metric_labels).set(0)
         for reason in ("stop", "length", "abort"):
-            self.success.labels(model_name=name, finished_reason=reason)
+            self.success.labels(finished_reason=reason, **self.metric_labels)
 
 
 def _error(status: int, message: str, kind: str) -> web.Response:
@@ -285,7 +303,7 @@ def make_app(engine: Engine) -> web.Application:
         if prompt_tokens >= engine.max_model_len:
             return _error(400, f"This model's maximum context length is {engine.max_model_len} tokens. "
                                f"However, your request has {prompt_tokens} input tokens.", "BadRequestError")
-        labels = {"model_name": name}
+        labels = engine.metric_labels
         engine.running.labels(**labels).inc()
         started = time.perf_counter()
         try:

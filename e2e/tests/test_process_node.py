@@ -94,7 +94,7 @@ def test_vllm_pod_is_ready_only_after_health_answers_and_serves_its_standin(core
     status, models = http(f"http://{ip}:8000/v1/models")
     assert [m["id"] for m in models["data"]] == ["tiny"]
     status, metrics = http(f"http://{ip}:8000/metrics")
-    assert 'vllm:request_success_total{finished_reason="stop",model_name="tiny"} 2.0' in metrics
+    assert 'vllm:request_success_total{engine="0",finished_reason="stop",model_name="tiny"} 2.0' in metrics
     assert "vllm:e2e_request_latency_seconds_bucket" in metrics
 
 

@@ -2,16 +2,22 @@
 scrapes (before, after) compute what happened in between: requests, errors, the error rate and an
 estimated p95 latency.
 
-The names are vLLM's (the e2e stand-in serves the same):
+The names and labels are vLLM 0.32's (the e2e stand-in serves the same, held to a dump of the real
+server's families, e2e/standin/vllm-metrics.json):
 
 - `http_requests_total{handler, method, status="2xx"|"4xx"|"5xx"}` (vLLM's HTTP instrumentation):
   requests to the generation handlers (`/v1/chat/completions`, `/v1/completions`); 5xx are errors.
   4xx (a wrong model name, a too-long prompt) are the caller's mistakes: counted, not errors.
-- `vllm:request_success_total{model_name, finished_reason}`: completed requests (the fallback
+- `vllm:request_success_total{model_name, engine, finished_reason}`: completed requests (the fallback
   request count when the HTTP counter is missing; the error rate is then unknown).
-- `vllm:e2e_request_latency_seconds` (histogram, by `model_name`): the p95 is estimated from the
-  bucket deltas the way PromQL's histogram_quantile does, by linear interpolation inside the bucket
-  that holds the rank; a rank in the +Inf bucket gives the largest finite bound.
+- `vllm:e2e_request_latency_seconds` (histogram, by `model_name` and `engine`): the p95 is estimated
+  from the bucket deltas the way PromQL's histogram_quantile does, by linear interpolation inside the
+  bucket that holds the rank; a rank in the +Inf bucket gives the largest finite bound.
+
+`engine` is the engine's index ("0" for a server with one engine; data parallelism runs several in one
+server). Series are selected by the labels asked for (`model_name`), never by their whole label set, so
+a model's counts are the sum over its engines and its buckets are summed by `le` over its engines
+before the quantile is taken, as PromQL's `sum by (le)` does.
 
 Counters that went down between the scrapes (the server restarted) count from zero, as PromQL's
 increase() does, and the window says so (`reset`).
