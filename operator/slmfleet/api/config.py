@@ -81,6 +81,15 @@ class OperatorConfig(CRModel):
     vllm_image: str = Field(pattern=PINNED_IMAGE_PATTERN, max_length=512)
     """The vLLM OpenAI server image, pinned by digest (`...@sha256:<64 hex>`). There is no default:
     the digest of a tag is only known to its registry, so each release or chart sets it."""
+    cpu_vllm_image: str | None = Field(default=None, pattern=PINNED_IMAGE_PATTERN, max_length=512)
+    """vLLM's CPU build (its OpenAI server, `vllm serve` as ENTRYPOINT), pinned by digest, for models
+    placed on CPU nodes (`resources.accelerator: cpu` or `auto`). None: no model is placed on CPUs;
+    a model that asks for `cpu` is Degraded with reason `NoCpuImage`."""
+    cpu_thread_binding: Literal["auto", "nobind"] = "auto"
+    """`VLLM_CPU_OMP_THREADS_BIND` of CPU placements: `auto` pins vLLM's threads to the cores the pod
+    may use, one per physical core, which is right where the kubelet's static CPU manager gives
+    Guaranteed pods exclusive cores; `nobind` leaves placement to the kernel (`OMP_NUM_THREADS` is
+    the cores requested either way), for kubelets without it."""
     loader_image: str = Field(pattern=PINNED_IMAGE_PATTERN, max_length=512)
     """slmfleet's own image, pinned by digest: its `slmfleet load` init container downloads and
     verifies the weights of every pod."""

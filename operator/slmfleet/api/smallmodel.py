@@ -33,7 +33,8 @@ DATA_KEY_PATTERN = r"^[-._a-zA-Z0-9]+$"
 DEFAULT_ACCESS_KEY_ID_KEY = "AWS_ACCESS_KEY_ID"
 DEFAULT_SECRET_ACCESS_KEY_KEY = "AWS_SECRET_ACCESS_KEY"
 
-Dtype = Literal["auto", "bfloat16", "float16"]
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+Accelerator = Literal["gpu", "cpu", "auto"]
 CheckpointDtype = Literal["bfloat16", "float16", "float32"]
 Quantization = Literal["awq", "gptq", "fp8", "int8"]
 KvCacheDtype = Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]
@@ -208,7 +209,8 @@ class Serving(CRModel):
     concurrency: int = Field(default=8, ge=1, le=1024)
     """Expected concurrent sequences per replica; sets `--max-num-seqs` and the KV cache to reserve."""
     dtype: Dtype = "auto"
-    """Compute dtype (`--dtype`); `auto` uses the checkpoint's dtype."""
+    """Compute dtype (`--dtype`); `auto` uses the checkpoint's dtype on GPUs, and on CPUs bfloat16
+    where the CPU computes it natively (AVX512-BF16 or AMX), else float32."""
     quantization: Quantization | None = None
     """Weight quantization of the checkpoint: `awq` or `gptq` (4-bit), `fp8`, or `int8` (W8A8 in
     compressed-tensors format)."""
@@ -235,6 +237,13 @@ class Resources(CRModel):
     """Upper bound for `--gpu-memory-utilization`."""
     node_selector: dict[str, LabelValue] = Field(default_factory=dict, max_length=16)
     """Extra node labels the pods require (e.g. a node pool); sizing only considers matching nodes."""
+    accelerator: Accelerator = "gpu"
+    """Where the model may run: `gpu` (NVIDIA GPUs), `cpu` (vLLM's CPU backend on nodes without GPUs,
+    for small 16- or 32-bit models), or `auto` (GPUs first; a CPU node when no GPU placement fits,
+    and as the last fallback when GPU pods stay Pending)."""
+    cpu_cores: int | None = Field(default=None, ge=1, le=128)
+    """Cores per replica on a CPU placement, requested and limited (a Guaranteed pod, which a static
+    CPU manager gives whole cores). Empty: 4, or the most a CPU node has if fewer."""
 
 
 class SmallModelSpec(CRModel):
@@ -255,6 +264,16 @@ class SmallModelSpec(CRModel):
                     "rule": "!has(self.serving) || !has(self.serving.maxModelLen) || !has(self.architecture) || "
                     "self.serving.maxModelLen <= self.architecture.maxPositionEmbeddings",
                     "message": "serving.maxModelLen exceeds architecture.maxPositionEmbeddings",
+                },
+                {
+                    "rule": "!has(self.resources) || !has(self.resources.accelerator) || "
+                    "self.resources.accelerator != 'cpu' || (!has(self.resources.gpuCount) && "
+                    "(!has(self.resources.gpuProducts) || size(self.resources.gpuProducts) == 0) && "
+                    "(!has(self.serving) || ((!has(self.serving.quantization)) && "
+                    "(!has(self.serving.kvCacheDtype) || self.serving.kvCacheDtype == 'auto') && "
+                    "(!has(self.serving.dtype) || self.serving.dtype != 'float16'))))",
+                    "message": "resources.accelerator cpu: gpuCount and gpuProducts do not apply, and CPUs serve "
+                    "unquantized models with kvCacheDtype auto in bfloat16 or float32",
                 },
                 {
                     "rule": "!has(self.serving) || !has(self.serving.quantization) || !has(self.architecture) || "
@@ -297,12 +316,16 @@ class MemoryBreakdown(CRModel):
 class Placement(CRModel):
     """The hardware chosen for the model and the vLLM settings that follow from it."""
 
+    accelerator: Literal["gpu", "cpu"] = "gpu"
+    """`gpu`, or `cpu` for vLLM's CPU backend on a node without GPUs."""
     gpu_resource: str
-    """Extended resource requested: `nvidia.com/gpu` or a MIG slice such as `nvidia.com/mig-3g.20gb`."""
+    """Resource requested per replica: `nvidia.com/gpu`, a MIG slice such as `nvidia.com/mig-3g.20gb`,
+    or `cpu` on a CPU placement."""
     gpu_product: str
-    """GPU product (for a MIG slice, the slice's product label)."""
+    """GPU product (for a MIG slice, the slice's product label); on a CPU placement `CPU-BF16` (a CPU
+    with native bfloat16) or `CPU`."""
     gpu_count: int
-    """Devices per replica."""
+    """Devices per replica; cores on a CPU placement."""
     tensor_parallel_size: int
     """`--tensor-parallel-size` (equal to gpuCount)."""
     gpu_memory_utilization: str
@@ -314,7 +337,13 @@ class Placement(CRModel):
     max_num_batched_tokens: int | None = None
     """`--max-num-batched-tokens`: the per-step token budget the activation memory was sized for."""
     device_memory_bytes: int
-    """Memory of one device."""
+    """Memory of one device; on a CPU placement, of the smallest node of its class."""
+    memory_bytes: int | None = None
+    """CPU placement: the pod's memory request and limit (weights + KV cache + runtime)."""
+    kv_cache_gib: int | None = None
+    """CPU placement: `VLLM_CPU_KVCACHE_SPACE`, the KV cache vLLM's CPU backend allocates, in GiB."""
+    dtype: str | None = None
+    """CPU placement: the `--dtype` it serves at (bfloat16 on CPUs that compute it natively)."""
     node_selector: dict[str, str] = Field(default_factory=dict)
     """Node labels the pods require."""
     memory: MemoryBreakdown | None = None

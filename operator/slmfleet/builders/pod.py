@@ -47,6 +47,9 @@ MEMORY_GIB_PER_GPU = 16
 # NCCL exchanges tensor-parallel activations through /dev/shm; the runtime's default 64Mi is far
 # too small. Memory-backed, so it counts against the pod's memory: bounded per GPU.
 SHM_GIB_PER_GPU = 2
+CPU_SHM_GIB = 1
+# GPU Feature Discovery labels every GPU node with its product; CPU placements stay off those nodes.
+GPU_NODE_LABEL = "nvidia.com/gpu.product"
 
 GPU_TOLERATIONS = [
     # GPU nodes are commonly tainted so that only pods asking for GPUs land on them.
@@ -81,7 +84,8 @@ def build_pod_template(
     if config.image_pull_secrets:
         # The vLLM and loader images come from the same (possibly private) mirror as the operator's.
         pod_spec["imagePullSecrets"] = [{"name": name} for name in config.image_pull_secrets]
-    affinity = _node_affinity(placement.node_selector, spec.resources.node_selector)
+    affinity = _node_affinity(placement.node_selector, spec.resources.node_selector,
+                              avoid_gpu_nodes=placement.accelerator == "cpu")
     if affinity:
         pod_spec["affinity"] = affinity
     pod_spec["tolerations"] = [dict(t) for t in GPU_TOLERATIONS]
@@ -112,13 +116,13 @@ def _vllm_container(
 ) -> dict[str, Any]:
     return {
         "name": CONTAINER_NAME,
-        "image": config.vllm_image,
+        "image": _vllm_image(placement, config),
         "imagePullPolicy": config.image_pull_policy,
         # args only: the image's ENTRYPOINT is `vllm serve`.
         "args": vllm_serve_args(
             MODEL_DIR, served_model_name(owner, spec), placement, spec.serving, config.vllm_port
         ),
-        "env": _env(hardened),
+        "env": _env(hardened) + _cpu_env(placement, config),
         "ports": [{"name": PORT_NAME, "containerPort": config.vllm_port, "protocol": "TCP"}],
         "resources": _resources(placement),
         **_probes(config),
@@ -160,6 +164,26 @@ def _env(hardened: bool) -> list[dict[str, Any]]:
     return env
 
 
+def _vllm_image(placement: Placement, config: OperatorConfig) -> str:
+    if placement.accelerator == "cpu":
+        # Planning refuses CPU placements without a CPU image, so it is set here.
+        assert config.cpu_vllm_image is not None
+        return config.cpu_vllm_image
+    return config.vllm_image
+
+
+def _cpu_env(placement: Placement, config: OperatorConfig) -> list[dict[str, Any]]:
+    if placement.accelerator != "cpu":
+        return []
+    return [
+        # The KV cache vLLM's CPU backend allocates, as sized; without it vLLM takes a fraction of
+        # the node's whole RAM, well past the pod's memory limit.
+        {"name": "VLLM_CPU_KVCACHE_SPACE", "value": str(placement.kv_cache_gib)},
+        {"name": "VLLM_CPU_OMP_THREADS_BIND", "value": config.cpu_thread_binding},
+        {"name": "OMP_NUM_THREADS", "value": str(placement.gpu_count)},
+    ]
+
+
 def _probes(config: OperatorConfig) -> dict[str, Any]:
     health = {"path": HEALTH_PATH, "port": PORT_NAME}
     return {
@@ -189,6 +213,12 @@ def _probes(config: OperatorConfig) -> dict[str, Any]:
 
 def _resources(placement: Placement) -> dict[str, Any]:
     count = placement.gpu_count
+    if placement.accelerator == "cpu":
+        # Requests equal to limits, in whole cores: a Guaranteed pod, which the kubelet's static CPU
+        # manager gives exclusive cores, and a memory limit at what was sized (weights, the KV cache
+        # vLLM allocates up front, and the runtime), so one model cannot starve its node's others.
+        cpu_memory = {"cpu": str(count), "memory": str(placement.memory_bytes)}
+        return {"requests": dict(cpu_memory), "limits": dict(cpu_memory)}
     # Extended resources must have requests equal to limits. CPU and memory are requests only: a
     # memory limit would OOM-kill vLLM on a transient peak while loading weights, after minutes
     # of work, and a CPU limit throttles the scheduler loop that keeps the GPU busy.
@@ -202,14 +232,17 @@ def _resources(placement: Placement) -> dict[str, Any]:
     }
 
 
-def _node_affinity(*selectors: dict[str, str]) -> dict[str, Any] | None:
-    """Required node affinity: every label of every selector (the placement's and the user's)."""
+def _node_affinity(*selectors: dict[str, str], avoid_gpu_nodes: bool = False) -> dict[str, Any] | None:
+    """Required node affinity: every label of every selector (the placement's and the user's); a
+    CPU placement also stays off GPU nodes, whose memory and cores belong to their GPUs' pods."""
     pairs = sorted({(key, value) for selector in selectors for key, value in selector.items()})
-    if not pairs:
+    if not pairs and not avoid_gpu_nodes:
         return None
     # One term, all expressions ANDed. Should the two selectors disagree on a key, both
     # expressions stay and the pod is unschedulable, which is what the two constraints mean.
-    expressions = [{"key": key, "operator": "In", "values": [value]} for key, value in pairs]
+    expressions: list[dict[str, Any]] = [{"key": key, "operator": "In", "values": [value]} for key, value in pairs]
+    if avoid_gpu_nodes:
+        expressions.append({"key": GPU_NODE_LABEL, "operator": "DoesNotExist"})
     return {
         "nodeAffinity": {
             "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": expressions}]}
@@ -241,7 +274,9 @@ def _container_security_context(hardened: bool) -> dict[str, Any]:
 
 
 def _uses_shared_memory(placement: Placement) -> bool:
-    return placement.tensor_parallel_size > 1
+    # Tensor-parallel workers exchange tensors through /dev/shm; vLLM's CPU backend passes its
+    # engine's messages there too. A container's own /dev/shm is 64 MiB.
+    return placement.tensor_parallel_size > 1 or placement.accelerator == "cpu"
 
 
 def _volumes(placement: Placement, hardened: bool) -> list[dict[str, Any]]:
@@ -249,7 +284,7 @@ def _volumes(placement: Placement, hardened: bool) -> list[dict[str, Any]]:
     if hardened:
         volumes.append(tmp_volume())
     if _uses_shared_memory(placement):
-        size = f"{SHM_GIB_PER_GPU * placement.gpu_count}Gi"
+        size = f"{CPU_SHM_GIB}Gi" if placement.accelerator == "cpu" else f"{SHM_GIB_PER_GPU * placement.gpu_count}Gi"
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": size}})
     return volumes
 

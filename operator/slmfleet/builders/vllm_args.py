@@ -44,7 +44,8 @@ def vllm_serve_args(
         "--gpu-memory-utilization", placement.gpu_memory_utilization,
         "--max-model-len", str(placement.max_model_len),
         "--max-num-seqs", str(placement.max_num_seqs),
-        "--dtype", serving.dtype,
+        # A CPU placement decides the dtype from the node's CPU (bfloat16 only where it is native).
+        "--dtype", placement.dtype or serving.dtype,
     ]
     if placement.max_num_batched_tokens is not None:
         # The activation memory sizing reserved assumes this batch budget; vLLM must not exceed it.

@@ -18,6 +18,7 @@ import yaml
 from slmfleet.sizing import (
     Inventory,
     ModelArchitecture,
+    Placement,
     SizingInputError,
     SizingRequest,
     SizingResult,
@@ -52,6 +53,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-mig", action="store_true", help="never place on MIG slices")
     p.add_argument("--max-gpu-memory-utilization", type=float, default=0.95)
     p.add_argument("--node-selector", default="", help="only nodes with these labels: key=value,key=value")
+    p.add_argument("--accelerator", choices=("gpu", "cpu", "auto"), default="gpu",
+                   help="gpu; cpu (vLLM's CPU backend on nodes without GPUs); auto (GPUs first, then CPU nodes)")
+    p.add_argument("--cpu-cores", type=int, help="cores per replica on a CPU placement (default: 4 or what a node has)")
     p.add_argument("--safetensors-index", type=Path, help=f"{INDEX_FILE} for the exact weight bytes")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--pools", type=Path, help="size against the fleet of a pools file (e2e/pools/*.yaml)")
@@ -97,6 +101,8 @@ def _request(args: argparse.Namespace) -> SizingRequest:
         allow_mig=not args.no_mig,
         max_gpu_memory_utilization=args.max_gpu_memory_utilization,
         node_selector=_selector(args.node_selector),
+        accelerator=args.accelerator,
+        cpu_cores=args.cpu_cores,
         exact_weights_bytes=weights_bytes_from_safetensors_index(_read_json(index)) if index else None,
     )
 
@@ -153,7 +159,21 @@ def render(result: SizingResult, with_inventory: bool) -> str:
                                               if p.tensor_parallel_size > 1 else "")),
     ]
     pl = result.placement
-    if pl:
+    if pl and pl.accelerator == "cpu":
+        rows[4] = ("Overhead", f"{_gib(p.overhead_bytes)} (vLLM CPU runtime {_gib(o.runtime_bytes)}, activations "
+                               f"{_gib(o.activation_bytes)}, logits {_gib(o.logits_bytes)})")
+        rows += [
+            ("Placement", f"vLLM CPU backend, {pl.gpu_count} cores of {pl.gpu_product} "
+                          f"({_gib(pl.device_memory_bytes)} nodes)"),
+            ("Dtype", pl.dtype),
+            ("Pod memory", f"{_gib(pl.memory_bytes)} (request = limit)"),
+            ("KV cache space", f"{pl.kv_cache_gib} GiB (VLLM_CPU_KVCACHE_SPACE)"),
+            ("Max context", str(pl.max_model_len)),
+            ("Max seqs", str(pl.max_num_seqs)),
+            ("Node selector", ", ".join(f"{k}={v}" for k, v in sorted(pl.node_selector.items()))),
+            ("Nodes with room", str(pl.nodes_with_capacity)),
+        ]
+    elif pl:
         rows += [
             ("Placement", f"{pl.gpu_count}× {pl.gpu_product} ({pl.gpu_resource}, {_gib(pl.device_memory_bytes)} each)"),
             ("Tensor parallel", str(pl.tensor_parallel_size)),
@@ -173,9 +193,14 @@ def render(result: SizingResult, with_inventory: bool) -> str:
     lines += ["", "Reasons:", *(f"  - {r}" for r in result.reasons)]
     if result.fallbacks:
         lines += ["", "Fallbacks (if pods stay Pending):"]
-        lines += [f"  {i}. {f.gpu_count}× {f.gpu_product} ({f.gpu_resource}), util {f.gpu_memory_utilization:.2f}, "
-                  f"context {f.max_model_len}" for i, f in enumerate(result.fallbacks, 1)]
+        lines += [f"  {i}. {_fallback_line(f)}" for i, f in enumerate(result.fallbacks, 1)]
     return "\n".join(lines)
+
+
+def _fallback_line(f: Placement) -> str:
+    if f.accelerator == "cpu":
+        return f"vLLM CPU backend, {f.gpu_count} cores of {f.gpu_product}, {f.dtype}, context {f.max_model_len}"
+    return f"{f.gpu_count}× {f.gpu_product} ({f.gpu_resource}), util {f.gpu_memory_utilization:.2f}, context {f.max_model_len}"
 
 
 def _gib(n: int) -> str:

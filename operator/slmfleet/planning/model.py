@@ -161,11 +161,15 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
         return _plan_blocked(s, draft, blocked)
     if hf_config(s.model, s.weights) is None:
         return _plan_blocked(s, draft, Failure("ArchitectureUnknown", ARCHITECTURE_UNKNOWN))
+    if s.model.spec.resources.accelerator == "cpu" and config.cpu_vllm_image is None:
+        return _plan_blocked(s, draft, Failure(
+            "NoCpuImage", "resources.accelerator is cpu, but this installation has no CPU vLLM image "
+            "(the operator config's cpuVllmImage)"))
     decision = choose_placement(PlacementRequest(
         model=s.model, old=s.old, revision=s.revision, resize=s.resize, excluded=draft.excluded,
         weights=s.weights, inventory=inventory_for(obs.nodes, obs.gpu_pods, obs.pods, s.revision),
         live=s.deployments.get(s.revision), pods=obs.pods, pending_timeout_seconds=config.pending_timeout_seconds,
-        now=now))
+        now=now, cpu_allowed=config.cpu_vllm_image is not None))
     draft.excluded = decision.excluded
     draft.events.extend(decision.events)
     draft.look_again_in(decision.requeue_after)
@@ -337,7 +341,8 @@ def _plan_placed(s: Subject, draft: Draft, placement: Placement, fallbacks: tupl
     plan = _finish(s.old, new, apply, delete, draft)
     candidate_replicas = ro.candidate_replicas if in_canary else 0
     return replace(plan, requeue_after=sooner(plan.requeue_after, ro.requeue_after), rollout=rollout,
-                   gpus={placement.gpu_product: placement.gpu_count * (candidate_replicas + s.replicas)})
+                   gpus={} if placement.accelerator == "cpu"
+                   else {placement.gpu_product: placement.gpu_count * (candidate_replicas + s.replicas)})
 
 
 def _serving_revision(s: Subject, ro: RolloutPlan, desired_ready: bool) -> str:

@@ -28,7 +28,12 @@ from slmfleet.weights.facts import WeightsFacts
 
 
 def to_api_placement(chosen: sizing.Placement, profile: sizing.MemoryProfile, reasons: Iterable[str]) -> Placement:
+    on_cpu = chosen.accelerator == "cpu"
     return Placement(
+        accelerator="cpu" if on_cpu else "gpu",
+        memory_bytes=chosen.memory_bytes if on_cpu else None,
+        kv_cache_gib=chosen.kv_cache_gib if on_cpu else None,
+        dtype=chosen.dtype if on_cpu else None,
         gpu_resource=chosen.gpu_resource,
         gpu_product=chosen.gpu_product,
         gpu_count=chosen.gpu_count,
@@ -46,9 +51,14 @@ def to_api_placement(chosen: sizing.Placement, profile: sizing.MemoryProfile, re
             overhead_bytes=profile.overhead_bytes,
             total_bytes=profile.total_bytes,
         ),
-        summary=f"{chosen.gpu_product} x{chosen.gpu_count}",
+        summary=placement_summary(chosen.gpu_product, chosen.gpu_count, on_cpu),
         reasons=list(reasons),
     )
+
+
+def placement_summary(product: str, count: int, on_cpu: bool) -> str:
+    """`NVIDIA-L4 x1`, or `CPU-BF16 4 cores`, for `kubectl get`."""
+    return f"{product} {count} cores" if on_cpu else f"{product} x{count}"
 
 
 def _fallback(p: sizing.Placement) -> FallbackPlacement:
@@ -71,8 +81,14 @@ def hf_config(model: SmallModel, weights: WeightsFacts | None) -> dict[str, Any]
     return read
 
 
-def sizing_request(model: SmallModel, excluded: Iterable[str], weights: WeightsFacts | None = None) -> sizing.SizingRequest:
+def sizing_request(model: SmallModel, excluded: Iterable[str], weights: WeightsFacts | None = None,
+                   cpu_allowed: bool = True) -> sizing.SizingRequest:
+    """`cpu_allowed`: whether the installation can run CPU placements (it has a CPU vLLM image);
+    without, `auto` means GPUs only."""
     spec = model.spec
+    accelerator = spec.resources.accelerator
+    if accelerator == "auto" and not cpu_allowed:
+        accelerator = "gpu"
     config = hf_config(model, weights)
     assert config is not None
     return sizing.SizingRequest(
@@ -89,6 +105,8 @@ def sizing_request(model: SmallModel, excluded: Iterable[str], weights: WeightsF
         max_gpu_memory_utilization=spec.resources.max_gpu_memory_utilization,
         node_selector=dict(spec.resources.node_selector),
         excluded=frozenset(excluded),
+        accelerator=accelerator,
+        cpu_cores=spec.resources.cpu_cores,
     )
 
 
@@ -114,6 +132,12 @@ def inventory_for(nodes: Iterable[dict[str, Any]], gpu_pods: Iterable[dict[str, 
 
 def _still_fits(placement: Placement, inventory: sizing.Inventory) -> bool:
     """Whether some node still has the placement's devices free (this model's own pods not counted)."""
+    if placement.accelerator == "cpu":
+        return any(
+            all(n.labels.get(k) == v for k, v in placement.node_selector.items())
+            and n.free_millicores >= placement.gpu_count * 1000 and n.free_memory >= (placement.memory_bytes or 0)
+            for n in inventory.cpu_nodes
+        )
     return any(
         n.device.resource == placement.gpu_resource
         and n.device.product == placement.gpu_product
@@ -158,6 +182,7 @@ class PlacementRequest:
     pods: tuple[dict[str, Any], ...]  # the model's pods
     pending_timeout_seconds: int
     now: dt.datetime
+    cpu_allowed: bool = True  # the installation has a CPU vLLM image
 
 
 @dataclass(frozen=True)
@@ -178,7 +203,7 @@ def choose_placement(req: PlacementRequest) -> PlacementDecision:
     if kept is not None:
         return PlacementDecision(kept, fallbacks=tuple(req.old.fallbacks), excluded=excluded, requeue_after=requeue)
     try:
-        request = sizing_request(req.model, [e.key for e in excluded], req.weights)
+        request = sizing_request(req.model, [e.key for e in excluded], req.weights, req.cpu_allowed)
     except sizing.SizingInputError as exc:
         return PlacementDecision(None, Failure("InvalidArchitecture", str(exc)), excluded=excluded, requeue_after=requeue)
     result = sizing.plan_placement(request, req.inventory)
@@ -188,9 +213,10 @@ def choose_placement(req: PlacementRequest) -> PlacementDecision:
         # transient cause (a claim binding late, a drained node), so stay on the best one and say so.
         best = sizing.plan_placement(dataclasses.replace(request, excluded=frozenset()), req.inventory)
         if best.placement is not None:
-            result = best
+            result, chosen = best, best.placement
+            where = placement_summary(chosen.gpu_product, chosen.gpu_count, chosen.accelerator == "cpu")
             stuck = (f"pods stayed Pending on every placement that fits ({', '.join(e.key for e in excluded)}); "
-                     f"staying on {best.placement.gpu_product} x{best.placement.gpu_count}. Last: {excluded[-1].reason}")
+                     f"staying on {where}. Last: {excluded[-1].reason}")
     if result.placement is None:
         events = (EventNote("Warning", "PlacementFallback", f"{moved_reason}; no other placement fits"),) if moved_reason else ()
         return PlacementDecision(None, Failure("NoFit", result.message), excluded=excluded, events=events,

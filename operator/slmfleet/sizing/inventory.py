@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from slmfleet.sizing.cpu import CpuNode, cpu_nodes_from, pod_cpu_memory
 from slmfleet.sizing.memory import MIB
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -53,13 +54,17 @@ class NodeGpus:
 @dataclass(frozen=True)
 class Inventory:
     nodes: tuple[NodeGpus, ...] = ()
+    cpu_nodes: tuple[CpuNode, ...] = ()  # nodes without GPUs, for vLLM's CPU backend
 
     def device_classes(self) -> tuple[DeviceClass, ...]:
         return tuple(sorted({n.device for n in self.nodes}))
 
     def matching(self, selector: Mapping[str, str]) -> Inventory:
         """Only the nodes whose labels carry every key/value of `selector`."""
-        return Inventory(tuple(n for n in self.nodes if all(n.labels.get(k) == v for k, v in selector.items())))
+        def matches(labels: Mapping[str, str]) -> bool:
+            return all(labels.get(k) == v for k, v in selector.items())
+        return Inventory(tuple(n for n in self.nodes if matches(n.labels)),
+                         tuple(n for n in self.cpu_nodes if matches(n.labels)))
 
 
 def inventory_from_nodes(
@@ -67,11 +72,11 @@ def inventory_from_nodes(
     pods: Iterable[Mapping[str, Any]],
     exclude_pods: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> Inventory:
-    used = _requested_by_node(pods, exclude_pods)
+    counted = [p for p in pods if _counts(p, exclude_pods)]
+    used = _requested_by_node(counted, None)
+    schedulable = [node for node in nodes if _schedulable(node)]
     entries = []
-    for node in nodes:
-        if not _schedulable(node):
-            continue
+    for node in schedulable:
         name = str((node.get("metadata") or {}).get("name", ""))
         labels = {str(k): str(v) for k, v in ((node.get("metadata") or {}).get("labels") or {}).items()}
         allocatable = (node.get("status") or {}).get("allocatable") or {}
@@ -80,7 +85,19 @@ def inventory_from_nodes(
             entries.append(NodeGpus(name, labels, device, count, free))
     entries = _smallest_memory_per_product(entries)
     entries.sort(key=lambda n: (n.node_name, n.device))
-    return Inventory(tuple(entries))
+    cpu_used: defaultdict[str, dict[str, int]] = defaultdict(lambda: {"cpu": 0, "memory": 0})
+    for pod in counted:
+        node_name = str((pod.get("spec") or {}).get("nodeName"))
+        for resource, amount in pod_cpu_memory(pod).items():
+            cpu_used[node_name][resource] += amount
+    return Inventory(tuple(entries), cpu_nodes_from(schedulable, cpu_used))
+
+
+def _counts(pod: Mapping[str, Any], exclude: Callable[[Mapping[str, Any]], bool] | None) -> bool:
+    """A pod that holds its node's resources: bound, not finished, not excluded."""
+    if not (pod.get("spec") or {}).get("nodeName") or (pod.get("status") or {}).get("phase") in _FINISHED_PHASES:
+        return False
+    return exclude is None or not exclude(pod)
 
 
 def _smallest_memory_per_product(entries: list[NodeGpus]) -> list[NodeGpus]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from math import floor
 from typing import Any
 
-from slmfleet.sizing import explain
+from slmfleet.sizing import cpu, explain
 from slmfleet.sizing.architecture import ModelArchitecture, SizingInputError
 from slmfleet.sizing.fit import ModelFit, budget_bytes, round_context, tensor_parallel_problem
 from slmfleet.sizing.inventory import DeviceClass, Inventory, NodeGpus
@@ -29,6 +29,7 @@ CONTEXT_FLOOR = 2_048  # and the least it settles for
 UTILIZATION_FLOOR_HUNDREDTHS = 90
 UTILIZATION_MARGIN_HUNDREDTHS = 2
 MAX_FALLBACKS = 4
+ACCELERATORS = ("gpu", "cpu", "auto")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class SizingRequest:
     node_selector: Mapping[str, str] = field(default_factory=dict, hash=False)
     exact_weights_bytes: int | None = None
     excluded: frozenset[str] = frozenset()  # placement keys whose pods stayed Pending
+    accelerator: str = "gpu"  # gpu, cpu, or auto (GPUs first, CPU nodes when none fits)
+    cpu_cores: int | None = None  # on a CPU placement; None: cpu.DEFAULT_CPU_CORES or what the nodes have
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_products", tuple(sorted(set(self.allowed_products))))
@@ -63,6 +66,10 @@ class SizingRequest:
             raise SizingInputError(f"gpu_count must be at least 1, not {self.gpu_count}")
         if not 0.01 <= self.max_gpu_memory_utilization <= 1:
             raise SizingInputError(f"max_gpu_memory_utilization must be within 0.01..1, not {self.max_gpu_memory_utilization}")
+        if self.accelerator not in ACCELERATORS:
+            raise SizingInputError(f"accelerator {self.accelerator!r} is not one of {', '.join(ACCELERATORS)}")
+        if self.cpu_cores is not None and self.cpu_cores < 1:
+            raise SizingInputError(f"cpu_cores must be at least 1, not {self.cpu_cores}")
         model_max = self.architecture.max_position_embeddings
         if self.max_model_len is not None and not 1 <= self.max_model_len <= model_max:
             raise SizingInputError(f"max_model_len {self.max_model_len} is outside 1..{model_max}, the model's maximum")
@@ -96,6 +103,11 @@ class Placement:
     node_selector: Mapping[str, str] = field(hash=False)
     nodes_with_capacity: int
     is_mig: bool
+    # A CPU placement: gpu_resource is "cpu", gpu_product the CPU class, gpu_count the cores.
+    accelerator: str = "gpu"
+    memory_bytes: int = 0  # the pod's memory request and limit (CPU)
+    kv_cache_gib: int = 0  # VLLM_CPU_KVCACHE_SPACE (CPU)
+    dtype: str = ""  # the --dtype the placement serves at, when it decides it (CPU)
 
     @property
     def key(self) -> str:
@@ -116,6 +128,10 @@ class Placement:
             "node_selector": dict(self.node_selector),
             "nodes_with_capacity": self.nodes_with_capacity,
             "is_mig": self.is_mig,
+            "accelerator": self.accelerator,
+            "memory_bytes": self.memory_bytes,
+            "kv_cache_gib": self.kv_cache_gib,
+            "dtype": self.dtype,
         }
 
 
@@ -174,21 +190,81 @@ class Candidate:
 
 
 def plan_placement(request: SizingRequest, inventory: Inventory) -> SizingResult:
+    """GPU placements ranked first (unless the request is CPU-only), then CPU ones (if it allows them)."""
     fit = model_fit(request)
-    eligible, blocker = eligible_nodes(request, inventory)
-    ranked = rank_candidates(request, fit, eligible)
-    usable = [c for c in ranked if c.key not in request.excluded]
-    if not usable:
+    gpu_allowed, cpu_allowed = request.accelerator != "cpu", request.accelerator != "gpu"
+    eligible, blocker = eligible_nodes(request, inventory) if gpu_allowed else ((), "")
+    ranked = rank_candidates(request, fit, eligible) if gpu_allowed else []
+    gpus = _one_per_device_class([c for c in ranked if c.key not in request.excluded])
+    cpus = [c for c in _cpu_choices(request, inventory) if c.key not in request.excluded] if cpu_allowed else []
+    if not gpus and not cpus:
         target = fit.profile(_target_tp(request), request.context_goal)
-        message = explain.no_fit_message(request, fit, target, inventory, eligible, ranked, blocker)
-        return SizingResult(target, None, (), explain.target_reasons(request, target), message)
+        messages = []
+        if gpu_allowed:
+            messages.append(explain.no_fit_message(request, fit, target, inventory, eligible, ranked, blocker))
+        if cpu_allowed:
+            messages.append("CPU: " + _cpu_no_fit(request, inventory))
+        return SizingResult(target, None, (), explain.target_reasons(request, target), "; ".join(messages))
 
-    chosen, *rest = _one_per_device_class(usable)
-    placement = _placement(request, fit, chosen)
-    fallbacks = tuple(_placement(request, fit, c) for c in rest[:MAX_FALLBACKS])
-    profile = fit.profile(chosen.tp, chosen.context)
-    reasons = explain.placement_reasons(request, fit, profile, placement, chosen, ranked, eligible)
-    return SizingResult(profile, placement, fallbacks, reasons, "")
+    placements = [_placement(request, fit, c) for c in gpus] + [_cpu_placement(request, c) for c in cpus]
+    chosen, *fallbacks = placements
+    if gpus:
+        profile = fit.profile(gpus[0].tp, gpus[0].context)
+        reasons = explain.placement_reasons(request, fit, profile, chosen, gpus[0], ranked, eligible)
+    else:
+        profile, reasons = cpus[0].profile, tuple(cpu.cpu_reasons(cpus[0], request.concurrency))
+        if request.accelerator == "auto":
+            reasons = (f"no GPU placement fits: {_gpu_no_fit(request, fit, inventory, eligible, ranked, blocker)}",
+                       *reasons)
+    return SizingResult(profile, chosen, tuple(fallbacks[:MAX_FALLBACKS]), tuple(reasons), "")
+
+
+def _cpu_choices(request: SizingRequest, inventory: Inventory) -> list[cpu.CpuChoice]:
+    arch = request.architecture
+    if cpu.cpu_problem(arch, request.quantization, request.kv_cache_dtype, request.dtype):
+        return []
+    return cpu.rank_cpu_choices(
+        arch, inventory.cpu_nodes, dtype=request.dtype, concurrency=request.concurrency,
+        context_goal=request.context_goal, context_floor=request.context_floor, cores=request.cpu_cores,
+        node_selector=request.node_selector, exact_weights_bytes=request.exact_weights_bytes)
+
+
+def _cpu_no_fit(request: SizingRequest, inventory: Inventory) -> str:
+    arch = request.architecture
+    if problem := cpu.cpu_problem(arch, request.quantization, request.kv_cache_dtype, request.dtype):
+        return problem
+    if any(k.startswith(f"{cpu.CPU_RESOURCE}|") for k in request.excluded):
+        return "pods stayed Pending on the CPU placements that fit"
+    return cpu.cpu_no_fit(arch, inventory.cpu_nodes, dtype=request.dtype, concurrency=request.concurrency,
+                          context_floor=request.context_floor, cores=request.cpu_cores,
+                          node_selector=request.node_selector, exact_weights_bytes=request.exact_weights_bytes)
+
+
+def _gpu_no_fit(request: SizingRequest, fit: ModelFit, inventory: Inventory, eligible: tuple[NodeGpus, ...],
+                ranked: list[Candidate], blocker: str) -> str:
+    target = fit.profile(_target_tp(request), request.context_goal)
+    return explain.no_fit_message(request, fit, target, inventory, eligible, ranked, blocker)
+
+
+def _cpu_placement(request: SizingRequest, c: cpu.CpuChoice) -> Placement:
+    return Placement(
+        gpu_resource=cpu.CPU_RESOURCE,
+        gpu_product=c.product,
+        gpu_count=c.cores,
+        tensor_parallel_size=1,
+        device_memory_bytes=c.node_memory_bytes,
+        gpu_memory_utilization=cpu.CPU_UTILIZATION,
+        max_model_len=c.context,
+        max_num_seqs=request.concurrency,
+        max_num_batched_tokens=c.profile.max_num_batched_tokens,
+        node_selector=dict(c.node_selector),
+        nodes_with_capacity=c.nodes_with_capacity,
+        is_mig=False,
+        accelerator="cpu",
+        memory_bytes=c.memory_bytes,
+        kv_cache_gib=c.kv_cache_gib,
+        dtype=c.dtype,
+    )
 
 
 def target_profile(request: SizingRequest) -> MemoryProfile:

@@ -55,6 +55,7 @@ class Pool:
     cpu: str
     memory: str
     gpu: Gpu | None
+    cpuid: tuple[str, ...] = ()  # CPU features, labelled as Node Feature Discovery does
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ def parse_pools_doc(doc: Mapping[str, Any] | None, source: str = "pools document
                 cpu=str(raw.get("cpu", 8)),
                 memory=str(raw.get("memory", "32Gi")),
                 gpu=_gpu(raw["gpu"], name) if raw.get("gpu") else None,
+                cpuid=_cpuid(raw.get("cpuid"), name),
             )
         )
     if not pools:
@@ -132,6 +134,20 @@ def parse_pools_doc(doc: Mapping[str, Any] | None, source: str = "pools document
     if not 16 <= octet <= 250:
         raise PoolsError(f"{source}: podCIDRFirstOctet must be within 16..250")
     return pools, octet
+
+
+def _cpuid(raw: Any, pool: str) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(f, str) and f.isalnum() and f == f.upper() for f in raw):
+        raise PoolsError(f"pool {pool!r}: cpuid must be a list of CPUID feature names as NFD spells them "
+                         f"(AVX2, AVX512F, AVX512BF16, AMXBF16, ...)")
+    return tuple(sorted(set(raw)))
+
+
+def cpuid_labels(features: tuple[str, ...]) -> dict[str, str]:
+    """Node Feature Discovery's CPU feature labels: feature.node.kubernetes.io/cpu-cpuid.<FEATURE>=true."""
+    return {f"feature.node.kubernetes.io/cpu-cpuid.{f}": "true" for f in features}
 
 
 def gpu_labels(gpu: Gpu) -> dict[str, str]:
@@ -179,6 +195,7 @@ def expand(pools: list[Pool], first_octet: int = POD_CIDR_FIRST_OCTET) -> list[N
                 AGENT_LABEL: pool.agent,
             }
             alloc = {"cpu": pool.cpu, "memory": pool.memory, "pods": "110", "ephemeral-storage": "500Gi"}
+            labels |= cpuid_labels(pool.cpuid)
             if pool.gpu:
                 labels |= gpu_labels(pool.gpu)
                 alloc |= gpu_allocatable(pool.gpu)
