@@ -230,6 +230,17 @@ def test_default_render(helm, tmp_path):
     assert one(docs, "ConfigMap", "slmfleet-deprecations")
 
 
+def test_the_cpu_vllm_image_is_optional_and_pinned_when_set(helm, tmp_path):
+    docs = render(helm, tmp_path)
+    assert operator_config(docs).cpu_vllm_image is None
+    cpu_digest = "sha256:" + "3c" * 32
+    docs = render(helm, tmp_path, {"imageRegistry": "registry.internal:5000/mirror",
+                                   "vllm": {"cpuImage": {"digest": cpu_digest}}})
+    assert operator_config(docs).cpu_vllm_image == f"registry.internal:5000/mirror/vllm/vllm-cpu:v0.32.0@{cpu_digest}"
+    bad = template(helm, tmp_path, {"vllm": {"cpuImage": {"digest": "latest"}}})
+    assert bad.returncode != 0 and "cpuImage" in bad.stderr
+
+
 def test_rendered_operator_config_parses_with_the_real_model(helm, tmp_path):
     docs = render(helm, tmp_path, {"config": {"vllmPort": 9000, "pendingTimeoutSeconds": 120},
                                    "imagePullSecrets": ["mirror-pull"]})

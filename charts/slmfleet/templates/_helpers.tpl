@@ -67,6 +67,12 @@ An image reference: [imageRegistry/]repository[:tag]@digest. Call with
 {{- include "slmfleet.image" (dict "registry" .Values.imageRegistry "image" .Values.vllm.image) -}}
 {{- end -}}
 
+{{- define "slmfleet.cpuVllmImage" -}}
+{{- with .Values.vllm.cpuImage -}}{{- if .digest -}}
+{{- include "slmfleet.image" (dict "registry" $.Values.imageRegistry "image" .) -}}
+{{- end -}}{{- end -}}
+{{- end -}}
+
 {{- define "slmfleet.deprecationsName" -}}
 {{- printf "%s-deprecations" (include "slmfleet.fullname" .) -}}
 {{- end -}}
@@ -79,6 +85,7 @@ chart computes. `slmfleet operator run` refuses unknown keys, as the schema does
 {{- $config := deepCopy .Values.config -}}
 {{- $_ := set $config "vllmImage" (include "slmfleet.vllmImage" .) -}}
 {{- $_ = set $config "loaderImage" (include "slmfleet.operatorImage" .) -}}
+{{- with (include "slmfleet.cpuVllmImage" .) -}}{{- $_ = set $config "cpuVllmImage" . -}}{{- end -}}
 {{- $_ = set $config "imagePullSecrets" (.Values.imagePullSecrets | default list) -}}
 {{- $_ = set $config "namespaces" (.Values.watchNamespaces | default list) -}}
 {{- $_ = set $config "deprecations" (dict "namespace" .Release.Namespace "name" (include "slmfleet.deprecationsName" .)) -}}

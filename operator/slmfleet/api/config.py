@@ -155,7 +155,7 @@ def parse_operator_config(text: str) -> OperatorConfig:
 # secrets (the chart's `imagePullSecrets`, which the operator's own pod uses too), the watched
 # namespaces (`watchNamespaces`, which the RBAC follows) and the deprecations ConfigMap (rendered
 # from the `deprecations` value).
-CHART_COMPUTED_FIELDS = ("vllmImage", "loaderImage", "imagePullSecrets", "namespaces", "deprecations")
+CHART_COMPUTED_FIELDS = ("vllmImage", "cpuVllmImage", "loaderImage", "imagePullSecrets", "namespaces", "deprecations")
 
 
 def chart_values_schema() -> dict[str, Any]:
