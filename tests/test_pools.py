@@ -16,11 +16,60 @@ def test_default_fleet_is_a_realistic_mix():
     products = {n.labels["nvidia.com/gpu.product"] for n in gpu_nodes}
     assert products == {"NVIDIA-H100-80GB-HBM3", "NVIDIA-A100-SXM4-40GB", "NVIDIA-L4"}
     assert any("nvidia.com/gpu.product" not in n.labels for n in nodes)
-    process = [n for n in nodes if n.agent == "process"]
-    assert len(process) == 2
+    process_gpu = [n for n in nodes if n.agent == "process" and "nvidia.com/gpu.product" in n.labels]
+    assert len(process_gpu) == 2
     assert all(n.labels["nvidia.com/gpu.product"] == "NVIDIA-L4" and n.allocatable["nvidia.com/gpu"] == "1"
-               for n in process)
+               for n in process_gpu)
     assert all(n.labels[p.AGENT_LABEL] == n.agent for n in nodes)
+
+
+CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n\n" \
+          "processor\t: 1\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16 amx_bf16\n"
+
+
+def test_host_cpuid_names_the_flags_every_cpu_has_as_nfd_does():
+    assert p.host_cpuid(CPUINFO) == ("AMXBF16", "AVX", "AVX2", "AVX512BF16", "AVX512F")
+    assert p.host_cpuid("") == ()
+    assert p.cpuid_labels(["AVX2"]) == {"feature.node.kubernetes.io/cpu-cpuid.AVX2": "true"}
+
+
+def test_default_fleet_has_real_cpu_process_nodes_with_this_machines_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO)
+    nodes = p.load_nodes(DEFAULT, cpuinfo)
+    cpu_process = [n for n in nodes if n.pool == "process-cpu"]
+    assert [n.name for n in cpu_process] == ["process-cpu-0", "process-cpu-1"]
+    for n in cpu_process:
+        assert n.agent == "process" and n.labels[p.AGENT_LABEL] == "process"
+        assert not any(k.startswith("nvidia.com/") for k in (*n.labels, *n.allocatable))
+        assert n.allocatable["cpu"] == "2" and n.allocatable["memory"] == "8Gi"
+        cpuid = {k.removeprefix(p.NFD_CPUID_PREFIX) for k, v in n.labels.items() if k.startswith(p.NFD_CPUID_PREFIX)}
+        assert cpuid == {"AMXBF16", "AVX", "AVX2", "AVX512BF16", "AVX512F"}
+        assert all(n.labels[p.NFD_CPUID_PREFIX + f] == "true" for f in cpuid)
+    # The GPU process nodes run on this machine too: the same flags.
+    l4 = next(n for n in nodes if n.pool == "process-l4")
+    assert l4.labels[p.NFD_CPUID_PREFIX + "AMXBF16"] == "true"
+    # The kwok CPU pool declares AVX-512 without bf16; GPU kwok pools declare nothing.
+    kwok_cpu = next(n for n in nodes if n.pool == "cpu")
+    assert kwok_cpu.labels[p.NFD_CPUID_PREFIX + "AVX2"] == kwok_cpu.labels[p.NFD_CPUID_PREFIX + "AVX512F"] == "true"
+    assert p.NFD_CPUID_PREFIX + "AVX512BF16" not in kwok_cpu.labels and p.NFD_CPUID_PREFIX + "AMXBF16" not in kwok_cpu.labels
+    h100 = next(n for n in nodes if n.pool == "h100-80gb")
+    assert not any(k.startswith(p.NFD_CPUID_PREFIX) for k in h100.labels)
+    # Apart from the process nodes' cpuid labels, the nodes are exactly the operator's expansion of the file.
+    plain = p.expand(*p.load_pools_doc(DEFAULT))
+    assert [(n.name, n.pod_cidr, n.allocatable) for n in nodes] == [(n.name, n.pod_cidr, n.allocatable) for n in plain]
+
+    def without_cpuid(labels):
+        return {k: v for k, v in labels.items() if not k.startswith(p.NFD_CPUID_PREFIX)}
+
+    assert all(without_cpuid(n.labels) == without_cpuid(m.labels) for n, m in zip(nodes, plain, strict=True))
+    assert all(n.labels == m.labels for n, m in zip(nodes, plain, strict=True) if n.agent == "kwok")
+
+
+def test_the_real_host_cpu_flags_are_read():
+    host = p.host_cpuid(Path("/proc/cpuinfo").read_text())
+    node = next(n for n in p.load_nodes(DEFAULT) if n.pool == "process-cpu")
+    assert {k for k in node.labels if k.startswith(p.NFD_CPUID_PREFIX)} == set(p.cpuid_labels(host))
 
 
 def test_pod_cidrs_are_distinct_loopback_networks():
@@ -61,12 +110,15 @@ def test_node_manifest_carries_labels_capacity_and_pod_cidr():
     ("pools: [{name: a, gpu: {product: X}}]", "bad gpu entry"),
     ("pools: [{name: a, gpu: {product: X, memoryMiB: 1, count: 1, mig: {strategy: single}}}]", "not supported"),
     ("podCIDRFirstOctet: 0\npools: [{name: a}]", "podCIDRFirstOctet"),
+    ("pools: [{name: a, cpuid: AVX2}]", "cpuid must be a list"),
+    ("pools: [{name: a, cpuid: [AVX2, avx512f]}]", "as NFD spells them"),
+    ("pools: [{name: a, agent: process, cpuid: [AVX2]}]", "process nodes carry this machine"),
 ])
 def test_bad_pools_files_are_rejected_with_a_reason(tmp_path, doc, error):
     f = tmp_path / "pools.yaml"
     f.write_text(textwrap.dedent(doc))
     with pytest.raises(p.PoolsError, match=error):
-        p.load_pools_doc(f)
+        p.load_nodes(f)
 
 
 def test_too_many_nodes_for_the_pod_network(tmp_path):

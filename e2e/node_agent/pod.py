@@ -25,6 +25,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("node-agent")
 
+# Short names of the pods' directories, by pod IP (unique on the machine: every node has its own pod
+# CIDR, every cluster its own octets). A Unix socket's path is at most 107 bytes, and the pods'
+# volumes lie deep in the state dir: vLLM's ZeroMQ `ipc://` sockets in a pod's /tmp
+# (VLLM_RPC_BASE_PATH) would not fit. A container path is rewritten to the volume's path under the
+# pod's short name, a symlink to the pod's directory (root only: /run is root's).
+SHORT_DIRS = Path("/run/slmfleet-pods")
+
 
 class ConfigError(Exception):
     """A container cannot be configured (missing Secret key, unsupported volume...)."""
@@ -67,6 +74,7 @@ class PodRunner:
         self.uid, self.name, self.namespace = meta["uid"], meta["name"], meta["namespace"]
         self.ip = ip
         self.dir = agent.state_dir / "pods" / self.uid
+        self.short_dir = SHORT_DIRS / ip if os.geteuid() == 0 else None
         self.spec = pod["spec"]
         self.restart_policy = self.spec.get("restartPolicy", "Always")
         self.init = [ContainerState(c["name"], c["image"]) for c in self.spec.get("initContainers") or []]
@@ -140,8 +148,32 @@ class PodRunner:
     def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._run(), name=f"pod-{self.name}"))
 
+    def _link_short_dir(self) -> None:
+        if self.short_dir is None:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.short_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.short_dir.with_name(self.short_dir.name + ".new")
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(self.dir)
+        tmp.replace(self.short_dir)  # a link a stopped agent left for this IP is replaced
+
+    def _unlink_short_dir(self) -> None:
+        try:
+            if self.short_dir is not None and os.readlink(self.short_dir) == str(self.dir):
+                self.short_dir.unlink()
+        except OSError:
+            pass
+
+    def _short(self, host: str) -> str:
+        """`host` under the pod's short name when it lies in the pod's directory."""
+        if self.short_dir is None or not (host == str(self.dir) or host.startswith(str(self.dir) + os.sep)):
+            return host
+        return str(self.short_dir) + host[len(str(self.dir)):]
+
     async def _run(self) -> None:
         try:
+            self._link_short_dir()
             await self.push_status()
             if not await self._mount_volumes():
                 return
@@ -255,7 +287,7 @@ class PodRunner:
         if os.geteuid() == 0:  # mount namespaces need root; without them the fixed path stays unmounted
             # and readOnlyRootFilesystem is not enforced.
             argv = spec.mount_namespace_argv(paths.mounts, argv, self._read_only_mounts(c_spec),
-                                             read_only_root=self._read_only_root(c_spec))
+                                             read_only_root=self._read_only_root(c_spec), private_shm=True)
         logf = open(cdir / "output.log", "ab")
         c.container_id = f"process://{self.uid}/{c.name}/{c.restart_count}"
         started_at = spec.now()
@@ -281,6 +313,9 @@ class PodRunner:
         try:
             rc = await proc.wait()
         finally:
+            # As a container's end ends its pid namespace: what the process started (vLLM's engine
+            # and worker processes, in its process group) does not outlive it.
+            self._kill(proc, signal.SIGKILL)
             if probe_task:
                 probe_task.cancel()
             logf.close()
@@ -314,6 +349,8 @@ class PodRunner:
         argv = images.resolve_argv(image, [spec.expand(a, env) for a in c_spec.get("command") or []] or None,
                                    [spec.expand(a, env) for a in c_spec["args"]] if "args" in c_spec else None)
         argv = [argv[0]] + [paths.rewrite(a) for a in argv[1:]]
+        if image.real_vllm:
+            argv = images.real_vllm_argv(argv, self.ip)
         return spec.container_env(env, paths, self._host_env()), argv, paths
 
     async def _terminating_within(self, seconds: float) -> bool:
@@ -561,6 +598,9 @@ class PodRunner:
             else:
                 data = await self._config_data("secrets", src["secretRef"]["name"], src["secretRef"].get("optional"))
             user.update({prefix + k: v for k, v in data.items()})
+        if image.real_vllm:
+            # The real vLLM is not this checkout's code: nothing of the checkout on its path.
+            env.pop("PYTHONPATH", None)
         for var in c_spec.get("env") or []:
             if "valueFrom" not in var:
                 user[var["name"]] = spec.expand(var.get("value", ""), user)
@@ -586,6 +626,8 @@ class PodRunner:
                 kind, name = resource.split(".", 1)
                 user[var["name"]] = str((c_spec.get("resources") or {}).get(kind, {}).get(name, "0"))
         env.update(user)
+        if image.real_vllm:
+            env.update(images.real_vllm_env(self.ip))
         return env
 
     async def _config_data(self, kind: str, name: str, optional: bool | None) -> dict[str, str]:
@@ -607,7 +649,7 @@ class PodRunner:
             base = self._volume_paths.get(m["name"])
             if base is None:
                 raise ConfigError(f"volume {m['name']!r} is not defined in the pod")
-            host = os.path.join(base, m["subPath"]) if m.get("subPath") else base
+            host = self._short(os.path.join(base, m["subPath"]) if m.get("subPath") else base)
             Path(host).mkdir(parents=True, exist_ok=True)
             mounts[m["mountPath"]] = host
         return mounts
@@ -718,6 +760,7 @@ class PodRunner:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._unlink_short_dir()
 
     def kill_now(self) -> None:
         for c in self.init + self.main:
@@ -725,3 +768,4 @@ class PodRunner:
                 self._kill(c.process, signal.SIGKILL)
         for t in self._tasks:
             t.cancel()
+        self._unlink_short_dir()

@@ -150,10 +150,16 @@ def default_pull_policy(image: str) -> str:
 # reach it. Mounts under it are bind-mounted there in a private mount namespace of the container.
 SECRETS_DIR = "/run/secrets"
 _SECRETS_PREFIXES = ("/var/run/secrets/", "/run/secrets/")
+# POSIX shared memory (shm_open, Python's multiprocessing.shared_memory, semaphores) lives at this
+# fixed path too. A container has its own: a tmpfs of the runtime's default size (containerd's and
+# Docker's 64Mi), or the pod's volume mounted there (an emptyDir with medium Memory, the usual way to
+# give vLLM more).
+DEV_SHM = "/dev/shm"
+DEFAULT_SHM_SIZE = "64m"
 
 
 def mount_namespace_argv(mounts: Mapping[str, str], argv: list[str], read_only: set[str],
-                         read_only_root: bool = False) -> list[str]:
+                         read_only_root: bool = False, private_shm: bool = False) -> list[str]:
     """`argv` wrapped in a mount namespace of the container's own when it needs one (`unshare
     --mount --propagation private`: what is mounted or remounted there stays there). The wrapper
     execs the program, so its pid and process group stay the container's.
@@ -168,9 +174,13 @@ def mount_namespace_argv(mounts: Mapping[str, str], argv: list[str], read_only: 
       Only the root mount: on a host with other file systems (a tmpfs /tmp, say), those stay
       writable, as /dev and /proc do in a container. The process's stdout and stderr are files
       the agent opened before, so its logs are written whatever the mounts.
+    - `private_shm`: /dev/shm of the container's own, the host's untouched: the volume mounted at
+      /dev/shm bound there, else a fresh tmpfs of DEFAULT_SHM_SIZE. Either goes with the namespace:
+      what the process leaves there (psm_*, sem.*) never reaches the host's /dev/shm.
     """
     secrets = [(path, host) for path, host in sorted(mounts.items()) if path.startswith(_SECRETS_PREFIXES)]
-    if not secrets and not read_only_root:
+    shm_volume = mounts.get(DEV_SHM)
+    if not secrets and not read_only_root and not private_shm:
         return argv
     script = ["set -e"]
     words: list[str] = []
@@ -187,6 +197,11 @@ def mount_namespace_argv(mounts: Mapping[str, str], argv: list[str], read_only: 
             script.append(f"mkdir -p {dest} && mount --bind {src} {dest}")
             if path in read_only:
                 script.append(f"mount -o remount,bind,ro {dest}")
+    if private_shm:
+        if shm_volume is not None:
+            script.append(f"mount --bind {word(shm_volume)} {DEV_SHM}")
+        else:
+            script.append(f"mount -t tmpfs -o mode=1777,nosuid,nodev,size={DEFAULT_SHM_SIZE} shm {DEV_SHM}")
     if read_only_root:
         # A host path mounted both read-only and writable stays writable, as the writable mount is.
         writable = {host for path, host in mounts.items() if path not in read_only}

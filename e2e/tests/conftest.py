@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
-from e2e.cluster import DEFAULT_POOLS, IMAGES_FILE, Cluster, built_images, default_state_dir
+from e2e.cluster import IMAGES_FILE, Cluster, built_images, default_pools, default_state_dir
 from e2e.operator_proc import OperatorProcess
 from e2e.s3 import S3Server
 
@@ -37,8 +37,10 @@ DEMO_NAMESPACE = "slmfleet-demo"
 def cluster() -> Cluster:
     if not built_images():
         pytest.fail(f"no built images in {IMAGES_FILE}: run `make images` (make test does)")
+    # SLMFLEET_CLUSTER_DIR, SLMFLEET_CLUSTER_PORT_BASE and SLMFLEET_CLUSTER_POOLS run the session on a
+    # second cluster beside the default one (e2e.cluster; the operator's and S3's ports stay the same).
     c = Cluster(default_state_dir())
-    c.up(DEFAULT_POOLS, reuse=False)
+    c.up(default_pools(), reuse=False)
     yield c
     c.down()
 
@@ -98,8 +100,8 @@ def alone(api, cluster, namespace) -> str:
 
 
 def wait_process_nodes_free(core: client.CoreV1Api, own_namespace: str | None = None, timeout: float = 180) -> None:
-    """Process nodes are scarce (two, one GPU each): waits until no pod of another namespace is
-    left on them. A deleted namespace's pods take their grace period to go, and a model pod kept
+    """Process nodes are scarce (two with one GPU each, two CPU nodes for the real vLLM): waits until
+    no pod of another namespace is left on them. A deleted namespace's pods take their grace period to go, and a model pod kept
     Pending behind them would make the e2e operator move on after PENDING_TIMEOUT seconds."""
     nodes = [n.metadata.name for n in core.list_node(label_selector="slmfleet.io/node-agent=process").items]
 
