@@ -54,7 +54,7 @@ N ?= 3
 test-repeat: venv binaries ## make test N times (N=3), each on a fresh clone with a cold cluster -> bench/results/flake_rate.json
 	@$(PY) -m e2e.repeat --runs $(N)
 
-demo: venv binaries images ## start the cluster, install the operator from the chart in its registry, apply examples/smallmodels/
+demo: venv binaries images real-vllm ## start the cluster, install the operator from the chart in its registry, apply examples/smallmodels/
 	@$(PY) -m e2e.demo
 
 airgap: venv binaries images ## the air-gapped install end to end on a small cluster of its own (chart + images from a loopback registry)

@@ -97,6 +97,8 @@ def values_file(cluster: Cluster, path: Path, *, operator_digest: str | None = N
     values["imageRegistry"] = cluster.registry
     values["image"]["digest"] = operator_digest or images["slmfleet"]["digest"]
     values["vllm"]["image"]["digest"] = vllm_digest or images["vllm-standin"]["digest"]
+    if "vllm-cpu" in images:
+        values["vllm"]["cpuImage"]["digest"] = images["vllm-cpu"]["digest"]
     values["nodeSelector"] = dict(PROCESS_NODE)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(values, sort_keys=False))

@@ -26,6 +26,7 @@ EXAMPLES = REPO / "examples" / "smallmodels"
 ROLLOUTS = REPO / "examples" / "modelrollouts"
 SERVED = "qwen2-5-0-5b"
 NEW_WEIGHTS = "qwen2.5-0.5b-instruct-v2"
+CPU_MODEL = "smollm2-135m-cpu"  # examples/smallmodels/60-smollm2-135m-cpu.yaml: the real vLLM on CPU
 
 
 def step(msg: str) -> None:
@@ -33,17 +34,23 @@ def step(msg: str) -> None:
 
 
 def weights_volume() -> str:
-    """A PersistentVolume on examples/weights and its claim (hostPath volumes are not allowed under
-    Pod Security restricted, but a claim bound to one is)."""
-    return json.dumps({"apiVersion": "v1", "kind": "List", "items": [
-        {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "slmfleet-demo-weights"},
-         "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
-                  "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(REPO / "examples" / "weights")},
-                  "claimRef": {"namespace": NAMESPACE, "name": "demo-weights"}}},
-        {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "demo-weights", "namespace": NAMESPACE},
-         "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": "slmfleet-demo-weights",
-                  "resources": {"requests": {"storage": "1Gi"}}}},
-    ]})
+    """PersistentVolumes on examples/weights and on the SmolLM2 weights' cache, and their claims
+    (hostPath volumes are not allowed under Pod Security restricted, but a claim bound to one is)."""
+    from e2e.real_vllm import install
+
+    items = []
+    for claim, path in (("demo-weights", REPO / "examples" / "weights"), ("demo-cpu-weights", install.cache_root() / "models")):
+        volume = f"slmfleet-{claim}"
+        items += [
+            {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": volume},
+             "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadOnlyMany"], "storageClassName": "",
+                      "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(path)},
+                      "claimRef": {"namespace": NAMESPACE, "name": claim}}},
+            {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": claim, "namespace": NAMESPACE},
+             "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": "", "volumeName": volume,
+                      "resources": {"requests": {"storage": "1Gi"}}}},
+        ]
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
 
 
 def condition(obj: dict, type_: str) -> dict:
@@ -174,17 +181,19 @@ def main() -> int:
     # The chart passes its pull secret on to every model pod; each namespace needs its copy.
     chart_install.apply(cluster, chart_install.pull_secret(cluster, NAMESPACE))
     print(kubectl("apply", "-f", "-", input=weights_volume()), end="")
-    kubectl("wait", "-n", NAMESPACE, "--for=jsonpath={.status.phase}=Bound", "pvc/demo-weights", "--timeout=60s")
+    kubectl("wait", "-n", NAMESPACE, "--for=jsonpath={.status.phase}=Bound", "pvc/demo-weights", "pvc/demo-cpu-weights",
+            "--timeout=60s")
     print(kubectl("apply", "-f", str(EXAMPLES)))
 
-    deadline = time.monotonic() + 180
+    # The real vLLM on CPU takes a minute or two to load and warm up on this machine.
+    deadline = time.monotonic() + 420
     while True:
         models = json.loads(kubectl("get", "sm", "-n", NAMESPACE, "-o", "json"))["items"]
         if models and all(settled(m) for m in models):
             break
         if time.monotonic() > deadline:
             print(table(models))
-            print("models did not settle within 180s; see `kubectl describe sm -n slmfleet-demo`", file=sys.stderr)
+            print("models did not settle within 420s; see `kubectl describe sm -n slmfleet-demo`", file=sys.stderr)
             return 1
         time.sleep(1)
 
@@ -206,6 +215,22 @@ def main() -> int:
         data=json.dumps({"model": "qwen2.5-0.5b-instruct", "messages": [{"role": "user", "content": question}]}).encode(),
         headers={"Content-Type": "application/json"})
     with urlopen(req, timeout=10) as resp:
+        answer = json.loads(resp.read())
+    print(f"    {answer['model']} answered: {answer['choices'][0]['message']['content']!r}")
+
+    cpu_pods = json.loads(kubectl("get", "pods", "-n", NAMESPACE, "-l", f"slmfleet.io/model={CPU_MODEL}", "-o",
+                                  "json"))["items"]
+    cpu_pod = next(p for p in cpu_pods if not p["metadata"].get("deletionTimestamp") and p["status"].get("podIP"))
+    ip = cpu_pod["status"]["podIP"]
+    question = "What is the capital of France? Answer in one word."
+    step(f"{CPU_MODEL} runs on the real vLLM (CPU backend) on {cpu_pod['spec']['nodeName']}: "
+         f"POST http://{ip}:8000/v1/chat/completions ({question!r})")
+    req = urllib.request.Request(
+        f"http://{ip}:8000/v1/chat/completions",
+        data=json.dumps({"model": "smollm2-135m-instruct", "temperature": 0, "max_tokens": 16,
+                         "messages": [{"role": "user", "content": question}]}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urlopen(req, timeout=120) as resp:
         answer = json.loads(resp.read())
     print(f"    {answer['model']} answered: {answer['choices'][0]['message']['content']!r}")
 

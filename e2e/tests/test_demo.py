@@ -9,7 +9,7 @@ from e2e.tests.conftest import DEMO_NAMESPACE, delete_models, wait_process_nodes
 
 def test_demo_places_the_examples_and_serves_a_chat_completion(cluster, core, operator):
     wait_process_nodes_free(core, DEMO_NAMESPACE)  # its 0.5B model is served on a process node
-    out = subprocess.run([sys.executable, "-m", "e2e.demo"], cwd=REPO, capture_output=True, text=True, timeout=400)
+    out = subprocess.run([sys.executable, "-m", "e2e.demo"], cwd=REPO, capture_output=True, text=True, timeout=700)
     try:
         assert out.returncode == 0, out.stdout + out.stderr
         assert "reusing the running operator" in out.stdout
@@ -18,8 +18,11 @@ def test_demo_places_the_examples_and_serves_a_chat_completion(cluster, core, op
         for line in out.stdout.splitlines():
             if line.startswith("    ") and len(line.split()) >= 7:
                 rows.setdefault(line.split()[0], line.split())  # the table comes first
-        for model in ("qwen2-5-0-5b", "qwen3-4b", "llama-3-1-8b", "qwen2-5-14b-long"):
+        for model in ("qwen2-5-0-5b", "qwen3-4b", "llama-3-1-8b", "qwen2-5-14b-long", "smollm2-135m-cpu"):
             assert model in rows and "/" in rows[model][-1], rows.get(model)
+        # The CPU example is placed on a CPU node and answered by the real vLLM.
+        assert rows["smollm2-135m-cpu"][1:4] == ["cpu", "CPU-BF16", "2"], rows["smollm2-135m-cpu"]
+        assert "smollm2-135m-instruct answered: 'The capital of France is Paris.'" in out.stdout
         assert rows["qwen2-5-14b-on-one-l4"][-1] == "NoFit"
         assert "qwen2-5-14b-on-one-l4 is Degraded: needs" in out.stdout
         # the rollout of the second pinned revision: evaluated, then promoted
@@ -29,3 +32,4 @@ def test_demo_places_the_examples_and_serves_a_chat_completion(cluster, core, op
         delete_models(core.api_client, DEMO_NAMESPACE)
         core.delete_namespace(DEMO_NAMESPACE)
         core.delete_persistent_volume("slmfleet-demo-weights")
+        core.delete_persistent_volume("slmfleet-demo-cpu-weights")
