@@ -4,9 +4,12 @@ Starts the control plane and the simulated GPU fleet with its loopback registry 
 `make images` built are pushed to it), installs the operator the way a user would: `helm install`
 of the packaged chart from that registry, the operator in-cluster on a process node. Then applies
 examples/smallmodels/, waits for every model to settle, prints the placements, and sends the
-really-served model a chat completion at its pod IP. The cluster and the operator keep running
-afterwards. An operator already running for this cluster (a chart release, or the e2e tests'
-`slmfleet operator run` process) is reused.
+really-served models a chat completion at their pod IPs: the 0.5B one answered by the stand-in on a
+simulated L4, SmolLM2-135M by the real vLLM on a CPU node. Then rolls SmolLM2 out twice under
+examples/modelrollouts/, decided on the real vLLM's answers: to its float32 copy (promoted), then to
+a perturbed copy (rolled back). The cluster and the operator keep running afterwards. An operator
+already running for this cluster (a chart release, or the e2e tests' `slmfleet operator run`
+process) is reused.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 from e2e import chart_install
 from e2e.cluster import DEFAULT_POOLS, REPO, Cluster, binaries, default_state_dir, kubectl_binary, urlopen, versions
@@ -25,8 +29,8 @@ NAMESPACE = "slmfleet-demo"
 EXAMPLES = REPO / "examples" / "smallmodels"
 ROLLOUTS = REPO / "examples" / "modelrollouts"
 SERVED = "qwen2-5-0-5b"
-NEW_WEIGHTS = "qwen2.5-0.5b-instruct-v2"
 CPU_MODEL = "smollm2-135m-cpu"  # examples/smallmodels/60-smollm2-135m-cpu.yaml: the real vLLM on CPU
+ROLLOUT_TIMEOUT = 420  # a candidate on the real vLLM starts in a minute or two, then answers 24 cases
 
 
 def step(msg: str) -> None:
@@ -84,24 +88,25 @@ def table(models: list[dict]) -> str:
     return "\n".join("    " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
-def roll_out_new_weights(kubectl) -> int:
-    """Point the served model at its second pinned revision under examples/modelrollouts/ and
-    follow the rollout: evaluation against the serving revision, 50%, pause, evaluation, 100%."""
+def roll_out(kubectl, model: str, weights: Path, claim: str, expected: str, torch_dtype: str) -> int:
+    """Point `model` at the pinned weights in `weights` (on the claim `claim`, stored in `torch_dtype`)
+    and follow its rollout (examples/modelrollouts/) to the end; 0 if it ended as `expected`."""
     from slmfleet.weights.manifest import Manifest  # the digest as `slmfleet pin` computes it
 
-    weights = REPO / "examples" / "weights" / NEW_WEIGHTS
     digest = Manifest.parse((weights / "slmfleet-manifest.json").read_text()).digest
-    step(f"Rolling {SERVED} out to new pinned weights ({NEW_WEIGHTS}), gated on evaluations")
-    print(kubectl("apply", "-f", str(ROLLOUTS)), end="")
-    patch = {"spec": {"source": {"uri": f"pvc://demo-weights/{NEW_WEIGHTS}", "digest": digest}}}
-    print(kubectl("patch", "sm", SERVED, "-n", NAMESPACE, "--type=merge", "-p", json.dumps(patch)), end="")
-    deadline = time.monotonic() + 240
+    step(f"Rolling {model} out to {weights.name}, gated on an evaluation against the serving revision")
+    before = json.loads(kubectl("get", "mr", model, "-n", NAMESPACE, "-o", "json")).get("status") or {}
+    patch = {"spec": {"source": {"uri": f"pvc://{claim}/{weights.name}", "digest": digest},
+                      "architecture": {"torchDtype": torch_dtype}}}
+    print(kubectl("patch", "sm", model, "-n", NAMESPACE, "--type=merge", "-p", json.dumps(patch)), end="")
+    deadline = time.monotonic() + ROLLOUT_TIMEOUT
     last = None
     while True:
-        status = json.loads(kubectl("get", "mr", SERVED, "-n", NAMESPACE, "-o", "json")).get("status") or {}
-        model = json.loads(kubectl("get", "sm", SERVED, "-n", NAMESPACE, "-o", "json")).get("status") or {}
+        status = json.loads(kubectl("get", "mr", model, "-n", NAMESPACE, "-o", "json")).get("status") or {}
+        served = json.loads(kubectl("get", "sm", model, "-n", NAMESPACE, "-o", "json")).get("status") or {}
         now = (status.get("phase"), status.get("currentStep"), status.get("canaryWeight"))
-        fresh = status.get("candidateRevision") == model.get("revision")
+        fresh = (status.get("candidateRevision") == served.get("revision")
+                 and status.get("candidateRevision") != before.get("candidateRevision"))
         if fresh and now != last:
             print(f"    {status.get('phase'):<11} step {status.get('currentStep')}  canary {status.get('canaryWeight')}%"
                   f"  {status.get('message', '')[:110]}", flush=True)
@@ -109,17 +114,16 @@ def roll_out_new_weights(kubectl) -> int:
         if fresh and status.get("phase") in ("Promoted", "RolledBack", "Failed"):
             break
         if time.monotonic() > deadline:
-            print(f"the rollout did not finish within 240s; see `kubectl describe mr -n {NAMESPACE} {SERVED}`",
-                  file=sys.stderr)
+            print(f"the rollout did not finish within {ROLLOUT_TIMEOUT}s; see `kubectl describe mr -n {NAMESPACE} "
+                  f"{model}`", file=sys.stderr)
             return 1
         time.sleep(0.5)
-    for result in status.get("evaluations", []):
-        print(f"    evaluation at step {result['step']}: stable {result['stableScore']}, candidate "
-              f"{result['candidateScore']} on {result['n']} cases, difference {result['difference']} "
-              f"[{result['ciLow']}, {result['ciHigh']}]: {result['verdict']}")
-    print(f"    {SERVED}: rollout {status['phase']}, serving revision {model.get('servingRevision')}")
-    print(kubectl("get", "mr", "-n", NAMESPACE))
-    return 0 if status["phase"] == "Promoted" else 1
+    result = status.get("evaluations", [])[-1]
+    print(f"    evaluation at step {result['step']}: stable {result['stableScore']}, candidate "
+          f"{result['candidateScore']} on {result['n']} cases, difference {result['difference']} "
+          f"[{result['ciLow']}, {result['ciHigh']}]: {result['verdict']}")
+    print(f"    {model}: rollout {status['phase']}, serving revision {served.get('servingRevision')}")
+    return 0 if status["phase"] == expected else 1
 
 
 def install_operator(cluster: Cluster) -> str:
@@ -234,15 +238,21 @@ def main() -> int:
         answer = json.loads(resp.read())
     print(f"    {answer['model']} answered: {answer['choices'][0]['message']['content']!r}")
 
-    if (code := roll_out_new_weights(kubectl)) != 0:
-        return code
+    from e2e.real_vllm import smollm2
+
+    print(kubectl("apply", "-f", str(ROLLOUTS)), end="")
+    variants = smollm2.build()  # cached: `make real-vllm` built them
+    for variant, expected, dtype in (("float32", "Promoted", "float32"), ("perturbed", "RolledBack", "bfloat16")):
+        if (code := roll_out(kubectl, CPU_MODEL, variants[variant][0], "demo-cpu-weights", expected, dtype)) != 0:
+            return code
+    print(kubectl("get", "mr", "-n", NAMESPACE))
 
     step("Everything keeps running. Look around:")
     print(f"    export KUBECONFIG={cluster.kubeconfig}")
     print(f"    export PATH={binaries()['kubectl'].parent}:$PATH   # kubectl {versions()['KUBE_VERSION']}, no version skew")
     print(f"    kubectl get sm -n {NAMESPACE} -o wide")
     print(f"    kubectl describe sm -n {NAMESPACE} qwen2-5-14b-on-one-l4")
-    print(f"    kubectl describe mr -n {NAMESPACE} {SERVED}")
+    print(f"    kubectl describe mr -n {NAMESPACE} {CPU_MODEL}")
     print("    kubectl explain smallmodel.spec.serving")
     print(f"    curl -s {operator_url}/metrics | grep slmfleet_")
     print("    make cluster-down      # stops the operator and every cluster process, removes the state")

@@ -292,3 +292,47 @@ def test_auto_without_a_cpu_image_sizes_for_gpus_only():
     w_cpu = world({"accelerator": "auto"}, CONFIG, nodes=[FLEET[0], FLEET[1]])
     w_cpu.settle()
     assert w_cpu.status["placement"]["accelerator"] == "cpu"
+
+
+# --- a vLLM that fails to start ------------------------------------------------------------------
+
+# The tail of the real vLLM 0.32's output when started with `--enable-auto-tool-choice --tool-call-parser
+# nonexistent` (exit 1), shortened; the termination message (FallbackToLogsOnError) holds such a tail.
+REAL_FAILURE = """\
+(APIServer pid=1) INFO 11-30 16:30:01 [utils.py:233] non-default args: {'model_tag': '/models/m'}
+Traceback (most recent call last):
+  File "/venv/lib/python3.11/site-packages/vllm/entrypoints/launchers/launcher.py", line 362, in validate_api_server_args
+    raise KeyError(
+KeyError: 'invalid tool call parser: nonexistent (chose from { apertus,hermes,llama3_json })'
+"""
+
+
+def test_the_error_line_is_vllms_own_without_noise():
+    from slmfleet.planning.status import vllm_error_line
+
+    assert vllm_error_line(REAL_FAILURE) == ("KeyError: 'invalid tool call parser: nonexistent (chose from "
+                                             "{ apertus,hermes,llama3_json })'")
+    argparse_failure = "usage: vllm serve [-h] ...\nvllm serve: error: argument --dtype: invalid choice: 'int3'\n"
+    assert vllm_error_line(argparse_failure) == "vllm serve: error: argument --dtype: invalid choice: 'int3'"
+    engine = "(EngineCore pid=42) \x1b[31mERROR\x1b[0m 11-30 [core.py:1] EngineCore failed to start.\nbye\n"
+    assert vllm_error_line(engine) == "ERROR 11-30 [core.py:1] EngineCore failed to start."
+    assert vllm_error_line("x" * 5000 + "Error: " + "y" * 5000).endswith("…")
+    assert len(vllm_error_line("ValueError: " + "z" * 5000)) == 400
+    assert vllm_error_line("") == ""
+
+
+def test_a_vllm_that_keeps_exiting_degrades_the_model_with_its_error_line():
+    w = world({"accelerator": "cpu"})
+    w.settle()
+    revision = w.status["revision"]
+    w.pods.append({
+        "metadata": {"name": "smollm2-x", "uid": "u1", "labels": {"slmfleet.io/model": "qwen-chat",
+                                                                   "slmfleet.io/revision": revision}},
+        "spec": {"nodeName": "bf16-0", "containers": [{"name": "vllm", "resources": {}}]},
+        "status": {"phase": "Running", "containerStatuses": [{
+            "name": "vllm", "ready": False, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": REAL_FAILURE}}}]}})
+    w.reconcile()
+    degraded = w.condition("Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "VllmStartFailed")
+    assert degraded["message"].startswith("pod smollm2-x: vLLM exited with code 1: KeyError: 'invalid tool call parser")

@@ -44,3 +44,13 @@ def test_the_cpu_example_names_the_smollm2_weights_the_pinned_versions_make():
     [doc] = [d for n, d in DOCS if d["kind"] == "SmallModel" and (d["spec"].get("resources") or {}).get("accelerator") == "cpu"]
     assert doc["spec"]["source"]["uri"].endswith(f"/smollm2-135m-instruct-{smollm2.model_key(versions)}")
     assert doc["spec"]["source"]["digest"] == smollm2.PINNED_DIGESTS["bfloat16"]
+
+
+def test_the_cpu_rollout_carries_the_measured_evaluation_set():
+    import json
+
+    from e2e.real_vllm.baseline import DATASET
+
+    [doc] = [d for _, d in DOCS if d["kind"] == "ModelRollout" and d["spec"]["modelRef"]["name"] == "smollm2-135m-cpu"]
+    cases = [json.loads(line) for line in DATASET.read_text().splitlines() if line.strip()]
+    assert doc["spec"]["evaluation"]["dataset"]["inline"] == cases

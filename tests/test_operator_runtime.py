@@ -156,9 +156,32 @@ def test_the_slim_pod_keeps_what_says_an_image_cannot_be_pulled():
                  "state": {"waiting": {"reason": "ImagePullBackOff", "message": "registry text"}}}]}}
     slim = _slim_pod(body)  # type: ignore[arg-type]
     assert slim["status"]["containerStatuses"] == [
-        {"name": "vllm", "image": "reg/vllm@sha256:" + "1" * 64, "state": {"waiting": {"reason": "ImagePullBackOff"}}}]
+        {"name": "vllm", "image": "reg/vllm@sha256:" + "1" * 64, "ready": False,
+         "state": {"waiting": {"reason": "ImagePullBackOff"}}, "lastState": {}}]
     message = image_pull_failure([slim], "r1")
     assert message is not None and "reg/vllm@sha256:" in message and "cannot pull" in message
+
+
+def test_the_slim_pod_keeps_how_vllm_last_ended_bounded():
+    from slmfleet.controller.registry import MAX_TERMINATION_MESSAGE, _slim_pod
+    from slmfleet.planning.status import vllm_start_failure
+
+    output = "x" * 10_000 + "\nValueError: the model needs more memory\n"
+    body = {"metadata": {"name": "p", "namespace": "ns", "labels": {"slmfleet.io/revision": "r1"}},
+            "spec": {"containers": [{"name": "vllm"}]},
+            "status": {"phase": "Running", "containerStatuses": [
+                {"name": "vllm", "image": "i", "ready": False, "restartCount": 3,
+                 "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}},
+                 "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": output,
+                                              "startedAt": "t", "containerID": "c"}}}]}}
+    slim = _slim_pod(body)  # type: ignore[arg-type]
+    [status] = slim["status"]["containerStatuses"]
+    assert status["lastState"]["terminated"]["exitCode"] == 1
+    assert len(status["lastState"]["terminated"]["message"]) == MAX_TERMINATION_MESSAGE
+    assert set(status["lastState"]["terminated"]) == {"exitCode", "reason", "message"}
+    assert vllm_start_failure([slim], "r1") == "pod p: vLLM exited with code 1: ValueError: the model needs more memory"
+    body["status"]["containerStatuses"][0]["ready"] = True  # restarted and serving: not failing
+    assert vllm_start_failure([_slim_pod(body)], "r1") is None  # type: ignore[arg-type]
 
 
 def test_healthz_turns_unhealthy_only_when_waiting_work_makes_no_progress():

@@ -24,7 +24,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from e2e.real_vllm import install, smollm2, smoke
+from e2e.real_vllm import install, smoke, smollm2
 
 REPO = Path(__file__).resolve().parents[2]
 DATASET = Path(__file__).with_name("smollm2-eval.jsonl")

@@ -87,7 +87,8 @@ def _tree(root: int) -> list[int]:
     return out
 
 
-def _mem_kib(pid: int, field: str) -> int:
+def mem_kib(pid: int, field: str) -> int:
+    """A field of /proc/<pid>/smaps_rollup (Rss, Pss), in KiB; 0 once the process is gone."""
     try:
         for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -159,11 +160,11 @@ def run(model: Path, tmp_ignore: tuple[str, ...] = (), startup_timeout: float = 
         result["answer"] = chat["choices"][0]["message"]["content"]
         result["usage"] = chat.get("usage")
         pids = _tree(proc.pid)
-        result["rss_mib_total"] = round(sum(_mem_kib(p, "Rss") for p in pids) / 1024, 1)
-        result["pss_mib_total"] = round(sum(_mem_kib(p, "Pss") for p in pids) / 1024, 1)
+        result["rss_mib_total"] = round(sum(mem_kib(p, "Rss") for p in pids) / 1024, 1)
+        result["pss_mib_total"] = round(sum(mem_kib(p, "Pss") for p in pids) / 1024, 1)
         result["processes"] = [{"comm": Path(f"/proc/{p}/comm").read_text().strip(),
-                                "rss_mib": round(_mem_kib(p, "Rss") / 1024, 1),
-                                "pss_mib": round(_mem_kib(p, "Pss") / 1024, 1)} for p in pids]
+                                "rss_mib": round(mem_kib(p, "Rss") / 1024, 1),
+                                "pss_mib": round(mem_kib(p, "Pss") / 1024, 1)} for p in pids]
         metrics = _get(base + "/metrics")[1]
         result["vllm_metric_families"] = metric_families(metrics)
         result["vllm_metric_samples"] = metric_samples(metrics)

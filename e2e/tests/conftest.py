@@ -118,6 +118,15 @@ def process_nodes_free(core, namespace) -> None:
     wait_process_nodes_free(core, namespace)
 
 
+def pod_gone(core: client.CoreV1Api, namespace: str, name: str) -> bool:
+    """Whether the pod is no longer in the API server (deleted and its grace period over)."""
+    try:
+        core.read_namespaced_pod(name, namespace)
+        return False
+    except client.ApiException as exc:
+        return exc.status == 404
+
+
 def wait_gone(find: Callable[[], list[str]], timeout: float, what: str) -> None:
     """Until `find` finds nothing; else fails naming what is still there."""
     deadline = time.monotonic() + timeout

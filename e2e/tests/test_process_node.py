@@ -12,7 +12,7 @@ from pathlib import Path
 from kubernetes import client, watch
 
 from e2e.cluster import Cluster, default_state_dir, process_name, processes_with_env
-from e2e.tests.conftest import pod_events
+from e2e.tests.conftest import pod_events, pod_gone
 from e2e.wait import wait_for
 
 
@@ -169,14 +169,7 @@ def test_deleting_the_pod_stops_its_process(core, process_nodes_free, namespace,
     assert processes_with_pod_ip(ip)
     core.delete_namespaced_pod("vllm", namespace)
 
-    def gone() -> bool:
-        try:
-            core.read_namespaced_pod("vllm", namespace)
-            return False
-        except client.ApiException as exc:
-            return exc.status == 404
-
-    wait_for(gone, what="pod deleted", timeout=30)
+    wait_for(lambda: pod_gone(core, namespace, "vllm"), what="pod deleted", timeout=30)
     assert not processes_with_pod_ip(ip)
     assert http(f"http://{ip}:8000/health")[0] == 0
     reasons = {e.reason for e in pod_events(core, namespace, "vllm")}

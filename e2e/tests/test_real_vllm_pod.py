@@ -25,7 +25,8 @@ from kubernetes import client
 from e2e.cluster import Cluster
 from e2e.operator_proc import cpu_vllm_image
 from e2e.real_vllm import install
-from e2e.real_vllm.smoke import QUESTION, metric_families
+from e2e.real_vllm.smoke import QUESTION, mem_kib, metric_families
+from e2e.tests.conftest import pod_gone
 from e2e.wait import wait_for
 
 POOL = "process-cpu"
@@ -123,16 +124,6 @@ def pod_processes(pod_dir: Path) -> list[int]:
         except OSError:
             continue
     return found
-
-
-def mem_kib(pid: int, field: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def listening_addresses(pids: list[int]) -> set[tuple[str, int]]:
@@ -242,14 +233,7 @@ def test_real_vllm_serves_smollm2_in_a_restricted_pod_on_a_cpu_node(cluster: Clu
     t1 = time.monotonic()
     core.delete_namespaced_pod("real-vllm", namespace)
 
-    def gone() -> bool:
-        try:
-            core.read_namespaced_pod("real-vllm", namespace)
-            return False
-        except client.ApiException as exc:
-            return exc.status == 404
-
-    wait_for(gone, 60, interval=0.5, what="the pod deleted")
+    wait_for(lambda: pod_gone(core, namespace, "real-vllm"), 60, interval=0.5, what="the pod deleted")
     seconds_to_gone = time.monotonic() - t1
     assert not pod_processes(pod_dir)
     assert not [p for p in pids if Path(f"/proc/{p}").exists() and "\nState:\tZ" not in Path(f"/proc/{p}/status").read_text()]

@@ -100,19 +100,35 @@ def _slim_pod(body: kopf.Body) -> dict[str, Any]:
                 }
                 for c in status.get("initContainerStatuses") or []
             ],
-            # Only why a container waits (an image that cannot be pulled degrades the model).
+            # Why a container waits (an image that cannot be pulled degrades the model), and how it
+            # last ended (a vLLM that fails to start is reported with its own error line).
             "containerStatuses": [
                 {
                     "name": c.get("name"),
                     "image": c.get("image"),
+                    "ready": bool(c.get("ready")),
                     "state": {"waiting": {"reason": waiting.get("reason")}}
                     if (waiting := (c.get("state") or {}).get("waiting"))
+                    else {"terminated": _slim_termination(done)}
+                    if (done := (c.get("state") or {}).get("terminated"))
+                    else {},
+                    "lastState": {"terminated": _slim_termination(done)}
+                    if (done := (c.get("lastState") or {}).get("terminated"))
                     else {},
                 }
                 for c in status.get("containerStatuses") or []
             ],
         },
     }
+
+
+# The kubelet keeps at most 4 KiB of a termination message; the tail holds the error.
+MAX_TERMINATION_MESSAGE = 4096
+
+
+def _slim_termination(done: dict[str, Any]) -> dict[str, Any]:
+    return {"exitCode": done.get("exitCode"), "reason": done.get("reason"),
+            "message": (done.get("message") or "")[-MAX_TERMINATION_MESSAGE:]}
 
 
 def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:

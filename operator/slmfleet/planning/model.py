@@ -47,6 +47,7 @@ from slmfleet.planning.status import (
     changed_condition_events,
     image_pull_failure,
     next_history,
+    vllm_start_failure,
     weights_verified,
 )
 from slmfleet.rollout.deprecations import Deprecations
@@ -379,6 +380,8 @@ def _serving_conditions(s: Subject, st: StatusDraft, ro: RolloutPlan, placement:
         st.condition("Degraded", True, "BaseModelDeprecated", s.deprecated.message)
     elif (pull_failure := image_pull_failure(s.obs.pods, revision)) is not None and not desired_ready:
         st.condition("Degraded", True, "ImagePullFailed", pull_failure)
+    elif (start_failure := vllm_start_failure(s.obs.pods, revision)) is not None and not desired_ready:
+        st.condition("Degraded", True, "VllmStartFailed", start_failure)
     elif stuck and not desired_ready:
         st.condition("Degraded", True, "PodsPending", stuck)
     else:

@@ -4,6 +4,7 @@ changes deserve, and the revision history."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -11,6 +12,7 @@ from slmfleet.api.conditions import Condition, find, set_condition
 from slmfleet.api.smallmodel import MAX_HISTORY, RevisionRecord, SmallModelStatus
 from slmfleet.api.timestamps import rfc3339
 from slmfleet.builders.labels import REVISION_LABEL
+from slmfleet.builders.pod import CONTAINER_NAME
 from slmfleet.builders.weights import LOADER_CONTAINER
 from slmfleet.planning.common import EventNote
 from slmfleet.weights import errors
@@ -115,6 +117,43 @@ def image_pull_failure(pods: Iterable[dict[str, Any]], revision: str) -> str | N
             if reason in IMAGE_PULL_FAILURES:
                 return (f"pod {pod['metadata'].get('name')}: container {c.get('name')} cannot pull image "
                         f"{c.get('image')}; check that the registry has it by digest and the pull secrets")[:1000]
+    return None
+
+
+# A line of vLLM's output that says what went wrong: a Python exception (`ValueError: ...`), argparse's
+# `vllm serve: error: ...`, or vLLM's own ERROR log lines.
+_ERROR_LINE = re.compile(r"(^[A-Za-z_.]*(Error|Exception)\b.*:|\berror: |\bERROR\b)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+MAX_ERROR_LINE = 400
+
+
+def vllm_error_line(output: str) -> str:
+    """The last line of vLLM's output (the termination message: its log's tail) that names the error,
+    else its last line; without colour codes or unprintable characters, and bounded."""
+    lines = [_ANSI.sub("", line).strip() for line in output.splitlines()]
+    lines = ["".join(ch for ch in line if ch.isprintable()) for line in lines if line]
+    if not lines:
+        return ""
+    found = next((line for line in reversed(lines) if _ERROR_LINE.search(line)), lines[-1])
+    # vLLM prefixes its engine process's lines with "(EngineCore pid=123) "; the error reads without it.
+    found = re.sub(r"^\(\w+ pid=\d+\)\s*", "", found)
+    return found if len(found) <= MAX_ERROR_LINE else found[:MAX_ERROR_LINE - 1] + "…"
+
+
+def vllm_start_failure(pods: Iterable[dict[str, Any]], revision: str) -> str | None:
+    """Why the revision's vLLM container keeps exiting, with vLLM's own error line; None while it has
+    not failed (or serves: a container that is ready again is not failing)."""
+    for pod in _revision_pods(pods, revision):
+        for c in (pod.get("status") or {}).get("containerStatuses") or []:
+            if c.get("name") != CONTAINER_NAME or c.get("ready"):
+                continue
+            done = ((c.get("state") or {}).get("terminated") or (c.get("lastState") or {}).get("terminated"))
+            if not done or int(done.get("exitCode") or 0) == 0:
+                continue
+            why = " (OOMKilled: the pod's memory limit)" if done.get("reason") == "OOMKilled" else ""
+            line = vllm_error_line(done.get("message") or "")
+            return (f"pod {pod['metadata'].get('name')}: vLLM exited with code {done.get('exitCode')}{why}"
+                    + (f": {line}" if line else ""))
     return None
 
 
