@@ -23,7 +23,7 @@ import pytest
 from e2e.argocd_capture import capture
 from e2e.cluster import REPO
 from e2e.real_vllm import install, smollm2
-from e2e.real_vllm.smoke import mem_kib
+from e2e.real_vllm.smoke import kv_cache_tokens, mem_kib
 from e2e.tests.conftest import delete_models
 from e2e.tests.test_real_vllm_pod import pod_processes
 from e2e.tests.test_rollout import FINAL, MR_PLURAL, StableWatch, get
@@ -151,7 +151,10 @@ def test_a_cpu_model_is_served_by_the_real_vllm_from_verified_s3_weights(
         t = time.monotonic()
         http(base + "/v1/chat/completions", question)
         latencies.append(time.monotonic() - t)
-    pids = pod_processes(cluster.dir / "nodes" / pod.spec.node_name / "pods" / pod.metadata.uid)
+    pod_dir = cluster.dir / "nodes" / pod.spec.node_name / "pods" / pod.metadata.uid
+    pids = pod_processes(pod_dir)
+    # vLLM logs the KV cache it allocated, in tokens ("GPU KV cache size: N tokens", on CPU too).
+    reported_tokens = kv_cache_tokens((pod_dir / "containers" / "vllm" / "output.log").read_text(errors="replace"))
     rss = sum(mem_kib(p, "Rss") for p in pids) * 1024
     pss = sum(mem_kib(p, "Pss") for p in pids) * 1024
     wait_for(lambda: ready(crs, namespace, "smol-standin"), 120, 1, "the stand-in Ready")
@@ -164,6 +167,12 @@ def test_a_cpu_model_is_served_by_the_real_vllm_from_verified_s3_weights(
         "sized_bytes": {"weights": memory["weightsBytes"], "kv_cache": memory["kvCacheBytes"],
                         "runtime": memory["overheadBytes"], "pod_limit": placement["memoryBytes"]},
         "measured": {"processes": len(pids), "rss_bytes": rss, "pss_bytes": pss},
+        "kv_cache_tokens": {"sized": placement["kvCacheGib"] * 2**30 // memory["kvBytesPerToken"],
+                            "vllm_reported": reported_tokens,
+                            "kv_bytes_per_token_sized": memory["kvBytesPerToken"]},
+        "ratio_kv_tokens_reported_over_sized": round(
+            reported_tokens / (placement["kvCacheGib"] * 2**30 // memory["kvBytesPerToken"]), 4)
+        if reported_tokens else None,
         "ratio_pod_limit_over_rss": round(placement["memoryBytes"] / rss, 2) if rss else None,
         "ratio_pod_limit_over_pss": round(placement["memoryBytes"] / pss, 2) if pss else None,
         "seconds_create_to_model_ready": round(seconds_to_ready, 1),
@@ -266,3 +275,56 @@ def test_a_real_vllm_that_cannot_start_is_reported_with_its_own_error_line(
     found = wait_for(degraded, START, 1, "broken Degraded/VllmStartFailed")
     assert found["status"] == "True"
     assert "vLLM exited with code 1: KeyError: 'invalid tool call parser: nonexistent" in found["message"], found
+
+
+def p95_of_live_traffic(ip: str, requests: int = 16, in_flight: int = 8) -> float:
+    """Client-side p95 of `requests` short chats to the pod, `in_flight` at a time."""
+    import concurrent.futures
+
+    cases = [json.loads(line) for line in DATASET.read_text().splitlines() if line.strip()]
+
+    def one(i: int) -> float:
+        t = time.monotonic()
+        http(f"http://{ip}:8000/v1/chat/completions", {"model": SERVED, "temperature": 0, "max_tokens": 8,
+                                                        "messages": cases[i % len(cases)]["messages"]})
+        return time.monotonic() - t
+    with concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
+        latencies = sorted(pool.map(one, range(requests)))
+    return latencies[int(0.95 * (len(latencies) - 1))]
+
+
+def test_a_real_latency_regression_under_live_traffic_is_rolled_back(
+        operator, s3, crs, core, apps, namespace, cleanup, variants):
+    uri, digest = upload_dir(s3, variants["bfloat16"][0])
+    credentials_secret(core, namespace, s3)
+    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, cpu_model("smol", uri, digest,
+                                                                                       s3.endpoint_url))
+    stable = wait_for(lambda: ready(crs, namespace, "smol"), START, 1, "smol Ready")["status"]["servingRevision"]
+    # The threshold is set from this machine's own measure of the stable under the same traffic, so a
+    # busy or a quiet machine moves both sides: twice the stable's p95 (at least 1 s, the histogram's
+    # buckets are coarse). The candidate batches one sequence on one core: with 8 requests in flight
+    # the last waits for seven others, several times the stable's p95.
+    stable_p95 = p95_of_live_traffic(ready_pod(core, namespace, "smol").status.pod_ip)
+    threshold = round(max(1.0, 2 * stable_p95), 2)
+    policy = rollout("smol")
+    policy["spec"]["steps"] = [{"setWeight": 50}, {"pause": {"duration": "10m"}}, {"setWeight": 100}]
+    policy["spec"]["evaluation"]["thresholds"]["maxP95LatencySeconds"] = threshold
+    crs.create_namespaced_custom_object(GROUP, VERSION, namespace, MR_PLURAL, policy)
+    with StableWatch(apps, crs, namespace, "smol", stable) as watch:
+        crs.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "smol", {"spec": {
+            "serving": {"concurrency": 1}, "resources": {"cpuCores": 1}}})
+
+        def paused():
+            obj = get(crs, namespace, MR_PLURAL, "smol")
+            return obj if (obj.get("status") or {}).get("phase") in ("Paused", *FINAL) else None
+        at_pause = wait_for(paused, START, 1, "the rollout paused with the candidate at 50%")
+        assert at_pause["status"]["phase"] == "Paused", at_pause["status"]
+        candidate = at_pause["status"]["candidateRevision"]
+        [pod] = [p for p in core.list_namespaced_pod(namespace, label_selector=f"slmfleet.io/revision={candidate}").items
+                 if p.status.pod_ip and p.metadata.deletion_timestamp is None]
+        candidate_p95 = p95_of_live_traffic(pod.status.pod_ip)  # live traffic, as a gateway would send it
+        done = wait_final(crs, namespace, "smol")
+    assert done["status"]["phase"] == "RolledBack", (done["status"], stable_p95, candidate_p95, threshold)
+    assert "live metrics regressed" in done["status"]["message"] and "p95 latency" in done["status"]["message"]
+    assert watch.lowest == 1
+    print(f"stable p95 {stable_p95:.2f}s, candidate p95 {candidate_p95:.2f}s, threshold {threshold}s")
