@@ -8,6 +8,8 @@ import sys
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from slmfleet.api.config import OperatorConfig
 from slmfleet.api.smallmodel import Placement as ApiPlacement
@@ -336,3 +338,43 @@ def test_a_vllm_that_keeps_exiting_degrades_the_model_with_its_error_line():
     degraded = w.condition("Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "VllmStartFailed")
     assert degraded["message"].startswith("pod smollm2-x: vLLM exited with code 1: KeyError: 'invalid tool call parser")
+
+
+# --- properties ----------------------------------------------------------------------------------
+
+@st.composite
+def cpu_fleets(draw):
+    nodes, pods = [], []
+    for i in range(draw(st.integers(1, 5))):
+        labels = draw(st.sampled_from([BF16_CPUID, AVX2_CPUID, {}]))
+        cores, memory_gib = draw(st.sampled_from([1, 2, 4, 8, 32])), draw(st.sampled_from([4, 6, 8, 16, 64, 256]))
+        nodes.append(cpu_node(f"c-{i}", str(cores), f"{memory_gib}Gi", labels))
+        if draw(st.booleans()):
+            pods.append(pod_on(f"c-{i}", f"{draw(st.integers(0, cores * 1000))}m", f"{draw(st.integers(0, memory_gib))}Gi"))
+    return nodes, pods
+
+
+@settings(max_examples=150, deadline=None)
+@given(cpu_fleets(), st.sampled_from(["auto", "bfloat16", "float32"]), st.integers(1, 16),
+       st.none() | st.sampled_from([512, 2048, 8192]), st.none() | st.integers(1, 8),
+       st.sampled_from([SMOLLM2_135M, QWEN2_5_0_5B, {**SMOLLM2_135M, "dtype": "float32"}]))
+def test_cpu_placements_fit_their_node_and_hold_their_kv_cache(fleet, dtype, concurrency, max_len, cores, config):
+    inventory = inventory_from_nodes(*fleet)
+    req = request(config, accelerator="cpu", dtype=dtype, concurrency=concurrency, cpu_cores=cores,
+                  max_model_len=None if max_len is None else min(max_len, config["max_position_embeddings"]))
+    result = plan_placement(req, inventory)
+    for p in filter(None, (result.placement, *result.fallbacks)):
+        assert p.accelerator == "cpu" and p.tensor_parallel_size == 1
+        assert cores in (None, p.gpu_count)
+        hosts = [n for n in inventory.cpu_nodes if all(n.labels.get(k) == v for k, v in p.node_selector.items())
+                 and n.free_millicores >= p.gpu_count * 1000 and n.free_memory >= p.memory_bytes]
+        assert len(hosts) == p.nodes_with_capacity >= 1
+        assert p.dtype in ("bfloat16", "float32")
+        assert p.dtype == "float32" or all(n.bf16 for n in hosts)
+        assert dtype == "auto" or p.dtype == dtype
+        sizing = CpuSizing(req.architecture, p.dtype, concurrency)
+        assert p.kv_cache_gib * GIB >= sizing.kv_per_token * p.max_model_len * concurrency  # the context fits its cache
+        assert p.memory_bytes >= sizing.weights + p.kv_cache_gib * GIB + CPU_RUNTIME_BYTES
+        assert req.context_floor <= p.max_model_len <= req.context_goal
+    if result.placement is None:
+        assert result.message.startswith("CPU: ")

@@ -81,10 +81,89 @@ def test_the_operators_command_lines_parse_as_intended_with_the_real_parser():
 
 
 def test_every_allowed_flag_is_one_the_real_vllm_accepts():
-    values = {"--prefix-caching-hash-algo": "sha256", "--long-prefill-token-threshold": "0",
-              "--scheduling-policy": "fcfs", "--seed": "1", "--max-logprobs": "5", "--logprobs-mode": "raw_logprobs",
-              "--tool-call-parser": "hermes", "--reasoning-parser": "deepseek_r1",
-              "--chat-template-content-format": "auto", "--response-role": "assistant"}
-    argvs = [["/models/m", flag, *([values[flag]] if flag in values else [])] for flag in TENANT_VLLM_FLAGS]
+    argvs = [["/models/m", flag, *([VALUES[flag]] if flag in VALUES else [])] for flag in TENANT_VLLM_FLAGS]
     for flag, parsed in zip(TENANT_VLLM_FLAGS, real_parse(*argvs), strict=True):
         assert "error" not in parsed, (flag, parsed)
+
+
+def generated_command_lines(count: int = 120, seed: int = 14) -> list[list[str]]:
+    """`vllm serve` argument lists the operator writes: one per example SmallModel placed on the default fleet
+    (with this machine's CPU features on its CPU nodes), and `count` more from seeded random specs (serving
+    fields, allowed extraArgs, GPU and CPU placements)."""
+    import random
+    from pathlib import Path
+
+    import yaml
+
+    from slmfleet.api.smallmodel import SmallModel
+    from slmfleet.planning.placement import sizing_request, to_api_placement
+    from slmfleet.sizing import inventory_from_nodes, plan_placement
+    from tests.sizing_configs import LLAMA_3_1_8B, QWEN2_5_0_5B, QWEN2_5_14B
+    from tests.sizing_nodes import default_fleet
+
+    fleet = default_fleet()
+    for node in fleet:
+        if not any(k.startswith("nvidia.com/") for k in node["status"]["allocatable"]):
+            node["metadata"]["labels"]["feature.node.kubernetes.io/cpu-cpuid.AVX512BF16"] = "true"
+    inventory = inventory_from_nodes(fleet, [])
+
+    def args_of(model: SmallModel) -> list[str] | None:
+        result = plan_placement(sizing_request(model, []), inventory)
+        if result.placement is None:
+            return None
+        placement = to_api_placement(result.placement, result.profile, result.reasons)
+        return vllm_serve_args("/models/m", model.spec.serving.served_model_name or "m", placement,
+                               model.spec.serving, 8000)
+
+    out = []
+    examples = Path(install.__file__).resolve().parents[2] / "examples" / "smallmodels"
+    for path in sorted(examples.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "SmallModel" and (args := args_of(SmallModel.model_validate(doc))):
+                out.append(args)
+    rng = random.Random(seed)
+    allowed = [f for f in TENANT_VLLM_FLAGS if f not in VALUES]
+    for _ in range(count):
+        config = rng.choice([QWEN2_5_0_5B, QWEN2_5_14B, LLAMA_3_1_8B])
+        accelerator = rng.choice(["gpu", "gpu", "cpu", "auto"])
+        quantization = None if accelerator != "gpu" else rng.choice([None, None, "fp8", "awq", "int8"])
+        extra = rng.sample(allowed, rng.randint(0, 3))
+        for flag in rng.sample(sorted(VALUES), rng.randint(0, 2)):
+            extra += [flag, VALUES[flag]]
+        spec = {
+            "source": {"uri": "pvc://models/m", "digest": "sha256:" + "a" * 64},
+            "architecture": {"modelType": config["model_type"], "numHiddenLayers": config["num_hidden_layers"],
+                             "hiddenSize": config["hidden_size"], "numAttentionHeads": config["num_attention_heads"],
+                             "numKeyValueHeads": config["num_key_value_heads"], "vocabSize": config["vocab_size"],
+                             "intermediateSize": config["intermediate_size"],
+                             "maxPositionEmbeddings": config["max_position_embeddings"]},
+            "serving": {"concurrency": rng.choice([1, 4, 8, 32]),
+                        "maxModelLen": rng.choice([None, 2048, 4096, 8192]),
+                        "dtype": rng.choice(["auto", "bfloat16"] + (["float16"] if accelerator == "gpu" else [])),
+                        "quantization": quantization,
+                        "kvCacheDtype": "auto" if accelerator != "gpu" else rng.choice(["auto", "fp8"]),
+                        "servedModelName": rng.choice([None, "team/model-a"]), "extraArgs": extra},
+            "resources": {"accelerator": accelerator},
+        }
+        spec["serving"] = {k: v for k, v in spec["serving"].items() if v is not None}
+        body = {"apiVersion": "slmfleet.io/v1alpha1", "kind": "SmallModel",
+                "metadata": {"name": "m", "namespace": "ns"}, "spec": spec}
+        if args := args_of(SmallModel.model_validate(body)):
+            out.append(args)
+    return out
+
+
+# Values for the allowed flags that take one (any other allowed flag is a switch).
+VALUES = {"--prefix-caching-hash-algo": "sha256", "--long-prefill-token-threshold": "0",
+          "--scheduling-policy": "fcfs", "--seed": "1", "--max-logprobs": "5", "--logprobs-mode": "raw_logprobs",
+          "--tool-call-parser": "hermes", "--reasoning-parser": "deepseek_r1",
+          "--chat-template-content-format": "auto", "--response-role": "assistant"}
+
+
+def test_every_command_line_the_operator_writes_parses_with_the_real_parser():
+    argvs = generated_command_lines()
+    assert len(argvs) > 100
+    for argv, parsed in zip(argvs, real_parse(*argvs), strict=True):
+        assert "error" not in parsed, (argv, parsed)
+        assert parsed["model_tag"] == "/models/m" and parsed["port"] == 8000
+        assert str(parsed["max_model_len"]) == argv[argv.index("--max-model-len") + 1]
