@@ -77,12 +77,13 @@ images: venv ## OCI images without Docker (mmdebstrap + crane) -> build/images/,
 	@e2e/build-binaries.sh crane
 	@$(PY) -m images.build
 
-bench: venv binaries ## benchmarks; results go to bench/results/
+bench: venv binaries images real-vllm ## benchmarks; results go to bench/results/
 	@$(PY) -m bench.cluster_up
 	@$(PY) -m bench.hashing
 	@$(PY) -m bench.s3_load
 	@$(PY) -m bench.rollout_decision
 	@$(PY) -m bench.environ_race
 	@$(PY) -m bench.tenant_isolation
+	@$(PY) -m bench.real_vllm
 
 .PHONY: help venv binaries cluster-up cluster-down lint unit unit-explore test test-repeat demo airgap crds bench images chart-schema chart
