@@ -277,20 +277,24 @@ def test_a_real_vllm_that_cannot_start_is_reported_with_its_own_error_line(
     assert "vLLM exited with code 1: KeyError: 'invalid tool call parser: nonexistent" in found["message"], found
 
 
-def p95_of_live_traffic(ip: str, requests: int = 16, in_flight: int = 8) -> float:
-    """Client-side p95 of `requests` short chats to the pod, `in_flight` at a time."""
+def p95_of_live_traffic(ip: str, requests: int = 32, in_flight: int = 8) -> float:
+    """Client-side p95 of `requests` short chats to the pod, `in_flight` at a time (the operator judges live
+    metrics from 20 requests on)."""
     import concurrent.futures
 
     cases = [json.loads(line) for line in DATASET.read_text().splitlines() if line.strip()]
 
-    def one(i: int) -> float:
+    def one(i: int) -> float | None:
         t = time.monotonic()
-        http(f"http://{ip}:8000/v1/chat/completions", {"model": SERVED, "temperature": 0, "max_tokens": 8,
-                                                        "messages": cases[i % len(cases)]["messages"]})
+        try:
+            http(f"http://{ip}:8000/v1/chat/completions", {"model": SERVED, "temperature": 0, "max_tokens": 8,
+                                                            "messages": cases[i % len(cases)]["messages"]})
+        except OSError:
+            return None  # a candidate rolled back under the traffic is scaled down at once
         return time.monotonic() - t
     with concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
-        latencies = sorted(pool.map(one, range(requests)))
-    return latencies[int(0.95 * (len(latencies) - 1))]
+        latencies = sorted(x for x in pool.map(one, range(requests)) if x is not None)
+    return latencies[int(0.95 * (len(latencies) - 1))] if latencies else float("nan")
 
 
 def test_a_real_latency_regression_under_live_traffic_is_rolled_back(
@@ -307,7 +311,7 @@ def test_a_real_latency_regression_under_live_traffic_is_rolled_back(
     stable_p95 = p95_of_live_traffic(ready_pod(core, namespace, "smol").status.pod_ip)
     threshold = round(max(1.0, 2 * stable_p95), 2)
     policy = rollout("smol")
-    policy["spec"]["steps"] = [{"setWeight": 50}, {"pause": {"duration": "10m"}}, {"setWeight": 100}]
+    policy["spec"]["steps"] = [{"setWeight": 50}, {"pause": {"duration": "5m"}}, {"setWeight": 100}]
     policy["spec"]["evaluation"]["thresholds"]["maxP95LatencySeconds"] = threshold
     crs.create_namespaced_custom_object(GROUP, VERSION, namespace, MR_PLURAL, policy)
     with StableWatch(apps, crs, namespace, "smol", stable) as watch:
