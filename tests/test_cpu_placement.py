@@ -378,3 +378,36 @@ def test_cpu_placements_fit_their_node_and_hold_their_kv_cache(fleet, dtype, con
         assert req.context_floor <= p.max_model_len <= req.context_goal
     if result.placement is None:
         assert result.message.startswith("CPU: ")
+
+
+def test_another_models_cpu_pod_holds_its_nodes_memory():
+    # The operator's index keeps every model pod, GPU or not (controller/registry.py): here another
+    # model's vLLM holds 2 GiB and a core of the only bf16 node (8 GiB, 2 cores), so this model gets the
+    # core and the 1 GiB cache that are left.
+    w = world({"accelerator": "cpu"}, nodes=FLEET[:1])
+    other = pod_on("bf16-0", "1", "2Gi")
+    other["metadata"]["labels"] = {"slmfleet.io/model": "another"}
+    w.other_pods.append(other)
+    w.settle()
+    placement = w.status["placement"]
+    assert placement["kvCacheGib"] == 1 and placement["maxModelLen"] < 8192 and placement["gpuCount"] == 1
+    assert placement["memoryBytes"] <= 6 * GIB
+
+
+def test_the_pod_index_keeps_gpu_pods_and_model_pods_only():
+    import kopf
+
+    from slmfleet.controller.registry import build_registry
+    from slmfleet.controller.runtime import Runtime
+
+    registry = build_registry(Runtime(config=CONFIG, client=None))  # type: ignore[arg-type]
+    [index] = [h for h in registry._indexing.get_all_handlers() if h.id == "slm_gpu_pods"]
+
+    def kept(labels: dict, resources: dict, phase: str = "Running") -> bool:
+        body = kopf.Body({"metadata": {"name": "p", "labels": labels}, "status": {"phase": phase},
+                          "spec": {"containers": [{"name": "c", "resources": resources}]}})
+        return index.fn(body=body, spec=body.spec, labels=body.metadata.labels) is not None
+    assert kept({}, {"limits": {"nvidia.com/gpu": "1"}})
+    assert kept({"slmfleet.io/model": "m"}, {"requests": {"cpu": "2", "memory": "6Gi"}})
+    assert not kept({}, {"requests": {"cpu": "2", "memory": "6Gi"}})  # another workload: the scheduler's
+    assert not kept({"slmfleet.io/model": "m"}, {}, phase="Succeeded")

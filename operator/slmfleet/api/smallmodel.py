@@ -243,7 +243,7 @@ class Resources(CRModel):
     and as the last fallback when GPU pods stay Pending)."""
     cpu_cores: int | None = Field(default=None, ge=1, le=128)
     """Cores per replica on a CPU placement, requested and limited (a Guaranteed pod, which a static
-    CPU manager gives whole cores). Empty: 4, or the most a CPU node has if fewer."""
+    CPU manager gives whole cores). Empty: 4, or the most a CPU node has free if fewer."""
 
 
 class SmallModelSpec(CRModel):

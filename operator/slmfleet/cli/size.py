@@ -55,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--node-selector", default="", help="only nodes with these labels: key=value,key=value")
     p.add_argument("--accelerator", choices=("gpu", "cpu", "auto"), default="gpu",
                    help="gpu; cpu (vLLM's CPU backend on nodes without GPUs); auto (GPUs first, then CPU nodes)")
-    p.add_argument("--cpu-cores", type=int, help="cores per replica on a CPU placement (default: 4 or what a node has)")
+    p.add_argument("--cpu-cores", type=int, help="cores per replica on a CPU placement (default: 4, or the most a node has free)")
     p.add_argument("--safetensors-index", type=Path, help=f"{INDEX_FILE} for the exact weight bytes")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--pools", type=Path, help="size against the fleet of a pools file (e2e/pools/*.yaml)")

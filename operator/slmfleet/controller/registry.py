@@ -175,9 +175,11 @@ def _register_indices(registry: kopf.OperatorRegistry) -> None:
         return {(namespace, labels[MODEL_LABEL]): _slim_pod(body)}
 
     @kopf.index("v1", "pods", id="slm_gpu_pods", registry=registry)
-    def slm_gpu_pods(body: kopf.Body, spec: kopf.Spec, **_: Any) -> dict[str, dict[str, Any]] | None:
+    def slm_gpu_pods(body: kopf.Body, spec: kopf.Spec, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, Any]] | None:
+        """The pods sizing counts: every pod holding GPUs, and the operator's own model pods (a CPU
+        placement holds its node's cores and memory)."""
         phase = body.get("status", {}).get("phase")
-        if phase in ("Succeeded", "Failed") or not _requests_gpu(dict(spec)):
+        if phase in ("Succeeded", "Failed") or not (_requests_gpu(dict(spec)) or MODEL_LABEL in labels):
             return None
         return {"all": _slim_pod(body)}
 

@@ -65,7 +65,8 @@ class Observed:
     services: tuple[dict[str, Any], ...] = ()  # owned by this model
     pods: tuple[dict[str, Any], ...] = ()  # this model's pods
     nodes: tuple[dict[str, Any], ...] = ()
-    gpu_pods: tuple[dict[str, Any], ...] = ()  # every pod in the cluster that requests GPUs
+    # Every pod in the cluster that requests GPUs, and every model pod (CPU placements hold cores and memory).
+    gpu_pods: tuple[dict[str, Any], ...] = ()
     weights: WeightsFacts | WeightsReading | None = None  # read from the source before any pod (S3 sources)
     rollout: RolloutObserved | None = None  # the ModelRollout governing this model, if any
     route: dict[str, Any] | None = None  # the model's live HTTPRoute (HTTPRoute traffic only)

@@ -315,7 +315,8 @@ _SUFFIXES = (("Ki", 2**10), ("Mi", 2**20), ("Gi", 2**30), ("Ti", 2**40), ("Pi", 
 
 
 def _default_cores(nodes: Iterable[CpuNode]) -> int:
-    return max(1, min(DEFAULT_CPU_CORES, max(n.allocatable_millicores // 1000 for n in nodes)))
+    """DEFAULT_CPU_CORES, or fewer where no node has that many free (at least one)."""
+    return max(1, min(DEFAULT_CPU_CORES, max(n.free_millicores // 1000 for n in nodes)))
 
 
 def pod_cpu_memory(pod: Mapping[str, Any]) -> dict[str, int]:
