@@ -200,7 +200,8 @@ def rollout(name: str) -> dict:
                 # 24 cases prove little: the margin is wide. It still keeps out the perturbed weights
                 # (0.0 against the stable's 0.625) and lets the float32 copy (0.75) through.
                 "thresholds": {"margin": 0.2, "maxErrorRate": 0.05},
-                "sampleSize": len(cases), "concurrency": 4,
+                # One-word answers: 32 tokens end a rambling one early, and two real vLLMs share two cores.
+                "sampleSize": len(cases), "concurrency": 4, "maxTokens": 32, "requestTimeoutSeconds": 120,
             },
             "scaleDownDelaySeconds": 0,
         },
