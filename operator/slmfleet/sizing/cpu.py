@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from slmfleet.sizing.architecture import ModelArchitecture
@@ -142,15 +143,15 @@ class CpuSizing:
     max_num_seqs: int
     exact_weights_bytes: int | None = None
 
-    @property
+    @cached_property
     def weights(self) -> int:
         return weights_bytes(self.arch, self.dtype, None, self.exact_weights_bytes)
 
-    @property
+    @cached_property
     def kv_per_token(self) -> int:
         return kv_bytes_per_token(self.arch, "auto", self.dtype)
 
-    @property
+    @cached_property
     def overhead(self) -> Overhead:
         width = self.arch.hidden_size + self.arch.intermediate_size
         batched = max(DEFAULT_MAX_NUM_BATCHED_TOKENS, self.max_num_seqs)
@@ -319,22 +320,11 @@ def _default_cores(nodes: Iterable[CpuNode]) -> int:
     return max(1, min(DEFAULT_CPU_CORES, max(n.free_millicores // 1000 for n in nodes)))
 
 
-def pod_cpu_memory(pod: Mapping[str, Any]) -> dict[str, int]:
-    """The cpu (millicores) and memory (bytes) the scheduler charges a pod: its containers' requests
-    (a limit alone implies the request) add up; plain init containers run one at a time."""
-    spec = pod.get("spec") or {}
-    running = {"cpu": 0, "memory": 0}
-    init_peak = {"cpu": 0, "memory": 0}
-    for kind, containers in (("init", spec.get("initContainers") or []), ("app", spec.get("containers") or [])):
-        for container in containers:
-            resources = container.get("resources") or {}
-            merged = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
-            cpu, memory = millicores_of(merged.get("cpu", 0)), quantity(merged.get("memory", 0))
-            if kind == "init" and container.get("restartPolicy") != "Always":
-                init_peak = {"cpu": max(init_peak["cpu"], cpu), "memory": max(init_peak["memory"], memory)}
-            else:
-                running = {"cpu": running["cpu"] + cpu, "memory": running["memory"] + memory}
-    return {r: max(running[r], init_peak[r]) for r in running}
+def container_cpu_memory(container: Mapping[str, Any]) -> dict[str, int]:
+    """A container's cpu (millicores) and memory (bytes) requests; a limit alone implies the request."""
+    resources = container.get("resources") or {}
+    merged = {**(resources.get("limits") or {}), **(resources.get("requests") or {})}
+    return {"cpu": millicores_of(merged.get("cpu", 0)), "memory": quantity(merged.get("memory", 0))}
 
 
 def _round_up(size: int) -> int:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from slmfleet.sizing.cpu import CpuNode, cpu_nodes_from, pod_cpu_memory
+from slmfleet.sizing.cpu import CpuNode, container_cpu_memory, cpu_nodes_from
 from slmfleet.sizing.memory import MIB
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -88,7 +88,7 @@ def inventory_from_nodes(
     cpu_used: defaultdict[str, dict[str, int]] = defaultdict(lambda: {"cpu": 0, "memory": 0})
     for pod in counted:
         node_name = str((pod.get("spec") or {}).get("nodeName"))
-        for resource, amount in pod_cpu_memory(pod).items():
+        for resource, amount in pod_requests(pod, container_cpu_memory).items():
             cpu_used[node_name][resource] += amount
     return Inventory(tuple(entries), cpu_nodes_from(schedulable, cpu_used))
 
@@ -157,20 +157,24 @@ def _requested_by_node(
 
 
 def _pod_gpu_requests(pod: Mapping[str, Any]) -> dict[str, int]:
-    """What the scheduler charges a pod: app and sidecar containers add up; plain init containers
-    run one at a time, so only the largest counts."""
+    return pod_requests(pod, _container_gpus)
+
+
+def pod_requests(pod: Mapping[str, Any], amounts: Callable[[Mapping[str, Any]], Mapping[str, int]]) -> dict[str, int]:
+    """What the scheduler charges a pod, of the resources `amounts` reads from a container: app and
+    sidecar containers add up; plain init containers run one at a time, so only the largest counts."""
     spec = pod.get("spec") or {}
     running: dict[str, int] = {}
     init_peak: dict[str, int] = {}
     for container in spec.get("initContainers") or []:
         sidecar = container.get("restartPolicy") == "Always"
-        for resource, n in _container_gpus(container).items():
+        for resource, n in amounts(container).items():
             if sidecar:
                 running[resource] = running.get(resource, 0) + n
             else:
                 init_peak[resource] = max(init_peak.get(resource, 0), n)
     for container in spec.get("containers") or []:
-        for resource, n in _container_gpus(container).items():
+        for resource, n in amounts(container).items():
             running[resource] = running.get(resource, 0) + n
     return {r: max(running.get(r, 0), init_peak.get(r, 0)) for r in sorted(running.keys() | init_peak.keys())}
 
