@@ -97,21 +97,23 @@ def has_bf16(labels: Mapping[str, str]) -> bool:
 def cpu_nodes_from(nodes: Iterable[Mapping[str, Any]], used: Mapping[str, Mapping[str, int]]) -> tuple[CpuNode, ...]:
     """The CPU nodes among `nodes` (already filtered to schedulable ones), `used` being the cpu
     (millicores) and memory (bytes) requested by pods on each node."""
-    out = []
-    for node in nodes:
-        meta = node.get("metadata") or {}
-        allocatable = (node.get("status") or {}).get("allocatable") or {}
-        if any(str(r).startswith("nvidia.com/") and quantity(v) > 0 for r, v in allocatable.items()):
-            continue
-        name = str(meta.get("name", ""))
-        labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
-        millicores, memory = millicores_of(allocatable.get("cpu")), quantity(allocatable.get("memory"))
-        if millicores <= 0 or memory <= 0:
-            continue
-        taken = used.get(name, {})
-        out.append(CpuNode(name, labels, has_bf16(labels), millicores, memory,
-                           max(0, millicores - taken.get("cpu", 0)), max(0, memory - taken.get("memory", 0))))
-    return tuple(sorted(out, key=lambda n: n.node_name))
+    found = (cpu_node_of(node, used.get(str((node.get("metadata") or {}).get("name", "")), {})) for node in nodes)
+    return tuple(sorted((n for n in found if n is not None), key=lambda n: n.node_name))
+
+
+def cpu_node_of(node: Mapping[str, Any], used: Mapping[str, int]) -> CpuNode | None:
+    """The node as a CPU node (None if it offers NVIDIA devices or no cores or memory), `used`
+    being the cpu (millicores) and memory (bytes) its pods request."""
+    meta = node.get("metadata") or {}
+    allocatable = (node.get("status") or {}).get("allocatable") or {}
+    if any(str(r).startswith("nvidia.com/") and quantity(v) > 0 for r, v in allocatable.items()):
+        return None
+    labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
+    millicores, memory = millicores_of(allocatable.get("cpu")), quantity(allocatable.get("memory"))
+    if millicores <= 0 or memory <= 0:
+        return None
+    return CpuNode(str(meta.get("name", "")), labels, has_bf16(labels), millicores, memory,
+                   max(0, millicores - used.get("cpu", 0)), max(0, memory - used.get("memory", 0)))
 
 
 def cpu_dtype(arch: ModelArchitecture, requested: str, bf16: bool) -> str | None:

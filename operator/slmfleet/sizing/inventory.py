@@ -9,12 +9,11 @@ Under the "single" strategy slices are advertised as `nvidia.com/gpu` with a `-M
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from slmfleet.sizing.cpu import CpuNode, container_cpu_memory, cpu_nodes_from
+from slmfleet.sizing.cpu import CpuNode, container_cpu_memory, cpu_node_of
 from slmfleet.sizing.memory import MIB
 
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -72,25 +71,186 @@ def inventory_from_nodes(
     pods: Iterable[Mapping[str, Any]],
     exclude_pods: Callable[[Mapping[str, Any]], bool] | None = None,
 ) -> Inventory:
-    counted = [p for p in pods if _counts(p, exclude_pods)]
-    used = _requested_by_node(counted, None)
-    schedulable = [node for node in nodes if _schedulable(node)]
-    entries = []
-    for node in schedulable:
-        name = str((node.get("metadata") or {}).get("name", ""))
-        labels = {str(k): str(v) for k, v in ((node.get("metadata") or {}).get("labels") or {}).items()}
-        allocatable = (node.get("status") or {}).get("allocatable") or {}
-        for device, count in _devices(labels, allocatable):
-            free = max(0, count - used[name].get(device.resource, 0))
-            entries.append(NodeGpus(name, labels, device, count, free))
-    entries = _smallest_memory_per_product(entries)
-    entries.sort(key=lambda n: (n.node_name, n.device))
-    cpu_used: defaultdict[str, dict[str, int]] = defaultdict(lambda: {"cpu": 0, "memory": 0})
-    for pod in counted:
-        node_name = str((pod.get("spec") or {}).get("nodeName"))
-        for resource, amount in pod_requests(pod, container_cpu_memory).items():
-            cpu_used[node_name][resource] += amount
-    return Inventory(tuple(entries), cpu_nodes_from(schedulable, cpu_used))
+    """The inventory of `nodes` less what `pods` hold, the pods `exclude_pods` picks not counted."""
+    live = LiveInventory()
+    for node in nodes:
+        live.set_node(str((node.get("metadata") or {}).get("name", "")), node)
+    excluded = set()
+    for i, pod in enumerate(pods):
+        key = str((pod.get("metadata") or {}).get("uid") or f"#{i}")
+        live.set_pod(key, pod)
+        if exclude_pods is not None and exclude_pods(pod):
+            excluded.add(key)
+    return live.inventory(frozenset(excluded))
+
+
+@dataclass(frozen=True)
+class _NodeFacts:
+    """What sizing reads of a node, parsed once per change of the node."""
+
+    schedulable: bool
+    labels: Mapping[str, str] = field(hash=False)
+    devices: tuple[tuple[DeviceClass, int], ...]  # device memory as its own labels say
+    cpu: CpuNode | None  # as a CPU node with nothing used; None if it is not one
+
+
+@dataclass(frozen=True)
+class _Hold:
+    """What a bound, unfinished pod holds on its node."""
+
+    node: str
+    gpus: Mapping[str, int] = field(hash=False)
+    cpu_memory: Mapping[str, int] = field(hash=False)
+
+
+class LiveInventory:
+    """The inventory, kept up to date one node or pod at a time.
+
+    Rebuilding the inventory from every node and pod costs time in proportion to the fleet, and
+    every reconcile needs it: a fleet of N models reconciling against N pods is N² work. Here a
+    pod's change costs one node's arithmetic, a node's change one pass over the nodes (a product's
+    memory is the smallest any node reports, so one node can change the others' entries), and a
+    reconcile gets the current snapshot, adjusted for the few pods it must not count (its own).
+    `inventory_from_nodes` builds one of these from lists, so there is one way to count.
+    """
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, _NodeFacts] = {}
+        self._holds: dict[str, _Hold] = {}
+        self._gpu_used: dict[str, dict[str, int]] = {}
+        self._cpu_used: dict[str, dict[str, int]] = {}
+        self._smallest: dict[tuple[str, str], int] | None = None  # None: nodes changed, recompute
+        self._entries: dict[str, tuple[NodeGpus, ...]] = {}  # schedulable node -> its devices
+        self._cpu_entries: dict[str, CpuNode] = {}
+        self._snapshot: Inventory | None = None
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def set_node(self, name: str, node: Mapping[str, Any] | None) -> bool:
+        """Record the node as it is now (None: deleted). Whether what sizing reads changed."""
+        facts = None if node is None else _node_facts(node)
+        if self._nodes.get(name) == facts:
+            return False
+        if facts is None:
+            self._nodes.pop(name, None)
+        else:
+            self._nodes[name] = facts
+        self._smallest = None
+        self._snapshot = None
+        return True
+
+    def set_pod(self, key: str, pod: Mapping[str, Any] | None) -> bool:
+        """Record the pod (by uid) as it is now (None: deleted). Whether what it holds changed."""
+        hold = None if pod is None else _hold(pod)
+        before = self._holds.get(key)
+        if before == hold:
+            return False
+        if before is not None:
+            self._charge(before, -1)
+            del self._holds[key]
+        if hold is not None:
+            self._charge(hold, 1)
+            self._holds[key] = hold
+        return True
+
+    def pod_keys(self) -> set[str]:
+        return set(self._holds)
+
+    def node_names(self) -> set[str]:
+        return set(self._nodes)
+
+    def _charge(self, hold: _Hold, sign: int) -> None:
+        for table, amounts in ((self._gpu_used, hold.gpus), (self._cpu_used, hold.cpu_memory)):
+            used = table.setdefault(hold.node, {})
+            for resource, n in amounts.items():
+                used[resource] = used.get(resource, 0) + sign * n
+        if self._smallest is not None:
+            self._refresh_node(hold.node)
+        self._snapshot = None
+
+    def inventory(self, exclude: frozenset[str] = frozenset()) -> Inventory:
+        """The inventory now, the pods of `exclude` (keys given to `set_pod`) not counted."""
+        if self._smallest is None:
+            self._rebuild()
+        if self._snapshot is None:
+            self._snapshot = Inventory(
+                tuple(e for name in sorted(self._entries) for e in self._entries[name]),
+                tuple(self._cpu_entries[name] for name in sorted(self._cpu_entries)))
+        holds = [self._holds[k] for k in exclude if k in self._holds]
+        if not holds:
+            return self._snapshot
+        gpus_back: dict[str, dict[str, int]] = {}
+        cpu_back: dict[str, dict[str, int]] = {}
+        for hold in holds:
+            for table, amounts in ((gpus_back, hold.gpus), (cpu_back, hold.cpu_memory)):
+                back = table.setdefault(hold.node, {})
+                for resource, n in amounts.items():
+                    back[resource] = back.get(resource, 0) + n
+        return Inventory(
+            tuple(_give_back_gpus(e, gpus_back[e.node_name]) if e.node_name in gpus_back else e
+                  for e in self._snapshot.nodes),
+            tuple(_give_back_cpu(c, cpu_back[c.node_name]) if c.node_name in cpu_back else c
+                  for c in self._snapshot.cpu_nodes))
+
+    def _rebuild(self) -> None:
+        smallest: dict[tuple[str, str], int] = {}
+        for facts in self._nodes.values():
+            if facts.schedulable:
+                for device, _ in facts.devices:
+                    key = (device.resource, device.product)
+                    smallest[key] = min(smallest.get(key, device.memory_bytes), device.memory_bytes)
+        self._smallest = smallest
+        self._entries, self._cpu_entries = {}, {}
+        for name in self._nodes:
+            self._refresh_node(name)
+
+    def _refresh_node(self, name: str) -> None:
+        """Recompute one node's entries from its facts and what its pods hold."""
+        assert self._smallest is not None
+        facts = self._nodes.get(name)
+        self._entries.pop(name, None)
+        self._cpu_entries.pop(name, None)
+        if facts is None or not facts.schedulable:
+            return
+        used = self._gpu_used.get(name, {})
+        entries = tuple(
+            NodeGpus(name, facts.labels,
+                     replace(device, memory_bytes=self._smallest[(device.resource, device.product)]),
+                     count, max(0, count - used.get(device.resource, 0)))
+            for device, count in sorted(facts.devices, key=lambda d: d[0]))
+        if entries:
+            self._entries[name] = entries
+        if facts.cpu is not None:
+            cpu_used = self._cpu_used.get(name, {})
+            self._cpu_entries[name] = replace(
+                facts.cpu,
+                free_millicores=max(0, facts.cpu.allocatable_millicores - cpu_used.get("cpu", 0)),
+                free_memory=max(0, facts.cpu.allocatable_memory - cpu_used.get("memory", 0)))
+
+
+def _give_back_gpus(entry: NodeGpus, back: Mapping[str, int]) -> NodeGpus:
+    n = back.get(entry.device.resource, 0)
+    return replace(entry, free=min(entry.allocatable, entry.free + n)) if n else entry
+
+
+def _give_back_cpu(node: CpuNode, back: Mapping[str, int]) -> CpuNode:
+    return replace(node, free_millicores=min(node.allocatable_millicores, node.free_millicores + back.get("cpu", 0)),
+                   free_memory=min(node.allocatable_memory, node.free_memory + back.get("memory", 0)))
+
+
+def _node_facts(node: Mapping[str, Any]) -> _NodeFacts:
+    labels = {str(k): str(v) for k, v in ((node.get("metadata") or {}).get("labels") or {}).items()}
+    allocatable = (node.get("status") or {}).get("allocatable") or {}
+    return _NodeFacts(_schedulable(node), labels, tuple(_devices(labels, allocatable)), cpu_node_of(node, {}))
+
+
+def _hold(pod: Mapping[str, Any]) -> _Hold | None:
+    """What the pod holds, or None for a pod that holds nothing (not bound, or finished)."""
+    if not _counts(pod, None):
+        return None
+    node = str((pod.get("spec") or {}).get("nodeName"))
+    return _Hold(node, _pod_gpu_requests(pod), pod_requests(pod, container_cpu_memory))
 
 
 def _counts(pod: Mapping[str, Any], exclude: Callable[[Mapping[str, Any]], bool] | None) -> bool:
@@ -98,19 +258,6 @@ def _counts(pod: Mapping[str, Any], exclude: Callable[[Mapping[str, Any]], bool]
     if not (pod.get("spec") or {}).get("nodeName") or (pod.get("status") or {}).get("phase") in _FINISHED_PHASES:
         return False
     return exclude is None or not exclude(pod)
-
-
-def _smallest_memory_per_product(entries: list[NodeGpus]) -> list[NodeGpus]:
-    # A placement selects nodes by resource and product only, so if nodes disagree about one
-    # product's memory, the pod may land on the smallest: size for that one.
-    smallest: dict[tuple[str, str], int] = {}
-    for n in entries:
-        key = (n.device.resource, n.device.product)
-        smallest[key] = min(smallest.get(key, n.device.memory_bytes), n.device.memory_bytes)
-    return [
-        replace(n, device=replace(n.device, memory_bytes=smallest[(n.device.resource, n.device.product)]))
-        for n in entries
-    ]
 
 
 def _devices(labels: Mapping[str, str], allocatable: Mapping[str, Any]) -> list[tuple[DeviceClass, int]]:
@@ -139,21 +286,6 @@ def _schedulable(node: Mapping[str, Any]) -> bool:
         return False
     conditions = (node.get("status") or {}).get("conditions") or []
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-
-
-def _requested_by_node(
-    pods: Iterable[Mapping[str, Any]], exclude: Callable[[Mapping[str, Any]], bool] | None
-) -> defaultdict[str, dict[str, int]]:
-    used: defaultdict[str, dict[str, int]] = defaultdict(dict)
-    for pod in pods:
-        node = (pod.get("spec") or {}).get("nodeName")
-        if not node or (pod.get("status") or {}).get("phase") in _FINISHED_PHASES:
-            continue
-        if exclude is not None and exclude(pod):
-            continue
-        for resource, n in _pod_gpu_requests(pod).items():
-            used[node][resource] = used[node].get(resource, 0) + n
-    return used
 
 
 def _pod_gpu_requests(pod: Mapping[str, Any]) -> dict[str, int]:
