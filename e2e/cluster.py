@@ -51,15 +51,16 @@ DEFAULT_POOLS = E2E / "pools" / "default.yaml"
 MARKER_ENV = "SLMFLEET_CLUSTER"
 
 
-def service_cidr(pod_octet: int) -> str:
-    """The Service CIDR: in loopback, like the pod CIDRs (127.<octet>.. and up), just below them,
-    so a second cluster with another podCIDRFirstOctet gets its own ClusterIPs too."""
-    return f"127.{pod_octet - 2}.0.0/16"
+def service_cidr(network: pools_mod.PodNetwork | int) -> str:
+    """The Service CIDR: in loopback, like the pod CIDRs, apart from them (a `podCIDRFirstOctet`'s
+    127.<octet - 2>.0.0/16, a `podCIDRRange`'s first /20), so a second cluster with another pod
+    network gets its own ClusterIPs too."""
+    return pools_mod.pod_network(network).service_cidr
 
 
-def first_service_ip(pod_octet: int) -> str:
+def first_service_ip(network: pools_mod.PodNetwork | int) -> str:
     """The `kubernetes` Service's ClusterIP (the API server's certificate names it)."""
-    return f"127.{pod_octet - 2}.0.1"
+    return pools_mod.pod_network(network).first_service_ip
 
 
 @functools.cache
@@ -189,6 +190,8 @@ class Cluster:
         self.registry = f"127.0.0.1:{self.ports.registry}"
         self._ssl_context: ssl.SSLContext | None = None
         self._procs: dict[str, subprocess.Popen] = {}  # started by this object: judged by the handle
+        # How each component was started (argv, env, port): kill() and restart() reuse it.
+        self._started: dict[str, tuple[list[str], dict[str, str] | None, int | None]] = {}
 
     # ---------------------------------------------------------------- processes
 
@@ -228,8 +231,37 @@ class Cluster:
                 start_new_session=True,
             )
         self._procs[name] = proc
+        self._started[name] = (list(argv), env, port)
         (self.pids / f"{name}.pid").write_text(str(proc.pid))
         log(f"started {name} (pid {proc.pid}, log {self.logs / (name + '.log')})")
+
+    # ---------------------------------------------------------------- faults (for the fault tests)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL component `name` (one this object started: etcd, kube-apiserver, ...), as a crash
+        or an OOM kill would, and reap it: its ports are free when this returns."""
+        proc = self._procs.get(name)
+        if proc is None or proc.poll() is not None:
+            raise RuntimeError(f"{name} is not running (or was not started by this object)")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log(f"killed {name} (pid {proc.pid})")
+
+    def restart(self, name: str, set_flags: dict[str, str] | None = None, timeout: float = 120) -> None:
+        """Starts component `name` again with the argv, env and port it was last started with (same
+        data dir, same ports), `set_flags` ({"--watch-cache": "false"}) replacing or adding `--flag=value`
+        arguments (kept for later restarts); waits until etcd or kube-apiserver answers healthy."""
+        if self._running(name):
+            raise RuntimeError(f"{name} is still running: kill() it first")
+        argv, env, port = self._started[name]
+        if set_flags:
+            argv = [a for a in argv if a.split("=", 1)[0] not in set_flags]
+            argv += [f"{flag}={value}" for flag, value in set_flags.items()]
+        self._start(name, argv, env, port)
+        if name == "etcd":
+            self._wait("etcd", lambda: _http_ok(f"http://127.0.0.1:{self.ports.etcd_client}/health"), timeout, name)
+        elif name == "kube-apiserver":
+            self._wait("kube-apiserver /readyz", self.healthy, timeout, name)
 
     # ---------------------------------------------------------------- config files
 
@@ -248,7 +280,7 @@ class Cluster:
         path.chmod(0o600)
         return path
 
-    def _prepare(self, pod_octet: int) -> dict[str, Path]:
+    def _prepare(self, network: pools_mod.PodNetwork) -> dict[str, Path]:
         self.dir.mkdir(parents=True, exist_ok=True)
         pki = self.pki
         pki.ensure_ca()
@@ -257,7 +289,7 @@ class Cluster:
             "kube-apiserver",
             server_names=("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                           "kubernetes.default.svc.cluster.local"),
-            server_ips=("127.0.0.1", first_service_ip(pod_octet)),
+            server_ips=("127.0.0.1", first_service_ip(network)),
         )
         sa = pki.service_account_keys()
         admin = pki.issue("admin", "slmfleet-admin", "system:masters")
@@ -378,7 +410,7 @@ class Cluster:
     def up(self, pools_file: Path, reuse: bool = True) -> None:
         """Starts the cluster cold, or with `reuse` keeps one of this state dir that is complete."""
         t0 = time.monotonic()
-        _, octet = pools_mod.load_pools_doc(pools_file)
+        _, network = pools_mod.load_pools_doc(pools_file)
         nodes = pools_mod.load_nodes(pools_file)
         if reuse and self.complete(pools_file):
             log(f"cluster in {self.dir} already up and healthy: reusing it")
@@ -387,7 +419,7 @@ class Cluster:
         self.check_ports_free()
         self._ensure_binaries()
         bins = binaries()
-        files = self._prepare(octet)
+        files = self._prepare(network)
         p = self.ports
 
         etcd_url = f"http://127.0.0.1:{p.etcd_client}"
@@ -422,7 +454,7 @@ class Cluster:
             "--kubelet-preferred-address-types=InternalIP",
             # PodSecurity is on by default; NodeRestriction confines each node agent to its node.
             "--enable-admission-plugins=NodeRestriction",
-            f"--service-cluster-ip-range={service_cidr(octet)}",
+            f"--service-cluster-ip-range={service_cidr(network)}",
             "--service-node-port-range=30000-32767",
             f"--service-account-key-file={files['sa_pub']}",
             f"--service-account-signing-key-file={files['sa_key']}",
@@ -451,7 +483,7 @@ class Cluster:
             f"--root-ca-file={self.pki.ca.cert}",
             f"--cluster-signing-cert-file={self.pki.ca.cert}",
             f"--cluster-signing-key-file={self.pki.ca.key}",
-            f"--service-cluster-ip-range={service_cidr(octet)}",
+            f"--service-cluster-ip-range={service_cidr(network)}",
             # Pod CIDRs are set on the Node objects by this tool (127.x); no IPAM needed.
             "--allocate-node-cidrs=false",
             "--controllers=*,-node-ipam-controller",
@@ -475,7 +507,7 @@ class Cluster:
             f"--kubeconfig={files['kwok']}",
             f"--manage-nodes-with-label-selector={pools_mod.AGENT_LABEL}=kwok",
             # Fallback pool for a node without a podCIDR; every node here has one.
-            f"--cidr=127.{octet - 1}.0.1/24",
+            f"--cidr={network.fallback_cidr}",
             "--node-ip=127.0.0.1",
             f"--server-address=127.0.0.1:{p.kwok}",
             "--node-lease-duration-seconds=40",
@@ -490,7 +522,7 @@ class Cluster:
 
         self._start("service-proxy", [
             sys.executable, "-m", "e2e.service_proxy", f"--kubeconfig={files['proxy']}",
-            f"--service-cidr={service_cidr(octet)}",
+            f"--service-cidr={service_cidr(network)}",
         ])
         self._register_nodes(nodes)
         # The Gateway API CRDs (no gateway implementation): HTTPRoute weights can be verified as objects.
@@ -755,7 +787,7 @@ def default_port_base() -> int:
 
 def default_pools() -> Path:
     """The pools file (SLMFLEET_CLUSTER_POOLS): a second cluster beside the first gives its own, with
-    another podCIDRFirstOctet, so that the pod IPs of the two differ."""
+    another podCIDRRange (or podCIDRFirstOctet), so that the pod IPs of the two differ."""
     return Path(os.environ.get("SLMFLEET_CLUSTER_POOLS", DEFAULT_POOLS))
 
 

@@ -28,6 +28,7 @@ from slmfleet.sizing.pools import (
     Gpu,
     MigProfile,
     NodeSpec,
+    PodNetwork,
     Pool,
     PoolsError,
     expand,
@@ -35,12 +36,13 @@ from slmfleet.sizing.pools import (
     gpu_labels,
     node_manifest,
     parse_pools_doc,
+    pod_network,
 )
 
 __all__ = [
     "AGENT_LABEL", "AGENTS", "CPUID_FLAGS", "NFD_CPUID_PREFIX", "POD_CIDR_FIRST_OCTET", "Gpu", "MigProfile",
-    "NodeSpec", "Pool", "PoolsError", "cpuid_labels", "expand", "expand_with_cpuid", "gpu_allocatable",
-    "gpu_labels", "host_cpuid", "load_nodes", "load_pools_doc", "node_manifest", "pool_cpuids",
+    "NodeSpec", "PodNetwork", "Pool", "PoolsError", "cpuid_labels", "expand", "expand_with_cpuid", "gpu_allocatable",
+    "gpu_labels", "host_cpuid", "load_nodes", "load_pools_doc", "node_manifest", "pod_network", "pool_cpuids",
 ]
 
 NFD_CPUID_PREFIX = "feature.node.kubernetes.io/cpu-cpuid."
@@ -103,10 +105,10 @@ def pool_cpuids(doc: Mapping[str, Any] | None, host: Iterable[str]) -> dict[str,
 
 def expand_with_cpuid(doc: Mapping[str, Any] | None, host: Iterable[str], source: str = "pools document") -> list[NodeSpec]:
     """The nodes of a pools document, with their NFD cpuid labels."""
-    pools, octet = parse_pools_doc(doc, source)
+    pools, network = parse_pools_doc(doc, source)
     cpuids = pool_cpuids(doc, host)
     return [dataclasses.replace(n, labels={**n.labels, **cpuid_labels(cpuids.get(n.pool, ()))})
-            for n in expand(pools, octet)]
+            for n in expand(pools, network)]
 
 
 def _read_doc(path: Path) -> Any:
@@ -116,9 +118,9 @@ def _read_doc(path: Path) -> Any:
         raise PoolsError(f"{path}: not YAML: {exc}") from exc
 
 
-def load_pools_doc(path: Path) -> tuple[list[Pool], int]:
-    """The pools and the first octet of the pod network (127.<octet + k>.0.0/24 for node k);
-    a second cluster on the same machine picks a different `podCIDRFirstOctet`."""
+def load_pools_doc(path: Path) -> tuple[list[Pool], PodNetwork]:
+    """The pools and the cluster's pod network (`podCIDRRange`, or `podCIDRFirstOctet`: see
+    slmfleet.sizing.pools); a second cluster on the same machine takes addresses apart from the first's."""
     return parse_pools_doc(_read_doc(path), str(path))
 
 

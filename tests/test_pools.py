@@ -110,6 +110,13 @@ def test_node_manifest_carries_labels_capacity_and_pod_cidr():
     ("pools: [{name: a, gpu: {product: X}}]", "bad gpu entry"),
     ("pools: [{name: a, gpu: {product: X, memoryMiB: 1, count: 1, mig: {strategy: single}}}]", "not supported"),
     ("podCIDRFirstOctet: 0\npools: [{name: a}]", "podCIDRFirstOctet"),
+    ("podCIDRFirstOctet: x\npools: [{name: a}]", "podCIDRFirstOctet must be a number"),
+    ("podCIDRRange: 127.112.0.0/14\npodCIDRFirstOctet: 64\npools: [{name: a}]", "not both"),
+    ("podCIDRRange: 10.0.0.0/14\npools: [{name: a}]", "inside 127.0.0.0/8"),
+    ("podCIDRRange: 127.0.0.0/12\npools: [{name: a}]", "overlaps 127.0.0.0/16"),
+    ("podCIDRRange: 127.112.0.1/14\npools: [{name: a}]", "host bits zero"),
+    ("podCIDRRange: nonsense\npools: [{name: a}]", "not an IPv4 network"),
+    ("podCIDRRange: 127.112.0.0/20\npools: [{name: a}]", "too small"),
     ("pools: [{name: a, cpuid: AVX2}]", "cpuid must be a list"),
     ("pools: [{name: a, cpuid: [AVX2, avx512f]}]", "as NFD spells them"),
     ("pools: [{name: a, agent: process, cpuid: [AVX2]}]", "process nodes carry this machine"),
@@ -126,3 +133,30 @@ def test_too_many_nodes_for_the_pod_network(tmp_path):
     f.write_text("podCIDRFirstOctet: 250\npools: [{name: a, nodes: 7}]")
     with pytest.raises(p.PoolsError, match="nodes fit"):
         p.expand(*p.load_pools_doc(f))
+
+
+def test_a_pod_cidr_range_holds_hundreds_of_nodes(tmp_path):
+    f = tmp_path / "pools.yaml"
+    f.write_text("podCIDRRange: 127.200.0.0/15\npools: [{name: a, nodes: 495}]")
+    _, network = p.load_pools_doc(f)
+    nodes = p.load_nodes(f)
+    nets = [ipaddress.IPv4Network(n.pod_cidr) for n in nodes]
+    pod_range = ipaddress.IPv4Network("127.200.0.0/15")
+    service = ipaddress.IPv4Network(network.service_cidr)
+    fallback = ipaddress.IPv4Network(network.fallback_cidr, strict=False)
+    assert len(set(nets)) == 495 and all(net.prefixlen == 24 and net.subnet_of(pod_range) for net in nets)
+    assert service == ipaddress.IPv4Network("127.200.0.0/20") and network.first_service_ip == "127.200.0.1"
+    assert fallback == ipaddress.IPv4Network("127.200.16.0/24") and network.fallback_cidr == "127.200.16.1/24"
+    assert nets[0] == ipaddress.IPv4Network("127.200.17.0/24") and nets[-1] == ipaddress.IPv4Network("127.201.255.0/24")
+    assert not any(net.overlaps(service) or net.overlaps(fallback) for net in nets)
+    f.write_text("podCIDRRange: 127.200.0.0/15\npools: [{name: a, nodes: 496}]")
+    with pytest.raises(p.PoolsError, match="at most 495 nodes fit"):
+        p.load_nodes(f)
+
+
+def test_the_octet_layout_is_unchanged():
+    network = p.PodNetwork.legacy(64)
+    assert [network.node_cidr(k) for k in (0, 1, 191)] == ["127.64.0.0/24", "127.65.0.0/24", "127.255.0.0/24"]
+    assert network.service_cidr == "127.62.0.0/16" and network.first_service_ip == "127.62.0.1"
+    assert network.fallback_cidr == "127.63.0.1/24" and network.capacity == 192
+    assert p.expand(*p.load_pools_doc(DEFAULT)) == p.expand(p.load_pools_doc(DEFAULT)[0], 64)

@@ -15,9 +15,9 @@ def test_e2e_pools_reexports_the_one_implementation():
 
 
 def test_pools_parse_from_a_mapping():
-    parsed, octet = pools.parse_pools_doc({"podCIDRFirstOctet": 100, "pools": [
+    parsed, network = pools.parse_pools_doc({"podCIDRFirstOctet": 100, "pools": [
         {"name": "l4", "nodes": 2, "gpu": {"product": "NVIDIA-L4", "memoryMiB": 23034, "count": 1}}]})
-    assert octet == 100 and parsed[0].gpu.product == "NVIDIA-L4" and parsed[0].nodes == 2
+    assert network.first_octet == 100 and parsed[0].gpu.product == "NVIDIA-L4" and parsed[0].nodes == 2
 
 
 def test_ready_nodes_look_like_what_a_running_cluster_returns():
