@@ -30,6 +30,7 @@ from e2e.cluster import (
 )
 
 OPERATOR_USER = "slmfleet-operator"
+OPERATOR_NAMESPACE = "slmfleet-system"
 CONFIG = REPO / "e2e" / "operator-config.yaml"
 
 
@@ -71,6 +72,9 @@ def write_config(cluster: Cluster, overrides: dict | None = None) -> Path:
 
 def install(cluster: Cluster) -> None:
     """CRDs and RBAC; idempotent. Waits until the CRDs are established."""
+    # The operator's namespace: its leader-election Lease (operator-config.yaml) and the Role for it.
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}}
+    cluster._kubectl("apply", "--server-side", "-f", "-", input=json.dumps(namespace))
     cluster._kubectl(
         "apply",
         "--server-side",
@@ -99,6 +103,10 @@ class OperatorProcess:
         self.config_overrides = config_overrides  # top-level keys of the config file (write_config)
         self.log_path = cluster.dir / "logs" / f"operator-{metrics_port}.log"
         self.proc: subprocess.Popen | None = None
+
+    # False for a second replica (leader election): it leaves the recorded operator running and the
+    # record (operator.json) to it.
+    stops_others = True
 
     @property
     def url(self) -> str:
@@ -131,7 +139,8 @@ class OperatorProcess:
 
     def start(self, timeout: float = 60) -> OperatorProcess:
         install(self.cluster)
-        self._stop_recorded()
+        if self.stops_others:
+            self._stop_recorded()
         if port_in_use(self.metrics_port):
             raise RuntimeError(f"cannot start the operator: "
                                f"{port_holder_text(self.metrics_port, 'or give it another metrics port')}")
@@ -149,7 +158,8 @@ class OperatorProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.state_file(self.cluster).write_text(json.dumps({"pid": self.proc.pid, "port": self.metrics_port}))
+        if self.stops_others:
+            self.state_file(self.cluster).write_text(json.dumps({"pid": self.proc.pid, "port": self.metrics_port}))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -173,14 +173,19 @@ def test_schema_refuses_what_the_operator_would_refuse(helm, tmp_path):
         ({"config": {"vllmPort": 80}}, "/config/vllmPort"),
         ({"config": {"imagePullPolicy": "Sometimes"}}, "/config/imagePullPolicy"),
         ({"imagePullSecrets": ["Not_A_Secret"]}, "/imagePullSecrets/0"),
-        ({"replicaCount": 2}, "/replicaCount"),
+        ({"replicaCount": 11}, "/replicaCount"),
+        ({"config": {"leaderElection": {"leaseDuration": 15}}}, "/config/leaderElection"),  # misspelt
         ({"rbac": {"scope": "namespaced"}}, "/watchNamespaces"),   # namespaced needs namespaces
         ({"imageRegistry": "https://mirror/"}, "/imageRegistry"),
     ):
         result = template(helm, tmp_path, values)
         assert result.returncode != 0 and f"at '{where}" in result.stderr, (values, result.stderr)
     replicas = json.loads((CHART / "values.schema.json").read_text())["properties"]["replicaCount"]
-    assert replicas["maximum"] == 1 and "leader election" in replicas["description"].lower()
+    assert replicas["maximum"] > 1 and "leader election" in replicas["description"].lower()
+    # More than one replica without leader election would be two operators acting on every model.
+    result = template(helm, tmp_path, {"config": {"leaderElection": {"enabled": False}}})
+    assert result.returncode != 0 and "needs config.leaderElection.enabled" in result.stderr, result.stderr
+    assert template(helm, tmp_path, {"replicaCount": 1, "config": {"leaderElection": {"enabled": False}}}).returncode == 0
 
 
 def test_hand_written_schema_bounds_agree_with_the_operator_config():
@@ -220,7 +225,7 @@ def test_default_render(helm, tmp_path):
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == sorted(["ServiceAccount", "ConfigMap", "ConfigMap", "CustomResourceDefinition",
                             "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "Service",
-                            "Deployment", "Pod"])
+                            "Deployment", "Pod", "Role", "RoleBinding", "PodDisruptionBudget"])
     for doc in docs:
         if doc["kind"] not in ("CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding"):
             assert doc["metadata"]["namespace"] == NAMESPACE, doc["kind"]
@@ -290,8 +295,12 @@ def test_the_operator_container_runs_the_real_cli(helm, tmp_path):
     service = one(docs, "Service")
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert service["spec"]["ports"][0]["targetPort"] == "http-metrics"
-    # No leader election yet: never two operators, not even during a rollout.
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # Two replicas, one leading (Lease leader election); an update starts the new pod before the old one goes.
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {"type": "RollingUpdate",
+                                              "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    pod_namespace = next(e for e in container["env"] if e["name"] == "POD_NAMESPACE")
+    assert pod_namespace["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     assert re.fullmatch(r"[0-9a-f]{64}", deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"])
 
 
@@ -434,6 +443,46 @@ def test_rendered_crds_are_crds_dir_plus_annotations(helm, tmp_path):
 
 # ------------------------------------------------------------------ RBAC
 
+LEASE_ROLE = "slmfleet-operator-leader-election"
+LEASE_RULES = [("coordination.k8s.io", "leases", verb, ()) for verb in ("create", "get", "update")]
+
+
+def test_leader_election_rbac_follows_the_lease_namespace_and_the_e2e_user_has_it(helm, tmp_path):
+    for values, namespace in (({}, NAMESPACE), ({"config": {"leaderElection": {"leaseNamespace": "ops"}}}, "ops"),
+                              ({"rbac": {"scope": "namespaced"}, "watchNamespaces": ["team-a"]}, NAMESPACE)):
+        docs = render(helm, tmp_path, values)
+        role = one(docs, "Role", LEASE_ROLE)
+        assert role["metadata"]["namespace"] == namespace
+        assert normalized_rules(role["rules"]) == sorted(LEASE_RULES)
+        binding = one(docs, "RoleBinding", LEASE_ROLE)
+        assert binding["metadata"]["namespace"] == namespace and binding["roleRef"]["name"] == LEASE_ROLE
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "slmfleet-operator", "namespace": NAMESPACE}]
+    docs = render(helm, tmp_path, {"replicaCount": 1, "config": {"leaderElection": {"enabled": False}}})
+    assert not [d for d in docs if d["metadata"].get("name") == LEASE_ROLE]
+    # deploy/rbac.yaml (the local cluster's operator user) grants the same, in the e2e Lease's namespace.
+    deployed = list(yaml.safe_load_all((REPO / "deploy" / "rbac.yaml").read_text()))
+    [role] = [d for d in deployed if d["kind"] == "Role"]
+    e2e_config = parse_operator_config((REPO / "e2e" / "operator-config.yaml").read_text().replace(
+        "namespaces: []", "namespaces: []\nvllmImage: v@sha256:" + "a" * 64 + "\nloaderImage: l@sha256:" + "b" * 64))
+    assert role["metadata"]["namespace"] == e2e_config.leader_election.lease_namespace
+    assert normalized_rules(role["rules"]) == sorted(LEASE_RULES)
+    [binding] = [d for d in deployed if d["kind"] == "RoleBinding"]
+    assert {"kind": "User", "apiGroup": "rbac.authorization.k8s.io", "name": "slmfleet-operator"} in binding["subjects"]
+
+
+def test_two_replicas_get_a_disruption_budget_and_prefer_different_nodes(helm, tmp_path):
+    docs = render(helm, tmp_path)
+    pdb = one(docs, "PodDisruptionBudget")
+    deployment = one(docs, "Deployment")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+    [term] = deployment["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"][
+        "preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"] == deployment["spec"]["selector"]
+    single = render(helm, tmp_path, {"replicaCount": 1})
+    assert not [d for d in single if d["kind"] == "PodDisruptionBudget"]
+
 def test_cluster_scope_rbac_is_deploy_rbac(helm, tmp_path):
     docs = render(helm, tmp_path)
     [deploy_role] = [d for d in yaml.safe_load_all((REPO / "deploy" / "rbac.yaml").read_text()) if d["kind"] == "ClusterRole"]
@@ -443,7 +492,9 @@ def test_cluster_scope_rbac_is_deploy_rbac(helm, tmp_path):
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
                                   "name": role["metadata"]["name"]}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "slmfleet-operator", "namespace": NAMESPACE}]
-    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+    # Besides: only the leader-election Lease, in the release namespace.
+    assert [(d["kind"], d["metadata"]["name"], d["metadata"]["namespace"]) for d in docs
+            if d["kind"] in ("Role", "RoleBinding")] == [("Role", LEASE_ROLE, NAMESPACE), ("RoleBinding", LEASE_ROLE, NAMESPACE)]
 
 
 def test_owner_references_with_block_owner_deletion_are_permitted():
@@ -461,7 +512,7 @@ def test_namespaced_rbac_with_two_watched_namespaces(helm, tmp_path):
     assert {(g, r) for g, r, _, _ in cluster_wide} == {
         ("", "nodes"), ("", "pods"), ("apiextensions.k8s.io", "customresourcedefinitions"), ("", "namespaces")}
     assert {v for _, _, v, _ in cluster_wide} == {"get", "list", "watch"}
-    roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
+    roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] != LEASE_ROLE}
     assert set(roles) == {"team-a", "team-b", NAMESPACE}
     for namespace in ("team-a", "team-b"):
         # Per namespace plus cluster-wide is exactly deploy/rbac.yaml.
@@ -470,7 +521,8 @@ def test_namespaced_rbac_with_two_watched_namespaces(helm, tmp_path):
     assert normalized_rules(roles[NAMESPACE]["rules"]) == sorted([
         ("", "configmaps", "get", ("slmfleet-deprecations",)), ("", "events", "create", ()),
         ("", "events", "patch", ()), ("events.k8s.io", "events", "create", ()), ("events.k8s.io", "events", "patch", ())])
-    bindings = [d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")]
+    bindings = [d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")
+                and d["metadata"]["name"] != LEASE_ROLE]
     assert len(bindings) == 4
     for binding in bindings:
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "slmfleet-operator", "namespace": NAMESPACE}]
@@ -483,7 +535,8 @@ def test_namespaced_rbac_with_two_watched_namespaces(helm, tmp_path):
 
 def test_namespaced_rbac_when_the_release_namespace_is_watched(helm, tmp_path):
     docs = render(helm, tmp_path, {"rbac": {"scope": "namespaced"}, "watchNamespaces": [NAMESPACE]})
-    assert [d["metadata"]["namespace"] for d in docs if d["kind"] == "Role"] == [NAMESPACE]
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] != LEASE_ROLE]
+    assert [d["metadata"]["namespace"] for d in roles] == [NAMESPACE]
 
 
 def test_rbac_and_service_account_can_be_left_to_others(helm, tmp_path):

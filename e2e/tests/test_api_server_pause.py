@@ -67,6 +67,7 @@ READ_TIMEOUT = REQUEST_TIMEOUT[1]
 # A write sent to the stopped API server gives up after READ_TIMEOUT; this much more is patience.
 GIVE_UP_SLACK = 20
 CONVERGE_TIMEOUT = 90
+NO_ELECTION = {"leaderElection": {"enabled": False}}
 
 
 @pytest.fixture
@@ -248,10 +249,12 @@ def test_api_server_paused_calls_time_out_healthz_follows_progress_and_all_conve
         return crs.patch_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, "m1",
                                                   {"spec": {"serving": {"replicas": replicas}}})
 
+    # One operator, without leader election: a leader that cannot renew its Lease for renewDeadline
+    # (10 s) exits by design, and this test is about one process's calls through a 30 s pause.
     patient = OperatorProcess(small_cluster, metrics_port=PATIENT_PORT,
-                              config_overrides={"workerStallSeconds": PATIENT_STALL})
+                              config_overrides={"workerStallSeconds": PATIENT_STALL, **NO_ELECTION})
     strict = OperatorProcess(small_cluster, metrics_port=STRICT_PORT,
-                             config_overrides={"workerStallSeconds": STRICT_STALL})
+                             config_overrides={"workerStallSeconds": STRICT_STALL, **NO_ELECTION})
     try:
         patient.start()
         create(crs, NAMESPACE, model_body("m1", QWEN_05B, serving={"maxModelLen": 4096}))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from slmfleet.api.base import CRModel
 from slmfleet.api.vllm_flags import extension_problem
@@ -69,6 +69,38 @@ def host_matches(pattern: str, host: str) -> bool:
     if pattern.startswith("*."):
         return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
     return host == pattern
+
+
+class LeaderElection(CRModel):
+    """Lease leader election (a `coordination.k8s.io/v1` Lease), so that the operator can run as
+    several replicas of which one acts. The timings are client-go's defaults; the follower takes
+    over at most `leaseDurationSeconds` + `retryPeriodSeconds` after the leader stopped renewing.
+    (controller/leader.py explains why the leader's writes stop before anyone else may lead.)"""
+
+    model_config = CRModel.model_config | {"extra": "forbid"}
+
+    enabled: bool = True
+    """Whether to elect a leader; false: this process acts at once (run exactly one replica)."""
+    lease_name: str = Field(default="slmfleet-operator", max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    """The Lease's name."""
+    lease_namespace: str | None = Field(default=None, max_length=63, pattern=NAMESPACE_PATTERN)
+    """The Lease's namespace. Unset: the operator pod's own (`POD_NAMESPACE`, else its service
+    account's namespace file)."""
+    lease_duration_seconds: int = Field(default=15, ge=2, le=3600)
+    """How long a follower waits, seeing the Lease unchanged, before it takes it."""
+    renew_deadline_seconds: int = Field(default=10, ge=1, le=3600)
+    """How long the leader may go without a successful renewal before it stops writing and exits;
+    below leaseDurationSeconds."""
+    retry_period_seconds: int = Field(default=2, ge=1, le=600)
+    """How often the leader renews and a follower tries; below renewDeadlineSeconds."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> LeaderElection:
+        if not self.renew_deadline_seconds < self.lease_duration_seconds:
+            raise ValueError("renewDeadlineSeconds must be below leaseDurationSeconds")
+        if not self.retry_period_seconds < self.renew_deadline_seconds:
+            raise ValueError("retryPeriodSeconds must be below renewDeadlineSeconds")
+        return self
 
 
 class OperatorConfig(CRModel):
@@ -134,6 +166,8 @@ class OperatorConfig(CRModel):
     allow-list (see `kubectl explain smallmodel.spec.serving.extraArgs`), full names such as
     `--enable-lora`. A flag the operator manages or that no tenant may set (the ones the CRD refuses,
     or a beginning of one) is refused here. A model with any other flag is Degraded (`ExtraArgsRefused`)."""
+    leader_election: LeaderElection = Field(default_factory=LeaderElection)
+    """Lease leader election between the operator's replicas: only the leader reconciles and writes."""
 
     @field_validator("tenant_vllm_flags")
     @classmethod

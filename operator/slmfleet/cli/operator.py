@@ -55,6 +55,7 @@ def run_operator(args: argparse.Namespace) -> int:
         # kopf authenticates from $KUBECONFIG; the write client reads the same file.
         os.environ["KUBECONFIG"] = args.kubeconfig
     # Imported here so that `slmfleet size`/`pin` do not pay for kopf's import.
+    from slmfleet.controller.leader import LeadershipLost, NoLeaseNamespace
     from slmfleet.controller.main import run
 
     async def main() -> None:
@@ -71,5 +72,13 @@ def run_operator(args: argparse.Namespace) -> int:
             stop=stop,
         )
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except NoLeaseNamespace as exc:
+        print(f"slmfleet operator: {exc}", file=sys.stderr)
+        return 2
+    except LeadershipLost as exc:
+        # Fatal by design (controller/leader.py): restarted, the process comes back as a follower.
+        logging.getLogger("slmfleet.leader").error("%s: exiting", exc)
+        return 1
     return 0

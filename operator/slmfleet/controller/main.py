@@ -14,6 +14,7 @@ from slmfleet.controller import metrics
 from slmfleet.controller.deprecations import watch_deprecations
 from slmfleet.controller.evaluations import Evaluations, load_cases
 from slmfleet.controller.execute import evaluation_done
+from slmfleet.controller.leader import Election, start_election
 from slmfleet.controller.reconcile import reconcile
 from slmfleet.controller.registry import build_registry
 from slmfleet.controller.runtime import ModelKey, Runtime
@@ -23,8 +24,11 @@ from slmfleet.k8s.client import KubeClient
 log = logging.getLogger("slmfleet.operator")
 
 
-async def worker(runtime: Runtime) -> None:
-    """One of `config.workers`: the queue hands each model to one worker at a time."""
+async def worker(runtime: Runtime, election: Election | None = None) -> None:
+    """One of `config.workers`: the queue hands each model to one worker at a time. A follower's
+    workers wait for leadership (controller/leader.py)."""
+    if election is not None:
+        await election.leading.wait()
     await runtime.indices_ready.wait()
     await runtime.deprecations_ready.wait()
     runtime.workers_alive += 1
@@ -40,10 +44,19 @@ async def worker(runtime: Runtime) -> None:
         runtime.workers_alive -= 1
 
 
-def healthy(runtime: Runtime, watching: bool, now: float) -> bool:
+async def when_leading(election: Election | None, work: Any) -> None:
+    """`work` (a coroutine) once this replica leads: what may write waits for leadership."""
+    if election is not None:
+        await election.leading.wait()
+    await work
+
+
+def healthy(runtime: Runtime, watching: bool, now: float, following: bool = False) -> bool:
     """/healthz: the watches are up, every worker runs, and work that is waiting gets done: no
     reconcile finishing for `workerStallSeconds` while keys wait means the workers hang, and the
-    liveness probe should restart the operator."""
+    liveness probe should restart the operator. A follower is healthy while it watches."""
+    if following:
+        return watching
     if not watching or runtime.workers_alive < runtime.config.workers:
         return False
     queue = runtime.queue
@@ -57,6 +70,7 @@ def healthy(runtime: Runtime, watching: bool, now: float) -> bool:
 async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str | None, metrics_host: str,
               metrics_port: int, stop: asyncio.Event | None = None) -> None:
     runtime = Runtime(config=config, client=KubeClient(kubeconfig))
+    election = start_election(config.leader_election, runtime.client)  # sets the client's write fence
     runtime.weights = WeightsReader(runtime.client, runtime.queue.add, config.s3_endpoints)
     runtime.evaluations = Evaluations(lambda request: load_cases(runtime.client, request, config.s3_endpoints),
                                       lambda request, outcome: evaluation_done(runtime, request, outcome))
@@ -72,11 +86,13 @@ async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str 
     ready = asyncio.Event()
     kopf_stop = asyncio.Event()
     runner = await metrics.serve(metrics_host, metrics_port,
-                                 lambda: healthy(runtime, ready.is_set(), time.monotonic()))
+                                 lambda: healthy(runtime, ready.is_set(), time.monotonic(),
+                                                 following=election is not None and not election.leading.is_set()))
     tasks = [
-        *(asyncio.create_task(worker(runtime), name=f"slmfleet-worker-{n}") for n in range(config.workers)),
+        *(asyncio.create_task(worker(runtime, election), name=f"slmfleet-worker-{n}") for n in range(config.workers)),
         asyncio.create_task(runtime.queue.run_timers(), name="slmfleet-timers"),
-        asyncio.create_task(watch_deprecations(runtime), name="slmfleet-deprecations"),
+        asyncio.create_task(when_leading(election, watch_deprecations(runtime)), name="slmfleet-deprecations"),
+        *([asyncio.create_task(election.run(), name="slmfleet-leader")] if election is not None else []),
         asyncio.create_task(
             kopf.operator(
                 registry=registry,
@@ -103,6 +119,8 @@ async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str 
         for task in waiters:
             if task.get_name() != "kopf":
                 task.cancel()
+        if election is not None:
+            await election.release()  # the fence closes first: no write starts after this
         await asyncio.gather(*waiters, return_exceptions=True)
         await runner.cleanup()
         await runtime.evaluations.close()

@@ -27,6 +27,9 @@ WEIGHT_VERIFICATION_FAILURES = prom.Counter(
 )
 API_WRITES = prom.Counter("slmfleet_api_writes", "Write requests sent to the API server", ["verb"], registry=REGISTRY)
 MODELS = prom.Gauge("slmfleet_models", "SmallModels by condition type and status", ["condition", "status"], registry=REGISTRY)
+LEADER = prom.Gauge(
+    "slmfleet_leader", "1 while this replica leads (and may write), 0 while it follows", registry=REGISTRY
+)
 GPUS_REQUESTED = prom.Gauge(
     "slmfleet_gpus_requested", "GPUs requested by served models, by product", ["product"], registry=REGISTRY
 )

@@ -17,7 +17,9 @@ import base64
 import datetime as dt
 import json
 import logging
+import os
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +28,8 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 from urllib3.connection import HTTPConnection
 from urllib3.util.retry import Retry
+
+import slmfleet
 
 FIELD_MANAGER = "slmfleet"
 
@@ -76,11 +80,19 @@ class SecretObject:
     annotations: dict[str, str]
 
 
+class NotLeading(Exception):
+    """A write refused by the client's fence: this replica may not write now (controller/leader.py)."""
+
+
 class KubeClient:
-    """Writes as field manager `slmfleet`."""
+    """Writes as field manager `slmfleet`. Every write (apply, delete, patch_status, post_event)
+    first asks `may_write` (when given), and is refused with NotLeading, before any byte is sent,
+    unless it says yes: the leader-election fence (controller/leader.py)."""
 
     def __init__(self, kubeconfig: str | None = None,
-                 request_timeout: tuple[float, float] = REQUEST_TIMEOUT) -> None:
+                 request_timeout: tuple[float, float] = REQUEST_TIMEOUT,
+                 may_write: Callable[[], bool] | None = None) -> None:
+        self.may_write = may_write
         configuration = kubernetes.client.Configuration()
         try:
             kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
@@ -91,6 +103,8 @@ class KubeClient:
         # pooled connection the server closed.
         configuration.retries = Retry(total=1, connect=1, read=0, status=0, redirect=0, other=0)
         self._api = kubernetes.client.ApiClient(configuration)
+        # Which process wrote what, in the API server's audit log (replicas share one identity).
+        self._api.user_agent = f"slmfleet-operator/{slmfleet.__version__} (pid {os.getpid()})"
         self._timeout = request_timeout
         # The generated client has no setting for socket options: give them to the pool manager,
         # which passes them to every connection it opens.
@@ -98,14 +112,26 @@ class KubeClient:
         pool_kw["socket_options"] = [*HTTPConnection.default_socket_options, *KEEPALIVE_OPTIONS]
         self._threads = ThreadPoolExecutor(API_THREADS, thread_name_prefix="slmfleet-api")
 
+    def _fence(self, what: str) -> None:
+        if self.may_write is not None and not self.may_write():
+            raise NotLeading(f"not the leader: {what} refused")
+
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
         self._api.close()
 
-    async def _in_thread(self, *call: Any) -> Any:
+    async def _in_thread(self, *call: Any, write: str | None = None) -> Any:
         """The blocking client on threads of its own: nothing else the operator runs on threads
-        (storage reads, evaluation datasets) can keep an API call waiting for one."""
-        return await asyncio.get_running_loop().run_in_executor(self._threads, lambda: self._call(*call))
+        (storage reads, evaluation datasets) can keep an API call waiting for one. A `write` (what
+        it is, for the error) passes the fence on its thread, just before the request is sent, not
+        when it was queued."""
+
+        def call_now() -> Any:
+            if write is not None:
+                self._fence(write)
+            return self._call(*call)
+
+        return await asyncio.get_running_loop().run_in_executor(self._threads, call_now)
 
     def _call(self, method: str, path: str, body: Any = None, content_type: str = "application/json",
               query: list[tuple[str, str]] | None = None) -> Any:
@@ -128,7 +154,8 @@ class KubeClient:
         meta = obj["metadata"]
         path = _path(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
         query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
-        return await self._in_thread("PATCH", path, obj, "application/apply-patch+yaml", query)
+        return await self._in_thread("PATCH", path, obj, "application/apply-patch+yaml", query,
+                                     write=f"apply {obj['kind']} {meta['namespace']}/{meta['name']}")
 
     async def delete(self, ref: ObjectRef) -> None:
         path = _path(ref.api_version, ref.kind, ref.namespace, ref.name)
@@ -136,7 +163,7 @@ class KubeClient:
         if ref.uid:
             body["preconditions"] = {"uid": ref.uid}
         try:
-            await self._in_thread("DELETE", path, body)
+            await self._in_thread("DELETE", path, body, write=f"delete {ref.kind} {ref.namespace}/{ref.name}")
         except ApiException as exc:
             if exc.status not in (404, 409):  # already gone, or replaced by a new object of that name
                 raise
@@ -146,7 +173,8 @@ class KubeClient:
         path = _path(ref.api_version, ref.kind, ref.namespace, ref.name, "status")
         # "add" replaces an existing member (RFC 6902), and also works when there is no status yet.
         patch = [{"op": "add", "path": "/status", "value": status}]
-        return await self._in_thread("PATCH", path, patch, "application/json-patch+json")
+        return await self._in_thread("PATCH", path, patch, "application/json-patch+json",
+                                     write=f"status of {ref.kind} {ref.namespace}/{ref.name}")
 
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
@@ -202,6 +230,6 @@ class KubeClient:
         }
         path = f"/apis/events.k8s.io/v1/namespaces/{ref.namespace}/events"
         try:
-            await self._in_thread("POST", path, event)
+            await self._in_thread("POST", path, event, write=f"event {reason} on {ref.kind} {ref.namespace}/{ref.name}")
         except ApiException as exc:  # an Event is best effort; the status already says it all
             log.warning("could not post event %s for %s/%s: %s", reason, ref.namespace, ref.name, exc.reason)
