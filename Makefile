@@ -85,5 +85,6 @@ bench: venv binaries images real-vllm ## benchmarks; results go to bench/results
 	@$(PY) -m bench.environ_race
 	@$(PY) -m bench.tenant_isolation
 	@$(PY) -m bench.real_vllm
+	@$(PY) -m bench.scale
 
 .PHONY: help venv binaries cluster-up cluster-down lint unit unit-explore test test-repeat demo airgap crds bench images chart-schema chart
