@@ -95,8 +95,10 @@ def install(cluster: Cluster) -> None:
 
 class OperatorProcess:
     def __init__(self, cluster: Cluster, *, metrics_port: int, pending_timeout: int | None = None,
-                 namespaces: tuple[str, ...] = (), config_overrides: dict | None = None) -> None:
+                 namespaces: tuple[str, ...] = (), config_overrides: dict | None = None,
+                 server: str | None = None) -> None:
         self.cluster = cluster
+        self.server = server  # the API server URL its kubeconfig names (None: the cluster's; or a fault proxy's)
         self.metrics_port = metrics_port
         self.pending_timeout = pending_timeout
         self.namespaces = namespaces
@@ -145,6 +147,12 @@ class OperatorProcess:
             raise RuntimeError(f"cannot start the operator: "
                                f"{port_holder_text(self.metrics_port, 'or give it another metrics port')}")
         kubeconfig = self.cluster.user_kubeconfig(OPERATOR_USER)
+        if self.server is not None:
+            doc = yaml.safe_load(kubeconfig.read_text())
+            doc["clusters"][0]["cluster"]["server"] = self.server
+            kubeconfig = kubeconfig.with_name(f"operator-{self.metrics_port}.kubeconfig")
+            kubeconfig.write_text(yaml.safe_dump(doc))
+            kubeconfig.chmod(0o600)
         args = [
             str(Path(sys.executable).parent / "slmfleet"), "operator", "run",
             "--config", str(write_config(self.cluster, self.config_overrides)), "--kubeconfig", str(kubeconfig),

@@ -454,6 +454,24 @@ def test_a_deployment_changed_behind_the_operators_back_is_applied_again():
     assert plan.conditions["Ready"] == "False"
 
 
+def test_a_field_the_operator_sets_changed_by_another_writer_is_applied_again_the_rest_is_left():
+    """A `kubectl scale` or an edit of the args keeps the applied hash: the fields the operator sets
+    are compared too, so it takes them back; what the API server or others add changes nothing."""
+    world = placed(World(model_body(), default_fleet()))
+    dep = world.deployment()
+    name = dep["metadata"]["name"]
+    dep["metadata"]["annotations"]["deployment.kubernetes.io/revision"] = "3"  # the controller's own
+    dep["metadata"].setdefault("labels", {})["team"] = "someone-else"
+    assert applied(world.plan(at(10))) == set()
+    replicas, dep["spec"]["replicas"] = dep["spec"]["replicas"], 3
+    assert applied(world.plan(at(11))) == {("Deployment", name)}
+    dep["spec"]["replicas"] = replicas
+    assert applied(world.plan(at(12))) == set()
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    container["args"] = [*container["args"], "--enforce-eager"]
+    assert applied(world.plan(at(13))) == {("Deployment", name)}
+
+
 # --- 3. small models go on small devices ---------------------------------------------------------------
 
 

@@ -88,17 +88,50 @@ def deployment_ready(dep: dict[str, Any] | None, desired: dict[str, Any] | None)
 
 
 def changed(desired: Iterable[dict[str, Any]], live: Iterable[dict[str, Any] | None]) -> list[dict[str, Any]]:
-    """The desired objects whose live version was applied from something else (by applied hash)."""
-    hashes = {
-        (o["kind"], o["metadata"]["name"]): (o["metadata"].get("annotations") or {}).get(APPLIED_HASH)
-        for o in live
-        if o is not None
-    }
-    return [
-        o
-        for o in desired
-        if hashes.get((o["kind"], o["metadata"]["name"])) != o["metadata"]["annotations"][APPLIED_HASH]
-    ]
+    """The desired objects whose live version was applied from something else (by applied hash),
+    or changed since by another writer in a field the operator sets (`drifted`)."""
+    by_key = {(o["kind"], o["metadata"]["name"]): o for o in live if o is not None}
+    out = []
+    for o in desired:
+        current = by_key.get((o["kind"], o["metadata"]["name"]))
+        hash_ = ((current or {}).get("metadata", {}).get("annotations") or {}).get(APPLIED_HASH)
+        if current is None or hash_ != o["metadata"]["annotations"][APPLIED_HASH] or drifted(o, current):
+            out.append(o)
+    return out
+
+
+def drifted(desired: dict[str, Any], live: dict[str, Any]) -> bool:
+    """Whether another writer (a `kubectl scale`, an edit, a second controller) changed a field the
+    operator sets but left the applied hash as it was: the replicas, the labels and annotations it
+    set, the pod template's labels and its containers' names, images, commands and args. These the
+    API server stores as sent (no defaulting, no normalising), so a plain comparison holds; the
+    rest of an object is judged by its hash alone."""
+
+    def sub(want: dict[str, Any] | None, have: dict[str, Any] | None) -> bool:
+        have = have or {}
+        return all(have.get(k) == v for k, v in (want or {}).items())
+
+    d_meta, l_meta = desired.get("metadata") or {}, live.get("metadata") or {}
+    if not sub(d_meta.get("labels"), l_meta.get("labels")) or not sub(d_meta.get("annotations"), l_meta.get("annotations")):
+        return True
+    d_spec, l_spec = desired.get("spec") or {}, live.get("spec") or {}
+    if "replicas" in d_spec and d_spec["replicas"] != l_spec.get("replicas"):
+        return True
+    if "selector" in d_spec and desired.get("kind") == "Service" and d_spec["selector"] != l_spec.get("selector"):
+        return True
+    d_tpl, l_tpl = d_spec.get("template") or {}, l_spec.get("template") or {}
+    if not sub((d_tpl.get("metadata") or {}).get("labels"), (l_tpl.get("metadata") or {}).get("labels")):
+        return True
+    d_containers = (d_tpl.get("spec") or {}).get("containers")
+    if d_containers is not None:
+        l_containers = (l_tpl.get("spec") or {}).get("containers") or []
+        if len(l_containers) != len(d_containers):
+            return True
+        fields = ("name", "image", "command", "args")
+        # An empty list is not stored (omitempty): absent and empty are the same.
+        return any((d.get(f) or None) != (l_c.get(f) or None)
+                   for d, l_c in zip(d_containers, l_containers, strict=True) for f in fields)
+    return False
 
 
 def sooner(a: float | None, b: float | None) -> float | None:
