@@ -395,18 +395,13 @@ def test_another_models_cpu_pod_holds_its_nodes_memory():
 
 
 def test_the_pod_index_keeps_gpu_pods_and_model_pods_only():
-    import kopf
-
-    from slmfleet.controller.registry import build_registry
-    from slmfleet.controller.runtime import Runtime
-
-    registry = build_registry(Runtime(config=CONFIG, client=None))  # type: ignore[arg-type]
-    [index] = [h for h in registry._indexing.get_all_handlers() if h.id == "slm_gpu_pods"]
+    from slmfleet.controller.registry import pod_entries
 
     def kept(labels: dict, resources: dict, phase: str = "Running") -> bool:
-        body = kopf.Body({"metadata": {"name": "p", "labels": labels}, "status": {"phase": phase},
-                          "spec": {"containers": [{"name": "c", "resources": resources}]}})
-        return index.fn(body=body, spec=body.spec, labels=body.metadata.labels) is not None
+        body = {"metadata": {"name": "p", "uid": "u", "labels": labels}, "status": {"phase": phase},
+                "spec": {"containers": [{"name": "c", "resources": resources}]}}
+        [key] = [key for store, _, key, _ in pod_entries(body) if store == "slm_gpu_pods"]
+        return key is not None
     assert kept({}, {"limits": {"nvidia.com/gpu": "1"}})
     assert kept({"slmfleet.io/model": "m"}, {"requests": {"cpu": "2", "memory": "6Gi"}})
     assert not kept({}, {"requests": {"cpu": "2", "memory": "6Gi"}})  # another workload: the scheduler's

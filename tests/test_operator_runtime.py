@@ -103,16 +103,27 @@ def test_a_reconcile_that_keeps_failing_says_so_in_the_status(monkeypatch):
 
 def test_node_heartbeats_are_not_changes_but_capacity_is():
     rt = runtime()
-    node = {"metadata": {"name": "n1", "labels": {"nvidia.com/gpu.product": "NVIDIA-L4"}},
+    rt.conditions[("ns", "waiting")] = {"Ready": "False"}  # a model that did not fit yet
+    node = {"metadata": {"name": "n1", "labels": {"nvidia.com/gpu.product": "NVIDIA-L4",
+                                                   "nvidia.com/gpu.memory": "23034"}},
             "status": {"allocatable": {"nvidia.com/gpu": "1"},
                        "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "t1"}]}}
-    assert registry.node_changed(rt, None, node, "n1")
+
+    def wakes(gone: bool = False) -> bool:
+        registry.record(rt, registry.node_entries(node), gone=gone)
+        woken = rt.queue.busy
+        rt.queue = type(rt.queue)()
+        return woken
+
+    assert wakes()
     node["status"]["conditions"][0]["lastHeartbeatTime"] = "t2"
-    assert not registry.node_changed(rt, "MODIFIED", node, "n1")
+    assert not wakes()
     node["status"]["allocatable"]["nvidia.com/gpu"] = "2"
-    assert registry.node_changed(rt, "MODIFIED", node, "n1")
-    assert registry.node_changed(rt, "DELETED", node, "n1")
-    assert not registry.node_changed(rt, "DELETED", node, "n1")
+    assert wakes()
+    assert [n.allocatable for n in rt.cluster.inventory().nodes] == [2]
+    assert wakes(gone=True)
+    assert not wakes(gone=True)
+    assert rt.cluster.inventory().nodes == ()
 
 
 def test_the_deprecations_list_is_read_before_any_reconcile_and_a_broken_one_keeps_the_last(monkeypatch):
@@ -297,9 +308,8 @@ def test_a_model_named_like_an_object_of_another_owner_leaves_it_untouched_and_s
     body = model_body()
     client = Cluster()
     rt = runtime(client)
-    rt.indices = {name: Store() for name in op.INDEX_NAMES}
-    rt.indices["slm_models"][("models", "qwen-chat")] = [body]
-    rt.indices["slm_nodes"]["all"] = [gpu_node("l4-a", L4, L4_MIB, 1)]
+    registry.record(rt, registry.model_entries(body), gone=False)
+    registry.record(rt, registry.node_entries(gpu_node("l4-a", L4, L4_MIB, 1)), gone=False)
     rt.weights = None
     key = ("models", "qwen-chat")
 

@@ -147,6 +147,10 @@ class OperatorConfig(CRModel):
     worker_stall_seconds: int = Field(default=300, ge=10, le=86400)
     """/healthz turns unhealthy when models wait and no reconcile has finished for this long, so
     that a hung operator is restarted by its liveness probe."""
+    resync_seconds: int = Field(default=300, ge=5, le=86400)
+    """How often the operator lists everything it watches and drops what its watches missed the
+    deletion of (a watch that expired with 410 Gone, an API server restart). The first listing makes
+    its view complete before any model is reconciled."""
     s3_endpoints: list[S3EndpointRule] = Field(default_factory=list, max_length=MAX_S3_ENDPOINT_RULES)
     """The S3 endpoints tenants may use, for weights and evaluation datasets. Any other endpoint
     is refused before a connection is made (`EndpointNotAllowed`); empty: no S3 source is allowed.

@@ -22,10 +22,17 @@ class WriteCache:
     own_writes: dict[tuple[str, str, str], tuple[frozenset[str | None], dict[str, Any]]] = field(default_factory=dict)
     # Objects we deleted, until the cache drops them: (kind, namespace, name, uid, owning model).
     deleted: set[tuple[str, str, str, str, str]] = field(default_factory=set)
+    # (kind, namespace) -> the names in own_writes: `fresh` looks at one model's kind and namespace,
+    # not at every write the operator remembers (a thousand models creating at once).
+    _scopes: dict[tuple[str, str], set[str]] = field(default_factory=dict)
 
     def remember(self, before: dict[str, Any] | None, after: dict[str, Any]) -> None:
         meta = after["metadata"]
+        if "managedFields" in meta:  # nothing reads them, and they weigh the most
+            after = {**after, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+            meta = after["metadata"]
         key = (after["kind"], meta["namespace"], meta["name"])
+        self._scopes.setdefault(key[:2], set()).add(key[2])
         older = {(before or {}).get("metadata", {}).get("resourceVersion")}
         if key in self.own_writes:
             previous_older, previous = self.own_writes[key]
@@ -49,13 +56,23 @@ class WriteCache:
             if write and obj["metadata"].get("resourceVersion") in write[0]:
                 out.append(write[1])
             else:
-                self.own_writes.pop((kind, namespace, name), None)
+                self.forget(kind, namespace, name)
                 out.append(obj)
-        self.deleted -= {d for d in self.deleted if d[:2] == (kind, namespace) and d[4] == owner} - still_cached
-        for (k, ns, name), (older, obj) in list(self.own_writes.items()):
-            if k != kind or ns != namespace or name in seen or None not in older:
+        if self.deleted:
+            self.deleted -= {d for d in self.deleted if d[:2] == (kind, namespace) and d[4] == owner} - still_cached
+        for name in list(self._scopes.get((kind, namespace), ())):
+            older, obj = self.own_writes[(kind, namespace, name)]
+            if name in seen or None not in older:
                 continue
             if owner and (obj["metadata"].get("labels") or {}).get(MODEL_LABEL, obj["metadata"]["name"]) != owner:
                 continue
             out.append(obj)
         return out
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        if self.own_writes.pop((kind, namespace, name), None) is not None:
+            scope = self._scopes.get((kind, namespace))
+            if scope is not None:
+                scope.discard(name)
+                if not scope:
+                    del self._scopes[(kind, namespace)]

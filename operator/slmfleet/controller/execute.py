@@ -103,7 +103,7 @@ async def execute(runtime: Runtime, obs: Observed, plan: Plan) -> None:
     for gone in plan.delete:
         await runtime.client.delete(ObjectRef(gone.api_version, gone.kind, ref.namespace, gone.name, gone.uid))
         runtime.writes.deleted.add((gone.kind, ref.namespace, gone.name, gone.uid, ref.name))
-        runtime.writes.own_writes.pop((gone.kind, ref.namespace, gone.name), None)
+        runtime.writes.forget(gone.kind, ref.namespace, gone.name)
         metrics.API_WRITES.labels("delete").inc()
         log.info("deleted %s %s/%s", gone.kind, ref.namespace, gone.name)
     if rp is not None and rollout is not None and rp.status is not None and not rollout_written:

@@ -16,7 +16,7 @@ from slmfleet.controller.evaluations import Evaluations, load_cases
 from slmfleet.controller.execute import evaluation_done
 from slmfleet.controller.leader import Election, start_election
 from slmfleet.controller.reconcile import reconcile
-from slmfleet.controller.registry import build_registry
+from slmfleet.controller.registry import build_registry, keep_in_sync
 from slmfleet.controller.runtime import ModelKey, Runtime
 from slmfleet.controller.weights_reader import WeightsReader
 from slmfleet.k8s.client import KubeClient
@@ -91,6 +91,8 @@ async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str 
     tasks = [
         *(asyncio.create_task(worker(runtime, election), name=f"slmfleet-worker-{n}") for n in range(config.workers)),
         asyncio.create_task(runtime.queue.run_timers(), name="slmfleet-timers"),
+        # Reads only: a follower keeps its view warm too, for a fast takeover.
+        asyncio.create_task(keep_in_sync(runtime, namespaces), name="slmfleet-resync"),
         asyncio.create_task(when_leading(election, watch_deprecations(runtime)), name="slmfleet-deprecations"),
         *([asyncio.create_task(election.run(), name="slmfleet-leader")] if election is not None else []),
         asyncio.create_task(

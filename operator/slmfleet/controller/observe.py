@@ -37,8 +37,7 @@ def observe(runtime: Runtime, key: ModelKey) -> Observed | None:
         deployments=tuple(runtime.writes.fresh("Deployment", key[0], list(indices["slm_deployments"].get(key, ())), key[1])),
         services=tuple(runtime.writes.fresh("Service", key[0], list(indices["slm_services"].get(key, ())), key[1])),
         pods=tuple(indices["slm_model_pods"].get(key, ())),
-        nodes=tuple(indices["slm_nodes"].get("all", ())),
-        gpu_pods=tuple(indices["slm_gpu_pods"].get("all", ())),
+        cluster=runtime.cluster,
     )
 
 

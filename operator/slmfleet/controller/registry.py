@@ -1,24 +1,33 @@
-"""The kopf wiring: watch-fed indices and thin event handlers that queue model keys.
+"""The kopf wiring: thin event handlers that keep the operator's stores (stores.py) current and
+queue model keys.
 
 kopf's regular change handlers keep progress in annotations and finalizers, which are writes on
-objects we want to leave alone. We only use what writes nothing: indices (in-memory caches fed by
-watches; kopf calls no handler before every index has its initial listing, so a restarted
-operator never decides from a half-empty view) and event handlers that turn watch events into
-queued model keys. The indices keep slim copies: only what the planners read.
+objects we want to leave alone, and its indices hold every handler back until all are listed (see
+stores.py). We only use what writes nothing: event handlers, which turn watch events into entries
+of the stores and into queued model keys. The stores keep slim copies: only what the planners read.
+The same functions turn a full listing into entries (`sync`), so a listing and a watch event
+describe an object alike.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
 
 from slmfleet.api.smallmodel import GROUP, PLURAL, VERSION
-from slmfleet.builders.labels import MODEL_LABEL
-from slmfleet.controller.runtime import GPU_PREFIX, MANAGED, MR_PLURAL, ModelKey, Runtime
+from slmfleet.builders.labels import MANAGED_BY_LABEL, MODEL_LABEL
+from slmfleet.controller.runtime import GPU_PREFIX, MANAGED, MR_PLURAL, Runtime
+from slmfleet.controller.workqueue import BACKGROUND, NORMAL, URGENT
 
 log = logging.getLogger("slmfleet.operator")
+
+Entry = tuple[str, str, Hashable | None, Any]  # (store, object id, key or None, slim value)
 
 
 def _requests_gpu(spec: dict[str, Any]) -> bool:
@@ -28,15 +37,6 @@ def _requests_gpu(spec: dict[str, Any]) -> bool:
             if any(k.startswith(GPU_PREFIX) for k in (resources.get(kind) or {})):
                 return True
     return False
-
-
-def node_changed(runtime: Runtime, event_type: str | None, body: Any, name: str) -> bool:
-    """Whether the event changed what sizing reads of the node (remembering it for next time)."""
-    seen = None if event_type == "DELETED" else _slim_node(body, name)
-    if runtime.nodes_seen.get(name, ()) == seen:
-        return False
-    runtime.nodes_seen[name] = seen
-    return True
 
 
 def _slim_node(body: kopf.Body, name: str) -> dict[str, Any]:
@@ -54,12 +54,6 @@ def _slim_node(body: kopf.Body, name: str) -> dict[str, Any]:
             ],
         },
     }
-
-
-def _frees_gpus(event_type: str | None, spec: Any, status: Any) -> bool:
-    """A GPU pod that went away or finished: its devices are free for a model that did not fit."""
-    finished = (dict(status or {})).get("phase") in ("Succeeded", "Failed")
-    return _requests_gpu(dict(spec or {})) and (event_type == "DELETED" or finished)
 
 
 def _slim_pod(body: kopf.Body) -> dict[str, Any]:
@@ -131,9 +125,140 @@ def _slim_termination(done: dict[str, Any]) -> dict[str, Any]:
             "message": (done.get("message") or "")[-MAX_TERMINATION_MESSAGE:]}
 
 
+def _slim(body: Any) -> dict[str, Any]:
+    """The object without its managedFields, which nothing here reads and which weigh the most."""
+    out = dict(body)
+    meta = dict(out.get("metadata") or {})
+    meta.pop("managedFields", None)
+    out["metadata"] = meta
+    return out
+
+
+def _uid(meta: Any) -> str:
+    return str(meta.get("uid") or f"{meta.get('namespace')}/{meta.get('name')}")
+
+
+def model_entries(body: Any) -> list[Entry]:
+    meta = body.get("metadata") or {}
+    return [("slm_models", _uid(meta), (meta.get("namespace"), meta.get("name")), _slim(body))]
+
+
+def rollout_entries(body: Any) -> list[Entry]:
+    meta = body.get("metadata") or {}
+    model = ((body.get("spec") or {}).get("modelRef") or {}).get("name")
+    return [("slm_rollouts", _uid(meta), (meta.get("namespace"), model) if model else None, _slim(body))]
+
+
+def owned_entries(store: str) -> Callable[[Any], list[Entry]]:
+    def entries(body: Any) -> list[Entry]:
+        meta = body.get("metadata") or {}
+        model = (meta.get("labels") or {}).get(MODEL_LABEL)
+        return [(store, _uid(meta), (meta.get("namespace"), model) if model else None, _slim(body))]
+    return entries
+
+
+def pod_entries(body: Any) -> list[Entry]:
+    """A model pod goes under its model; the pods sizing counts (every pod holding GPUs, and the
+    operator's own model pods: a CPU placement holds its node's cores and memory) under "all"."""
+    meta, spec = body.get("metadata") or {}, body.get("spec") or {}
+    model = (meta.get("labels") or {}).get(MODEL_LABEL)
+    finished = (body.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+    counted = not finished and (bool(model) or _requests_gpu(dict(spec)))
+    slim = _slim_pod(body)
+    return [("slm_model_pods", _uid(meta), (meta.get("namespace"), model) if model else None, slim),
+            ("slm_gpu_pods", _uid(meta), "all" if counted else None, slim)]
+
+
+def node_entries(body: Any) -> list[Entry]:
+    name = str((body.get("metadata") or {}).get("name", ""))
+    return [("slm_nodes", name, "all", _slim_node(body, name))]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A watched kind: how to list it, and the store entries an object of it makes."""
+
+    api_version: str
+    plural: str
+    stores: tuple[str, ...]
+    entries: Callable[[Any], list[Entry]]
+    label_selector: str | None = None
+    namespaced: bool = True
+
+
+MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}=slmfleet"
+KINDS = (
+    Kind(f"{GROUP}/{VERSION}", PLURAL, ("slm_models",), model_entries),
+    Kind(f"{GROUP}/{VERSION}", MR_PLURAL, ("slm_rollouts",), rollout_entries),
+    Kind("apps/v1", "deployments", ("slm_deployments",), owned_entries("slm_deployments"), MANAGED_SELECTOR),
+    Kind("v1", "services", ("slm_services",), owned_entries("slm_services"), MANAGED_SELECTOR),
+    Kind("v1", "pods", ("slm_model_pods", "slm_gpu_pods"), pod_entries),
+    Kind("v1", "nodes", ("slm_nodes",), node_entries, namespaced=False),
+)
+
+
+def record(runtime: Runtime, entries: list[Entry], gone: bool, priority: int = NORMAL) -> None:
+    """Watch events: put the entries in their stores (or drop them), and queue what changed."""
+    for store, id_, key, value in entries:
+        previous = runtime.indices[store].value_of(id_) if store == "slm_models" else None
+        changed = runtime.indices[store].put(id_, None if gone else key, value)
+        _after_change(runtime, store, id_, None if gone else key, value, changed, previous, priority)
+
+
+def _after_change(runtime: Runtime, store: str, id_: str, key: Hashable | None, value: Any,
+                  changed: set[Hashable], previous: Any = None, priority: int = NORMAL) -> None:
+    if store == "slm_gpu_pods":
+        was_held = id_ in runtime.cluster.pod_keys()
+        if runtime.cluster.set_pod(id_, value if key is not None else None) and was_held:
+            _enqueue_unsettled(runtime)  # devices may have come free for a model that did not fit
+        return
+    if store == "slm_nodes":
+        if runtime.cluster.set_node(id_, value if key is not None else None):
+            _enqueue_unsettled(runtime)  # new or changed capacity; heartbeats change nothing here
+        return
+    if store == "slm_models" and previous is not None and value is not None and key is not None and priority == NORMAL:
+        if (previous.get("metadata") or {}).get("generation") != (value.get("metadata") or {}).get("generation"):
+            priority = URGENT  # a user's edit of a model: ahead of the models that merely need a look
+    for changed_key in changed:
+        if isinstance(changed_key, tuple):
+            runtime.queue.add(changed_key, priority)
+
+
+async def sync(runtime: Runtime, namespaces: list[str]) -> None:
+    """List every watched kind and bring the stores in line (see stores.py); the first call makes
+    the view complete before any worker starts."""
+    for kind in KINDS:
+        started = time.monotonic()
+        listed: dict[str, dict[str, tuple[Hashable | None, Any]]] = {}
+        scopes: list[str | None] = list(namespaces) if kind.namespaced and namespaces else [None]
+        for namespace in scopes:
+            for body in await runtime.client.list_objects(kind.api_version, kind.plural, namespace, kind.label_selector):
+                for store, id_, key, value in kind.entries(body):
+                    listed.setdefault(store, {})[id_] = (key, value)
+        for store in kind.stores:
+            for id_, key, value, changed in runtime.indices[store].resync(listed.get(store, {}), started):
+                _after_change(runtime, store, id_, key, value, changed, priority=BACKGROUND)
+
+
+async def keep_in_sync(runtime: Runtime, namespaces: list[str]) -> None:
+    """The first full listing, then one every `resyncSeconds`: objects deleted while a watch was
+    gone (410 Gone, a restarted API server) are forgotten at the latest then."""
+    while True:
+        try:
+            await sync(runtime, namespaces)
+        except Exception:
+            log.warning("listing the cluster failed; trying again", exc_info=True)
+            await asyncio.sleep(5)
+            continue
+        if not runtime.indices_ready.is_set():
+            for key in list(runtime.indices["slm_models"]):
+                runtime.queue.add(key, BACKGROUND)
+            runtime.indices_ready.set()
+        await asyncio.sleep(runtime.config.resync_seconds)
+
+
 def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
-    """The operator's kopf handlers: indices (its view of the world) and event handlers (which
-    model to look at again)."""
+    """The operator's kopf handlers: one event handler per watched kind."""
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
@@ -142,106 +267,25 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
         # write client does.
         return kopf.login_via_client(**kwargs)
 
-    _register_indices(registry)
-    _register_events(registry, runtime)
+    for kind in KINDS:
+        group, _, version = kind.api_version.rpartition("/")
+        labels = MANAGED if kind.label_selector else None
+        _register(registry, runtime, kind, group, version, labels)
     return registry
 
 
-def _register_indices(registry: kopf.OperatorRegistry) -> None:
-    @kopf.index(GROUP, VERSION, PLURAL, id="slm_models", registry=registry)
-    def slm_models(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[ModelKey, dict[str, Any]]:
-        return {(namespace, name): dict(body)}
+def _register(registry: kopf.OperatorRegistry, runtime: Runtime, kind: Kind, group: str, version: str,
+              labels: dict[str, str] | None) -> None:
+    def on_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+        # type None: an object of kopf's own listing (at start or after a 410), not a change.
+        record(runtime, kind.entries(body), gone=type == "DELETED", priority=BACKGROUND if type is None else NORMAL)
 
-    def by_model(body: kopf.Body, namespace: str, labels: kopf.Labels) -> dict[ModelKey, dict[str, Any]] | None:
-        model = labels.get(MODEL_LABEL)
-        return {(namespace, model): dict(body)} if model else None
-
-    @kopf.index("apps", "v1", "deployments", labels=MANAGED, id="slm_deployments", registry=registry)
-    def slm_deployments(
-        body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any
-    ) -> dict[ModelKey, dict[str, Any]] | None:
-        return by_model(body, namespace, labels)
-
-    @kopf.index("v1", "services", labels=MANAGED, id="slm_services", registry=registry)
-    def slm_services(
-        body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any
-    ) -> dict[ModelKey, dict[str, Any]] | None:
-        return by_model(body, namespace, labels)
-
-    @kopf.index("v1", "pods", labels={MODEL_LABEL: kopf.PRESENT}, id="slm_model_pods", registry=registry)
-    def slm_model_pods(
-        body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any
-    ) -> dict[ModelKey, dict[str, Any]]:
-        return {(namespace, labels[MODEL_LABEL]): _slim_pod(body)}
-
-    @kopf.index("v1", "pods", id="slm_gpu_pods", registry=registry)
-    def slm_gpu_pods(body: kopf.Body, spec: kopf.Spec, labels: kopf.Labels, **_: Any) -> dict[str, dict[str, Any]] | None:
-        """The pods sizing counts: every pod holding GPUs, and the operator's own model pods (a CPU
-        placement holds its node's cores and memory)."""
-        phase = body.get("status", {}).get("phase")
-        if phase in ("Succeeded", "Failed") or not (_requests_gpu(dict(spec)) or MODEL_LABEL in labels):
-            return None
-        return {"all": _slim_pod(body)}
-
-    @kopf.index("v1", "nodes", id="slm_nodes", registry=registry)
-    def slm_nodes(body: kopf.Body, name: str, **_: Any) -> dict[str, dict[str, Any]]:
-        return {"all": _slim_node(body, name)}
-
-    @kopf.index(GROUP, VERSION, MR_PLURAL, id="slm_rollouts", registry=registry)
-    def slm_rollouts(
-        body: kopf.Body, namespace: str, spec: kopf.Spec, **_: Any
-    ) -> dict[ModelKey, dict[str, Any]] | None:
-        model = (spec.get("modelRef") or {}).get("name")
-        return {(namespace, model): dict(body)} if model else None
-
-
-def _register_events(registry: kopf.OperatorRegistry, runtime: Runtime) -> None:
-    @kopf.on.event(GROUP, VERSION, MR_PLURAL, registry=registry)
-    def rollout_event(namespace: str, spec: kopf.Spec, **kwargs: Any) -> None:
-        runtime.capture(kwargs)
-        if model := (spec.get("modelRef") or {}).get("name"):
-            runtime.queue.add((namespace, model))
-
-    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    def model_event(namespace: str, name: str, **kwargs: Any) -> None:
-        runtime.capture(kwargs)
-        runtime.queue.add((namespace, name))
-
-    @kopf.on.event("apps", "v1", "deployments", labels=MANAGED, registry=registry)
-    @kopf.on.event("v1", "services", labels=MANAGED, registry=registry)
-    def owned_event(namespace: str, labels: kopf.Labels, **kwargs: Any) -> None:
-        runtime.capture(kwargs)
-        if model := labels.get(MODEL_LABEL):
-            runtime.queue.add((namespace, model))
-
-    @kopf.on.event("v1", "pods", labels={MODEL_LABEL: kopf.PRESENT}, registry=registry)
-    def model_pod_event(
-        type: str | None, namespace: str, labels: kopf.Labels, spec: kopf.Spec, status: kopf.Status, **kwargs: Any
-    ) -> None:
-        runtime.capture(kwargs)
-        runtime.queue.add((namespace, labels[MODEL_LABEL]))
-        if _frees_gpus(type, spec, status):
-            _enqueue_unsettled(runtime)
-
-    @kopf.on.event("v1", "nodes", registry=registry)
-    def node_event(type: str | None, body: kopf.Body, name: str, **kwargs: Any) -> None:
-        # New or changed capacity can place a model that did not fit, or free a Pending one. Most
-        # node events are heartbeats that change nothing sizing reads: those wake no model.
-        runtime.capture(kwargs)
-        if node_changed(runtime, type, body, name):
-            _enqueue_unsettled(runtime)
-
-    @kopf.on.event("v1", "pods", labels={MODEL_LABEL: kopf.ABSENT}, registry=registry)
-    def other_pod_event(type: str | None, spec: kopf.Spec, status: kopf.Status, **kwargs: Any) -> None:
-        runtime.capture(kwargs)
-        if _frees_gpus(type, spec, status):
-            _enqueue_unsettled(runtime)
+    resource = (group, version, kind.plural) if group else (version, kind.plural)
+    kopf.on.event(*resource, labels=labels, registry=registry)(on_event)
 
 
 def _enqueue_unsettled(runtime: Runtime) -> None:
     """Models whose placement could change with the inventory: unplaced or not Ready."""
-    if runtime.indices is None:
-        return
     for key, per_model in list(runtime.conditions.items()):
         if per_model.get("Degraded") == "True" or per_model.get("Ready") != "True":
             runtime.queue.add(key)

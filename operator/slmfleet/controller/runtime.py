@@ -15,11 +15,13 @@ from slmfleet.builders.labels import MANAGED_BY_LABEL
 from slmfleet.controller.background import BackgroundReads
 from slmfleet.controller.cache import WriteCache
 from slmfleet.controller.evaluations import Evaluations, LiveCheck, LiveWatch
+from slmfleet.controller.stores import Store
 from slmfleet.controller.weights_reader import WeightsReader
 from slmfleet.controller.workqueue import WorkQueue
 from slmfleet.k8s.client import KubeClient
 from slmfleet.planning.status import LOADER_FAILURES
 from slmfleet.rollout.deprecations import Deprecations
+from slmfleet.sizing.inventory import LiveInventory
 
 log = logging.getLogger("slmfleet.operator")
 
@@ -43,6 +45,10 @@ REPORT_AFTER_FAILURES = 3
 WEIGHT_FAILURES = frozenset({*LOADER_FAILURES.values(), "ManifestInvalid", "ManifestMissing"})
 
 
+INDEX_NAMES = ("slm_models", "slm_deployments", "slm_services", "slm_model_pods", "slm_gpu_pods", "slm_nodes",
+               "slm_rollouts")
+
+
 @dataclass
 class Runtime:
     """What the handlers and the worker share (kopf passes it around as the operator's memo)."""
@@ -50,7 +56,9 @@ class Runtime:
     config: OperatorConfig
     client: KubeClient
     queue: WorkQueue = field(default_factory=WorkQueue)
-    indices: dict[str, Any] | None = None
+    # The stores (stores.py), by name: what the watches and the listings show of the cluster.
+    indices: dict[str, Any] = field(default_factory=lambda: {name: Store() for name in INDEX_NAMES})
+    cluster: LiveInventory = field(default_factory=LiveInventory)  # from slm_nodes and slm_gpu_pods
     indices_ready: asyncio.Event = field(default_factory=asyncio.Event)
     failures: dict[ModelKey, int] = field(default_factory=dict)
     conditions: dict[ModelKey, dict[str, str]] = field(default_factory=dict)
@@ -58,7 +66,6 @@ class Runtime:
     workers_alive: int = 0
     last_progress: float = field(default_factory=time.monotonic)  # when a reconcile last finished
     weights: WeightsReader | None = None
-    nodes_seen: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # name -> last sizing view
     evaluations: Evaluations | None = None
     writes: WriteCache = field(default_factory=WriteCache)  # read-your-writes (cache.py)
     live: LiveWatch = field(default_factory=LiveWatch)
@@ -74,14 +81,6 @@ class Runtime:
     def __post_init__(self) -> None:
         self.live_reads = BackgroundReads(self.queue.add, LIVE_SCRAPE_DEADLINE_SECONDS, "live metrics scrape")
 
-    def capture(self, kwargs: dict[str, Any]) -> None:
-        if self.indices is None:
-            self.indices = {name: kwargs[name] for name in INDEX_NAMES}
-            self.indices_ready.set()
-
-
-INDEX_NAMES = ("slm_models", "slm_deployments", "slm_services", "slm_model_pods", "slm_gpu_pods", "slm_nodes",
-               "slm_rollouts")
 
 
 MR_PLURAL = modelrollout.PLURAL

@@ -6,6 +6,11 @@ one reconcile. Several workers take keys at once, but a key is handed out to one
 a key added while it is being processed is queued again when its worker calls `done`, so two
 reconciles of one model never overlap and no event is lost. `add_after` is the only timer: for
 changes that arrive without an event (a pod that has been Pending too long).
+
+Keys wait at one of three priorities, so that a user's edit does not queue behind a thousand other
+models: URGENT for a change of a model's spec, NORMAL for what the watches bring, BACKGROUND for
+the look at every model a (re)start or a full listing makes. A key added again at a higher priority
+moves up; within a priority the order is first come, first served.
 """
 
 from __future__ import annotations
@@ -14,29 +19,37 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections import deque
 from collections.abc import Hashable
+
+URGENT, NORMAL, BACKGROUND = 0, 1, 2
 
 
 class WorkQueue:
     def __init__(self) -> None:
-        self._ready: asyncio.Queue[Hashable] = asyncio.Queue()
-        self._queued: set[Hashable] = set()
+        self._levels: tuple[deque[Hashable], ...] = (deque(), deque(), deque())
+        self._queued: dict[Hashable, int] = {}  # key -> the priority it waits at (entries elsewhere are stale)
+        self._available = asyncio.Event()
         self._processing: set[Hashable] = set()
-        self._dirty: set[Hashable] = set()  # added while processing: queued again on done()
+        self._dirty: dict[Hashable, int] = {}  # added while processing: queued again on done()
         self.busy_since: float | None = None  # when the queue last went from idle to busy (monotonic)
         self._delayed: list[tuple[float, int, Hashable]] = []
         self._due: dict[Hashable, float] = {}  # the earliest pending timer of each key
         self._tiebreak = itertools.count()
         self._wakeup = asyncio.Event()
 
-    def add(self, key: Hashable) -> None:
+    def add(self, key: Hashable, priority: int = NORMAL) -> None:
         if key in self._processing:
-            self._dirty.add(key)
-        elif key not in self._queued:
-            if not self.busy:
-                self.busy_since = time.monotonic()
-            self._queued.add(key)
-            self._ready.put_nowait(key)
+            self._dirty[key] = min(priority, self._dirty.get(key, priority))
+            return
+        waiting = self._queued.get(key)
+        if waiting is not None and waiting <= priority:
+            return
+        if not self.busy:
+            self.busy_since = time.monotonic()
+        self._queued[key] = priority
+        self._levels[priority].append(key)
+        self._available.set()
 
     def add_after(self, key: Hashable, seconds: float) -> None:
         """Look at `key` again in `seconds` at the latest. One timer per key: a reconcile that asks
@@ -50,23 +63,31 @@ class WorkQueue:
 
     async def get(self) -> Hashable:
         """The next key, now the caller's until it calls `done(key)`."""
-        key = await self._ready.get()
-        self._queued.discard(key)
-        self._processing.add(key)
-        return key
+        while True:
+            for priority, level in enumerate(self._levels):
+                while level:
+                    key = level.popleft()
+                    if self._queued.get(key) == priority:  # else it moved up, and was taken there
+                        del self._queued[key]
+                        self._processing.add(key)
+                        return key
+            self._available.clear()
+            await self._available.wait()
 
     def done(self, key: Hashable) -> None:
         self._processing.discard(key)
         if key in self._dirty:
-            self._dirty.discard(key)
-            self.add(key)
+            self.add(key, self._dirty.pop(key))
         if not self.busy:
             self.busy_since = None
 
     @property
     def busy(self) -> bool:
         """Keys are waiting or being processed."""
-        return bool(self._processing) or not self._ready.empty()
+        return bool(self._processing) or bool(self._queued)
+
+    def __len__(self) -> int:
+        return len(self._queued)
 
     async def run_timers(self) -> None:
         """Moves delayed keys to the ready queue when they are due; runs until cancelled."""

@@ -51,6 +51,7 @@ from slmfleet.planning.status import (
     weights_verified,
 )
 from slmfleet.rollout.deprecations import Deprecations
+from slmfleet.sizing.inventory import LiveInventory
 from slmfleet.weights.facts import WeightsFacts, WeightsReading
 
 
@@ -67,6 +68,8 @@ class Observed:
     nodes: tuple[dict[str, Any], ...] = ()
     # Every pod in the cluster that requests GPUs, and every model pod (CPU placements hold cores and memory).
     gpu_pods: tuple[dict[str, Any], ...] = ()
+    # The inventory kept from watch events; when given, `nodes` and `gpu_pods` are not read.
+    cluster: LiveInventory | None = None
     weights: WeightsFacts | WeightsReading | None = None  # read from the source before any pod (S3 sources)
     rollout: RolloutObserved | None = None  # the ModelRollout governing this model, if any
     route: dict[str, Any] | None = None  # the model's live HTTPRoute (HTTPRoute traffic only)
@@ -169,7 +172,7 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
             "(the operator config's cpuVllmImage)"))
     decision = choose_placement(PlacementRequest(
         model=s.model, old=s.old, revision=s.revision, resize=s.resize, excluded=draft.excluded,
-        weights=s.weights, inventory=inventory_for(obs.nodes, obs.gpu_pods, obs.pods, s.revision),
+        weights=s.weights, inventory=inventory_for(obs.nodes, obs.gpu_pods, obs.pods, s.revision, obs.cluster),
         live=s.deployments.get(s.revision), pods=obs.pods, pending_timeout_seconds=config.pending_timeout_seconds,
         now=now, cpu_allowed=config.cpu_vllm_image is not None))
     draft.excluded = decision.excluded

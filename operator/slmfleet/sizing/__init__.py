@@ -5,7 +5,7 @@ The operator's path through it: `ModelArchitecture.from_hf_config(config_json)`,
 """
 
 from slmfleet.sizing.architecture import ModelArchitecture, Quantization, SizingInputError, VisionTower
-from slmfleet.sizing.inventory import DeviceClass, Inventory, NodeGpus, inventory_from_nodes
+from slmfleet.sizing.inventory import DeviceClass, Inventory, LiveInventory, NodeGpus, inventory_from_nodes
 from slmfleet.sizing.memory import (
     MemoryProfile,
     Overhead,
@@ -21,6 +21,7 @@ from slmfleet.sizing.placement import Placement, SizingRequest, SizingResult, pl
 __all__ = [
     "DeviceClass",
     "Inventory",
+    "LiveInventory",
     "MemoryProfile",
     "ModelArchitecture",
     "NodeGpus",
