@@ -235,9 +235,13 @@ async def sync(runtime: Runtime, namespaces: list[str]) -> None:
             for body in await runtime.client.list_objects(kind.api_version, kind.plural, namespace, kind.label_selector):
                 for store, id_, key, value in kind.entries(body):
                     listed.setdefault(store, {})[id_] = (key, value)
+        dropped = 0
         for store in kind.stores:
             for id_, key, value, changed in runtime.indices[store].resync(listed.get(store, {}), started):
+                dropped += key is None and bool(changed)
                 _after_change(runtime, store, id_, key, value, changed, priority=BACKGROUND)
+        if dropped and runtime.indices_ready.is_set():
+            log.info("full listing of %s: %d dropped that the watches had missed the end of", kind.plural, dropped)
 
 
 async def keep_in_sync(runtime: Runtime, namespaces: list[str]) -> None:
