@@ -347,11 +347,11 @@ def test_first_reconcile_applies_the_revision_and_says_it_waits_for_replicas():
         "Ready": "False", "Progressing": "True", "Degraded": "False"}
     assert plan.gpus == {placement["gpuProduct"]: 1}
 
-    assert set(reasons(plan)) == {"Placed", "NewRevision"}
+    # One Event for a new model: where it was placed, naming its first revision.
+    assert reasons(plan) == ["Placed"]
     assert all(e.type == "Normal" for e in plan.events)
     placed_event = next(e for e in plan.events if e.reason == "Placed")
-    assert placed_event.message.startswith(placement["summary"])
-    assert revision in next(e for e in plan.events if e.reason == "NewRevision").message
+    assert placed_event.message.startswith(f"revision {revision} {placement['summary']}")
 
 
 def test_the_applied_objects_carry_the_placement():
@@ -1326,3 +1326,18 @@ def test_a_name_taken_by_another_owner_applies_nothing_even_to_a_served_model():
     degraded = condition(plan.status, "Degraded")
     assert (degraded["status"], degraded["reason"]) == ("True", "Conflict")
     assert "Service qwen-chat" in degraded["message"]
+
+
+def test_weights_verified_and_ready_in_one_step_are_one_event():
+    from slmfleet.api.conditions import Condition
+    from slmfleet.planning.status import changed_condition_events
+
+    def cond(type_: str, status: str, reason: str, message: str) -> Condition:
+        return Condition(type=type_, status=status, reason=reason, message=message, observed_generation=1)
+    old = [cond("Ready", "False", "Waiting", "0/1"), cond("WeightsVerified", "Unknown", "Loading", "")]
+    both = [cond("Ready", "True", "Serving", "1/1 replicas ready"),
+            cond("WeightsVerified", "True", "Verified", "pod p verified every file")]
+    [event] = changed_condition_events(old, both)
+    assert (event.reason, event.message) == ("Ready", "1/1 replicas ready; weights verified: pod p verified every file")
+    only_verified = [old[0], both[1]]
+    assert [e.reason for e in changed_condition_events(old, only_verified)] == ["WeightsVerified"]

@@ -3,6 +3,7 @@ evaluations a plan asks for."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from typing import Any
@@ -87,10 +88,13 @@ async def execute(runtime: Runtime, obs: Observed, plan: Plan) -> None:
     live = {(o["kind"], o["metadata"]["name"]): o for o in (*obs.deployments, *obs.services)}
     if obs.route is not None:
         live[("HTTPRoute", obs.route["metadata"]["name"])] = obs.route
-    for obj in plan.apply:  # all of them first: nothing of the model's goes up beside a foreign object
-        await _refuse_foreign(runtime, ref, obj, live.get((obj["kind"], obj["metadata"]["name"])))
-    for obj in plan.apply:
-        applied = await runtime.client.apply(obj)
+    # All of them checked first: nothing of the model's goes up beside a foreign object. The objects
+    # are independent of each other, so the checks and then the applies go out at once: a new
+    # model waits for two round trips, not for six.
+    await asyncio.gather(*(_refuse_foreign(runtime, ref, obj, live.get((obj["kind"], obj["metadata"]["name"])))
+                           for obj in plan.apply))
+    for obj, applied in zip(plan.apply, await asyncio.gather(*(runtime.client.apply(obj) for obj in plan.apply)),
+                            strict=True):
         if obj["kind"] != "HTTPRoute":  # routes are read fresh, not cached
             runtime.writes.remember(live.get((obj["kind"], obj["metadata"]["name"])), applied)
         metrics.API_WRITES.labels("apply").inc()
@@ -112,16 +116,11 @@ async def execute(runtime: Runtime, obs: Observed, plan: Plan) -> None:
     for event in plan.events:
         if event.reason in WEIGHT_FAILURES:
             metrics.WEIGHT_VERIFICATION_FAILURES.labels(event.reason).inc()
-        await runtime.client.post_event(ref, event.type, event.reason, event.message)
-        metrics.API_WRITES.labels("event").inc()
-        log.info("%s/%s %s: %s", ref.namespace, ref.name, event.reason, event.message)
+    await _post_events(runtime, ref, plan.events)
     if rp is None or rollout is None:
         return
     rref = _rollout_ref(rollout)
-    for event in rp.events:
-        await runtime.client.post_event(rref, event.type, event.reason, event.message)
-        metrics.API_WRITES.labels("event").inc()
-        log.info("%s/%s %s: %s", rref.namespace, rref.name, event.reason, event.message)
+    await _post_events(runtime, rref, rp.events)
     metrics.CANARY_WEIGHT.labels(rref.namespace, rref.name).set(rp.weight if rp.governed else 0)
     if rp.rollback_reason:
         metrics.ROLLBACKS.labels(rref.namespace, rref.name, rp.rollback_reason).inc()
@@ -129,6 +128,14 @@ async def execute(runtime: Runtime, obs: Observed, plan: Plan) -> None:
         metrics.PROMOTIONS.labels(rref.namespace, rref.name).inc()
     if rp.start is not None:
         start_evaluation(runtime, obs, plan, rollout)
+
+
+async def _post_events(runtime: Runtime, ref: ObjectRef, events: Any) -> None:
+    """The Events, sent at once (each carries its own time, so their order is kept)."""
+    await asyncio.gather(*(runtime.client.post_event(ref, e.type, e.reason, e.message) for e in events))
+    for event in events:
+        metrics.API_WRITES.labels("event").inc()
+        log.info("%s/%s %s: %s", ref.namespace, ref.name, event.reason, event.message)
 
 
 def start_evaluation(runtime: Runtime, obs: Observed, plan: Plan, rollout: dict[str, Any]) -> None:

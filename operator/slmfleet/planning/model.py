@@ -365,7 +365,8 @@ def _serving_revision(s: Subject, ro: RolloutPlan, desired_ready: bool) -> str:
 
 
 def _revision_events(s: Subject, draft: Draft) -> None:
-    if s.old.revision != s.revision:
+    # A model's first revision is announced by its Placed Event (which names it); a new one, here.
+    if s.old.revision is not None and s.old.revision != s.revision:
         draft.events.append(EventNote("Normal", "NewRevision",
                                       f"revision {s.revision} for digest {s.model.spec.source.digest[:19]}…"))
     said = find(s.old.conditions, "Degraded")

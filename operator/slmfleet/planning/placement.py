@@ -263,5 +263,6 @@ def _placed_events(req: PlacementRequest, placement: Placement, moved_reason: st
         where = f"staying on {placement.summary}" if stuck else f"moved to {placement.summary}"
         return (EventNote("Warning", "PlacementFallback", f"{moved_reason}; {where}"),)
     if old is None or old.key != placement.key:
-        return (EventNote("Normal", "Placed", f"{placement.summary}: " + "; ".join(placement.reasons[:2])),)
+        first = f"revision {req.revision} " if req.old.revision is None else ""
+        return (EventNote("Normal", "Placed", f"{first}{placement.summary}: " + "; ".join(placement.reasons[:2])),)
     return ()

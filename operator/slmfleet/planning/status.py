@@ -54,7 +54,18 @@ def changed_condition_events(old: list[Condition], new: list[Condition]) -> list
             events.append(EventNote("Normal", "WeightsVerified", cond.message))
         elif cond.type == "Ready" and cond.status == "True":
             events.append(EventNote("Normal", "Ready", cond.message))
-    return events
+    return _one_for_verified_and_ready(events)
+
+
+def _one_for_verified_and_ready(events: list[EventNote]) -> list[EventNote]:
+    """Weights verified and the model Ready in one step (a model that starts quickly) say so in one
+    Event, Ready, which keeps the verification's words: one write instead of two, per model."""
+    verified = next((e for e in events if e.reason == "WeightsVerified"), None)
+    ready = next((e for e in events if e.reason == "Ready"), None)
+    if verified is None or ready is None:
+        return events
+    merged = EventNote("Normal", "Ready", f"{ready.message}; weights verified: {verified.message}")
+    return [merged if e is ready else e for e in events if e is not verified]
 
 
 # `slmfleet load` exit codes (weights/loader.py) -> WeightsVerified reasons.
