@@ -152,3 +152,42 @@ def test_excluding_a_models_own_pods_gives_their_devices_back_without_touching_t
     assert [e.free for e in live.inventory(frozenset({"own"})).nodes] == [3]
     assert live.inventory(frozenset({"cpu"})).cpu_nodes[0].free_millicores == 8000
     assert live.inventory() is snapshot
+
+
+def test_devices_reserved_for_unbound_pods_are_taken_from_the_first_nodes_with_room():
+    live = LiveInventory()
+    for name in ("n0", "n1", "n2"):
+        live.set_node(name, gpu_node(name, "NVIDIA-L4", 23034, 2))
+    live.set_node("a0", gpu_node("a0", "NVIDIA-A100-SXM4-40GB", 40960, 8))
+    live.set_pod("u1", gpu_pod("n0", 1, uid="u1"))
+    l4 = ("nvidia.com/gpu", "NVIDIA-L4")
+    assert live.set_reservations(("ns", "a"), {"r1": {l4: 3}}) == 3
+    assert live.set_reservations(("ns", "b"), {"r9": {l4: 1}}) == 1
+    free = {e.node_name: e.free for e in live.inventory().nodes}
+    assert free == {"a0": 8, "n0": 0, "n1": 0, "n2": 1}  # n0's last device, then n1's two, then one of n2
+    # A model does not compete with its own revision's reservation, only with the others'.
+    own = {e.node_name: e.free for e in live.inventory(reserved_for=(("ns", "a"), "r1")).nodes}
+    assert own == {"a0": 8, "n0": 0, "n1": 2, "n2": 2}  # only b's one, from n0
+    assert live.set_reservations(("ns", "a"), {"r1": {l4: 1}}) == -2  # two of its pods were bound
+    assert live.set_reservations(("ns", "a"), {"r1": {l4: 1}}) == 0
+    assert live.set_reservations(("ns", "b"), {}) == -1
+    assert {e.node_name: e.free for e in live.inventory().nodes} == {"a0": 8, "n0": 0, "n1": 2, "n2": 2}
+
+
+def test_a_deployments_unbound_pods_are_what_it_reserves():
+    from slmfleet.controller.reservations import wanted_devices
+
+    def deployment(revision: str, replicas: int, key: str) -> dict:
+        return {"metadata": {"labels": {"slmfleet.io/revision": revision}},
+                "spec": {"replicas": replicas,
+                         "template": {"metadata": {"annotations": {"slmfleet.io/placement": key}}}}}
+
+    def pod(revision: str, node: str | None, phase: str = "Running") -> dict:
+        return {"metadata": {"labels": {"slmfleet.io/revision": revision}},
+                "spec": {"nodeName": node} if node else {}, "status": {"phase": phase}}
+
+    deployments = [deployment("r1", 3, "nvidia.com/gpu|NVIDIA-L4|2"),
+                   deployment("r2", 1, "nvidia.com/mig-1g.5gb|NVIDIA-A100-SXM4-40GB-MIG-1g.5gb|1"),
+                   deployment("r3", 2, "cpu|CPU-BF16|4")]  # CPU placements reserve nothing here
+    pods = [pod("r1", "n0"), pod("r1", None), pod("r1", "n1", phase="Failed"), pod("r2", "n2")]
+    assert wanted_devices(deployments, pods) == {"r1": {("nvidia.com/gpu", "NVIDIA-L4"): 4}}

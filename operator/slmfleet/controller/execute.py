@@ -12,7 +12,7 @@ from slmfleet.api import modelrollout
 from slmfleet.api.conditions import Condition, set_condition
 from slmfleet.api.smallmodel import GROUP, KIND, VERSION, SmallModelStatus
 from slmfleet.api.timestamps import rfc3339
-from slmfleet.controller import metrics
+from slmfleet.controller import metrics, reservations
 from slmfleet.controller.evaluations import EvaluationOutcome, EvaluationRequest
 from slmfleet.controller.observe import attempt_prefix, ready_pod_urls, served_name
 from slmfleet.controller.runtime import WEIGHT_FAILURES, ModelKey, Runtime
@@ -99,6 +99,8 @@ async def execute(runtime: Runtime, obs: Observed, plan: Plan) -> None:
             runtime.writes.remember(live.get((obj["kind"], obj["metadata"]["name"])), applied)
         metrics.API_WRITES.labels("apply").inc()
         log.info("applied %s %s/%s", obj["kind"], ref.namespace, obj["metadata"]["name"])
+    if any(obj["kind"] == "Deployment" for obj in plan.apply):
+        reservations.refresh(runtime, (ref.namespace, ref.name))  # before the watch brings them back
     # The status says which revision serves before the replaced one is deleted, so that nobody
     # reading the status sees a serving revision without its Deployment.
     if plan.status is not None:

@@ -22,6 +22,7 @@ import kopf
 
 from slmfleet.api.smallmodel import GROUP, PLURAL, VERSION
 from slmfleet.builders.labels import MANAGED_BY_LABEL, MODEL_LABEL
+from slmfleet.controller import reservations
 from slmfleet.controller.runtime import GPU_PREFIX, MANAGED, MR_PLURAL, Runtime
 from slmfleet.controller.workqueue import BACKGROUND, NORMAL, URGENT
 
@@ -216,6 +217,10 @@ def _after_change(runtime: Runtime, store: str, id_: str, key: Hashable | None, 
         if runtime.cluster.set_node(id_, value if key is not None else None):
             _enqueue_unsettled(runtime)  # new or changed capacity; heartbeats change nothing here
         return
+    if store in ("slm_deployments", "slm_model_pods"):
+        for model in changed:
+            if isinstance(model, tuple) and reservations.refresh(runtime, model) < 0 and store == "slm_deployments":
+                _enqueue_unsettled(runtime)  # a Deployment scaled down or gone: what it reserved is free
     if store == "slm_models" and previous is not None and value is not None and key is not None and priority == NORMAL:
         if (previous.get("metadata") or {}).get("generation") != (value.get("metadata") or {}).get("generation"):
             priority = URGENT  # a user's edit of a model: ahead of the models that merely need a look

@@ -172,7 +172,8 @@ def plan_model(obs: Observed, config: OperatorConfig, now: dt.datetime) -> Plan:
             "(the operator config's cpuVllmImage)"))
     decision = choose_placement(PlacementRequest(
         model=s.model, old=s.old, revision=s.revision, resize=s.resize, excluded=draft.excluded,
-        weights=s.weights, inventory=inventory_for(obs.nodes, obs.gpu_pods, obs.pods, s.revision, obs.cluster),
+        weights=s.weights, inventory=inventory_for(obs.nodes, obs.gpu_pods, obs.pods, s.revision, obs.cluster,
+                                (s.owner.namespace, s.owner.name)),
         live=s.deployments.get(s.revision), pods=obs.pods, pending_timeout_seconds=config.pending_timeout_seconds,
         now=now, cpu_allowed=config.cpu_vllm_image is not None))
     draft.excluded = decision.excluded

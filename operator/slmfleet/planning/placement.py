@@ -124,14 +124,15 @@ def sizing_inputs(model: SmallModel) -> str:
 
 def inventory_for(nodes: Iterable[dict[str, Any]], gpu_pods: Iterable[dict[str, Any]],
                   model_pods: Iterable[dict[str, Any]], revision: str,
-                  cluster: sizing.LiveInventory | None = None) -> sizing.Inventory:
+                  cluster: sizing.LiveInventory | None = None, model: tuple[str, str] | None = None) -> sizing.Inventory:
     """The GPUs free for the revision: its own pods hold what it was placed on, so they do not
     count; an older revision's pods hold GPUs until it is retired, so they do. From `cluster` when
-    the operator keeps one, else counted from `nodes` and `gpu_pods`."""
+    the operator keeps one (less what other Deployments reserve for pods not bound yet; the
+    revision's own reservation, for `model`, is its own), else counted from `nodes` and `gpu_pods`."""
     own = frozenset(p["metadata"]["uid"] for p in model_pods
                     if (p["metadata"].get("labels") or {}).get(REVISION_LABEL) == revision)
     if cluster is not None:
-        return cluster.inventory(own)
+        return cluster.inventory(own, None if model is None else (model, revision))
     return sizing.inventory_from_nodes(nodes, gpu_pods, exclude_pods=lambda p: p.get("metadata", {}).get("uid") in own)
 
 

@@ -9,7 +9,7 @@ Under the "single" strategy slices are advertised as `nvidia.com/gpu` with a `-M
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -123,6 +123,11 @@ class LiveInventory:
         self._entries: dict[str, tuple[NodeGpus, ...]] = {}  # schedulable node -> its devices
         self._cpu_entries: dict[str, CpuNode] = {}
         self._snapshot: Inventory | None = None
+        # Devices promised to pods not bound yet: group (a model) -> owner (a revision) ->
+        # (resource, product) -> devices. See `set_reservations`.
+        self._reserved: dict[Hashable, dict[Hashable, dict[tuple[str, str], int]]] = {}
+        self._reserved_total: dict[tuple[str, str], int] = {}
+        self._reserved_snapshot: Inventory | None = None
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -154,6 +159,30 @@ class LiveInventory:
             self._holds[key] = hold
         return True
 
+    def set_reservations(self, group: Hashable, owners: Mapping[Hashable, Mapping[tuple[str, str], int]]) -> int:
+        """Replace the group's reservations: devices of a (resource, product) its Deployments want
+        for pods that are not bound yet. A thousand models placed in one burst would otherwise all
+        be placed on the same free devices, their pods not yet on the nodes to count; the scheduler
+        puts pods on the first nodes with room, and so does the inventory with what is reserved.
+        By how many devices the group's reservations grew (negative: shrank)."""
+        wanted = {owner: {k: n for k, n in amounts.items() if n > 0} for owner, amounts in owners.items()}
+        wanted = {owner: amounts for owner, amounts in wanted.items() if amounts}
+        before = self._reserved.get(group, {})
+        if before == wanted:
+            return 0
+        growth = sum(sum(a.values()) for a in wanted.values()) - sum(sum(a.values()) for a in before.values())
+        for amounts in self._reserved.pop(group, {}).values():
+            for k, n in amounts.items():
+                self._reserved_total[k] -= n
+        if wanted:
+            self._reserved[group] = wanted
+        for amounts in wanted.values():
+            for k, n in amounts.items():
+                self._reserved_total[k] = self._reserved_total.get(k, 0) + n
+        self._reserved_total = {k: n for k, n in self._reserved_total.items() if n}
+        self._reserved_snapshot = None
+        return growth
+
     def pod_keys(self) -> set[str]:
         return set(self._holds)
 
@@ -169,15 +198,28 @@ class LiveInventory:
             self._refresh_node(hold.node)
         self._snapshot = None
 
-    def inventory(self, exclude: frozenset[str] = frozenset()) -> Inventory:
-        """The inventory now, the pods of `exclude` (keys given to `set_pod`) not counted."""
+    def inventory(self, exclude: frozenset[str] = frozenset(),
+                  reserved_for: tuple[Hashable, Hashable] | None = None) -> Inventory:
+        """The inventory now, the pods of `exclude` (keys given to `set_pod`) not counted, less
+        what is reserved for pods not bound yet except the reservation of `reserved_for` (group, owner)."""
         if self._smallest is None:
             self._rebuild()
         if self._snapshot is None:
             self._snapshot = Inventory(
                 tuple(e for name in sorted(self._entries) for e in self._entries[name]),
                 tuple(self._cpu_entries[name] for name in sorted(self._cpu_entries)))
+            self._reserved_snapshot = None
+        own = {} if reserved_for is None else self._reserved.get(reserved_for[0], {}).get(reserved_for[1], {})
         holds = [self._holds[k] for k in exclude if k in self._holds]
+        if not holds and not own:
+            if self._reserved_snapshot is None:
+                self._reserved_snapshot = _less_reserved(self._snapshot, self._reserved_total)
+            return self._reserved_snapshot
+        totals = {k: n - own.get(k, 0) for k, n in self._reserved_total.items()}
+        return _less_reserved(self._with_given_back(holds), totals)
+
+    def _with_given_back(self, holds: list[_Hold]) -> Inventory:
+        assert self._snapshot is not None
         if not holds:
             return self._snapshot
         gpus_back: dict[str, dict[str, int]] = {}
@@ -227,6 +269,22 @@ class LiveInventory:
                 facts.cpu,
                 free_millicores=max(0, facts.cpu.allocatable_millicores - cpu_used.get("cpu", 0)),
                 free_memory=max(0, facts.cpu.allocatable_memory - cpu_used.get("memory", 0)))
+
+
+def _less_reserved(inventory: Inventory, reserved: Mapping[tuple[str, str], int]) -> Inventory:
+    """The inventory less the reserved devices, taken from the first nodes (by name) with room."""
+    left = {k: n for k, n in reserved.items() if n > 0}
+    if not left:
+        return inventory
+    entries = []
+    for entry in inventory.nodes:
+        key = (entry.device.resource, entry.device.product)
+        take = min(entry.free, left.get(key, 0))
+        if take:
+            left[key] -= take
+            entry = replace(entry, free=entry.free - take)
+        entries.append(entry)
+    return Inventory(tuple(entries), inventory.cpu_nodes)
 
 
 def _give_back_gpus(entry: NodeGpus, back: Mapping[str, int]) -> NodeGpus:

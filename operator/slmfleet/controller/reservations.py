@@ -1,0 +1,50 @@
+"""What a model's Deployments want of the GPUs and do not hold yet: reservations in the inventory.
+
+A revision's Deployment at `replicas` wants that many pods of its placement (resource, product,
+devices per pod, from the pod template's placement annotation); those bound to a node are counted
+as they are (sizing.LiveInventory counts bound pods), the rest are reserved, so that models placed
+at the same moment do not all count the same free devices. Kept from the operator's stores and
+its own writes, whenever a model's Deployments or pods change.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slmfleet.builders.labels import PLACEMENT_ANNOTATION, REVISION_LABEL
+from slmfleet.controller.runtime import GPU_PREFIX, ModelKey, Runtime
+
+_FINISHED = ("Succeeded", "Failed")
+
+
+def wanted_devices(deployments: list[dict[str, Any]], pods: list[dict[str, Any]]) -> dict[str, dict[tuple[str, str], int]]:
+    """revision -> (resource, product) -> devices its Deployment wants for pods not bound yet."""
+    bound: dict[str, int] = {}
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        if (pod.get("spec") or {}).get("nodeName") and (pod.get("status") or {}).get("phase") not in _FINISHED \
+                and not meta.get("deletionTimestamp"):
+            revision = (meta.get("labels") or {}).get(REVISION_LABEL, "")
+            bound[revision] = bound.get(revision, 0) + 1
+    out: dict[str, dict[tuple[str, str], int]] = {}
+    for deployment in deployments:
+        meta, spec = deployment.get("metadata") or {}, deployment.get("spec") or {}
+        if meta.get("deletionTimestamp"):
+            continue
+        key = str(((spec.get("template") or {}).get("metadata") or {}).get("annotations", {}).get(PLACEMENT_ANNOTATION, ""))
+        resource, _, rest = key.partition("|")
+        product, _, count = rest.rpartition("|")
+        if not resource.startswith(GPU_PREFIX) or not product or not count.isdigit():
+            continue
+        revision = (meta.get("labels") or {}).get(REVISION_LABEL, "")
+        unbound = max(0, int(spec.get("replicas", 1) or 0) - bound.get(revision, 0))
+        if unbound:
+            out[revision] = {(resource, product): unbound * int(count)}
+    return out
+
+
+def refresh(runtime: Runtime, key: ModelKey) -> int:
+    """Bring the model's reservations up to date; by how many devices they grew (or shrank)."""
+    deployments = runtime.writes.fresh("Deployment", key[0], list(runtime.indices["slm_deployments"].get(key, ())), key[1])
+    pods = list(runtime.indices["slm_model_pods"].get(key, ()))
+    return runtime.cluster.set_reservations(key, wanted_devices(deployments, pods))
