@@ -1,7 +1,7 @@
 """Lease leader election: of the operator's replicas, one leads and writes; the others follow.
 
-A follower keeps its watches (kopf's indices and event handlers write nothing) and serves
-/healthz and /metrics, but its workers, its deprecations poller and everything they start wait
+A follower keeps its watches and its stores (the event handlers and the full listings only
+read) and serves /healthz and /metrics, but its workers, its deprecations poller and everything they start wait
 for leadership, so it reconciles nothing and writes nothing; taking over needs no cache warm-up.
 
 The protocol is client-go's (k8s.io/client-go/tools/leaderelection) on a `coordination.k8s.io/v1`
