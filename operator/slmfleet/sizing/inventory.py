@@ -159,7 +159,7 @@ class LiveInventory:
             self._holds[key] = hold
         return True
 
-    def set_reservations(self, group: Hashable, owners: Mapping[Hashable, Mapping[tuple[str, str], int]]) -> int:
+    def set_reservations(self, group: Hashable, owners: Mapping[Any, Mapping[tuple[str, str], int]]) -> int:
         """Replace the group's reservations: devices of a (resource, product) its Deployments want
         for pods that are not bound yet. A thousand models placed in one burst would otherwise all
         be placed on the same free devices, their pods not yet on the nodes to count; the scheduler
