@@ -130,6 +130,17 @@ def test_busy_devices_are_not_offered():
     assert "no free GPUs" in result.message and "once they free up" in result.message
 
 
+def test_full_mig_slices_are_not_offered_and_the_next_device_is_chosen():
+    nodes = default_fleet()
+    mig = [n for n in nodes if "nvidia.com/mig-2g.10gb" in n["status"]["allocatable"]]
+    taken = [gpu_pod(n["metadata"]["name"], int(n["status"]["allocatable"]["nvidia.com/mig-2g.10gb"]), uid=f"x{i}",
+                     resource="nvidia.com/mig-2g.10gb") for i, n in enumerate(mig)]
+    result = plan_placement(SizingRequest(QWEN_05), inventory_from_nodes(nodes, taken))
+    assert result.placement is not None
+    assert result.placement.gpu_product == "NVIDIA-A100-SXM4-40GB-MIG-3g.20gb"  # the next one, with free slices
+    assert "NVIDIA-A100-SXM4-40GB-MIG-2g.10gb" not in [f.gpu_product for f in result.fallbacks]
+
+
 def test_no_fit_message_says_what_is_needed_and_what_would_fit():
     inv = inventory_from_nodes([gpu_node(f"l-{i}", "NVIDIA-L4", 23034, 2) for i in range(2)], [])
     result = plan_placement(SizingRequest(LLAMA, max_model_len=32768), inv)

@@ -105,7 +105,8 @@ async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str 
     kopf_stop = asyncio.Event()
     runner = await metrics.serve(metrics_host, metrics_port,
                                  lambda: healthy(runtime, ready.is_set(), time.monotonic(),
-                                                 following=election is not None and not election.leading.is_set()))
+                                                 following=election is not None and not election.leading.is_set()),
+                                 lambda: metrics.publish_model_gauges(runtime.conditions, runtime.gpus))
     tasks = [
         *(asyncio.create_task(worker(runtime, election), name=f"slmfleet-worker-{n}") for n in range(config.workers)),
         asyncio.create_task(runtime.queue.run_timers(), name="slmfleet-timers"),

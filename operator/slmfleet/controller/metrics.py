@@ -101,12 +101,17 @@ def publish_model_gauges(
         GPUS_REQUESTED.labels(product).set(n)
 
 
-async def serve(host: str, port: int, healthy: Callable[[], bool]) -> web.AppRunner:
+async def serve(host: str, port: int, healthy: Callable[[], bool],
+                before_scrape: Callable[[], None] | None = None) -> web.AppRunner:
+    """/healthz and /metrics. `before_scrape` brings gauges computed from the whole fleet up to
+    date: once per scrape, rather than on every reconcile (a pass over every model each time)."""
     async def healthz(_: web.Request) -> web.Response:
         ok = healthy()
         return web.Response(status=200 if ok else 503, text="ok\n" if ok else "not ready\n")
 
     async def metrics(_: web.Request) -> web.Response:
+        if before_scrape is not None:
+            before_scrape()
         return web.Response(body=prom.generate_latest(REGISTRY), headers={"Content-Type": prom.CONTENT_TYPE_LATEST})
 
     app = web.Application()

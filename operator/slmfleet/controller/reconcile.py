@@ -44,7 +44,6 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
         runtime.conflicts.pop(key, None)
         forget_rollout(runtime, key)
         runtime.gpus.pop(key, None)
-        metrics.publish_model_gauges(runtime.conditions, runtime.gpus)
         try:
             await report_not_governing(runtime, key, rollouts, model_exists=False)
         except Exception:
@@ -83,7 +82,6 @@ async def reconcile(runtime: Runtime, key: ModelKey) -> None:
     runtime.failures.pop(key, None)
     runtime.conditions[key] = plan.conditions
     runtime.gpus[key] = plan.gpus
-    metrics.publish_model_gauges(runtime.conditions, runtime.gpus)
     metrics.RECONCILES.labels(KIND, "changed" if plan.writes else "noop").inc()
     if plan.requeue_after is not None:
         runtime.queue.add_after(key, plan.requeue_after)

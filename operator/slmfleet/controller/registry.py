@@ -209,7 +209,7 @@ def record(runtime: Runtime, entries: list[Entry], gone: bool, priority: int = N
 def _after_change(runtime: Runtime, store: str, id_: str, key: Hashable | None, value: Any,
                   changed: set[Hashable], previous: Any = None, priority: int = NORMAL) -> None:
     if store == "slm_gpu_pods":
-        was_held = id_ in runtime.cluster.pod_keys()
+        was_held = runtime.cluster.holds(id_)
         if runtime.cluster.set_pod(id_, value if key is not None else None) and was_held:
             _enqueue_unsettled(runtime)  # devices may have come free for a model that did not fit
         return

@@ -183,11 +183,9 @@ class LiveInventory:
         self._reserved_snapshot = None
         return growth
 
-    def pod_keys(self) -> set[str]:
-        return set(self._holds)
-
-    def node_names(self) -> set[str]:
-        return set(self._nodes)
+    def holds(self, key: str) -> bool:
+        """Whether the pod `key` holds anything now."""
+        return key in self._holds
 
     def _charge(self, hold: _Hold, sign: int) -> None:
         for table, amounts in ((self._gpu_used, hold.gpus), (self._cpu_used, hold.cpu_memory)):

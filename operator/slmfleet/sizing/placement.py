@@ -332,8 +332,9 @@ def rank_candidates(request: SizingRequest, fit: ModelFit, nodes: Iterable[NodeG
 
 
 def tensor_parallel_sizes(request: SizingRequest, device: DeviceClass, most_free_on_a_node: int) -> list[int]:
-    # A process sees one MIG device, so a slice never joins a tensor-parallel group.
-    largest = 1 if device.is_mig else most_free_on_a_node
+    # A process sees one MIG device, so a slice never joins a tensor-parallel group; and a class
+    # with no free slice offers none (a full MIG class used to rank first, being the smallest).
+    largest = min(1, most_free_on_a_node) if device.is_mig else most_free_on_a_node
     sizes = [request.gpu_count] if request.gpu_count else range(1, largest + 1)
     return [
         tp for tp in sizes
