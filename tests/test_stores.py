@@ -70,3 +70,35 @@ def test_a_key_added_while_processing_comes_back_at_its_priority():
         return [await queue.get(), await queue.get()]
 
     assert asyncio.run(run()) == ["a", "b"]
+
+
+def test_a_full_listing_fills_the_stores_page_by_page_and_drops_a_pod_the_watches_missed():
+    from slmfleet.api.config import OperatorConfig
+    from slmfleet.controller import registry
+    from slmfleet.controller.runtime import Runtime
+    from tests.sizing_nodes import gpu_node, gpu_pod
+
+    node = {"apiVersion": "v1", "kind": "Node", **gpu_node("n0", "NVIDIA-L4", 23034, 2)}
+    model = {"metadata": {"name": "m", "namespace": "ns", "uid": "m-uid", "generation": 1}, "spec": {}}
+    holder = {**gpu_pod("n0", 1, uid="p1"), "metadata": {"name": "p1", "namespace": "ns", "uid": "p1"}}
+    listings = {"smallmodels": [[model]], "nodes": [[node]], "pods": [[holder], []]}
+    pages_read = []
+
+    class Client:
+        async def list_pages(self, api_version, plural, namespace=None, label_selector=None):
+            for page in listings.get(plural, [[]]):
+                pages_read.append(plural)
+                yield page
+
+    config = OperatorConfig.model_validate({
+        "vllmImage": "vllm/vllm-openai@sha256:" + "a" * 64, "loaderImage": "slmfleet/slmfleet@sha256:" + "b" * 64})
+    rt = Runtime(config=config, client=Client())  # type: ignore[arg-type]
+    asyncio.run(registry.sync(rt, []))
+    assert pages_read.count("pods") == 2
+    assert [e.free for e in rt.cluster.inventory().nodes] == [1]
+    assert rt.indices["slm_models"].get(("ns", "m")) == [model]
+    assert rt.queue.busy  # every model is looked at after a listing
+
+    listings["pods"] = [[]]  # deleted while no watch saw it
+    asyncio.run(registry.sync(rt, []))
+    assert [e.free for e in rt.cluster.inventory().nodes] == [2]

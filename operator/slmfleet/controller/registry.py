@@ -237,9 +237,10 @@ async def sync(runtime: Runtime, namespaces: list[str]) -> None:
         listed: dict[str, dict[str, tuple[Hashable | None, Any]]] = {}
         scopes: list[str | None] = list(namespaces) if kind.namespaced and namespaces else [None]
         for namespace in scopes:
-            for body in await runtime.client.list_objects(kind.api_version, kind.plural, namespace, kind.label_selector):
-                for store, id_, key, value in kind.entries(body):
-                    listed.setdefault(store, {})[id_] = (key, value)
+            async for page in runtime.client.list_pages(kind.api_version, kind.plural, namespace, kind.label_selector):
+                for body in page:  # slim copies only: a page of whole objects at a time
+                    for store, id_, key, value in kind.entries(body):
+                        listed.setdefault(store, {})[id_] = (key, value)
         dropped = 0
         for store in kind.stores:
             for id_, key, value, changed in runtime.indices[store].resync(listed.get(store, {}), started):

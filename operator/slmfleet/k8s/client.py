@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -185,36 +185,31 @@ class KubeClient:
                 return None
             raise
 
-    async def list_objects(self, api_version: str, plural: str, namespace: str | None = None,
-                           label_selector: str | None = None, page_size: int = 500) -> list[dict[str, Any]]:
-        """Every object of `plural` (in `namespace`, or cluster-wide), a page at a time, each with its
-        apiVersion and kind filled in as a watch event has them. A continue token that expired
-        (410) starts the listing again, once."""
+    async def list_pages(self, api_version: str, plural: str, namespace: str | None = None,
+                         label_selector: str | None = None,
+                         page_size: int = 500) -> AsyncIterator[list[dict[str, Any]]]:
+        """Every object of `plural` (in `namespace`, or cluster-wide), a page at a time (only one page
+        of whole objects is in memory at once), each with its apiVersion and kind filled in as a
+        watch event has them. A continue token that expired (410) ends the listing with an error."""
         base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
         path = f"{base}/namespaces/{namespace}/{plural}" if namespace else f"{base}/{plural}"
-        for attempt in (1, 2):
-            items: list[dict[str, Any]] = []
-            token = ""
-            try:
-                while True:
-                    query = [("limit", str(page_size))]
-                    if label_selector:
-                        query.append(("labelSelector", label_selector))
-                    if token:
-                        query.append(("continue", token))
-                    page = await self._in_thread("GET", path, None, "application/json", query)
-                    kind = str(page.get("kind") or "").removesuffix("List")
-                    for item in page.get("items") or []:
-                        item.setdefault("apiVersion", api_version)
-                        item.setdefault("kind", kind)
-                        items.append(item)
-                    token = (page.get("metadata") or {}).get("continue") or ""
-                    if not token:
-                        return items
-            except ApiException as exc:
-                if exc.status != 410 or attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+        token = ""
+        while True:
+            query = [("limit", str(page_size))]
+            if label_selector:
+                query.append(("labelSelector", label_selector))
+            if token:
+                query.append(("continue", token))
+            page = await self._in_thread("GET", path, None, "application/json", query)
+            kind = str(page.get("kind") or "").removesuffix("List")
+            items = page.get("items") or []
+            for item in items:
+                item.setdefault("apiVersion", api_version)
+                item.setdefault("kind", kind)
+            yield items
+            token = (page.get("metadata") or {}).get("continue") or ""
+            if not token:
+                return
 
     async def serves(self, api_version: str, plural: str) -> bool:
         """Whether the API server serves `plural` in `api_version` (e.g. whether a CRD is installed)."""
