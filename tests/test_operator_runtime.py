@@ -397,3 +397,28 @@ def test_a_deleted_model_takes_its_rollouts_background_work_along():
     rt.eval_models = {"uid-r/1/rev/step-0": ("ns", "m")}
     asyncio.run(reconcile.reconcile(rt, ("ns", "m")))  # the model is gone from the index
     assert rt.governing == {} and rt.eval_models == {}
+
+
+def test_a_reconciles_calls_all_end_before_it_does_even_when_one_fails_first():
+    from slmfleet.controller.execute import _all
+
+    finished = []
+
+    async def slow() -> str:
+        await asyncio.sleep(0.2)
+        finished.append("slow")
+        return "slow"
+
+    async def failing() -> str:
+        raise RuntimeError("refused at once")
+
+    async def run() -> None:
+        try:
+            await _all([slow(), failing()])
+        except RuntimeError:
+            assert finished == ["slow"], "the failure waited for the call still in flight"
+        else:
+            raise AssertionError("the failure was not raised")
+        assert await _all([slow()]) == ["slow"]
+
+    asyncio.run(run())

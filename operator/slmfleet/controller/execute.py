@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from typing import Any
+from collections.abc import Awaitable, Iterable
+from typing import Any, TypeVar, cast
 
 from slmfleet.api import modelrollout
 from slmfleet.api.conditions import Condition, set_condition
@@ -23,6 +24,8 @@ from slmfleet.planning.model import Observed, Plan
 from slmfleet.planning.rollout import plan_not_governing
 
 log = logging.getLogger("slmfleet.operator")
+
+T = TypeVar("T")
 
 
 async def report_not_governing(runtime: Runtime, key: ModelKey, rollouts: list[dict[str, Any]],
@@ -91,10 +94,9 @@ async def execute(runtime: Runtime, obs: Observed, plan: Plan) -> None:
     # All of them checked first: nothing of the model's goes up beside a foreign object. The objects
     # are independent of each other, so the checks and then the applies go out at once: a new
     # model waits for two round trips, not for six.
-    await asyncio.gather(*(_refuse_foreign(runtime, ref, obj, live.get((obj["kind"], obj["metadata"]["name"])))
-                           for obj in plan.apply))
-    for obj, applied in zip(plan.apply, await asyncio.gather(*(runtime.client.apply(obj) for obj in plan.apply)),
-                            strict=True):
+    await _all(_refuse_foreign(runtime, ref, obj, live.get((obj["kind"], obj["metadata"]["name"])))
+               for obj in plan.apply)
+    for obj, applied in zip(plan.apply, await _all(runtime.client.apply(obj) for obj in plan.apply), strict=True):
         if obj["kind"] != "HTTPRoute":  # routes are read fresh, not cached
             runtime.writes.remember(live.get((obj["kind"], obj["metadata"]["name"])), applied)
         metrics.API_WRITES.labels("apply").inc()
@@ -132,9 +134,19 @@ async def execute(runtime: Runtime, obs: Observed, plan: Plan) -> None:
         start_evaluation(runtime, obs, plan, rollout)
 
 
+async def _all(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """The calls at once; every one ends before this returns (or raises the first failure), so
+    that no request of a reconcile is still in flight when the next reconcile of the model starts."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return cast(list[T], results)
+
+
 async def _post_events(runtime: Runtime, ref: ObjectRef, events: Any) -> None:
     """The Events, sent at once (each carries its own time, so their order is kept)."""
-    await asyncio.gather(*(runtime.client.post_event(ref, e.type, e.reason, e.message) for e in events))
+    await _all(runtime.client.post_event(ref, e.type, e.reason, e.message) for e in events)
     for event in events:
         metrics.API_WRITES.labels("event").inc()
         log.info("%s/%s %s: %s", ref.namespace, ref.name, event.reason, event.message)
