@@ -1,6 +1,6 @@
 """Read your writes: the operator's own writes and deletions, until the watch brings them back.
 
-kopf's indices are fed by watches, which lag behind our writes. A reconcile that runs before the
+The stores (stores.py) are fed by watches, which lag behind our writes. A reconcile that runs before the
 watch catches up would decide from the past (apply again, or miss what it just created), so what
 we wrote stands in for the cached version until the cache has caught up.
 """

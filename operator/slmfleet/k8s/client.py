@@ -1,6 +1,6 @@
 """The one door to the API server for writes: server-side apply, deletes, status and Events.
 
-Reads come from kopf's watch-fed indices (controller/), so a reconcile that finds nothing to change
+Reads come from the operator's watch-fed stores (controller/stores.py), so a reconcile that finds nothing to change
 makes no request at all. To keep that promise for server-side apply, which is always a request
 even when it changes nothing, every applied object carries the hash of what was applied
 (builders/applied_hash.py); an object whose live hash equals the desired one is not sent again.

@@ -87,23 +87,18 @@ class LeaseClient:
 
     async def create(self, record: LeaseRecord) -> LeaseRecord:
         """Creates the Lease as `record` says; LeaseConflict when it exists already."""
-        try:
-            obj = await self._client._in_thread("POST", _path(self.namespace),
-                                                _body(self.namespace, self.name, record))
-        except ApiException as exc:
-            if exc.status == 409:
-                raise LeaseConflict(f"lease {self.namespace}/{self.name} created by someone else") from exc
-            raise
-        return _record(obj)
+        return await self._write("POST", _path(self.namespace), record, "created by someone else")
 
     async def update(self, record: LeaseRecord) -> LeaseRecord:
         """Replaces the Lease with `record`, if it is still at `record.resource_version`;
         LeaseConflict otherwise."""
+        return await self._write("PUT", _path(self.namespace, self.name), record, "changed since it was read")
+
+    async def _write(self, method: str, path: str, record: LeaseRecord, conflict: str) -> LeaseRecord:
         try:
-            obj = await self._client._in_thread("PUT", _path(self.namespace, self.name),
-                                                _body(self.namespace, self.name, record))
+            obj = await self._client._in_thread(method, path, _body(self.namespace, self.name, record))
         except ApiException as exc:
             if exc.status == 409:
-                raise LeaseConflict(f"lease {self.namespace}/{self.name} changed since it was read") from exc
+                raise LeaseConflict(f"lease {self.namespace}/{self.name} {conflict}") from exc
             raise
         return _record(obj)
