@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -227,40 +228,41 @@ def test_release_closes_the_fence_and_hands_the_lease_over_at_once():
     asyncio.run(scenario())
 
 
-def test_a_leader_that_cannot_renew_loses_the_lease_when_its_fence_closes():
-    # The shortest valid timings, in real time (run() sleeps): about 2 s.
-    config = LeaderElection(lease_namespace="ops", lease_duration_seconds=3, renew_deadline_seconds=2,
-                            retry_period_seconds=1)
+# The shortest valid timings, in real time (run() sleeps): a lease lost in about 2 s.
+FAST = LeaderElection(lease_namespace="ops", lease_duration_seconds=3, renew_deadline_seconds=2, retry_period_seconds=1)
+
+
+def leading_then(lose: Callable[[Election, FakeLeases], None], message: str) -> Election:
+    """An election that leads, then `lose` happens to its Lease: run() must raise LeadershipLost."""
     store = FakeLeases()
-    election = Election(config, store, me="a")  # type: ignore[arg-type]
+    election = Election(FAST, store, me="a")  # type: ignore[arg-type]
 
     async def scenario() -> None:
         task = asyncio.create_task(election.run())
         await asyncio.wait_for(election.leading.wait(), 5)
         assert election.may_write() and metrics.LEADER._value.get() == 1
-        store.failing = True
-        with pytest.raises(LeadershipLost, match="no renewal for 2s"):
+        lose(election, store)
+        with pytest.raises(LeadershipLost, match=message):
             await asyncio.wait_for(task, 10)
-        assert not election.may_write() and metrics.LEADER._value.get() == 0
 
     asyncio.run(scenario())
+    return election
+
+
+def test_a_leader_that_cannot_renew_loses_the_lease_when_its_fence_closes():
+    def renewals_fail(_: Election, store: FakeLeases) -> None:
+        store.failing = True
+
+    election = leading_then(renewals_fail, "no renewal for 2s")
+    assert not election.may_write() and metrics.LEADER._value.get() == 0
 
 
 def test_a_leader_that_sees_another_holder_loses_the_lease():
-    config = LeaderElection(lease_namespace="ops", lease_duration_seconds=3, renew_deadline_seconds=2,
-                            retry_period_seconds=1)
-    store = FakeLeases()
-    election = Election(config, store, me="a")  # type: ignore[arg-type]
-
-    async def scenario() -> None:
-        task = asyncio.create_task(election.run())
-        await asyncio.wait_for(election.leading.wait(), 5)
+    def taken(_: Election, store: FakeLeases) -> None:
         assert store.record is not None
         store._store(replace(store.record, holder="intruder"))
-        with pytest.raises(LeadershipLost, match="held by intruder"):
-            await asyncio.wait_for(task, 10)
 
-    asyncio.run(scenario())
+    leading_then(taken, "held by intruder")
 
 
 # ------------------------------------------------------------------ the fence in the client
