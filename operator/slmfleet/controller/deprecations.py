@@ -67,9 +67,8 @@ async def _take(runtime: Runtime, ref: ConfigMapRef, seen: object) -> None:
         await _warn(runtime, ref, "InvalidDeprecations", f"{exc}; the operator keeps the previous list")
         return
     log.info("deprecated base models: %s", ", ".join(d.base_model for d in runtime.deprecations.entries) or "none")
-    if runtime.indices is not None:
-        for key in list(runtime.indices["slm_models"]):
-            runtime.queue.add(key)
+    for key in list(runtime.indices["slm_models"]):
+        runtime.queue.add(key)
 
 
 async def _warn(runtime: Runtime, ref: ConfigMapRef, reason: str, message: str) -> None:

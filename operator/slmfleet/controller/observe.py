@@ -27,7 +27,6 @@ log = logging.getLogger("slmfleet.operator")
 
 def observe(runtime: Runtime, key: ModelKey) -> Observed | None:
     indices = runtime.indices
-    assert indices is not None
     models = list(indices["slm_models"].get(key, ()))
     if not models:
         return None
@@ -43,7 +42,6 @@ def observe(runtime: Runtime, key: ModelKey) -> Observed | None:
 
 def rollouts_of(runtime: Runtime, key: ModelKey) -> list[dict[str, Any]]:
     """The ModelRollouts referencing the model, oldest first: the first governs it, others wait."""
-    assert runtime.indices is not None
     cached = list(runtime.indices["slm_rollouts"].get(key, ()))
     rollouts = runtime.writes.fresh(modelrollout.KIND, key[0], cached)
     rollouts = [r for r in rollouts if (r.get("spec", {}).get("modelRef") or {}).get("name") == key[1]]

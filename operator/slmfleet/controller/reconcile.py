@@ -35,7 +35,6 @@ async def still_in_conflict(runtime: Runtime, key: ModelKey, obs: Observed) -> s
 
 
 async def reconcile(runtime: Runtime, key: ModelKey) -> None:
-    assert runtime.indices is not None
     started = time.monotonic()
     obs = observe(runtime, key)
     rollouts = rollouts_of(runtime, key)

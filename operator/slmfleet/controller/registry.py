@@ -260,10 +260,8 @@ async def keep_in_sync(runtime: Runtime, namespaces: list[str]) -> None:
             log.warning("listing the cluster failed; trying again", exc_info=True)
             await asyncio.sleep(5)
             continue
-        if not runtime.indices_ready.is_set():
-            for key in list(runtime.indices["slm_models"]):
-                runtime.queue.add(key, BACKGROUND)
-            runtime.indices_ready.set()
+        # Every model is queued already: by kopf's event for it, or by the listing that added it.
+        runtime.indices_ready.set()
         await asyncio.sleep(runtime.config.resync_seconds)
 
 
