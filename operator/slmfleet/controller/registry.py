@@ -165,7 +165,7 @@ def pod_entries(body: Any) -> list[Entry]:
     model = (meta.get("labels") or {}).get(MODEL_LABEL)
     finished = (body.get("status") or {}).get("phase") in ("Succeeded", "Failed")
     counted = not finished and (bool(model) or _requests_gpu(dict(spec)))
-    slim = _slim_pod(body)
+    slim = _slim_pod(body) if model or counted else None  # other workloads' pods: nothing to keep
     return [("slm_model_pods", _uid(meta), (meta.get("namespace"), model) if model else None, slim),
             ("slm_gpu_pods", _uid(meta), "all" if counted else None, slim)]
 
