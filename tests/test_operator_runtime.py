@@ -422,3 +422,58 @@ def test_a_reconciles_calls_all_end_before_it_does_even_when_one_fails_first():
         assert await _all([slow()]) == ["slow"]
 
     asyncio.run(run())
+
+
+def test_models_planned_at_once_do_not_both_take_the_last_free_gpu():
+    from tests.test_model_plan import L4, L4_MIB, gpu_node, model_body
+
+    class SlowCluster(FakeClient):
+        """Applies take a round trip, as on a busy API server; one may be refused."""
+
+        def __init__(self, refuse: str = "") -> None:
+            super().__init__()
+            self.refuse = refuse
+            self.deployments: list[str] = []
+
+            self.bodies: dict[str, dict] = {}
+
+        async def get(self, api_version, kind, namespace, name):
+            return None
+
+        async def patch_status(self, ref, status):
+            self.statuses.append(status)
+            return {**self.bodies[ref.name], "status": status}
+
+        async def apply(self, body):
+            await asyncio.sleep(0.05)
+            if body["kind"] == "Deployment":
+                if body["metadata"]["name"].startswith(self.refuse or "\0"):
+                    raise RuntimeError("refused")
+                self.deployments.append(body["metadata"]["name"])
+            return body
+
+    def two_models(client: SlowCluster) -> op.Runtime:
+        rt = runtime(client)
+        for name in ("first", "second"):
+            body = model_body()
+            body["metadata"].update(name=name, uid=f"uid-{name}")
+            client.bodies[name] = body
+            registry.record(rt, registry.model_entries(body), gone=False)
+        registry.record(rt, registry.node_entries(gpu_node("l4-a", L4, L4_MIB, 1)), gone=False)
+        rt.weights = None
+        return rt
+
+    async def both(rt: op.Runtime) -> None:
+        await asyncio.gather(reconcile.reconcile(rt, ("models", "first")), reconcile.reconcile(rt, ("models", "second")))
+
+    client = SlowCluster()
+    asyncio.run(both(two_models(client)))
+    assert [d.split("-")[0] for d in client.deployments] == ["first"], "one L4, one model placed on it"
+
+    # A Deployment that was never applied reserves nothing: the next plan may use the GPU.
+    client = SlowCluster(refuse="first")
+    rt = two_models(client)
+    asyncio.run(both(rt))
+    assert client.deployments == []
+    asyncio.run(reconcile.reconcile(rt, ("models", "second")))
+    assert [d.split("-")[0] for d in client.deployments] == ["second"]

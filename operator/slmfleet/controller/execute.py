@@ -91,18 +91,23 @@ async def execute(runtime: Runtime, obs: Observed, plan: Plan) -> None:
     live = {(o["kind"], o["metadata"]["name"]): o for o in (*obs.deployments, *obs.services)}
     if obs.route is not None:
         live[("HTTPRoute", obs.route["metadata"]["name"])] = obs.route
-    # All of them checked first: nothing of the model's goes up beside a foreign object. The objects
-    # are independent of each other, so the checks and then the applies go out at once: a new
-    # model waits for two round trips, not for six.
-    await _all(_refuse_foreign(runtime, ref, obj, live.get((obj["kind"], obj["metadata"]["name"])))
-               for obj in plan.apply)
-    for obj, applied in zip(plan.apply, await _all(runtime.client.apply(obj) for obj in plan.apply), strict=True):
-        if obj["kind"] != "HTTPRoute":  # routes are read fresh, not cached
-            runtime.writes.remember(live.get((obj["kind"], obj["metadata"]["name"])), applied)
-        metrics.API_WRITES.labels("apply").inc()
-        log.info("applied %s %s/%s", obj["kind"], ref.namespace, obj["metadata"]["name"])
-    if any(obj["kind"] == "Deployment" for obj in plan.apply):
-        reservations.refresh(runtime, (ref.namespace, ref.name))  # before the watch brings them back
+    planned = [obj for obj in plan.apply if obj["kind"] == "Deployment"]
+    if planned:  # before the first await: another worker may be planning meanwhile
+        reservations.refresh(runtime, (ref.namespace, ref.name), planned)
+    try:
+        # All of them checked first: nothing of the model's goes up beside a foreign object. The
+        # objects are independent of each other, so the checks and then the applies go out at
+        # once: a new model waits for two round trips, not for six.
+        await _all(_refuse_foreign(runtime, ref, obj, live.get((obj["kind"], obj["metadata"]["name"])))
+                   for obj in plan.apply)
+        for obj, applied in zip(plan.apply, await _all(runtime.client.apply(obj) for obj in plan.apply), strict=True):
+            if obj["kind"] != "HTTPRoute":  # routes are read fresh, not cached
+                runtime.writes.remember(live.get((obj["kind"], obj["metadata"]["name"])), applied)
+            metrics.API_WRITES.labels("apply").inc()
+            log.info("applied %s %s/%s", obj["kind"], ref.namespace, obj["metadata"]["name"])
+    finally:
+        if planned:  # what was applied, before the watch brings it back; nothing of a failed apply
+            reservations.refresh(runtime, (ref.namespace, ref.name))
     # The status says which revision serves before the replaced one is deleted, so that nobody
     # reading the status sees a serving revision without its Deployment.
     if plan.status is not None:

@@ -9,6 +9,7 @@ its own writes, whenever a model's Deployments or pods change.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from slmfleet.builders.labels import PLACEMENT_ANNOTATION, REVISION_LABEL
@@ -43,8 +44,15 @@ def wanted_devices(deployments: list[dict[str, Any]], pods: list[dict[str, Any]]
     return out
 
 
-def refresh(runtime: Runtime, key: ModelKey) -> int:
-    """Bring the model's reservations up to date; by how many devices they grew (or shrank)."""
+def refresh(runtime: Runtime, key: ModelKey, planned: Sequence[dict[str, Any]] = ()) -> int:
+    """Bring the model's reservations up to date; by how many devices they grew (or shrank).
+
+    `planned`: Deployments a plan is about to apply, reserved as if applied. Workers plan at the
+    same time, and a plan's applies take a round trip: reserved only once applied, the last free
+    device would be given to every model planned meanwhile. The caller refreshes again once the
+    applies are done or failed."""
     deployments = runtime.writes.fresh("Deployment", key[0], list(runtime.indices["slm_deployments"].get(key, ())), key[1])
+    names = {d["metadata"]["name"] for d in planned}
+    deployments = [d for d in deployments if (d.get("metadata") or {}).get("name") not in names] + list(planned)
     pods = list(runtime.indices["slm_model_pods"].get(key, ()))
     return runtime.cluster.set_reservations(key, wanted_devices(deployments, pods))
