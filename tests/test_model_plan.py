@@ -23,10 +23,11 @@ from pydantic.alias_generators import to_camel
 
 from slmfleet.api.config import OperatorConfig
 from slmfleet.api.smallmodel import Placement, SmallModel, SmallModelSpec
-from slmfleet.builders import ModelOwner, revision_of
-from slmfleet.builders.applied_hash import APPLIED_HASH
+from slmfleet.builders import ModelOwner, build_revision_service, revision_of
+from slmfleet.builders.applied_hash import APPLIED_HASH, with_applied_hash
 from slmfleet.builders.labels import MODEL_LABEL, PLACEMENT_ANNOTATION, REVISION_LABEL
 from slmfleet.planning import desired
+from slmfleet.planning import model as model_plan
 from slmfleet.planning.common import Deletion, EventNote
 from slmfleet.planning.desired import LivePodShape, Target
 from slmfleet.planning.model import Observed, Plan, plan_model
@@ -312,7 +313,8 @@ def test_first_reconcile_applies_the_revision_and_says_it_waits_for_replicas():
     revision = spec_revision(body)
     assert len(revision) == 10
 
-    assert applied(plan) == {("Deployment", f"{NAME}-{revision}"), ("Service", f"{NAME}-{revision}"), ("Service", NAME)}
+    # One Service, the model's: a revision gets its own only as an HTTPRoute's backend.
+    assert applied(plan) == {("Deployment", f"{NAME}-{revision}"), ("Service", NAME)}
     assert plan.delete == ()
     assert plan.requeue_after is None
     for obj in plan.apply:
@@ -377,10 +379,6 @@ def test_the_applied_objects_carry_the_placement():
     expressions = {(e["key"], e["values"][0]) for e in terms["nodeSelectorTerms"][0]["matchExpressions"]}
     assert expressions == set(placement["nodeSelector"].items())
 
-    assert objects[("Service", f"{NAME}-{revision}")]["spec"]["selector"] == {
-        MODEL_LABEL: NAME,
-        REVISION_LABEL: revision,
-    }
     assert objects[("Service", NAME)]["spec"]["selector"] == {MODEL_LABEL: NAME, REVISION_LABEL: revision}
 
 
@@ -409,7 +407,8 @@ def test_a_ready_deployment_makes_the_model_ready_and_then_nothing_is_written():
         "Degraded": ("False", "AsExpected"),
     }
     assert plan.status["readyReplicas"] == 1 and plan.status["servingRevision"] == revision
-    assert [(e.type, e.reason) for e in plan.events] == [("Normal", "Ready")]
+    # A new model's first readiness is no decision: its Placed Event said where it runs.
+    assert plan.events == ()
     assert {k: v for k, v in plan.conditions.items() if k != "WeightsVerified"} == {
         "Ready": "True",
         "Progressing": "False",
@@ -769,17 +768,29 @@ def new_digest(spec: dict[str, Any]) -> None:
     spec["source"]["digest"] = NEW_DIGEST
 
 
+def legacy_revision_service(world: World, revision: str) -> dict[str, Any]:
+    """The revision Service an earlier release made for every revision, as it is live."""
+    owner = ModelOwner(name=NAME, namespace=NAMESPACE, uid=MODEL_UID)
+    svc = with_applied_hash(build_revision_service(owner, revision, world.config))
+    svc["metadata"]["uid"] = f"service-uid-legacy-{revision}"
+    svc["metadata"]["generation"] = 1
+    world.objects[("Service", svc["metadata"]["name"])] = svc
+    return svc
+
+
 def test_a_new_revision_replaces_the_serving_one_without_a_gap():
     world = placed(World(model_body(), fleet("a100-40gb-mig", "l4")))
     old = world.status["revision"]
-    old_dep, old_svc = world.objects[("Deployment", f"{NAME}-{old}")], world.objects[("Service", f"{NAME}-{old}")]
+    old_dep = world.objects[("Deployment", f"{NAME}-{old}")]
+    # An earlier release gave every revision a Service: it retires with its revision.
+    old_svc = legacy_revision_service(world, old)
 
     world.edit_spec(new_digest)
     plan = world.reconcile(at(60))
     new = plan.status["revision"]
     assert new != old and new == spec_revision(world.body)
     assert plan.status["observedGeneration"] == GENERATION + 1
-    assert applied(plan) == {("Deployment", f"{NAME}-{new}"), ("Service", f"{NAME}-{new}")}
+    assert applied(plan) == {("Deployment", f"{NAME}-{new}")}
     assert plan.delete == ()
     assert world.objects[("Service", NAME)]["spec"]["selector"][REVISION_LABEL] == old
     assert plan.status["servingRevision"] == old
@@ -812,13 +823,14 @@ def test_a_new_revision_replaces_the_serving_one_without_a_gap():
     assert summary(plan.status)["Ready"] == ("True", "Serving")
     assert summary(plan.status)["Progressing"] == ("False", "Complete")
 
-    assert world.kinds_and_names() == {("Deployment", f"{NAME}-{new}"), ("Service", f"{NAME}-{new}"), ("Service", NAME)}
+    assert world.kinds_and_names() == {("Deployment", f"{NAME}-{new}"), ("Service", NAME)}
     assert world.plan(at(1001)).writes == 0
 
 
 def test_objects_already_being_deleted_are_not_deleted_again():
     world = placed(World(model_body(), fleet("a100-40gb-mig", "l4")))
     old = world.status["revision"]
+    legacy_revision_service(world, old)
     world.edit_spec(new_digest)
     world.reconcile(at(60))
     world.mark_ready()
@@ -997,12 +1009,55 @@ def test_pods_waiting_for_a_claim_do_not_move_the_placement():
     assert "PlacementFallback" not in reasons(plan)
 
 
-def loader_status(exit_code: int, message: str = "") -> dict:
-    return {
-        "name": "load-weights",
-        "state": {"terminated": {"exitCode": exit_code, "message": message}},
-        "lastState": {},
-    }
+def loader_status(exit_code: int, message: str = "", finished: dt.datetime | None = None) -> dict:
+    done: dict[str, Any] = {"exitCode": exit_code, "message": message}
+    if finished is not None:
+        done["finishedAt"] = rfc3339(finished)
+    return {"name": "load-weights", "state": {"terminated": done}, "lastState": {}}
+
+
+def loaded_world(finished: dt.datetime) -> World:
+    """A placed model whose one pod's loader verified the weights at `finished`; not ready yet."""
+    world = placed(World(model_body(), default_fleet()), ready=False)
+    pod = revision_pod(world.deployment(), f"{NAME}-pod-1")
+    pod["status"]["initContainerStatuses"] = [loader_status(0, finished=finished)]
+    world.pods = [pod]
+    return world
+
+
+def test_a_verification_alone_waits_for_the_ready_that_follows_it():
+    world = loaded_world(finished=at(100))
+    plan = world.reconcile(at(105))
+    assert plan.writes == 0
+    assert plan.requeue_after == pytest.approx(model_plan.VERIFIED_HOLD_SECONDS - 5)
+    assert weights_condition(world.status)[:2] == ("Unknown", "Pending")
+
+    world.mark_ready()
+    plan = world.reconcile(at(110))
+    assert weights_condition(plan.status)[:2] == ("True", "Verified")
+    assert summary(plan.status)["Ready"] == ("True", "Serving")
+    assert plan.events == ()  # the first readiness (see above); the verification is in the condition
+    assert world.plan(at(200)).writes == 0
+
+
+def test_a_slow_server_gets_its_verification_written_when_the_hold_ends():
+    world = loaded_world(finished=at(100))
+    assert world.reconcile(at(100 + model_plan.VERIFIED_HOLD_SECONDS - 1)).writes == 0
+    plan = world.reconcile(at(100 + model_plan.VERIFIED_HOLD_SECONDS))
+    assert weights_condition(plan.status)[:2] == ("True", "Verified")
+    assert summary(plan.status)["Ready"] == ("False", "WaitingForReplicas")
+    assert reasons(plan) == ["WeightsVerified"]
+
+
+def test_a_model_ready_again_after_it_served_says_so_in_an_event():
+    world = placed(World(model_body(), default_fleet()))
+    assert summary(world.status)["Ready"] == ("True", "Serving")
+    world.deployment()["status"].update(readyReplicas=0, availableReplicas=0)
+    plan = world.reconcile(at(60))
+    assert summary(plan.status)["Ready"][0] == "False"
+    world.mark_ready()
+    plan = world.reconcile(at(120))
+    assert [(e.type, e.reason) for e in plan.events] == [("Normal", "Ready")]
 
 
 def test_weights_verified_follows_the_loader_init_containers():

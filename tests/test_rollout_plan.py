@@ -161,6 +161,8 @@ def test_a_new_revision_runs_beside_the_stable_and_is_evaluated_before_any_traff
     assert world.started == [f"{candidate}/step-0"]
     assert "EvaluationStarted" in reasons(world.rollout_events)
     assert world.deployment(stable)["spec"] == stable_dep["spec"], "the stable is never touched"
+    # The replica ratio needs the model Service only: no revision has a Service of its own.
+    assert {name for kind, name in world.objects if kind == "Service"} == {NAME}
 
 
 def test_passing_evaluations_move_the_weight_step_by_step_and_promote():
@@ -340,6 +342,10 @@ def test_with_the_gateway_api_the_weights_go_to_an_http_route():
     world.settle(at(2))
     backends = {b["name"]: b["weight"] for b in world.route["spec"]["rules"][0]["backendRefs"]}
     assert backends == {f"{NAME}-{stable}": 80, f"{NAME}-{candidate}": 20}
+    # Every backend the route names is a Service selecting its revision's pods.
+    for revision in (stable, candidate):
+        svc = world.objects[("Service", f"{NAME}-{revision}")]
+        assert svc["spec"]["selector"]["slmfleet.io/revision"] == revision
     assert selector(world)["slmfleet.io/revision"] == stable  # in-cluster clients stay on the stable
     assert world.rollout_status["canaryWeight"] == 20
 

@@ -1,5 +1,5 @@
-"""The objects a model's plan applies: the revision's Deployment and Service, the model Service
-with the canary weight, and the HTTPRoute when a rollout routes by it."""
+"""The objects a model's plan applies: the revision's Deployment, the model Service with the
+canary weight, and the HTTPRoute when a rollout routes by it, with the revision Services it names."""
 
 from __future__ import annotations
 
@@ -71,18 +71,21 @@ class Target:
                                                   shape.config_for(self.config), self.disk_bytes,
                                                   hardened=shape.hardened))
 
-    def revision_service(self) -> dict[str, Any]:
-        return with_applied_hash(build_revision_service(self.owner, self.revision, self.config))
-
 
 def traffic_objects(target: Target, serving: str, canary: str | None, weight: int,
                     route: HttpRouteTraffic | None) -> list[dict[str, Any]]:
     """The model Service (it selects `serving`, and `canary` at `weight` by the replica ratio when
-    no route carries the weight) and the HTTPRoute that splits `weight` to `canary`, if one does."""
+    no route carries the weight) and the HTTPRoute that splits `weight` to `canary`, if one does.
+
+    A revision gets a Service of its own only as an HTTPRoute's backend: clients use the model
+    Service, and evaluations address the pods. One Service per model, not two, for a model no
+    route splits: a write and an ownership read fewer for each new model."""
     by_ratio = canary if route is None else None
     desired = [with_applied_hash(build_model_service(target.owner, serving, target.config, canary_revision=by_ratio,
                                                      canary_weight=weight if by_ratio else 0))]
     if route is not None:
+        desired.extend(with_applied_hash(build_revision_service(target.owner, revision, target.config))
+                       for revision in dict.fromkeys((serving, canary)) if revision is not None)
         desired.append(with_applied_hash(build_http_route(target.owner, route, serving, canary,
                                                           weight if canary else 0, target.config)))
     return desired

@@ -46,6 +46,7 @@ from slmfleet.planning.status import (
     StatusDraft,
     changed_condition_events,
     image_pull_failure,
+    loader_finished_at,
     next_history,
     vllm_start_failure,
     weights_verified,
@@ -320,7 +321,7 @@ def _plan_placed(s: Subject, draft: Draft, placement: Placement, fallbacks: tupl
         return _plan_blocked(s, draft, Failure("SourceNotSupported", str(exc)), placement)
     desired_ready = deployment_ready(live, deployment)
     serving = _serving_revision(s, ro, desired_ready)
-    desired = [deployment, target.revision_service(),
+    desired = [deployment,
                *traffic_objects(target, serving, s.revision if in_canary else None, ro.weight, ro.traffic)]
     apply = changed(desired, (*s.obs.deployments, *s.obs.services, s.obs.route))
     _revision_events(s, draft)
@@ -344,11 +345,39 @@ def _plan_placed(s: Subject, draft: Draft, placement: Placement, fallbacks: tupl
         "excluded_placements": list(draft.excluded), "sizing_inputs": s.sizing_inputs, "replicas": s.replicas,
         "ready_replicas": stable_ready if in_canary else ready, "endpoint": model_endpoint(s.owner, s.config),
     })
+    new = _hold_lone_verification(s, new, draft)
     plan = _finish(s.old, new, apply, delete, draft)
     candidate_replicas = ro.candidate_replicas if in_canary else 0
     return replace(plan, requeue_after=sooner(plan.requeue_after, ro.requeue_after), rollout=rollout,
                    gpus={} if placement.accelerator == "cpu"
                    else {placement.gpu_product: placement.gpu_count * (candidate_replicas + s.replicas)})
+
+
+VERIFIED_HOLD_SECONDS = 30.0
+"""How long a loader's success waits to be written with the Ready that usually follows it."""
+
+
+def _hold_lone_verification(s: Subject, new: SmallModelStatus, draft: Draft) -> SmallModelStatus:
+    """The status without a WeightsVerified success that would be its only change, for up to
+    VERIFIED_HOLD_SECONDS after the loader finished.
+
+    A pod's server starts only after its loader verified every file, so Ready implies the
+    verification; written apart, the two cost two status writes (and two Events) per new model
+    where one says both. A server that takes longer to start gets the verification written when
+    the hold ends (the plan looks again then)."""
+    before, after = find(s.old.conditions, "WeightsVerified"), find(new.conditions, "WeightsVerified")
+    if after is None or after.status != "True" or (before is not None and before.status == "True"):
+        return new
+    finished = loader_finished_at(s.obs.pods, s.revision)
+    if finished is None:
+        return new
+    left = VERIFIED_HOLD_SECONDS - (s.now - finished).total_seconds()
+    conditions = [before if c.type == "WeightsVerified" else c for c in new.conditions]
+    held = new.model_copy(update={"conditions": [c for c in conditions if c is not None]})
+    if left <= 0 or held.to_wire() != s.old.to_wire():
+        return new  # the hold is over, or the status is written anyway: the verification goes with it
+    draft.look_again_in(left)
+    return held
 
 
 def _serving_revision(s: Subject, ro: RolloutPlan, desired_ready: bool) -> str:
@@ -436,11 +465,16 @@ def _plan_invalid(obs: Observed, message: str, now: dt.datetime) -> Plan:
 def _finish(old: SmallModelStatus, new: SmallModelStatus, apply: list[dict[str, Any]], delete: list[Deletion],
             draft: Draft) -> Plan:
     old_wire, new_wire = old.to_wire(), new.to_wire()
+    news = changed_condition_events(old.conditions, new.conditions)
+    if not old.history:
+        # A model's first readiness is no decision: its Placed Event said where it runs, and the
+        # Ready condition says since when. Events are for decisions and for trouble.
+        news = [e for e in news if (e.type, e.reason) != ("Normal", "Ready")]
     return Plan(
         apply=tuple(apply),
         delete=tuple(delete),
         status=new_wire if new_wire != old_wire else None,
-        events=(*draft.events, *changed_condition_events(old.conditions, new.conditions)),
+        events=(*draft.events, *news),
         requeue_after=draft.requeue,
         conditions={c.type: c.status for c in new.conditions},
     )

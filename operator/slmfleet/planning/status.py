@@ -10,7 +10,7 @@ from typing import Any
 
 from slmfleet.api.conditions import Condition, find, set_condition
 from slmfleet.api.smallmodel import MAX_HISTORY, RevisionRecord, SmallModelStatus
-from slmfleet.api.timestamps import rfc3339
+from slmfleet.api.timestamps import parse_rfc3339, rfc3339
 from slmfleet.builders.labels import REVISION_LABEL
 from slmfleet.builders.pod import CONTAINER_NAME
 from slmfleet.builders.weights import LOADER_CONTAINER
@@ -109,6 +109,19 @@ def weights_verified(pods: Iterable[dict[str, Any]], revision: str) -> tuple[str
     if success:
         return "True", "Verified", success
     return "Unknown", "Pending", "no loader has finished yet"
+
+
+def loader_finished_at(pods: Iterable[dict[str, Any]], revision: str) -> dt.datetime | None:
+    """When the first of the revision's loaders that succeeded finished (None: none did, or the
+    kubelet did not say when)."""
+    times = []
+    for pod in _revision_pods(pods, revision):
+        for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            done = (status.get("state") or {}).get("terminated") or {}
+            if status.get("name") == LOADER_CONTAINER and done and int(done.get("exitCode", 1)) == 0:
+                if (finished := parse_rfc3339(done.get("finishedAt"))) is not None:
+                    times.append(finished)
+    return min(times, default=None)
 
 
 # The kubelet's waiting reasons for an image it cannot get: another node would not help.
