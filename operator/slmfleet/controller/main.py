@@ -19,7 +19,7 @@ from slmfleet.controller.reconcile import reconcile
 from slmfleet.controller.registry import build_registry, keep_in_sync
 from slmfleet.controller.runtime import ModelKey, Runtime
 from slmfleet.controller.weights_reader import WeightsReader
-from slmfleet.k8s.client import KubeClient
+from slmfleet.k8s.client import LIST_PAGE_SIZE, KubeClient
 
 log = logging.getLogger("slmfleet.operator")
 
@@ -98,6 +98,9 @@ async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str 
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    # kopf lists every watched kind when its watch starts, and again after a 410; whole, those
+    # lists were the operator's peak memory (1000 models: pods, Deployments, Services, at once).
+    settings.watching.chunk_size = LIST_PAGE_SIZE
     # kopf's own calls (not the watches): a deadline, as for ours (k8s/client.py).
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 10

@@ -32,6 +32,9 @@ from urllib3.util.retry import Retry
 import slmfleet
 
 FIELD_MANAGER = "slmfleet"
+LIST_PAGE_SIZE = 100
+"""Objects per page of a full listing (the operator's and kopf's): the decoded page is what a
+listing holds in memory at once, and a hundred whole objects is about 2 MiB of them."""
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +190,7 @@ class KubeClient:
 
     async def list_pages(self, api_version: str, plural: str, namespace: str | None = None,
                          label_selector: str | None = None,
-                         page_size: int = 500) -> AsyncIterator[list[dict[str, Any]]]:
+                         page_size: int = LIST_PAGE_SIZE) -> AsyncIterator[list[dict[str, Any]]]:
         """Every object of `plural` (in `namespace`, or cluster-wide), a page at a time (only one page
         of whole objects is in memory at once), each with its apiVersion and kind filled in as a
         watch event has them. A continue token that expired (410) ends the listing with an error."""
