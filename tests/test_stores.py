@@ -4,6 +4,7 @@ and the work queue's priorities (a user's edit goes ahead of the look at every m
 from __future__ import annotations
 
 import asyncio
+import time
 
 from slmfleet.controller.stores import Store
 from slmfleet.controller.workqueue import BACKGROUND, URGENT, WorkQueue
@@ -17,6 +18,20 @@ def test_a_listing_drops_what_it_lacks_and_adds_what_it_has():
     assert sorted(id_ for id_, *_ in changes) == ["u2", "u3"]
     assert store.get(("ns", "m")) == [{"v": 1}] and store.get(("ns", "n")) == [{"v": 3}]
     assert len(store) == 2
+
+
+def test_a_packed_store_reads_copies_and_sees_no_change_in_the_same_content():
+    store = Store(packed=True)
+    body = {"metadata": {"name": "m", "labels": {"a": "1"}}, "spec": {"replicas": 1}}
+    assert store.put("u1", ("ns", "m"), body) == {("ns", "m")}
+    [read] = store.get(("ns", "m"))
+    assert read == body and read is not body
+    read["spec"]["replicas"] = 5  # a reader's change stays its own
+    assert store.value_of("u1") == body
+    # The same content again (a re-list, keys in another order) is no change; other content is.
+    assert store.put("u1", ("ns", "m"), {"spec": {"replicas": 1}, "metadata": {"labels": {"a": "1"}, "name": "m"}}) == set()
+    assert store.resync({"u1": (("ns", "m"), dict(reversed(list(body.items()))))}, started=time.monotonic()) == []
+    assert store.put("u1", ("ns", "m"), {**body, "spec": {"replicas": 2}}) == {("ns", "m")}
 
 
 def test_an_event_newer_than_the_listing_wins_over_it():

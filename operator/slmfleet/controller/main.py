@@ -101,6 +101,10 @@ async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str 
     # kopf lists every watched kind when its watch starts, and again after a 410; whole, those
     # lists were the operator's peak memory (1000 models: pods, Deployments, Services, at once).
     settings.watching.chunk_size = LIST_PAGE_SIZE
+    # kopf's per-object worker keeps the object's last event while it waits for the next one: for
+    # 5 s by default, so a listing of five thousand objects was alive at once. The handler only
+    # records the event (registry.record), so a worker has nothing to wait for.
+    settings.queueing.idle_timeout = 0.2
     # kopf's own calls (not the watches): a deadline, as for ours (k8s/client.py).
     settings.networking.request_timeout = 60
     settings.networking.connect_timeout = 10

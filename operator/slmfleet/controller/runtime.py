@@ -47,6 +47,7 @@ WEIGHT_FAILURES = frozenset({*LOADER_FAILURES.values(), "ManifestInvalid", "Mani
 
 INDEX_NAMES = ("slm_models", "slm_deployments", "slm_services", "slm_model_pods", "slm_gpu_pods", "slm_nodes",
                "slm_rollouts")
+PACKED = ("slm_models", "slm_deployments", "slm_services", "slm_rollouts")  # whole objects (see Store)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Runtime:
     client: KubeClient
     queue: WorkQueue = field(default_factory=WorkQueue)
     # The stores (stores.py), by name: what the watches and the listings show of the cluster.
-    indices: dict[str, Any] = field(default_factory=lambda: {name: Store() for name in INDEX_NAMES})
+    indices: dict[str, Any] = field(default_factory=lambda: {name: Store(packed=name in PACKED) for name in INDEX_NAMES})
     cluster: LiveInventory = field(default_factory=LiveInventory)  # from slm_nodes and slm_gpu_pods
     indices_ready: asyncio.Event = field(default_factory=asyncio.Event)
     failures: dict[ModelKey, int] = field(default_factory=dict)
