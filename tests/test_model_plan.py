@@ -32,6 +32,7 @@ from slmfleet.planning.common import Deletion, EventNote
 from slmfleet.planning.desired import LivePodShape, Target
 from slmfleet.planning.model import Observed, Plan, plan_model
 from slmfleet.planning.placement import hf_config
+from slmfleet.sizing.inventory import LiveInventory
 from slmfleet.sizing.pools import ready_nodes_from_pools_doc
 from slmfleet.weights.facts import WeightsFacts
 from tests.sizing_configs import QWEN2_5_0_5B, QWEN2_5_14B
@@ -624,6 +625,30 @@ def test_a_placement_that_lost_its_gpus_before_becoming_ready_is_sized_again():
     assert applied(plan) == {("Deployment", old_dep["metadata"]["name"])}
     assert "Placed" in reasons(plan)
     assert plan.status["revision"] == world.status["revision"]
+
+
+def test_a_placement_whose_pod_is_bound_stays_though_not_ready_and_its_gpus_look_taken():
+    # A busy control plane: the pod is on the L4 and loading, the Deployment does not say Ready yet,
+    # and another model's Deployment, its pod not bound yet, reserves an L4 in the operator's inventory.
+    nodes = [gpu_node("l4-a", L4, L4_MIB, 1), h100_node("h100", 1)]
+    world = World(model_body(), nodes)
+    world.settle(T0)
+    world.pods = [revision_pod(world.deployment(), f"{NAME}-pod-1", node="l4-a")]
+    live = LiveInventory()
+    for node in nodes:
+        live.set_node(node["metadata"]["name"], node)
+    for pod in world.pods:
+        live.set_pod(pod["metadata"]["uid"], pod)
+    live.set_reservations(("models", "other"), {"rev": {("nvidia.com/gpu", L4): 1}})
+
+    def plan(now: dt.datetime) -> Plan:
+        return plan_model(dataclasses.replace(world.observe(), cluster=live), world.config, now)
+
+    assert plan(at(30)).writes == 0
+    # Its pod gone (evicted), nothing holds the L4 for it: sized again, on what is free.
+    world.pods = []
+    live.set_pod("pod-uid-" + f"{NAME}-pod-1", None)
+    assert plan(at(31)).status["placement"]["gpuProduct"] == H100
 
 
 def test_a_ready_placement_stays_even_when_its_gpus_look_taken():

@@ -251,9 +251,24 @@ def _keep_placement(req: PlacementRequest) -> tuple[Placement | None, tuple[Excl
         moved = (f"pods stayed Pending for {int(waited)}s on {placement.summary} "
                  f"(limit {req.pending_timeout_seconds}s): {pending[1]}")
         return None, (*req.excluded, ExcludedPlacement(key=placement.key, reason=moved)), moved, None
-    if not _still_fits(placement, req.inventory) and not serving_there:
+    if not (_still_fits(placement, req.inventory) or serving_there or _bound_there(req.pods, req.revision, placement)):
         return None, req.excluded, "", None
     return placement, req.excluded, "", None
+
+
+def _bound_there(pods: Iterable[dict[str, Any]], revision: str, placement: Placement) -> bool:
+    """Whether a pod of the revision and placement is bound to a node: it holds its devices there.
+    Such a placement is kept though the Deployment does not say Ready yet (its status comes after
+    the pods', late on a busy control plane): what other models' unbound pods may take from the
+    inventory meanwhile must not move a model off the devices it already has."""
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        if ((meta.get("labels") or {}).get(REVISION_LABEL) == revision
+                and (meta.get("annotations") or {}).get(PLACEMENT_ANNOTATION) == placement.key
+                and (pod.get("spec") or {}).get("nodeName") and not meta.get("deletionTimestamp")
+                and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")):
+            return True
+    return False
 
 
 def _placed_events(req: PlacementRequest, placement: Placement, moved_reason: str, stuck: str) -> tuple[EventNote, ...]:
