@@ -1071,7 +1071,7 @@ def test_a_slow_server_gets_its_verification_written_when_the_hold_ends():
     plan = world.reconcile(at(100 + model_plan.VERIFIED_HOLD_SECONDS))
     assert weights_condition(plan.status)[:2] == ("True", "Verified")
     assert summary(plan.status)["Ready"] == ("False", "WaitingForReplicas")
-    assert reasons(plan) == ["WeightsVerified"]
+    assert plan.events == ()  # a verification that passed is in the condition, not an Event
 
 
 def test_a_model_ready_again_after_it_served_says_so_in_an_event():
@@ -1093,7 +1093,7 @@ def test_weights_verified_follows_the_loader_init_containers():
     world.pods = [ok]
     plan = world.reconcile(at(10))
     assert weights_condition(world.status)[:2] == ("True", "Verified")
-    assert "WeightsVerified" in reasons(plan)
+    assert "verified every file" in weights_condition(world.status)[2] and plan.events == ()
     assert world.plan(at(20)).writes == 0
 
     # A new pod finds a file changed under the pin: the verdict turns, naming the file.
@@ -1408,7 +1408,7 @@ def test_a_name_taken_by_another_owner_applies_nothing_even_to_a_served_model():
     assert "Service qwen-chat" in degraded["message"]
 
 
-def test_weights_verified_and_ready_in_one_step_are_one_event():
+def test_a_passed_verification_is_no_event_and_a_failed_one_is_a_warning():
     from slmfleet.api.conditions import Condition
     from slmfleet.planning.status import changed_condition_events
 
@@ -1417,7 +1417,8 @@ def test_weights_verified_and_ready_in_one_step_are_one_event():
     old = [cond("Ready", "False", "Waiting", "0/1"), cond("WeightsVerified", "Unknown", "Loading", "")]
     both = [cond("Ready", "True", "Serving", "1/1 replicas ready"),
             cond("WeightsVerified", "True", "Verified", "pod p verified every file")]
-    [event] = changed_condition_events(old, both)
-    assert (event.reason, event.message) == ("Ready", "1/1 replicas ready; weights verified: pod p verified every file")
-    only_verified = [old[0], both[1]]
-    assert [e.reason for e in changed_condition_events(old, only_verified)] == ["WeightsVerified"]
+    assert [(e.type, e.reason, e.message) for e in changed_condition_events(old, both)] == [
+        ("Normal", "Ready", "1/1 replicas ready")]
+    assert changed_condition_events(old, [old[0], both[1]]) == []
+    failed = cond("WeightsVerified", "False", "FileMismatch", "pod p: model.safetensors changed")
+    assert [(e.type, e.reason) for e in changed_condition_events(old, [old[0], failed])] == [("Warning", "FileMismatch")]

@@ -38,7 +38,9 @@ class StatusDraft:
 
 
 def changed_condition_events(old: list[Condition], new: list[Condition]) -> list[EventNote]:
-    """An Event for every condition that turned bad or good, or changed its reason."""
+    """An Event for every condition that turned bad or good, or changed its reason. A verification
+    that passed is no Event: the condition says it (with the pod and when), and Events are for
+    decisions and trouble; one that failed is a Warning."""
     events = []
     degraded = find(new, "Degraded")
     for cond in new:
@@ -50,22 +52,9 @@ def changed_condition_events(old: list[Condition], new: list[Condition]) -> list
         elif cond.type == "WeightsVerified" and cond.status == "False":
             if degraded is None or (degraded.status, degraded.reason) != ("True", cond.reason):
                 events.append(EventNote("Warning", cond.reason, cond.message))
-        elif cond.type == "WeightsVerified" and cond.status == "True":
-            events.append(EventNote("Normal", "WeightsVerified", cond.message))
         elif cond.type == "Ready" and cond.status == "True":
             events.append(EventNote("Normal", "Ready", cond.message))
-    return _one_for_verified_and_ready(events)
-
-
-def _one_for_verified_and_ready(events: list[EventNote]) -> list[EventNote]:
-    """Weights verified and the model Ready in one step (a model that starts quickly) say so in one
-    Event, Ready, which keeps the verification's words: one write instead of two, per model."""
-    verified = next((e for e in events if e.reason == "WeightsVerified"), None)
-    ready = next((e for e in events if e.reason == "Ready"), None)
-    if verified is None or ready is None:
-        return events
-    merged = EventNote("Normal", "Ready", f"{ready.message}; weights verified: {verified.message}")
-    return [merged if e is ready else e for e in events if e is not verified]
+    return events
 
 
 # `slmfleet load` exit codes (weights/loader.py) -> WeightsVerified reasons.
