@@ -1074,6 +1074,26 @@ def test_a_slow_server_gets_its_verification_written_when_the_hold_ends():
     assert plan.events == ()  # a verification that passed is in the condition, not an Event
 
 
+def test_pods_ready_before_their_deployment_says_so_hold_the_verification_longer():
+    world = loaded_world(finished=at(100))
+    [pod] = world.pods
+    pod["spec"]["nodeName"] = "l4-a"
+    pod["status"].update(phase="Running", conditions=[{"type": "Ready", "status": "True"}])
+    plan = world.reconcile(at(100 + model_plan.VERIFIED_HOLD_SECONDS + 60))
+    assert plan.writes == 0  # only the Deployment controller is late
+    assert plan.requeue_after == pytest.approx(
+        model_plan.VERIFIED_HOLD_PODS_READY_SECONDS - model_plan.VERIFIED_HOLD_SECONDS - 60)
+    world.mark_ready()
+    plan = world.reconcile(at(200))
+    assert weights_condition(plan.status)[:2] == ("True", "Verified") and summary(plan.status)["Ready"][0] == "True"
+
+    late = loaded_world(finished=at(100))
+    late.pods[0]["spec"]["nodeName"] = "l4-a"
+    late.pods[0]["status"].update(phase="Running", conditions=[{"type": "Ready", "status": "True"}])
+    plan = late.reconcile(at(100 + model_plan.VERIFIED_HOLD_PODS_READY_SECONDS))
+    assert weights_condition(plan.status)[:2] == ("True", "Verified")  # the hold has an end
+
+
 def test_a_model_ready_again_after_it_served_says_so_in_an_event():
     world = placed(World(model_body(), default_fleet()))
     assert summary(world.status)["Ready"] == ("True", "Serving")

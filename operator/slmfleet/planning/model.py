@@ -48,6 +48,7 @@ from slmfleet.planning.status import (
     image_pull_failure,
     loader_finished_at,
     next_history,
+    revision_pods_ready,
     vllm_start_failure,
     weights_verified,
 )
@@ -355,6 +356,9 @@ def _plan_placed(s: Subject, draft: Draft, placement: Placement, fallbacks: tupl
 
 VERIFIED_HOLD_SECONDS = 30.0
 """How long a loader's success waits to be written with the Ready that usually follows it."""
+VERIFIED_HOLD_PODS_READY_SECONDS = 300.0
+"""How long it waits when the pods are Ready already and only the Deployment's status lags (its
+controller updates it late on a busy control plane: 66-109 s at a thousand models created at once)."""
 
 
 def _hold_lone_verification(s: Subject, new: SmallModelStatus, draft: Draft) -> SmallModelStatus:
@@ -362,16 +366,18 @@ def _hold_lone_verification(s: Subject, new: SmallModelStatus, draft: Draft) -> 
     VERIFIED_HOLD_SECONDS after the loader finished.
 
     A pod's server starts only after its loader verified every file, so Ready implies the
-    verification; written apart, the two cost two status writes (and two Events) per new model
-    where one says both. A server that takes longer to start gets the verification written when
-    the hold ends (the plan looks again then)."""
+    verification; written apart, they cost two status writes per new model where one says both.
+    A server that takes longer to start gets the verification written when the hold ends (the
+    plan looks again then); the hold is longer while the pods are Ready already, waiting only for
+    the Deployment controller to say so."""
     before, after = find(s.old.conditions, "WeightsVerified"), find(new.conditions, "WeightsVerified")
     if after is None or after.status != "True" or (before is not None and before.status == "True"):
         return new
     finished = loader_finished_at(s.obs.pods, s.revision)
     if finished is None:
         return new
-    left = VERIFIED_HOLD_SECONDS - (s.now - finished).total_seconds()
+    hold = VERIFIED_HOLD_PODS_READY_SECONDS if revision_pods_ready(s.obs.pods, s.revision) else VERIFIED_HOLD_SECONDS
+    left = hold - (s.now - finished).total_seconds()
     conditions = [before if c.type == "WeightsVerified" else c for c in new.conditions]
     held = new.model_copy(update={"conditions": [c for c in conditions if c is not None]})
     if left <= 0 or held.to_wire() != s.old.to_wire():

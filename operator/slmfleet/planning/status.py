@@ -113,6 +113,14 @@ def loader_finished_at(pods: Iterable[dict[str, Any]], revision: str) -> dt.date
     return min(times, default=None)
 
 
+def revision_pods_ready(pods: Iterable[dict[str, Any]], revision: str) -> bool:
+    """Whether the revision has pods and every one on a node, not going away, is Ready."""
+    live = [p for p in _revision_pods(pods, revision)
+            if (p.get("spec") or {}).get("nodeName") and not (p.get("metadata") or {}).get("deletionTimestamp")]
+    return bool(live) and all(any(c.get("type") == "Ready" and c.get("status") == "True"
+                                  for c in (p.get("status") or {}).get("conditions") or []) for p in live)
+
+
 # The kubelet's waiting reasons for an image it cannot get: another node would not help.
 IMAGE_PULL_FAILURES = ("ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName")
 
