@@ -88,3 +88,11 @@ def test_raw_copies_are_plain_objects_in_the_raw_namespace():
                     "metadata": {"name": "m", "namespace": "scale-raw-0", "labels": {"a": "b"}, "annotations": {}},
                     "spec": {"ports": [{"port": 8000}]}}
     assert svc["spec"]["clusterIP"] == "127.112.0.9"  # the original is untouched
+
+
+def test_the_raw_arm_waits_for_the_deployments_the_operator_got_available():
+    def dep(replicas, available):
+        status = {} if available is None else {"availableReplicas": available}
+        return {"kind": "Deployment", "spec": {"replicas": replicas}, "status": status}
+    objects = [dep(1, 1), dep(2, 1), dep(1, None), dep(2, 2), {"kind": "Service", "spec": {}, "status": {}}]
+    assert scale.available_deployments(objects) == 2
