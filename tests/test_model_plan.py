@@ -1439,6 +1439,7 @@ def test_a_passed_verification_is_no_event_and_a_failed_one_is_a_warning():
             cond("WeightsVerified", "True", "Verified", "pod p verified every file")]
     assert [(e.type, e.reason, e.message) for e in changed_condition_events(old, both)] == [
         ("Normal", "Ready", "1/1 replicas ready")]
+    assert changed_condition_events(old, both, served=False) == []  # a new model's first readiness
     assert changed_condition_events(old, [old[0], both[1]]) == []
     failed = cond("WeightsVerified", "False", "FileMismatch", "pod p: model.safetensors changed")
     assert [(e.type, e.reason) for e in changed_condition_events(old, [old[0], failed])] == [("Warning", "FileMismatch")]

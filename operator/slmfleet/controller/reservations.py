@@ -14,8 +14,7 @@ from typing import Any
 
 from slmfleet.builders.labels import PLACEMENT_ANNOTATION, REVISION_LABEL
 from slmfleet.controller.runtime import GPU_PREFIX, ModelKey, Runtime
-
-_FINISHED = ("Succeeded", "Failed")
+from slmfleet.planning.common import on_its_node
 
 
 def wanted_devices(deployments: list[dict[str, Any]], pods: list[dict[str, Any]]) -> dict[str, dict[tuple[str, str], int]]:
@@ -23,8 +22,7 @@ def wanted_devices(deployments: list[dict[str, Any]], pods: list[dict[str, Any]]
     bound: dict[str, int] = {}
     for pod in pods:
         meta = pod.get("metadata") or {}
-        if (pod.get("spec") or {}).get("nodeName") and (pod.get("status") or {}).get("phase") not in _FINISHED \
-                and not meta.get("deletionTimestamp"):
+        if on_its_node(pod):
             revision = (meta.get("labels") or {}).get(REVISION_LABEL, "")
             bound[revision] = bound.get(revision, 0) + 1
     out: dict[str, dict[tuple[str, str], int]] = {}

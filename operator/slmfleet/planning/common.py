@@ -63,6 +63,12 @@ def revision_of_object(obj: dict[str, Any]) -> str | None:
     return (obj.get("metadata", {}).get("labels") or {}).get(REVISION_LABEL)
 
 
+def on_its_node(pod: dict[str, Any]) -> bool:
+    """Whether the pod is bound to a node, not finished and not being deleted."""
+    return bool((pod.get("spec") or {}).get("nodeName")) and not (pod.get("metadata") or {}).get("deletionTimestamp") \
+        and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+
+
 def ready_replicas(dep: dict[str, Any] | None) -> int:
     return int(((dep or {}).get("status") or {}).get("readyReplicas", 0))
 

@@ -471,16 +471,11 @@ def _plan_invalid(obs: Observed, message: str, now: dt.datetime) -> Plan:
 def _finish(old: SmallModelStatus, new: SmallModelStatus, apply: list[dict[str, Any]], delete: list[Deletion],
             draft: Draft) -> Plan:
     old_wire, new_wire = old.to_wire(), new.to_wire()
-    news = changed_condition_events(old.conditions, new.conditions)
-    if not old.history:
-        # A model's first readiness is no decision: its Placed Event said where it runs, and the
-        # Ready condition says since when. Events are for decisions and for trouble.
-        news = [e for e in news if (e.type, e.reason) != ("Normal", "Ready")]
     return Plan(
         apply=tuple(apply),
         delete=tuple(delete),
         status=new_wire if new_wire != old_wire else None,
-        events=(*draft.events, *news),
+        events=(*draft.events, *changed_condition_events(old.conditions, new.conditions, served=bool(old.history))),
         requeue_after=draft.requeue,
         conditions={c.type: c.status for c in new.conditions},
     )

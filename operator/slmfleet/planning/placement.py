@@ -23,7 +23,7 @@ from slmfleet.api.smallmodel import (
 )
 from slmfleet.api.timestamps import parse_rfc3339
 from slmfleet.builders.labels import PLACEMENT_ANNOTATION, REVISION_LABEL
-from slmfleet.planning.common import EventNote, Failure, deployment_ready
+from slmfleet.planning.common import EventNote, Failure, deployment_ready, on_its_node
 from slmfleet.weights.facts import WeightsFacts
 
 
@@ -264,9 +264,7 @@ def _bound_there(pods: Iterable[dict[str, Any]], revision: str, placement: Place
     for pod in pods:
         meta = pod.get("metadata") or {}
         if ((meta.get("labels") or {}).get(REVISION_LABEL) == revision
-                and (meta.get("annotations") or {}).get(PLACEMENT_ANNOTATION) == placement.key
-                and (pod.get("spec") or {}).get("nodeName") and not meta.get("deletionTimestamp")
-                and (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")):
+                and (meta.get("annotations") or {}).get(PLACEMENT_ANNOTATION) == placement.key and on_its_node(pod)):
             return True
     return False
 

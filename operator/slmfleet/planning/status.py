@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from slmfleet.api.conditions import Condition, find, set_condition
@@ -14,7 +14,7 @@ from slmfleet.api.timestamps import parse_rfc3339, rfc3339
 from slmfleet.builders.labels import REVISION_LABEL
 from slmfleet.builders.pod import CONTAINER_NAME
 from slmfleet.builders.weights import LOADER_CONTAINER
-from slmfleet.planning.common import EventNote
+from slmfleet.planning.common import EventNote, on_its_node
 from slmfleet.weights import errors
 
 
@@ -37,10 +37,11 @@ class StatusDraft:
         self.conditions = set_condition(self.conditions, new, self.now)
 
 
-def changed_condition_events(old: list[Condition], new: list[Condition]) -> list[EventNote]:
-    """An Event for every condition that turned bad or good, or changed its reason. A verification
-    that passed is no Event: the condition says it (with the pod and when), and Events are for
-    decisions and trouble; one that failed is a Warning."""
+def changed_condition_events(old: list[Condition], new: list[Condition], *, served: bool = True) -> list[EventNote]:
+    """An Event for every condition that turned bad or good, or changed its reason. Events are for
+    decisions and trouble: a verification that passed is no Event (the condition says it, with the
+    pod and when; one that failed is a Warning), nor is the first readiness of a model that never
+    `served` (its Placed Event said where it runs, and the Ready condition says since when)."""
     events = []
     degraded = find(new, "Degraded")
     for cond in new:
@@ -52,7 +53,7 @@ def changed_condition_events(old: list[Condition], new: list[Condition]) -> list
         elif cond.type == "WeightsVerified" and cond.status == "False":
             if degraded is None or (degraded.status, degraded.reason) != ("True", cond.reason):
                 events.append(EventNote("Warning", cond.reason, cond.message))
-        elif cond.type == "Ready" and cond.status == "True":
+        elif cond.type == "Ready" and cond.status == "True" and served:
             events.append(EventNote("Normal", "Ready", cond.message))
     return events
 
@@ -72,29 +73,34 @@ def _revision_pods(pods: Iterable[dict[str, Any]], revision: str) -> list[dict[s
             if (p["metadata"].get("labels") or {}).get(REVISION_LABEL) == revision]
 
 
+def _loader_statuses(pods: Iterable[dict[str, Any]], revision: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    """(pod, its loader init container's status) for the revision's pods."""
+    for pod in _revision_pods(pods, revision):
+        for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
+            if status.get("name") == LOADER_CONTAINER:
+                yield pod, status
+
+
 def weights_verified(pods: Iterable[dict[str, Any]], revision: str) -> tuple[str, str, str]:
     """WeightsVerified from the loader init containers of the revision's pods: a failure anywhere
     is news (a file changed under the pin), otherwise one success is enough."""
     success = None
-    for pod in _revision_pods(pods, revision):
-        for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
-            if status.get("name") != LOADER_CONTAINER:
+    for pod, status in _loader_statuses(pods, revision):
+        current = (status.get("state") or {}).get("terminated")
+        states = [status.get("state") or {}]
+        if not (current and int(current.get("exitCode", 1)) == 0):
+            states.append(status.get("lastState") or {})  # an earlier failure, not yet retried well
+        for state in states:
+            done = state.get("terminated")
+            if not done:
                 continue
-            current = (status.get("state") or {}).get("terminated")
-            states = [status.get("state") or {}]
-            if not (current and int(current.get("exitCode", 1)) == 0):
-                states.append(status.get("lastState") or {})  # an earlier failure, not yet retried well
-            for state in states:
-                done = state.get("terminated")
-                if not done:
-                    continue
-                code = int(done.get("exitCode", 0))
-                if code == 0:
-                    success = success or f"pod {pod['metadata'].get('name')} loaded and verified every file of the manifest"
-                else:
-                    reason = LOADER_FAILURES.get(code, "LoadFailed")
-                    message = (done.get("message") or "").strip() or f"the loader exited with {code}"
-                    return "False", reason, f"pod {pod['metadata'].get('name')}: {message}"[:2000]
+            code = int(done.get("exitCode", 0))
+            if code == 0:
+                success = success or f"pod {pod['metadata'].get('name')} loaded and verified every file of the manifest"
+            else:
+                reason = LOADER_FAILURES.get(code, "LoadFailed")
+                message = (done.get("message") or "").strip() or f"the loader exited with {code}"
+                return "False", reason, f"pod {pod['metadata'].get('name')}: {message}"[:2000]
     if success:
         return "True", "Verified", success
     return "Unknown", "Pending", "no loader has finished yet"
@@ -104,19 +110,16 @@ def loader_finished_at(pods: Iterable[dict[str, Any]], revision: str) -> dt.date
     """When the first of the revision's loaders that succeeded finished (None: none did, or the
     kubelet did not say when)."""
     times = []
-    for pod in _revision_pods(pods, revision):
-        for status in (pod.get("status") or {}).get("initContainerStatuses") or []:
-            done = (status.get("state") or {}).get("terminated") or {}
-            if status.get("name") == LOADER_CONTAINER and done and int(done.get("exitCode", 1)) == 0:
-                if (finished := parse_rfc3339(done.get("finishedAt"))) is not None:
-                    times.append(finished)
+    for _, status in _loader_statuses(pods, revision):
+        done = (status.get("state") or {}).get("terminated") or {}
+        if done and int(done.get("exitCode", 1)) == 0 and (finished := parse_rfc3339(done.get("finishedAt"))) is not None:
+            times.append(finished)
     return min(times, default=None)
 
 
 def revision_pods_ready(pods: Iterable[dict[str, Any]], revision: str) -> bool:
     """Whether the revision has pods and every one on a node, not going away, is Ready."""
-    live = [p for p in _revision_pods(pods, revision)
-            if (p.get("spec") or {}).get("nodeName") and not (p.get("metadata") or {}).get("deletionTimestamp")]
+    live = [p for p in _revision_pods(pods, revision) if on_its_node(p)]
     return bool(live) and all(any(c.get("type") == "Ready" and c.get("status") == "True"
                                   for c in (p.get("status") or {}).get("conditions") or []) for p in live)
 
