@@ -194,3 +194,17 @@ current-context: gone
 """)
     code, _, err = size(capsys, "--config", config_file(QWEN2_5_0_5B), "--kubeconfig", str(kubeconfig))
     assert code == 2 and "listing nodes failed" in err
+
+
+def test_replicas_choose_a_class_with_room_for_all_of_them(capsys, config_file):
+    config = config_file(QWEN2_5_0_5B)
+    code, out, _ = size(capsys, "--config", config, "--json", "--pools", str(DEFAULT_POOLS))
+    one = json.loads(out)
+    assert code == 0 and one["gpu_resource"] == "nvidia.com/mig-2g.10gb"
+    more = one["pods_with_room"] + 1  # one more than the slices hold
+    code, out, _ = size(capsys, "--config", config, "--json", "--pools", str(DEFAULT_POOLS), "--replicas", str(more))
+    many = json.loads(out)
+    assert code == 0 and many["gpu_resource"] != "nvidia.com/mig-2g.10gb" and many["pods_with_room"] >= more
+    assert any(f"hold all {more} replicas" in r for r in many["reasons"])
+    code, out, _ = size(capsys, "--config", config, "--pools", str(DEFAULT_POOLS), "--replicas", str(more))
+    assert code == 0 and f"Pods with room   {many['pods_with_room']}" in out

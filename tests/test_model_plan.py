@@ -1443,3 +1443,67 @@ def test_a_passed_verification_is_no_event_and_a_failed_one_is_a_warning():
     assert changed_condition_events(old, [old[0], both[1]]) == []
     failed = cond("WeightsVerified", "False", "FileMismatch", "pod p: model.safetensors changed")
     assert [(e.type, e.reason) for e in changed_condition_events(old, [old[0], failed])] == [("Warning", "FileMismatch")]
+
+
+# --- replicas and room ---------------------------------------------------------------------------------
+
+
+def _taken_but(nodes: list[dict[str, Any]], resource: str, spare: str) -> list[dict[str, Any]]:
+    """Other tenants' pods on every `resource` device, but one on node `spare` (the model's own)."""
+    return [gpu_pod(n["metadata"]["name"],
+                    int(n["status"]["allocatable"][resource]) - (n["metadata"]["name"] == spare),
+                    uid=f"other-{n['metadata']['name']}", resource=resource)
+            for n in nodes if resource in n["status"]["allocatable"]]
+
+
+def serving_on_its_only_free_device(pools: tuple[str, ...]) -> World:
+    """A one-replica model Ready, its pod bound, and every other device of its class taken."""
+    world = placed(World(model_body(), fleet(*pools)))
+    placement = world.status["placement"]
+    resource = placement["gpuResource"]
+    node = next(n["metadata"]["name"] for n in world.nodes if resource in n["status"]["allocatable"])
+    world.pods = [revision_pod(world.deployment(), f"{NAME}-pod-1", node=node)]
+    world.other_pods = _taken_but(world.nodes, resource, node)
+    assert world.plan(at(30)).writes == 0  # its own device is its own: nothing to move for
+    return world
+
+
+def test_a_scale_up_without_room_where_the_model_is_moves_it_where_every_replica_fits():
+    world = serving_on_its_only_free_device(("a100-40gb-mig", "l4"))
+    assert f"{world.status['placement']['gpuResource']}|{world.status['placement']['gpuProduct']}|1" == MIG_2G
+    world.edit_spec(lambda spec: spec.setdefault("serving", {}).update(replicas=2))
+    plan = world.reconcile(at(60))
+    moved = plan.status["placement"]
+    assert f"{moved['gpuResource']}|{moved['gpuProduct']}|{moved['gpuCount']}" == MIG_3G
+    assert world.deployment()["spec"]["replicas"] == 2
+    template = world.deployment()["spec"]["template"]
+    assert template["metadata"]["annotations"][PLACEMENT_ANNOTATION] == MIG_3G
+    [event] = [e for e in plan.events if e.reason == "Placed"]
+    assert event.type == "Normal" and "serving.replicas is 2" in event.message and "room for 1" in event.message
+    # Once there, it stays: the new class holds both replicas.
+    world.mark_ready()
+    world.settle(at(70))
+    assert world.plan(at(80)).writes == 0
+
+
+def test_a_scale_up_that_no_class_has_room_for_keeps_the_model_where_it_serves():
+    world = serving_on_its_only_free_device(("l4",))
+    before = world.status["placement"]
+    world.edit_spec(lambda spec: spec.setdefault("serving", {}).update(replicas=2))
+    plan = world.reconcile(at(60))
+    assert plan.status["placement"] == before
+    assert world.deployment()["spec"]["replicas"] == 2
+    assert "Placed" not in reasons(plan)
+
+
+def test_a_new_model_with_two_replicas_is_placed_where_both_fit():
+    nodes = fleet("a100-40gb-mig", "l4")
+    one_slice_left = _taken_but(nodes, "nvidia.com/mig-2g.10gb", nodes[0]["metadata"]["name"])
+    single = World(model_body(), nodes)
+    single.other_pods = one_slice_left
+    assert single.reconcile(T0).status["placement"]["gpuResource"] == "nvidia.com/mig-2g.10gb"
+    double = World(model_body(serving={"replicas": 2}), nodes)
+    double.other_pods = one_slice_left
+    placement = double.reconcile(T0).status["placement"]
+    assert f"{placement['gpuResource']}|{placement['gpuProduct']}|{placement['gpuCount']}" == MIG_3G
+    assert any("hold all 2 replicas" in r for r in placement["reasons"])

@@ -225,7 +225,45 @@ def test_to_dict_is_flat_and_null_when_nothing_fits(fleet):
     ({"gpu_count": 0}, "gpu_count"),
     ({"max_gpu_memory_utilization": 1.5}, "max_gpu_memory_utilization"),
     ({"max_model_len": 65536}, "outside 1..32768"),
+    ({"replicas": 0}, "replicas"),
 ])
 def test_bad_requests_are_refused(kwargs, error):
     with pytest.raises(SizingInputError, match=error):
         SizingRequest(QWEN_05, **kwargs)
+
+
+def _all_but_one_free(nodes, resource):
+    """Pods taking every `resource` device of `nodes` but one."""
+    holders = [n for n in nodes if resource in n["status"]["allocatable"]]
+    pods = [gpu_pod(n["metadata"]["name"], int(n["status"]["allocatable"][resource]), uid=f"x{i}", resource=resource)
+            for i, n in enumerate(holders)]
+    pods[0] = gpu_pod(holders[0]["metadata"]["name"], int(holders[0]["status"]["allocatable"][resource]) - 1,
+                      uid="x0", resource=resource)
+    return pods
+
+
+def test_a_class_with_room_for_every_replica_ranks_before_a_smaller_one_with_room_for_one():
+    nodes = default_fleet()
+    inv = inventory_from_nodes(nodes, _all_but_one_free(nodes, "nvidia.com/mig-2g.10gb"))
+    one = plan_placement(SizingRequest(QWEN_05), inv).placement
+    assert one is not None and one.gpu_resource == "nvidia.com/mig-2g.10gb" and one.pods_with_room == 1
+
+    result = plan_placement(SizingRequest(QWEN_05, replicas=2), inv)
+    two = result.placement
+    assert two is not None and two.gpu_resource != "nvidia.com/mig-2g.10gb" and two.pods_with_room >= 2
+    assert two.gpu_product == "NVIDIA-A100-SXM4-40GB-MIG-3g.20gb"  # the next smallest, as with one replica
+    assert any("hold all 2 replicas" in r for r in result.reasons)
+
+
+def test_with_no_class_holding_every_replica_the_best_one_is_chosen_and_the_reasons_say_so():
+    inv = inventory_from_nodes([gpu_node("l-0", "NVIDIA-L4", 23034, 2)], [gpu_pod("l-0", 1, uid="x")])
+    result = plan_placement(SizingRequest(QWEN_05, replicas=3), inv)
+    assert result.placement is not None and result.placement.gpu_product == "NVIDIA-L4"
+    assert result.placement.pods_with_room == 1 and result.to_dict()["pods_with_room"] == 1
+    assert any("hold 1 of the 3 replicas" in r and "Pending" in r for r in result.reasons)
+
+
+def test_tensor_parallel_pods_count_whole_groups_of_free_devices():
+    inv = inventory_from_nodes([gpu_node("l-0", "NVIDIA-L4", 23034, 4), gpu_node("l-1", "NVIDIA-L4", 23034, 3)], [])
+    placement = plan_placement(SizingRequest(QWEN_05, gpu_count=2), inv).placement
+    assert placement is not None and placement.pods_with_room == 3  # 2 on l-0, 1 on l-1 (its third device alone holds none)

@@ -56,6 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accelerator", choices=("gpu", "cpu", "auto"), default="gpu",
                    help="gpu; cpu (vLLM's CPU backend on nodes without GPUs); auto (GPUs first, then CPU nodes)")
     p.add_argument("--cpu-cores", type=int, help="cores per replica on a CPU placement (default: 4, or the most a node has free)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="pods to find room for: a device class with free room for all of them ranks first")
     p.add_argument("--safetensors-index", type=Path, help=f"{INDEX_FILE} for the exact weight bytes")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--pools", type=Path, help="size against the fleet of a pools file (e2e/pools/*.yaml)")
@@ -103,6 +105,7 @@ def _request(args: argparse.Namespace) -> SizingRequest:
         node_selector=_selector(args.node_selector),
         accelerator=args.accelerator,
         cpu_cores=args.cpu_cores,
+        replicas=args.replicas,
         exact_weights_bytes=weights_bytes_from_safetensors_index(_read_json(index)) if index else None,
     )
 
@@ -172,6 +175,7 @@ def render(result: SizingResult, with_inventory: bool) -> str:
             ("Max seqs", str(pl.max_num_seqs)),
             ("Node selector", ", ".join(f"{k}={v}" for k, v in sorted(pl.node_selector.items()))),
             ("Nodes with room", str(pl.nodes_with_capacity)),
+            ("Pods with room", str(pl.pods_with_room)),
         ]
     elif pl:
         rows += [
@@ -183,6 +187,7 @@ def render(result: SizingResult, with_inventory: bool) -> str:
             ("Batched tokens", str(pl.max_num_batched_tokens)),
             ("Node selector", ", ".join(f"{k}={v}" for k, v in sorted(pl.node_selector.items()))),
             ("Nodes with room", str(pl.nodes_with_capacity)),
+            ("Pods with room", str(pl.pods_with_room)),
         ]
     elif with_inventory:
         rows.append(("Placement", "none fits"))

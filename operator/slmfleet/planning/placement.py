@@ -23,7 +23,7 @@ from slmfleet.api.smallmodel import (
 )
 from slmfleet.api.timestamps import parse_rfc3339
 from slmfleet.builders.labels import PLACEMENT_ANNOTATION, REVISION_LABEL
-from slmfleet.planning.common import EventNote, Failure, deployment_ready, on_its_node
+from slmfleet.planning.common import EventNote, Failure, deployment_ready, on_its_node, ready_replicas
 from slmfleet.weights.facts import WeightsFacts
 
 
@@ -107,6 +107,7 @@ def sizing_request(model: SmallModel, excluded: Iterable[str], weights: WeightsF
         excluded=frozenset(excluded),
         accelerator=accelerator,
         cpu_cores=spec.resources.cpu_cores,
+        replicas=max(1, spec.serving.replicas),
     )
 
 
@@ -136,20 +137,26 @@ def inventory_for(nodes: Iterable[dict[str, Any]], gpu_pods: Iterable[dict[str, 
     return sizing.inventory_from_nodes(nodes, gpu_pods, exclude_pods=lambda p: p.get("metadata", {}).get("uid") in own)
 
 
-def _still_fits(placement: Placement, inventory: sizing.Inventory) -> bool:
-    """Whether some node still has the placement's devices free (this model's own pods not counted)."""
+def room_for(placement: Placement, inventory: sizing.Inventory, enough: int | None = None) -> int:
+    """How many pods of the placement the free devices (or cores and memory) hold, on nodes its
+    selector matches, counting no further than `enough`. The inventory does not count the
+    revision's own pods, so the devices they hold are room too."""
+    def matches(labels: Any) -> bool:
+        return all(labels.get(k) == v for k, v in placement.node_selector.items())
     if placement.accelerator == "cpu":
-        return any(
-            all(n.labels.get(k) == v for k, v in placement.node_selector.items())
-            and n.free_millicores >= placement.gpu_count * 1000 and n.free_memory >= (placement.memory_bytes or 0)
-            for n in inventory.cpu_nodes
-        )
-    return any(
-        n.device.resource == placement.gpu_resource
-        and n.device.product == placement.gpu_product
-        and n.free >= placement.gpu_count
-        for n in inventory.nodes
-    )
+        millicores, memory = placement.gpu_count * 1000, placement.memory_bytes or 0
+        per_node = (min(n.free_millicores // millicores, n.free_memory // memory if memory else 1 << 30)
+                    for n in inventory.cpu_nodes if matches(n.labels))
+    else:
+        per_node = (n.free // placement.gpu_count for n in inventory.nodes
+                    if n.device.resource == placement.gpu_resource and n.device.product == placement.gpu_product
+                    and matches(n.labels))
+    room = 0
+    for pods in per_node:
+        room += pods
+        if enough is not None and room >= enough:
+            break
+    return room
 
 
 def _pending_since(pods: Iterable[dict[str, Any]], revision: str, placement: Placement) -> tuple[dt.datetime, str] | None:
@@ -207,7 +214,8 @@ def choose_placement(req: PlacementRequest) -> PlacementDecision:
     when its pods stay Pending past the timeout or it no longer fits before serving; else size anew."""
     kept, excluded, moved_reason, requeue = _keep_placement(req)
     if kept is not None:
-        return PlacementDecision(kept, fallbacks=tuple(req.old.fallbacks), excluded=excluded, requeue_after=requeue)
+        return (_moved_for_replicas(req, kept, excluded, requeue)
+                or PlacementDecision(kept, fallbacks=tuple(req.old.fallbacks), excluded=excluded, requeue_after=requeue))
     try:
         request = sizing_request(req.model, [e.key for e in excluded], req.weights, req.cpu_allowed)
     except sizing.SizingInputError as exc:
@@ -233,6 +241,33 @@ def choose_placement(req: PlacementRequest) -> PlacementDecision:
                              stuck=stuck)
 
 
+def _moved_for_replicas(req: PlacementRequest, kept: Placement, excluded: tuple[ExcludedPlacement, ...],
+                        requeue: float | None) -> PlacementDecision | None:
+    """A kept placement without room for every replica (a scale-up, a node gone) gives way to one
+    with room for all of them, before the pods it lacks room for wait out pendingTimeoutSeconds
+    Pending; with no such placement, the model keeps serving what fits where it is."""
+    replicas = req.model.spec.serving.replicas
+    # Other models' reservations may be counted against the devices the revision's own pods hold
+    # (the inventory gives those back as free), so what they hold is room whatever it says.
+    held = max(_bound_there(req.pods, req.revision, kept), ready_replicas(req.live))
+    room = max(room_for(kept, req.inventory, enough=replicas), held)
+    if room >= replicas:
+        return None
+    try:
+        request = sizing_request(req.model, [e.key for e in excluded], req.weights, req.cpu_allowed)
+    except sizing.SizingInputError:
+        return None
+    result = sizing.plan_placement(request, req.inventory)
+    chosen = result.placement
+    if chosen is None or chosen.key == kept.key or chosen.pods_with_room < replicas:
+        return None
+    placement = to_api_placement(chosen, result.profile, result.reasons)
+    note = (f"serving.replicas is {replicas} and {kept.summary} has room for {room}; "
+            f"moved to {placement.summary}, which has room for all of them")
+    return PlacementDecision(placement, fallbacks=tuple(_fallback(f) for f in result.fallbacks), excluded=excluded,
+                             events=(EventNote("Normal", "Placed", note),), requeue_after=requeue)
+
+
 def _keep_placement(req: PlacementRequest) -> tuple[Placement | None, tuple[ExcludedPlacement, ...], str, float | None]:
     """The placement kept (None: size anew), the placements given up on, why the kept one was
     given up (if it was), and when its pods' Pending time runs out."""
@@ -251,22 +286,21 @@ def _keep_placement(req: PlacementRequest) -> tuple[Placement | None, tuple[Excl
         moved = (f"pods stayed Pending for {int(waited)}s on {placement.summary} "
                  f"(limit {req.pending_timeout_seconds}s): {pending[1]}")
         return None, (*req.excluded, ExcludedPlacement(key=placement.key, reason=moved)), moved, None
-    if not (_still_fits(placement, req.inventory) or serving_there or _bound_there(req.pods, req.revision, placement)):
+    if not (room_for(placement, req.inventory, enough=1) or serving_there or _bound_there(req.pods, req.revision, placement)):
         return None, req.excluded, "", None
     return placement, req.excluded, "", None
 
 
-def _bound_there(pods: Iterable[dict[str, Any]], revision: str, placement: Placement) -> bool:
-    """Whether a pod of the revision and placement is bound to a node: it holds its devices there.
-    Such a placement is kept though the Deployment does not say Ready yet (its status comes after
-    the pods', late on a busy control plane): what other models' unbound pods may take from the
-    inventory meanwhile must not move a model off the devices it already has."""
-    for pod in pods:
-        meta = pod.get("metadata") or {}
-        if ((meta.get("labels") or {}).get(REVISION_LABEL) == revision
-                and (meta.get("annotations") or {}).get(PLACEMENT_ANNOTATION) == placement.key and on_its_node(pod)):
-            return True
-    return False
+def _bound_there(pods: Iterable[dict[str, Any]], revision: str, placement: Placement) -> int:
+    """How many pods of the revision and placement are bound to a node: they hold their devices
+    there. Such a placement is kept though the Deployment does not say Ready yet (its status comes
+    after the pods', late on a busy control plane): what other models' unbound pods may take from
+    the inventory meanwhile must not move a model off the devices it already has."""
+    return sum(
+        1 for pod in pods
+        if ((pod.get("metadata") or {}).get("labels") or {}).get(REVISION_LABEL) == revision
+        and ((pod.get("metadata") or {}).get("annotations") or {}).get(PLACEMENT_ANNOTATION) == placement.key
+        and on_its_node(pod))
 
 
 def _placed_events(req: PlacementRequest, placement: Placement, moved_reason: str, stuck: str) -> tuple[EventNote, ...]:

@@ -84,6 +84,7 @@ class CpuChoice:
     nodes_with_capacity: int
     reaches_goal: bool
     profile: MemoryProfile = field(hash=False, compare=False)
+    pods_with_room: int = 1  # pods of this size the class's free cores and memory hold
 
     @property
     def key(self) -> str:
@@ -213,9 +214,10 @@ def rank_cpu_choices(
     cores: int | None,
     node_selector: Mapping[str, str],
     exact_weights_bytes: int | None = None,
+    replicas: int = 1,
 ) -> list[CpuChoice]:
-    """One choice per CPU class (bfloat16-capable, any), best first: reaches the context goal,
-    then bfloat16 (half the memory and several times faster), then fewer cores."""
+    """One choice per CPU class (bfloat16-capable, any), best first: room for `replicas` pods,
+    then reaches the context goal, then bfloat16 (half the memory and several times faster), then fewer cores."""
     matching = [n for n in nodes if all(n.labels.get(k) == v for k, v in node_selector.items())]
     # bfloat16 needs the nodes that compute it natively; float32 runs on any CPU node.
     classes = [(BF16_PRODUCT, [n for n in matching if n.bf16], cpu_dtype(arch, dtype, True), BF16_SELECTOR),
@@ -238,8 +240,10 @@ def rank_cpu_choices(
             node_memory_bytes=min(n.allocatable_memory for n in members),
             node_selector={**node_selector, **class_selector},
             nodes_with_capacity=sum(n.free_memory >= memory for n in roomy),
-            reaches_goal=context >= context_goal, profile=sizing.profile(context)))
-    return sorted(choices, key=lambda c: (not c.reaches_goal, c.dtype != "bfloat16", c.cores, c.memory_bytes))
+            reaches_goal=context >= context_goal, profile=sizing.profile(context),
+            pods_with_room=sum(min(n.free_millicores // (want * 1000), n.free_memory // memory) for n in roomy)))
+    return sorted(choices, key=lambda c: (c.pods_with_room < replicas, not c.reaches_goal,
+                                          c.dtype != "bfloat16", c.cores, c.memory_bytes))
 
 
 def cpu_no_fit(arch: ModelArchitecture, nodes: tuple[CpuNode, ...], *, dtype: str, concurrency: int,

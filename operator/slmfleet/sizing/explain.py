@@ -72,6 +72,13 @@ def placement_reasons(
     return (*reasons, *profile.notes)
 
 
+def replicas_reason(replicas: int, pods_with_room: int) -> str:
+    if pods_with_room >= replicas:
+        return f"The free devices hold all {replicas} replicas ({pods_with_room} pods of this size)."
+    return (f"The free devices hold {pods_with_room} of the {replicas} replicas, and no other placement "
+            "that fits holds more of them; the others stay Pending until devices free up.")
+
+
 def no_fit_message(
     request: SizingRequest,
     fit: ModelFit,

@@ -49,6 +49,7 @@ class SizingRequest:
     excluded: frozenset[str] = frozenset()  # placement keys whose pods stayed Pending
     accelerator: str = "gpu"  # gpu, cpu, or auto (GPUs first, CPU nodes when none fits)
     cpu_cores: int | None = None  # on a CPU placement; None: cpu.DEFAULT_CPU_CORES or what the nodes have
+    replicas: int = 1  # pods to find room for: a class with room for all of them ranks first
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "allowed_products", tuple(sorted(set(self.allowed_products))))
@@ -68,6 +69,8 @@ class SizingRequest:
             raise SizingInputError(f"max_gpu_memory_utilization must be within 0.01..1, not {self.max_gpu_memory_utilization}")
         if self.accelerator not in ACCELERATORS:
             raise SizingInputError(f"accelerator {self.accelerator!r} is not one of {', '.join(ACCELERATORS)}")
+        if self.replicas < 1:
+            raise SizingInputError(f"replicas must be at least 1, not {self.replicas}")
         if self.cpu_cores is not None and self.cpu_cores < 1:
             raise SizingInputError(f"cpu_cores must be at least 1, not {self.cpu_cores}")
         model_max = self.architecture.max_position_embeddings
@@ -108,6 +111,7 @@ class Placement:
     memory_bytes: int = 0  # the pod's memory request and limit (CPU)
     kv_cache_gib: int = 0  # VLLM_CPU_KVCACHE_SPACE (CPU)
     dtype: str = ""  # the --dtype the placement serves at, when it decides it (CPU)
+    pods_with_room: int = 1  # pods of this size the free devices (or cores and memory) hold
 
     @property
     def key(self) -> str:
@@ -132,6 +136,7 @@ class Placement:
             "memory_bytes": self.memory_bytes,
             "kv_cache_gib": self.kv_cache_gib,
             "dtype": self.dtype,
+            "pods_with_room": self.pods_with_room,
         }
 
 
@@ -179,10 +184,15 @@ class Candidate:
     context: int
     reaches_goal: bool
     nodes_with_capacity: int
+    pods_with_room: int = 1
+    replicas_short: bool = False  # the free devices hold fewer pods than the request's replicas
 
     @property
     def rank(self) -> tuple[Any, ...]:
-        return (not self.reaches_goal, self.tp, self.device.memory_bytes, self.device.product, self.device.resource)
+        # Room for every replica first: a class that holds one pod of two leaves the other Pending
+        # until pendingTimeoutSeconds moves the model anyway.
+        return (self.replicas_short, not self.reaches_goal, self.tp,
+                self.device.memory_bytes, self.device.product, self.device.resource)
 
     @property
     def key(self) -> str:
@@ -216,6 +226,8 @@ def plan_placement(request: SizingRequest, inventory: Inventory) -> SizingResult
         if request.accelerator == "auto":
             reasons = (f"no GPU placement fits: {_gpu_no_fit(request, fit, inventory, eligible, ranked, blocker)}",
                        *reasons)
+    if request.replicas > 1:
+        reasons = (*reasons, explain.replicas_reason(request.replicas, chosen.pods_with_room))
     return SizingResult(profile, chosen, tuple(fallbacks[:MAX_FALLBACKS]), tuple(reasons), "")
 
 
@@ -226,7 +238,8 @@ def _cpu_choices(request: SizingRequest, inventory: Inventory) -> list[cpu.CpuCh
     return cpu.rank_cpu_choices(
         arch, inventory.cpu_nodes, dtype=request.dtype, concurrency=request.concurrency,
         context_goal=request.context_goal, context_floor=request.context_floor, cores=request.cpu_cores,
-        node_selector=request.node_selector, exact_weights_bytes=request.exact_weights_bytes)
+        node_selector=request.node_selector, exact_weights_bytes=request.exact_weights_bytes,
+        replicas=request.replicas)
 
 
 def _cpu_no_fit(request: SizingRequest, inventory: Inventory) -> str:
@@ -264,6 +277,7 @@ def _cpu_placement(request: SizingRequest, c: cpu.CpuChoice) -> Placement:
         memory_bytes=c.memory_bytes,
         kv_cache_gib=c.kv_cache_gib,
         dtype=c.dtype,
+        pods_with_room=c.pods_with_room,
     )
 
 
@@ -325,9 +339,9 @@ def rank_candidates(request: SizingRequest, fit: ModelFit, nodes: Iterable[NodeG
         for tp in tensor_parallel_sizes(request, device, max(free)):
             context = fitting_context(request, fit, device, tp)
             if context:
-                candidates.append(
-                    Candidate(device, tp, context, context >= request.context_goal, sum(f >= tp for f in free))
-                )
+                pods = sum(f // tp for f in free)
+                candidates.append(Candidate(device, tp, context, context >= request.context_goal,
+                                            sum(f >= tp for f in free), pods, pods < request.replicas))
     return sorted(candidates, key=lambda c: c.rank)
 
 
@@ -373,6 +387,7 @@ def _placement(request: SizingRequest, fit: ModelFit, c: Candidate) -> Placement
         node_selector={**request.node_selector, c.device.product_label: c.device.product},
         nodes_with_capacity=c.nodes_with_capacity,
         is_mig=c.device.is_mig,
+        pods_with_room=c.pods_with_room,
     )
 
 
