@@ -96,3 +96,24 @@ def test_the_raw_arm_waits_for_the_deployments_the_operator_got_available():
         return {"kind": "Deployment", "spec": {"replicas": replicas}, "status": status}
     objects = [dep(1, 1), dep(2, 1), dep(1, None), dep(2, 2), {"kind": "Service", "spec": {}, "status": {}}]
     assert scale.available_deployments(objects) == 2
+
+
+def test_convergence_writes_leave_out_the_change_probes_models_but_not_nameless_writes():
+    def write(verb, resource, ns="", name="", sub=None):
+        return {"verb": verb, "objectRef": {"resource": resource, "namespace": ns, "name": name,
+                                            **({"subresource": sub} if sub else {})}}
+    writes = [
+        write("patch", "deployments", "t0", "m0001-qwen-0a1b2c3d4e"),
+        write("patch", "services", "t0", "m0001-qwen"),
+        write("patch", "smallmodels", "t0", "m0001-qwen", "status"),
+        write("create", "events", "t0"),  # generateName: no name in the log
+        write("patch", "deployments", "t1", "m0002-llama-0a1b2c3d4e"),
+        write("patch", "deployments", "t1", "m0002-llama-9f8e7d6c5b"),  # the changed model moved
+        write("patch", "smallmodels", "t1", "m0002-llama", "status"),
+        write("patch", "smallmodels", "t0", "m0002-llama", "status"),  # another namespace: not it
+    ]
+    changed = {"t1/m0002-llama"}
+    assert [scale.of_models(w, changed) for w in writes] == [False] * 4 + [True] * 3 + [False]
+    # 5 writes that are not the changed model's, over the 2 models left alone.
+    assert scale.convergence_writes(writes, 3, changed) == 2.5
+    assert scale.convergence_writes(writes, 3, set()) == round(8 / 3, 3)
