@@ -1507,3 +1507,14 @@ def test_a_new_model_with_two_replicas_is_placed_where_both_fit():
     placement = double.reconcile(T0).status["placement"]
     assert f"{placement['gpuResource']}|{placement['gpuProduct']}|{placement['gpuCount']}" == MIG_3G
     assert any("hold all 2 replicas" in r for r in placement["reasons"])
+
+
+def test_a_pending_pod_waits_out_its_timeout_though_its_class_has_no_room_left():
+    # The timeout is the platform team's say (a node may be on its way): no early move for room.
+    world, placement = pending_world()
+    world.other_pods = _taken_but(world.nodes, "nvidia.com/mig-2g.10gb", "")
+    since = at(100)
+    world.pods = [revision_pod(world.deployment(), f"{NAME}-pod-1", unschedulable_since=since)]
+    plan = world.plan(since + dt.timedelta(seconds=5))
+    assert plan.writes == 0 and world.status["placement"] == placement
+    assert plan.requeue_after == pytest.approx(6, abs=0.01)

@@ -214,8 +214,11 @@ def choose_placement(req: PlacementRequest) -> PlacementDecision:
     when its pods stay Pending past the timeout or it no longer fits before serving; else size anew."""
     kept, excluded, moved_reason, requeue = _keep_placement(req)
     if kept is not None:
-        return (_moved_for_replicas(req, kept, excluded, requeue)
-                or PlacementDecision(kept, fallbacks=tuple(req.old.fallbacks), excluded=excluded, requeue_after=requeue))
+        # Pods Pending there wait out pendingTimeoutSeconds (a node may be on its way), whatever
+        # the room: the timeout is the platform team's say on how long that is worth.
+        moved = _moved_for_replicas(req, kept, excluded) if requeue is None else None
+        return moved or PlacementDecision(kept, fallbacks=tuple(req.old.fallbacks), excluded=excluded,
+                                          requeue_after=requeue)
     try:
         request = sizing_request(req.model, [e.key for e in excluded], req.weights, req.cpu_allowed)
     except sizing.SizingInputError as exc:
@@ -241,11 +244,11 @@ def choose_placement(req: PlacementRequest) -> PlacementDecision:
                              stuck=stuck)
 
 
-def _moved_for_replicas(req: PlacementRequest, kept: Placement, excluded: tuple[ExcludedPlacement, ...],
-                        requeue: float | None) -> PlacementDecision | None:
+def _moved_for_replicas(req: PlacementRequest, kept: Placement,
+                        excluded: tuple[ExcludedPlacement, ...]) -> PlacementDecision | None:
     """A kept placement without room for every replica (a scale-up, a node gone) gives way to one
-    with room for all of them, before the pods it lacks room for wait out pendingTimeoutSeconds
-    Pending; with no such placement, the model keeps serving what fits where it is."""
+    with room for all of them, before pods are made that could only wait Pending; with no such
+    placement, the model keeps serving what fits where it is."""
     replicas = req.model.spec.serving.replicas
     # Other models' reservations may be counted against the devices the revision's own pods hold
     # (the inventory gives those back as free), so what they hold is room whatever it says.
@@ -265,7 +268,7 @@ def _moved_for_replicas(req: PlacementRequest, kept: Placement, excluded: tuple[
     note = (f"serving.replicas is {replicas} and {kept.summary} has room for {room}; "
             f"moved to {placement.summary}, which has room for all of them")
     return PlacementDecision(placement, fallbacks=tuple(_fallback(f) for f in result.fallbacks), excluded=excluded,
-                             events=(EventNote("Normal", "Placed", note),), requeue_after=requeue)
+                             events=(EventNote("Normal", "Placed", note),))
 
 
 def _keep_placement(req: PlacementRequest) -> tuple[Placement | None, tuple[ExcludedPlacement, ...], str, float | None]:
