@@ -55,3 +55,9 @@ def test_constraints_cover_the_pins():
     lowered = {k.lower().replace("_", "-"): v for k, v in constraints.items()}
     for name, version in pins().items():
         assert lowered.get(name.lower()) == version, name
+
+
+def test_the_operator_does_not_depend_on_the_kubernetes_package():
+    """Its import alone is about 50 MiB of the operator's memory; slmfleet.k8s is the client."""
+    runtime = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert not [r for r in runtime if r.partition("==")[0].strip() == "kubernetes"]

@@ -56,11 +56,28 @@ def kubeconfig(tmp_path, port: int) -> str:
     return str(path)
 
 
-def test_connections_have_tcp_keepalive(tmp_path, silent_server):
-    client = KubeClient(kubeconfig(tmp_path, silent_server))
-    options = client._api.rest_client.pool_manager.connection_pool_kw["socket_options"]
-    assert (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1) in options
-    assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) in options  # urllib3's own default is kept
+def test_connections_have_tcp_keepalive(tmp_path):
+    """Every connection the client opens has keepalive probes, so a half-open one is given up."""
+    accepted: list[socket.socket] = []
+    with silent_listener() as (port, held):
+        client = KubeClient(kubeconfig(tmp_path, port), request_timeout=(1.0, 0.3))
+
+        async def call() -> None:
+            with contextlib.suppress(TimeoutError):
+                await client.get("v1", "Service", "ns", "svc")
+            connector = client._session.connector
+            accepted.extend(connector._socket_factory(info) for info in socket.getaddrinfo(
+                "127.0.0.1", port, type=socket.SOCK_STREAM)[:1])
+            await client.close()
+
+        asyncio.run(call())
+        assert len(held) == 1
+    sock = accepted[0]
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+    finally:
+        sock.close()
 
 
 def test_a_call_to_a_server_that_never_answers_fails_at_its_deadline(tmp_path, silent_server):
@@ -72,8 +89,8 @@ def test_a_call_to_a_server_that_never_answers_fails_at_its_deadline(tmp_path, s
 
 
 def test_a_timed_out_get_is_not_retried_inside_the_call(tmp_path):
-    """urllib3 retries a GET after a read timeout three times by default: four deadlines in one
-    call. The work queue retries reconciles itself, so a call makes one request."""
+    """A read timeout is not retried inside the call (HTTP clients often retry a GET a few times:
+    several deadlines in one call). The work queue retries reconciles itself: one request."""
     with silent_listener() as (port, held):
         client = KubeClient(kubeconfig(tmp_path, port), request_timeout=(1.0, 0.3))
         with pytest.raises(Exception, match="(?i)read timed out"):

@@ -288,7 +288,7 @@ def test_the_client_sends_no_write_while_its_fence_is_closed(tmp_path):
         try:
             asyncio.run(writes())
         finally:
-            client.close()
+            asyncio.run(client.close())
         assert held == [], "not even a connection was made"
 
 
@@ -307,7 +307,7 @@ def test_the_fence_is_asked_when_the_write_is_sent_not_when_it_was_queued(tmp_pa
             asyncio.run(coro)
         assert asked == [True]
     finally:
-        client.close()
+        asyncio.run(client.close())
 
 
 def test_a_follower_is_healthy_while_it_watches():

@@ -54,9 +54,11 @@ def run_operator(args: argparse.Namespace) -> int:
     if args.kubeconfig:
         # kopf authenticates from $KUBECONFIG; the write client reads the same file.
         os.environ["KUBECONFIG"] = args.kubeconfig
+    keep_kubernetes_package_out()
     # Imported here so that `slmfleet size`/`pin` do not pay for kopf's import.
     from slmfleet.controller.leader import LeadershipLost, NoLeaseNamespace
     from slmfleet.controller.main import run
+    from slmfleet.k8s.connection import ConfigError
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -74,6 +76,9 @@ def run_operator(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
+    except ConfigError as exc:
+        print(f"slmfleet operator: {exc}", file=sys.stderr)
+        return 2
     except NoLeaseNamespace as exc:
         print(f"slmfleet operator: {exc}", file=sys.stderr)
         return 2
@@ -82,3 +87,12 @@ def run_operator(args: argparse.Namespace) -> int:
         logging.getLogger("slmfleet.leader").error("%s: exiting", exc)
         return 1
     return 0
+
+
+def keep_kubernetes_package_out() -> None:
+    """kopf imports the kubernetes package whenever it is installed, only to recognise its model
+    objects, which the operator never hands it; the import alone is about 50 MiB of the process
+    (a thousand generated classes). The operator reaches the API through slmfleet.k8s alone, so in
+    its process the package is marked as absent, and kopf's optional import finds nothing."""
+    if "kubernetes" not in sys.modules:
+        sys.modules["kubernetes"] = None  # type: ignore[assignment]

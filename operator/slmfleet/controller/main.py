@@ -154,4 +154,4 @@ async def run(config: OperatorConfig, *, namespaces: list[str], kubeconfig: str 
         await runtime.evaluations.close()
         await runtime.weights.close()
         await runtime.live_reads.close()
-        runtime.client.close()
+        await runtime.client.close()

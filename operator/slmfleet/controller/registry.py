@@ -25,6 +25,7 @@ from slmfleet.builders.labels import MANAGED_BY_LABEL, MODEL_LABEL
 from slmfleet.controller import reservations
 from slmfleet.controller.runtime import GPU_PREFIX, MANAGED, MR_PLURAL, Runtime
 from slmfleet.controller.workqueue import BACKGROUND, NORMAL, URGENT
+from slmfleet.k8s.connection import ApiConnection
 
 log = logging.getLogger("slmfleet.operator")
 
@@ -270,16 +271,25 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
-    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-        # A plain registry has no fallback logins; use the kubeconfig / in-cluster config as the
-        # write client does.
-        return kopf.login_via_client(**kwargs)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        # The watches connect as the write client does (k8s/connection.py): the same kubeconfig
+        # or service account. kopf logs in again after a 401, which reads the credentials afresh.
+        return connection_info(runtime.client.connection)
 
     for kind in KINDS:
         group, _, version = kind.api_version.rpartition("/")
         labels = MANAGED if kind.label_selector else None
         _register(registry, runtime, kind, group, version, labels)
     return registry
+
+
+def connection_info(conn: ApiConnection) -> kopf.ConnectionInfo:
+    creds = conn.credentials(fresh=True)
+    return kopf.ConnectionInfo(
+        server=conn.server, ca_data=conn.ca_pem, insecure=conn.insecure or None,
+        scheme="Bearer" if creds.token else None, token=creds.token,
+        certificate_data=creds.cert_pem, private_key_data=creds.key_pem,
+        default_namespace=conn.namespace, expiration=creds.expires)
 
 
 def _register(registry: kopf.OperatorRegistry, runtime: Runtime, kind: Kind, group: str, version: str,

@@ -13,9 +13,7 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
-
-from slmfleet.k8s.client import KubeClient
+from slmfleet.k8s.client import ApiError, KubeClient
 
 
 @dataclass(frozen=True)
@@ -78,8 +76,8 @@ class LeaseClient:
     async def read(self) -> LeaseRecord | None:
         """The Lease, or None when there is none."""
         try:
-            obj = await self._client._in_thread("GET", _path(self.namespace, self.name))
-        except ApiException as exc:
+            obj = await self._client._call("GET", _path(self.namespace, self.name))
+        except ApiError as exc:
             if exc.status == 404:
                 return None
             raise
@@ -96,8 +94,8 @@ class LeaseClient:
 
     async def _write(self, method: str, path: str, record: LeaseRecord, conflict: str) -> LeaseRecord:
         try:
-            obj = await self._client._in_thread(method, path, _body(self.namespace, self.name, record))
-        except ApiException as exc:
+            obj = await self._client._call(method, path, _body(self.namespace, self.name, record))
+        except ApiError as exc:
             if exc.status == 409:
                 raise LeaseConflict(f"lease {self.namespace}/{self.name} {conflict}") from exc
             raise
