@@ -682,7 +682,7 @@ class Bench:
             order = sorted(objects, key=lambda o: o["kind"] != "Service")
             await asyncio.gather(*(one(o) for o in order))
         finally:
-            kube.close()
+            await kube.close()
         return max(done) - t0, t0
 
     # -- profiling

@@ -165,9 +165,12 @@ def test_devices_reserved_for_unbound_pods_are_taken_from_the_first_nodes_with_r
     assert live.set_reservations(("ns", "b"), {"r9": {l4: 1}}) == 1
     free = {e.node_name: e.free for e in live.inventory().nodes}
     assert free == {"a0": 8, "n0": 0, "n1": 0, "n2": 1}  # n0's last device, then n1's two, then one of n2
-    # A model does not compete with its own revision's reservation, only with the others'.
+    # A model does not compete with its own revision's reservation, nor with later ones: b
+    # reserved after a, so a sees all but its own; b sees a's three.
     own = {e.node_name: e.free for e in live.inventory(reserved_for=(("ns", "a"), "r1")).nodes}
-    assert own == {"a0": 8, "n0": 0, "n1": 2, "n2": 2}  # only b's one, from n0
+    assert own == {"a0": 8, "n0": 1, "n1": 2, "n2": 2}
+    later = {e.node_name: e.free for e in live.inventory(reserved_for=(("ns", "b"), "r9")).nodes}
+    assert later == {"a0": 8, "n0": 0, "n1": 0, "n2": 2}
     assert live.set_reservations(("ns", "a"), {"r1": {l4: 1}}) == -2  # two of its pods were bound
     assert live.set_reservations(("ns", "a"), {"r1": {l4: 1}}) == 0
     assert live.set_reservations(("ns", "b"), {}) == -1
@@ -182,12 +185,39 @@ def test_a_deployments_unbound_pods_are_what_it_reserves():
                 "spec": {"replicas": replicas,
                          "template": {"metadata": {"annotations": {"slmfleet.io/placement": key}}}}}
 
-    def pod(revision: str, node: str | None, phase: str = "Running") -> dict:
-        return {"metadata": {"labels": {"slmfleet.io/revision": revision}},
+    l4, mig = "nvidia.com/gpu|NVIDIA-L4|2", "nvidia.com/mig-1g.5gb|NVIDIA-A100-SXM4-40GB-MIG-1g.5gb|1"
+
+    def pod(revision: str, node: str | None, phase: str = "Running", key: str = l4) -> dict:
+        return {"metadata": {"labels": {"slmfleet.io/revision": revision},
+                             "annotations": {"slmfleet.io/placement": key}},
                 "spec": {"nodeName": node} if node else {}, "status": {"phase": phase}}
 
-    deployments = [deployment("r1", 3, "nvidia.com/gpu|NVIDIA-L4|2"),
-                   deployment("r2", 1, "nvidia.com/mig-1g.5gb|NVIDIA-A100-SXM4-40GB-MIG-1g.5gb|1"),
+    deployments = [deployment("r1", 3, l4),
+                   deployment("r2", 1, mig),
                    deployment("r3", 2, "cpu|CPU-BF16|4")]  # CPU placements reserve nothing here
-    pods = [pod("r1", "n0"), pod("r1", None), pod("r1", "n1", phase="Failed"), pod("r2", "n2")]
+    pods = [pod("r1", "n0"), pod("r1", None), pod("r1", "n1", phase="Failed"), pod("r2", "n2", key=mig)]
     assert wanted_devices(deployments, pods) == {"r1": {("nvidia.com/gpu", "NVIDIA-L4"): 4}}
+    # Moved from the slice to an L4: its pod still on the slice does not stand for the new one.
+    moved = [deployment("r2", 1, "nvidia.com/gpu|NVIDIA-L4|1")]
+    assert wanted_devices(moved, [pod("r2", "n2", key=mig)]) == {"r2": {("nvidia.com/gpu", "NVIDIA-L4"): 1}}
+
+
+
+def test_a_reservation_beyond_the_free_devices_is_the_latest_ones_problem_only():
+    """Reservations are served first come, first served: one model that over-reserves a class (a
+    scale-up into it) sees no room, while those that reserved before it still see theirs."""
+    live = LiveInventory()
+    live.set_node("n0", gpu_node("n0", "NVIDIA-L4", 23034, 3))
+    l4 = ("nvidia.com/gpu", "NVIDIA-L4")
+    for name in ("a", "b", "c"):
+        live.set_reservations(name, {"r": {l4: 1}})
+    live.set_reservations("d", {"r": {l4: 1}})  # the class had no room left for it
+
+    def room(group: str) -> int:
+        return sum(e.free for e in live.inventory(reserved_for=(group, "r")).nodes)
+
+    assert [room(g) for g in "abcd"] == [3, 2, 1, 0]  # what the earlier promises leave
+    assert sum(e.free for e in live.inventory().nodes) == 0  # a new model sees every reservation
+    live.set_reservations("b", {})  # b's pod was bound elsewhere, or b went away
+    live.set_reservations("b", {"r": {l4: 1}})  # back again: it is the latest now
+    assert [room(g) for g in "acdb"] == [3, 2, 1, 0]

@@ -1518,3 +1518,23 @@ def test_a_pending_pod_waits_out_its_timeout_though_its_class_has_no_room_left()
     plan = world.plan(since + dt.timedelta(seconds=5))
     assert plan.writes == 0 and world.status["placement"] == placement
     assert plan.requeue_after == pytest.approx(6, abs=0.01)
+
+
+def test_a_placement_waiting_for_its_pod_stays_when_a_later_reservation_overfills_its_class():
+    # Its Deployment is applied and reserves the only L4; another model, planned later, reserves an
+    # L4 too (its own scale-up, say). The later one is short of room, not this one.
+    nodes = [gpu_node("l4-a", L4, L4_MIB, 1), h100_node("h100", 1)]
+    world = World(model_body(), nodes)
+    world.settle(T0)
+    placed_on = world.status["placement"]["gpuProduct"]
+    assert placed_on == L4
+    live = LiveInventory()
+    for node in nodes:
+        live.set_node(node["metadata"]["name"], node)
+    live.set_reservations((NAMESPACE, NAME), {world.status["revision"]: {("nvidia.com/gpu", L4): 1}})
+    live.set_reservations(("models", "later"), {"rev": {("nvidia.com/gpu", L4): 1}})
+    plan = plan_model(dataclasses.replace(world.observe(), cluster=live), world.config, at(30))
+    assert plan.writes == 0
+    # The later model, placed anew, sees the L4 promised: the H100 is what it gets.
+    assert [e.free for e in live.inventory(reserved_for=(("models", "later"), "rev")).nodes
+            if e.device.product == L4] == [0]

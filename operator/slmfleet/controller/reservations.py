@@ -19,12 +19,15 @@ from slmfleet.planning.common import on_its_node
 
 def wanted_devices(deployments: list[dict[str, Any]], pods: list[dict[str, Any]]) -> dict[str, dict[tuple[str, str], int]]:
     """revision -> (resource, product) -> devices its Deployment wants for pods not bound yet."""
-    bound: dict[str, int] = {}
+    # Counted by revision and placement: after a move, the pods still on the old placement hold
+    # devices there, and the new placement's pods need their own.
+    bound: dict[tuple[str, str], int] = {}
     for pod in pods:
         meta = pod.get("metadata") or {}
         if on_its_node(pod):
-            revision = (meta.get("labels") or {}).get(REVISION_LABEL, "")
-            bound[revision] = bound.get(revision, 0) + 1
+            at = ((meta.get("labels") or {}).get(REVISION_LABEL, ""),
+                  str((meta.get("annotations") or {}).get(PLACEMENT_ANNOTATION, "")))
+            bound[at] = bound.get(at, 0) + 1
     out: dict[str, dict[tuple[str, str], int]] = {}
     for deployment in deployments:
         meta, spec = deployment.get("metadata") or {}, deployment.get("spec") or {}
@@ -36,7 +39,7 @@ def wanted_devices(deployments: list[dict[str, Any]], pods: list[dict[str, Any]]
         if not resource.startswith(GPU_PREFIX) or not product or not count.isdigit():
             continue
         revision = (meta.get("labels") or {}).get(REVISION_LABEL, "")
-        unbound = max(0, int(spec.get("replicas", 1) or 0) - bound.get(revision, 0))
+        unbound = max(0, int(spec.get("replicas", 1) or 0) - bound.get((revision, key), 0))
         if unbound:
             out[revision] = {(resource, product): unbound * int(count)}
     return out

@@ -127,6 +127,9 @@ class LiveInventory:
         # (resource, product) -> devices. See `set_reservations`.
         self._reserved: dict[Hashable, dict[Hashable, dict[tuple[str, str], int]]] = {}
         self._reserved_total: dict[tuple[str, str], int] = {}
+        # When each group's reservations began: an earlier one is served first (`inventory`).
+        self._reserved_since: dict[Hashable, int] = {}
+        self._reservations_made = 0
         self._reserved_snapshot: Inventory | None = None
 
     def __len__(self) -> int:
@@ -176,6 +179,11 @@ class LiveInventory:
                 self._reserved_total[k] -= n
         if wanted:
             self._reserved[group] = wanted
+            if group not in self._reserved_since:
+                self._reservations_made += 1
+                self._reserved_since[group] = self._reservations_made
+        else:
+            self._reserved_since.pop(group, None)
         for amounts in wanted.values():
             for k, n in amounts.items():
                 self._reserved_total[k] = self._reserved_total.get(k, 0) + n
@@ -199,7 +207,12 @@ class LiveInventory:
     def inventory(self, exclude: frozenset[str] = frozenset(),
                   reserved_for: tuple[Hashable, Hashable] | None = None) -> Inventory:
         """The inventory now, the pods of `exclude` (keys given to `set_pod`) not counted, less
-        what is reserved for pods not bound yet except the reservation of `reserved_for` (group, owner)."""
+        what is reserved for pods not bound yet except the reservation of `reserved_for` (group, owner).
+
+        For a group that holds reservations, only those made before its own are taken: devices are
+        promised first come, first served. One model that reserves more than is free (a scale-up
+        into a full class) then sees that it does not fit, rather than every model still waiting
+        for its pods in that class seeing that none of them does."""
         if self._smallest is None:
             self._rebuild()
         if self._snapshot is None:
@@ -207,13 +220,24 @@ class LiveInventory:
                 tuple(e for name in sorted(self._entries) for e in self._entries[name]),
                 tuple(self._cpu_entries[name] for name in sorted(self._cpu_entries)))
             self._reserved_snapshot = None
-        own = {} if reserved_for is None else self._reserved.get(reserved_for[0], {}).get(reserved_for[1], {})
+        since = None if reserved_for is None else self._reserved_since.get(reserved_for[0])
         holds = [self._holds[k] for k in exclude if k in self._holds]
-        if not holds and not own:
+        if not holds and since is None:
             if self._reserved_snapshot is None:
                 self._reserved_snapshot = _less_reserved(self._snapshot, self._reserved_total)
             return self._reserved_snapshot
-        totals = {k: n - own.get(k, 0) for k, n in self._reserved_total.items()}
+        if since is None:
+            return _less_reserved(self._with_given_back(holds), self._reserved_total)
+        assert reserved_for is not None
+        totals: dict[tuple[str, str], int] = {}
+        for group, owners in self._reserved.items():
+            if self._reserved_since[group] > since:
+                continue
+            for owner, amounts in owners.items():
+                if group == reserved_for[0] and owner == reserved_for[1]:
+                    continue
+                for k, n in amounts.items():
+                    totals[k] = totals.get(k, 0) + n
         return _less_reserved(self._with_given_back(holds), totals)
 
     def _with_given_back(self, holds: list[_Hold]) -> Inventory:
