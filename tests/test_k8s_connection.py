@@ -41,9 +41,11 @@ def test_a_kubeconfig_with_inline_data_and_the_current_context(tmp_path):
     path = write_kubeconfig(tmp_path / "config", {
         "client-certificate-data": base64.b64encode(b"CERT").decode(),
         "client-key-data": base64.b64encode(b"KEY").decode(),
-    }, {"server": "https://127.0.0.1:6443/", "certificate-authority-data": base64.b64encode(CA).decode()}, "team-a")
+    }, {"server": "https://127.0.0.1:6443/", "certificate-authority-data": base64.b64encode(CA).decode(),
+        "proxy-url": "http://127.0.0.1:3128"}, "team-a")
     conn = connection.load(str(path))
     assert conn.server == "https://127.0.0.1:6443" and conn.ca_pem == CA and not conn.insecure
+    assert conn.proxy == "http://127.0.0.1:3128"
     assert (conn.cert_pem, conn.key_pem, conn.token, conn.namespace) == (b"CERT", b"KEY", None, "team-a")
 
 
@@ -232,3 +234,19 @@ def test_the_operator_process_does_not_load_the_kubernetes_package():
             "print(sorted(m for m in sys.modules if m and m.split('.')[0] == 'kubernetes' and sys.modules[m]))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_kubeconfigs_proxy_url_carries_the_requests(tmp_path, fake_api):
+    # Nothing listens on the server's port: only through the proxy does the call get an answer.
+    path = write_kubeconfig(tmp_path / "config", {"token": "new"},
+                            {"server": "http://127.0.0.2:9", "proxy-url": f"http://127.0.0.1:{fake_api}"})
+    client = KubeClient(str(path))
+
+    async def run() -> dict | None:
+        try:
+            return await client.get("v1", "Service", "ns", "svc")
+        finally:
+            await client.close()
+
+    assert asyncio.run(run())["kind"] == "Service"
+    assert [target for _, target, _ in FakeApi.seen] == ["http://127.0.0.2:9/api/v1/namespaces/ns/services/svc"]

@@ -289,7 +289,7 @@ def connection_info(conn: ApiConnection) -> kopf.ConnectionInfo:
         server=conn.server, ca_data=conn.ca_pem, insecure=conn.insecure or None,
         scheme="Bearer" if creds.token else None, token=creds.token,
         certificate_data=creds.cert_pem, private_key_data=creds.key_pem,
-        default_namespace=conn.namespace, expiration=creds.expires)
+        default_namespace=conn.namespace, expiration=creds.expires, proxy_url=conn.proxy)
 
 
 def _register(registry: kopf.OperatorRegistry, runtime: Runtime, kind: Kind, group: str, version: str,

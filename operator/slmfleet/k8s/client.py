@@ -162,7 +162,7 @@ class KubeClient:
             session = self._open(creds)
             try:
                 async with session.request(method, self.connection.server + path, params=query or None,
-                                           data=data, headers=headers) as response:
+                                           data=data, headers=headers, proxy=self.connection.proxy) as response:
                     text = await response.read()
                     if response.status == 401 and attempt == 0 and (self.connection.token_file
                                                                      or self.connection.exec_plugin):

@@ -5,7 +5,7 @@ Read here rather than by the kubernetes package, whose import alone costs the op
 50 MiB (a thousand generated model classes it never uses). What a kubeconfig may say is covered
 as kubectl covers it for the operator's uses: certificate authority, client certificate and key,
 bearer token, token file, and exec credential plugins (kubelogin, cloud CLIs), all inline or by
-path; `insecure-skip-tls-verify`; the context's namespace. Legacy `auth-provider` entries are
+path; `insecure-skip-tls-verify`; `proxy-url`; the context's namespace. Legacy `auth-provider` entries are
 refused with a message, as current kubectl does.
 """
 
@@ -69,6 +69,7 @@ class ApiConnection:
     token_file: str | None = None
     exec_plugin: ExecPlugin | None = None
     namespace: str | None = None
+    proxy: str | None = None  # the cluster's proxy-url
     _cached: tuple[float, Credentials] | None = field(default=None, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -182,6 +183,7 @@ def from_kubeconfig(path: Path) -> ApiConnection:
         token_file=str(_resolve(user["tokenFile"], base)) if user.get("tokenFile") else None,
         exec_plugin=_exec(user.get("exec"), base),
         namespace=context.get("namespace") or None,
+        proxy=cluster.get("proxy-url") or None,
     )
 
 
