@@ -221,3 +221,22 @@ def test_a_reservation_beyond_the_free_devices_is_the_latest_ones_problem_only()
     live.set_reservations("b", {})  # b's pod was bound elsewhere, or b went away
     live.set_reservations("b", {"r": {l4: 1}})  # back again: it is the latest now
     assert [room(g) for g in "acdb"] == [3, 2, 1, 0]
+
+
+def test_a_model_that_moves_into_a_class_queues_behind_those_already_waiting_there():
+    live = LiveInventory()
+    live.set_node("l4", gpu_node("l4", "NVIDIA-L4", 23034, 1))
+    live.set_node("a10", gpu_node("a10", "NVIDIA-A10G", 23028, 1))
+    l4, a10 = ("nvidia.com/gpu", "NVIDIA-L4"), ("nvidia.com/gpu", "NVIDIA-A10G")
+    live.set_reservations("old", {"r": {a10: 1}})  # waiting on the A10G first
+    live.set_reservations("young", {"r": {l4: 1}})  # then a model waits for the L4
+    live.set_reservations("old", {"r": {l4: 1}})  # the old one moves to the L4: it is the latest there
+
+    def free(group: str, product: str) -> int:
+        return sum(e.free for e in live.inventory(reserved_for=(group, "r")).nodes if e.device.product == product)
+
+    assert free("young", "NVIDIA-L4") == 1  # keeps its L4
+    assert free("old", "NVIDIA-L4") == 0  # sees that it does not fit there
+    # A class a model waits in no longer is one where it would be the latest: it sees every reservation.
+    live.set_reservations("other", {"r": {a10: 1}})
+    assert free("old", "NVIDIA-A10G") == 0 and free("other", "NVIDIA-A10G") == 1

@@ -127,8 +127,10 @@ class LiveInventory:
         # (resource, product) -> devices. See `set_reservations`.
         self._reserved: dict[Hashable, dict[Hashable, dict[tuple[str, str], int]]] = {}
         self._reserved_total: dict[tuple[str, str], int] = {}
-        # When each group's reservations began: an earlier one is served first (`inventory`).
-        self._reserved_since: dict[Hashable, int] = {}
+        # When each group's reservations of a (resource, product) began: an earlier one is served
+        # first (`inventory`). Per device class: a model that moves into a class queues behind
+        # those already waiting there, however long it has waited elsewhere.
+        self._reserved_since: dict[tuple[Hashable, tuple[str, str]], int] = {}
         self._reservations_made = 0
         self._reserved_snapshot: Inventory | None = None
 
@@ -179,11 +181,12 @@ class LiveInventory:
                 self._reserved_total[k] -= n
         if wanted:
             self._reserved[group] = wanted
-            if group not in self._reserved_since:
-                self._reservations_made += 1
-                self._reserved_since[group] = self._reservations_made
-        else:
-            self._reserved_since.pop(group, None)
+        classes = {k for amounts in wanted.values() for k in amounts}
+        for k in {k for amounts in before.values() for k in amounts} - classes:
+            self._reserved_since.pop((group, k), None)
+        for k in sorted(classes - {k for amounts in before.values() for k in amounts}):
+            self._reservations_made += 1
+            self._reserved_since[(group, k)] = self._reservations_made
         for amounts in wanted.values():
             for k, n in amounts.items():
                 self._reserved_total[k] = self._reserved_total.get(k, 0) + n
@@ -220,24 +223,27 @@ class LiveInventory:
                 tuple(e for name in sorted(self._entries) for e in self._entries[name]),
                 tuple(self._cpu_entries[name] for name in sorted(self._cpu_entries)))
             self._reserved_snapshot = None
-        since = None if reserved_for is None else self._reserved_since.get(reserved_for[0])
+        mine = {} if reserved_for is None else self._reserved.get(reserved_for[0], {})
         holds = [self._holds[k] for k in exclude if k in self._holds]
-        if not holds and since is None:
+        if not holds and not mine:
             if self._reserved_snapshot is None:
                 self._reserved_snapshot = _less_reserved(self._snapshot, self._reserved_total)
             return self._reserved_snapshot
-        if since is None:
+        if not mine:
             return _less_reserved(self._with_given_back(holds), self._reserved_total)
         assert reserved_for is not None
+        group = reserved_for[0]
+        since = {k: self._reserved_since[(group, k)] for amounts in mine.values() for k in amounts}
         totals: dict[tuple[str, str], int] = {}
-        for group, owners in self._reserved.items():
-            if self._reserved_since[group] > since:
-                continue
+        for other, owners in self._reserved.items():
             for owner, amounts in owners.items():
-                if group == reserved_for[0] and owner == reserved_for[1]:
+                if other == group and owner == reserved_for[1]:
                     continue
                 for k, n in amounts.items():
-                    totals[k] = totals.get(k, 0) + n
+                    # In a class it waits in, the model sees the reservations made before its own;
+                    # in any other class (where it would be the latest), all of them.
+                    if other == group or k not in since or self._reserved_since[(other, k)] < since[k]:
+                        totals[k] = totals.get(k, 0) + n
         return _less_reserved(self._with_given_back(holds), totals)
 
     def _with_given_back(self, holds: list[_Hold]) -> Inventory:
