@@ -252,8 +252,9 @@ def _moved_for_replicas(req: PlacementRequest, kept: Placement,
     replicas = req.model.spec.serving.replicas
     # Other models' reservations may be counted against the devices the revision's own pods hold
     # (the inventory gives those back as free), so what they hold is room whatever it says.
-    held = max(_bound_there(req.pods, req.revision, kept), ready_replicas(req.live))
-    room = max(room_for(kept, req.inventory, enough=replicas), held)
+    room = room_for(kept, req.inventory, enough=replicas)
+    if room < replicas:
+        room = max(room, _bound_there(req.pods, req.revision, kept), ready_replicas(req.live))
     if room >= replicas:
         return None
     try:
